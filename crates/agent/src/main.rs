@@ -1,0 +1,87 @@
+//! `tvm-agent`: PID 1 inside every TVM microVM.
+//!
+//! The kernel starts it from a tiny initramfs. It mounts the runtime image
+//! (`/dev/vda`, erofs) as the root filesystem, finds its link to the host (a
+//! virtio-serial port under QEMU, vsock under Firecracker), announces
+//! `Ready`, and receives exactly one job. It writes the job's files into a
+//! tmpfs work dir, runs the compile and run stages as the unprivileged
+//! `runner` user, each in its own cgroup with rlimits, streams their output,
+//! and reports the result. Then it powers the VM off: a VM never runs a
+//! second job. As PID 1 it must never exit, so every path ends in a reboot.
+
+mod boot;
+mod error;
+mod job;
+mod log;
+mod output;
+mod sandbox;
+mod stage;
+mod transport;
+
+use tvm_protocol::{GuestMessage, PROTOCOL_VERSION};
+
+use crate::error::{chain, Error};
+use crate::log::debug;
+
+fn main() {
+    // Running this on a host by mistake would remount / and reboot it.
+    if std::process::id() != 1 {
+        eprintln!("tvm-agent: this is the init process of a TVM guest; refusing to run as pid {}", std::process::id());
+        std::process::exit(2);
+    }
+    // A panic anywhere (any thread) ends the VM instead of leaving a
+    // half-working PID 1 behind; the host sees the VM stop without `Done`.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("tvm-agent fatal: {info}");
+        boot::power_off();
+    }));
+    if let Err(e) = run() {
+        log::fatal(&e);
+    }
+    boot::power_off()
+}
+
+fn run() -> Result<(), Error> {
+    boot::switch_root()?;
+    boot::mount_kernel_filesystems()?;
+    log::init(&std::fs::read_to_string("/proc/cmdline").unwrap_or_default());
+    debug!("root switched");
+    // A failure here is reported to the host as the job's `Failed` once the
+    // link is up, which says more than a VM that just stops.
+    let setup = boot::configure();
+
+    let mut link = transport::connect()?;
+    link.send(&GuestMessage::Ready {
+        protocol: PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        uptime_ms: log::uptime_ms(),
+    })?;
+    debug!("ready sent, waiting for the job");
+
+    let job = match link.receive_job().and_then(|job| setup.map(|()| job)) {
+        Ok(job) => job,
+        Err(e) => {
+            // Best effort: the host may be the reason we failed.
+            if link.send(&GuestMessage::Failed { message: chain(&e) }).is_ok() {
+                link.wait_for_hangup();
+            }
+            return Err(e);
+        }
+    };
+    debug!("job received");
+
+    let outbox = link.into_outbox()?;
+    let last = match job::execute(job, &outbox.sender()) {
+        Ok(result) => {
+            debug!("job done: {}", result.verdict);
+            GuestMessage::Done(result)
+        }
+        Err(e) => {
+            log::fatal(&e);
+            GuestMessage::Failed { message: chain(&e) }
+        }
+    };
+    outbox.finish(last)?;
+    debug!("result delivered, powering off");
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Capturing a stage's output under the per-stream cap.
+
+/// What one stream produced so far, never more than `cap` bytes.
+#[derive(Debug)]
+pub struct Capture {
+    cap: usize,
+    data: Vec<u8>,
+    truncated: bool,
+}
+
+impl Capture {
+    /// An empty capture holding at most `cap` bytes.
+    pub fn new(cap: u64) -> Self {
+        // A cap beyond the address space is no cap at all.
+        let cap = usize::try_from(cap).unwrap_or(usize::MAX);
+        Self { cap, data: Vec::new(), truncated: false }
+    }
+
+    /// Adds a chunk read from the stream and returns the part that was kept
+    /// (to be streamed to the host). Keeping stops at exactly `cap` bytes;
+    /// the first byte beyond it marks the capture truncated.
+    pub fn push<'a>(&mut self, chunk: &'a [u8]) -> &'a [u8] {
+        if self.truncated {
+            return &[];
+        }
+        let room = self.cap - self.data.len();
+        let kept = if chunk.len() > room {
+            self.truncated = true;
+            &chunk[..room]
+        } else {
+            chunk
+        };
+        self.data.extend_from_slice(kept);
+        kept
+    }
+
+    /// Whether the stream went past the cap.
+    pub fn truncated(&self) -> bool {
+        self.truncated
+    }
+
+    /// The kept bytes and whether anything was cut.
+    pub fn take(&mut self) -> (Vec<u8>, bool) {
+        (std::mem::take(&mut self.data), self.truncated)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_everything_up_to_the_cap() {
+        let mut c = Capture::new(10);
+        assert_eq!(c.push(b"hello"), b"hello");
+        assert_eq!(c.push(b"world"), b"world");
+        assert!(!c.truncated(), "exactly the cap is not truncation");
+        assert_eq!(c.push(b""), b"");
+        assert!(!c.truncated());
+        assert_eq!(c.take(), (b"helloworld".to_vec(), false));
+    }
+
+    #[test]
+    fn cuts_at_exactly_the_cap() {
+        let mut c = Capture::new(8);
+        assert_eq!(c.push(b"12345"), b"12345");
+        assert_eq!(c.push(b"67890"), b"678");
+        assert!(c.truncated());
+        assert_eq!(c.push(b"more"), b"");
+        assert_eq!(c.take(), (b"12345678".to_vec(), true));
+    }
+
+    #[test]
+    fn one_byte_over_a_full_capture_truncates() {
+        let mut c = Capture::new(3);
+        assert_eq!(c.push(b"abc"), b"abc");
+        assert!(!c.truncated());
+        assert_eq!(c.push(b"d"), b"");
+        assert!(c.truncated());
+    }
+
+    #[test]
+    fn zero_cap_truncates_on_first_byte() {
+        let mut c = Capture::new(0);
+        assert_eq!(c.push(b""), b"");
+        assert!(!c.truncated());
+        assert_eq!(c.push(b"x"), b"");
+        assert_eq!(c.take(), (Vec::new(), true));
+    }
+
+    #[test]
+    fn huge_cap_is_unbounded() {
+        let mut c = Capture::new(u64::MAX);
+        assert_eq!(c.push(b"data"), b"data");
+        assert!(!c.truncated());
+    }
+}

@@ -1,0 +1,440 @@
+//! Running one stage: spawn the command inside its cgroup, stream and cap
+//! its output, enforce the wall and CPU limits, then kill whatever is left,
+//! reap it and classify how the stage ended.
+
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tvm_protocol::{Command, GuestMessage, Stage, StageResult, StageStatus, Stream, OUTPUT_CHUNK};
+
+use crate::error::Error;
+use crate::log::debug;
+use crate::output::Capture;
+use crate::sandbox::{Cgroup, ChildSetup};
+
+/// The job's working directory (a tmpfs owned by the runner).
+pub const WORKDIR: &str = "/work";
+
+/// Granularity of the supervision loop: how late a wall-clock kill or an
+/// output-cap kill can be.
+const TICK: Duration = Duration::from_millis(5);
+/// How often `cpu.stat` is polled, so CPU burners spread over several
+/// processes are stopped near the limit rather than at the end.
+const CPU_POLL: Duration = Duration::from_millis(50);
+/// How long killed processes get to disappear. SIGKILL cannot be caught, so
+/// only a task stuck in the kernel would take longer.
+const KILL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the output readers get to drain the pipes once every writer is
+/// dead (then they see end of file at once).
+const READER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One stage to run.
+#[derive(Debug)]
+pub struct StageSpec<'a> {
+    /// Which stage this is (labels the output).
+    pub stage: Stage,
+    /// Name of the stage's cgroup under the cgroup root.
+    pub cgroup: &'a str,
+    /// What to run, with its limits.
+    pub command: &'a Command,
+    /// Standard input; `None` gives the stage `/dev/null`.
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// How the stage's main process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+    /// It was never reaped (stuck past [`KILL_TIMEOUT`]).
+    Lost,
+}
+
+/// Checks a command before anything is spawned, so a bad job is reported as
+/// such rather than as a failing program.
+pub fn check_command(command: &Command) -> Result<(), Error> {
+    if command.argv.is_empty() {
+        return Err(Error::InvalidJob("a command has an empty argv".into()));
+    }
+    if command.argv.iter().any(|a| a.contains('\0')) {
+        return Err(Error::InvalidJob("an argument contains a NUL byte".into()));
+    }
+    for (key, value) in &command.env {
+        if key.is_empty() || key.contains('=') || key.contains('\0') || value.contains('\0') {
+            return Err(Error::InvalidJob(format!("invalid environment variable {key:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// Runs one stage to completion. Output chunks go to `outbox` as they are
+/// produced; the returned result carries the capped output.
+pub fn run(spec: StageSpec<'_>, outbox: &Sender<GuestMessage>) -> Result<StageResult, Error> {
+    check_command(spec.command)?;
+    let cgroup = Cgroup::create(spec.cgroup, &spec.command.limits)?;
+    let result = supervise(spec, &cgroup, outbox);
+    if result.is_err() {
+        // Do not leave a job running behind an agent error.
+        let _ = cgroup.kill();
+    } else if let Err(e) = cgroup.remove() {
+        debug!("keeping cgroup: {}", crate::error::chain(&e));
+    }
+    result
+}
+
+fn supervise(spec: StageSpec<'_>, cgroup: &Cgroup, outbox: &Sender<GuestMessage>) -> Result<StageResult, Error> {
+    let limits = spec.command.limits;
+    let setup = ChildSetup::new(cgroup, &limits)?;
+    let mut command = std::process::Command::new(&spec.command.argv[0]);
+    command
+        .args(&spec.command.argv[1..])
+        .env_clear()
+        .envs(spec.command.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(WORKDIR)
+        .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // Not Command::uid/gid: std applies those before pre_exec, and an
+    // unprivileged child could no longer join the root-owned cgroup.
+    // SAFETY: apply() makes only async-signal-safe system calls on data
+    // prepared before the fork, as required in the child of a threaded process.
+    unsafe {
+        command.pre_exec(move || setup.apply());
+    }
+
+    let started = Instant::now();
+    let mut child = match command.spawn() {
+        Ok(child) => child,
+        Err(e) => return Ok(spawn_failure(&spec, &e, outbox)),
+    };
+    let main = Pid::from_raw(child.id() as i32);
+    debug!("{:?} stage started as pid {main}", spec.stage);
+
+    if let (Some(data), Some(mut pipe)) = (spec.stdin, child.stdin.take()) {
+        // A thread, so a program that never reads its input cannot stall the
+        // agent; dropping the pipe at the end sends EOF. Not joined: once the
+        // stage's processes are dead its write fails with EPIPE and it ends.
+        std::thread::Builder::new()
+            .name("stdin".into())
+            .spawn(move || {
+                let _ = pipe.write_all(&data);
+            })
+            .map_err(|e| Error::SpawnThread("stdin", e))?;
+    }
+    let stdout_pipe = child.stdout.take().expect("stdout is piped");
+    let stderr_pipe = child.stderr.take().expect("stderr is piped");
+    let stdout = Reader::start(stdout_pipe, spec.stage, Stream::Stdout, limits.output_bytes, outbox.clone())?;
+    let stderr = Reader::start(stderr_pipe, spec.stage, Stream::Stderr, limits.output_bytes, outbox.clone())?;
+
+    let wall_limit = Duration::from_millis(limits.wall_ms);
+    let cpu_limit_us = limits.cpu_ms.saturating_mul(1000);
+    let mut killed: Option<(StageStatus, Instant)> = None;
+    let mut exit: Option<(Exit, Instant)> = None;
+    let mut next_cpu_poll = started + CPU_POLL;
+    loop {
+        reap(main, &mut exit);
+        if exit.is_some() {
+            break;
+        }
+        let now = Instant::now();
+        match killed {
+            None => {
+                let reason = if stdout.overflowed() || stderr.overflowed() {
+                    Some(StageStatus::OutputLimitExceeded)
+                } else if now.duration_since(started) >= wall_limit {
+                    Some(StageStatus::TimeLimitExceeded)
+                } else if now >= next_cpu_poll {
+                    next_cpu_poll = now + CPU_POLL;
+                    (cgroup.cpu_usage_us()? > cpu_limit_us).then_some(StageStatus::TimeLimitExceeded)
+                } else {
+                    None
+                };
+                if let Some(status) = reason {
+                    debug!("{:?} stage: killing, {status:?}", spec.stage);
+                    cgroup.kill()?;
+                    killed = Some((status, now));
+                }
+            }
+            Some((_, at)) if now.duration_since(at) > KILL_TIMEOUT => {
+                debug!("{:?} stage: main process {main} did not die", spec.stage);
+                exit = Some((Exit::Lost, now));
+                break;
+            }
+            Some(_) => {}
+        }
+        std::thread::sleep(TICK);
+    }
+    let (exit, ended) = exit.expect("the loop only ends with an exit");
+    let wall_ms = ended.duration_since(started).as_millis() as u64;
+
+    // The main process is gone; anything it left behind (daemons, orphans
+    // holding the output pipes) goes with it.
+    cgroup.kill()?;
+    let deadline = Instant::now() + KILL_TIMEOUT;
+    let mut scratch = None;
+    while cgroup.populated()? {
+        reap(main, &mut scratch);
+        if Instant::now() > deadline {
+            debug!("{:?} stage: cgroup still populated after kill", spec.stage);
+            break;
+        }
+        std::thread::sleep(TICK);
+    }
+    reap(main, &mut scratch);
+
+    let deadline = Instant::now() + READER_TIMEOUT;
+    while !(stdout.finished() && stderr.finished()) && Instant::now() < deadline {
+        std::thread::sleep(TICK);
+    }
+
+    let cpu_us = cgroup.cpu_usage_us()?;
+    let observed = Observed {
+        killed: killed.map(|(status, _)| status),
+        oom_kills: cgroup.oom_kills()?,
+        cpu_us,
+        cpu_limit_us,
+        exit,
+    };
+    let status = classify(&observed);
+    let (stdout, stdout_truncated) = stdout.take();
+    let (stderr, stderr_truncated) = stderr.take();
+    let result = StageResult {
+        status,
+        exit_code: match exit {
+            Exit::Code(c) => Some(c),
+            _ => None,
+        },
+        signal: match exit {
+            Exit::Signal(s) => Some(s),
+            _ => None,
+        },
+        stdout,
+        stderr,
+        stdout_truncated,
+        stderr_truncated,
+        wall_ms,
+        cpu_ms: cpu_us / 1000,
+        peak_memory_bytes: cgroup.memory_peak(),
+    };
+    debug!(
+        "{:?} stage: {:?} exit={:?} wall={}ms cpu={}ms peak={}B",
+        spec.stage, result.status, exit, result.wall_ms, result.cpu_ms, result.peak_memory_bytes
+    );
+    Ok(result)
+}
+
+/// Reaps every child that has exited. PID 1 inherits all orphans, so this
+/// also collects the stage's grandchildren; the main process's status is
+/// stored in `exit` when it comes by.
+pub fn reap(main: Pid, exit: &mut Option<(Exit, Instant)>) {
+    loop {
+        // __WALL: also reap children created with clone() and an exit signal
+        // other than SIGCHLD.
+        match waitpid(None, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == main => *exit = Some((Exit::Code(code), Instant::now())),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == main => {
+                *exit = Some((Exit::Signal(sig as i32), Instant::now()));
+            }
+            Ok(WaitStatus::StillAlive) | Err(Errno::ECHILD) => return,
+            Ok(_) | Err(Errno::EINTR) => continue,
+            Err(_) => return,
+        }
+    }
+}
+
+/// What the agent saw of a stage, reduced to what decides its status.
+#[derive(Debug, Clone, Copy)]
+pub struct Observed {
+    /// Why the agent killed the stage, if it did (first reason wins).
+    pub killed: Option<StageStatus>,
+    /// OOM kills in the stage's cgroup.
+    pub oom_kills: u64,
+    /// CPU time used by the stage.
+    pub cpu_us: u64,
+    /// Its CPU limit.
+    pub cpu_limit_us: u64,
+    /// How the main process ended.
+    pub exit: Exit,
+}
+
+/// The stage's status. A kill by the agent names its own reason; otherwise
+/// the OOM killer, then CPU overuse (cgroup accounting or the RLIMIT_CPU
+/// signal), and only then the exit status count.
+pub fn classify(o: &Observed) -> StageStatus {
+    if let Some(status) = o.killed {
+        return status;
+    }
+    if o.oom_kills > 0 {
+        return StageStatus::MemoryLimitExceeded;
+    }
+    if o.cpu_us > o.cpu_limit_us || o.exit == Exit::Signal(libc::SIGXCPU) {
+        return StageStatus::TimeLimitExceeded;
+    }
+    match o.exit {
+        Exit::Code(0) => StageStatus::Ok,
+        _ => StageStatus::Failed,
+    }
+}
+
+/// The program could not be started at all (missing interpreter, not
+/// executable...). Reported like a shell would: exit code 127 or 126 and a
+/// message on standard error, since it is the job's command that is wrong.
+fn spawn_failure(spec: &StageSpec<'_>, err: &std::io::Error, outbox: &Sender<GuestMessage>) -> StageResult {
+    let code = if err.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+    debug!("{:?} stage: cannot start {:?}: {err}", spec.stage, spec.command.argv[0]);
+    let message = format!("tvm-agent: cannot start {:?}: {err}\n", spec.command.argv[0]);
+    let mut capture = Capture::new(spec.command.limits.output_bytes);
+    let kept = capture.push(message.as_bytes());
+    if !kept.is_empty() {
+        let _ = outbox.send(GuestMessage::Output { stage: spec.stage, stream: Stream::Stderr, data: kept.to_vec() });
+    }
+    let (stderr, stderr_truncated) = capture.take();
+    StageResult {
+        status: StageStatus::Failed,
+        exit_code: Some(code),
+        signal: None,
+        stdout: Vec::new(),
+        stderr,
+        stdout_truncated: false,
+        stderr_truncated,
+        wall_ms: 0,
+        cpu_ms: 0,
+        peak_memory_bytes: 0,
+    }
+}
+
+/// A thread draining one output pipe: it keeps and streams up to the cap,
+/// flags the overflow for the supervisor, and discards the rest so the
+/// writer never blocks on a full pipe before it is killed.
+struct Reader {
+    capture: Arc<Mutex<Capture>>,
+    overflowed: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Reader {
+    fn start(
+        mut pipe: impl Read + Send + 'static,
+        stage: Stage,
+        stream: Stream,
+        cap: u64,
+        outbox: Sender<GuestMessage>,
+    ) -> Result<Self, Error> {
+        let capture = Arc::new(Mutex::new(Capture::new(cap)));
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let (shared, flag) = (Arc::clone(&capture), Arc::clone(&overflowed));
+        let thread = std::thread::Builder::new()
+            .name(format!("{stream:?}"))
+            .spawn(move || {
+                let mut buf = vec![0u8; OUTPUT_CHUNK];
+                loop {
+                    let n = match pipe.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => break,
+                    };
+                    let kept = {
+                        let mut capture = lock(&shared);
+                        let kept = capture.push(&buf[..n]).to_vec();
+                        if capture.truncated() {
+                            flag.store(true, Ordering::Relaxed);
+                        }
+                        kept
+                    };
+                    if !kept.is_empty() {
+                        let _ = outbox.send(GuestMessage::Output { stage, stream, data: kept });
+                    }
+                }
+            })
+            .map_err(|e| Error::SpawnThread("output reader", e))?;
+        Ok(Self { capture, overflowed, thread })
+    }
+
+    fn overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Relaxed)
+    }
+
+    fn finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// The captured bytes. Works even if the thread is still blocked on a
+    /// pipe some unkillable process holds: it is then simply abandoned.
+    fn take(self) -> (Vec<u8>, bool) {
+        let taken = lock(&self.capture).take();
+        taken
+    }
+}
+
+fn lock(capture: &Mutex<Capture>) -> MutexGuard<'_, Capture> {
+    // A poisoned lock only means a reader panicked, and the panic hook has
+    // already ended the VM; the data itself is still consistent.
+    capture.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tvm_protocol::Limits;
+
+    fn observed(exit: Exit) -> Observed {
+        Observed { killed: None, oom_kills: 0, cpu_us: 10_000, cpu_limit_us: 1_000_000, exit }
+    }
+
+    #[test]
+    fn exit_status_decides_when_nothing_else_happened() {
+        assert_eq!(classify(&observed(Exit::Code(0))), StageStatus::Ok);
+        assert_eq!(classify(&observed(Exit::Code(1))), StageStatus::Failed);
+        assert_eq!(classify(&observed(Exit::Signal(libc::SIGSEGV))), StageStatus::Failed);
+        assert_eq!(classify(&observed(Exit::Lost)), StageStatus::Failed);
+    }
+
+    #[test]
+    fn limits_outrank_the_exit_status() {
+        let oom = Observed { oom_kills: 1, ..observed(Exit::Signal(libc::SIGKILL)) };
+        assert_eq!(classify(&oom), StageStatus::MemoryLimitExceeded);
+        let cpu = Observed { cpu_us: 1_000_001, ..observed(Exit::Code(0)) };
+        assert_eq!(classify(&cpu), StageStatus::TimeLimitExceeded);
+        assert_eq!(classify(&observed(Exit::Signal(libc::SIGXCPU))), StageStatus::TimeLimitExceeded);
+        // The agent's own kill reason wins over what the kill caused.
+        let killed =
+            Observed { killed: Some(StageStatus::OutputLimitExceeded), oom_kills: 1, ..observed(Exit::Signal(9)) };
+        assert_eq!(classify(&killed), StageStatus::OutputLimitExceeded);
+    }
+
+    #[test]
+    fn commands_are_checked_before_spawning() {
+        let limits = Limits {
+            wall_ms: 1,
+            cpu_ms: 1,
+            memory_bytes: 1,
+            pids: 1,
+            output_bytes: 1,
+            file_size_bytes: 1,
+            open_files: 1,
+        };
+        let cmd = |argv: &[&str], env: &[(&str, &str)]| Command {
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            limits,
+        };
+        assert!(check_command(&cmd(&["python3", "main.py"], &[("PATH", "/usr/bin"), ("EMPTY", "")])).is_ok());
+        assert!(check_command(&cmd(&[], &[])).is_err());
+        assert!(check_command(&cmd(&["a\0b"], &[])).is_err());
+        assert!(check_command(&cmd(&["a"], &[("A=B", "c")])).is_err());
+        assert!(check_command(&cmd(&["a"], &[("", "c")])).is_err());
+        assert!(check_command(&cmd(&["a"], &[("A", "c\0")])).is_err());
+    }
+}

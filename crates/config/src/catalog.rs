@@ -1,0 +1,351 @@
+//! The runtime catalog: languages, versions, image recipes, commands, limits.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tvm_protocol::Limits;
+
+use crate::units::{parse_duration_ms, parse_size_bytes};
+
+/// The catalog shipped with TVM.
+const BUILTIN: &str = include_str!("../../../catalog/runtimes.toml");
+
+/// Bumped when the way images are assembled changes, so old images are rebuilt.
+const IMAGE_FORMAT: u32 = 1;
+
+/// Why a catalog could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// The file is not valid TOML for the catalog schema.
+    #[error("catalog is not valid: {0}")]
+    Parse(#[source] toml::de::Error),
+    /// The catalog file could not be read.
+    #[error("cannot read catalog {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A value or a relation between entries is wrong.
+    #[error("catalog entry {entry}: {message}")]
+    Invalid {
+        /// Runtime id or section.
+        entry: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// How a runtime's root filesystem is built: Debian packages from one suite.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRecipe {
+    /// Debian suite (bookworm, trixie, ...).
+    pub suite: String,
+    /// Packages installed on top of the `essential` variant.
+    pub packages: Vec<String>,
+}
+
+impl ImageRecipe {
+    /// Content address of the image this recipe produces.
+    pub fn key(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(IMAGE_FORMAT.to_le_bytes());
+        h.update(serde_json::to_vec(self).expect("recipe serialises"));
+        hex::encode(&h.finalize()[..12])
+    }
+}
+
+/// Partial limits as written in the catalog ("10s", "256M").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitOverrides {
+    /// Wall-clock time.
+    pub wall: Option<String>,
+    /// CPU time.
+    pub cpu: Option<String>,
+    /// Memory.
+    pub memory: Option<String>,
+    /// Processes and threads.
+    pub pids: Option<u64>,
+    /// Output bytes per stream.
+    pub output: Option<String>,
+    /// Largest file written.
+    pub file_size: Option<String>,
+    /// Open files.
+    pub open_files: Option<u64>,
+}
+
+impl LimitOverrides {
+    /// Applies these overrides on top of `base`.
+    pub fn apply(&self, base: Limits) -> Result<Limits, String> {
+        let mut l = base;
+        if let Some(v) = &self.wall {
+            l.wall_ms = parse_duration_ms(v)?;
+        }
+        if let Some(v) = &self.cpu {
+            l.cpu_ms = parse_duration_ms(v)?;
+        }
+        if let Some(v) = &self.memory {
+            l.memory_bytes = parse_size_bytes(v)?;
+        }
+        if let Some(v) = self.pids {
+            l.pids = v;
+        }
+        if let Some(v) = &self.output {
+            l.output_bytes = parse_size_bytes(v)?;
+        }
+        if let Some(v) = &self.file_size {
+            l.file_size_bytes = parse_size_bytes(v)?;
+        }
+        if let Some(v) = self.open_files {
+            l.open_files = v;
+        }
+        Ok(l)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCatalog {
+    defaults: RawDefaults,
+    maximum: LimitOverrides,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    runtime: Vec<RawRuntime>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    run: LimitOverrides,
+    compile: LimitOverrides,
+    workdir: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRuntime {
+    id: String,
+    language: String,
+    version: String,
+    #[serde(default)]
+    aliases: Vec<String>,
+    extensions: Vec<String>,
+    entry: String,
+    #[serde(default)]
+    compile: Option<Vec<String>>,
+    run: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    image: Option<ImageRecipe>,
+    #[serde(default)]
+    run_limits: LimitOverrides,
+    #[serde(default)]
+    compile_limits: LimitOverrides,
+    #[serde(default)]
+    unavailable: Option<String>,
+}
+
+/// One language version that TVM can run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Runtime {
+    /// Stable id, e.g. `python-3.11`.
+    pub id: String,
+    /// Language name, e.g. `python`.
+    pub language: String,
+    /// Version as users say it, e.g. `3.11`.
+    pub version: String,
+    /// Other names that select this runtime.
+    pub aliases: Vec<String>,
+    /// File extensions (without dot) that map to this language.
+    pub extensions: Vec<String>,
+    /// File name of the entry point when a submission does not name one.
+    pub entry: String,
+    /// Compile argv template, if the language is compiled.
+    pub compile: Option<Vec<String>>,
+    /// Run argv template; the program's arguments are appended.
+    pub run: Vec<String>,
+    /// Environment of both stages (catalog-wide values, then the runtime's).
+    pub env: Vec<(String, String)>,
+    /// How the image is built; `None` when unavailable.
+    pub image: Option<ImageRecipe>,
+    /// Default limits of the run stage.
+    pub run_limits: Limits,
+    /// Default limits of the compile stage.
+    pub compile_limits: Limits,
+    /// Why this runtime cannot be built here, if it cannot.
+    pub unavailable: Option<String>,
+}
+
+impl Runtime {
+    /// Whether `name` (id or alias, case-insensitive) names this runtime.
+    pub fn answers_to(&self, name: &str) -> bool {
+        self.id.eq_ignore_ascii_case(name) || self.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
+    }
+}
+
+/// All runtimes plus the operator maximums.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    runtimes: Vec<Runtime>,
+    maximum: Limits,
+    workdir_bytes: u64,
+}
+
+impl Catalog {
+    /// The catalog compiled into TVM.
+    pub fn builtin() -> Self {
+        Self::from_toml(BUILTIN).expect("the builtin catalog is valid (tested)")
+    }
+
+    /// Loads a catalog file.
+    pub fn load(path: &std::path::Path) -> Result<Self, CatalogError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| CatalogError::Read { path: path.display().to_string(), source })?;
+        Self::from_toml(&text)
+    }
+
+    /// Parses and validates a catalog.
+    pub fn from_toml(text: &str) -> Result<Self, CatalogError> {
+        let raw: RawCatalog = toml::from_str(text).map_err(CatalogError::Parse)?;
+        let inv = |entry: &str, message: String| CatalogError::Invalid { entry: entry.to_string(), message };
+        let zero = Limits {
+            wall_ms: 0,
+            cpu_ms: 0,
+            memory_bytes: 0,
+            pids: 0,
+            output_bytes: 0,
+            file_size_bytes: 0,
+            open_files: 0,
+        };
+        let maximum = raw.maximum.apply(zero).map_err(|m| inv("maximum", m))?;
+        let run_default = raw.defaults.run.apply(zero).map_err(|m| inv("defaults.run", m))?;
+        let compile_default = raw.defaults.compile.apply(zero).map_err(|m| inv("defaults.compile", m))?;
+        let workdir_bytes = parse_size_bytes(&raw.defaults.workdir).map_err(|m| inv("defaults.workdir", m))?;
+        let mut names = HashSet::new();
+        let mut runtimes = Vec::new();
+        for r in raw.runtime {
+            for n in std::iter::once(&r.id).chain(&r.aliases) {
+                if !names.insert(n.to_ascii_lowercase()) {
+                    return Err(inv(&r.id, format!("name {n:?} is used twice")));
+                }
+            }
+            if r.run.is_empty() {
+                return Err(inv(&r.id, "run command is empty".into()));
+            }
+            if r.image.is_none() && r.unavailable.is_none() {
+                return Err(inv(&r.id, "needs an image recipe or an `unavailable` reason".into()));
+            }
+            let run_limits = r.run_limits.apply(run_default).map_err(|m| inv(&r.id, m))?;
+            let compile_limits = r.compile_limits.apply(compile_default).map_err(|m| inv(&r.id, m))?;
+            for (what, l) in [("run_limits", &run_limits), ("compile_limits", &compile_limits)] {
+                if let Some(field) = exceeds(l, &maximum) {
+                    return Err(inv(&r.id, format!("{what}.{field} is above the maximum")));
+                }
+            }
+            let mut env: Vec<(String, String)> = raw.env.clone().into_iter().collect();
+            for (k, v) in r.env {
+                env.retain(|(ek, _)| *ek != k);
+                env.push((k, v));
+            }
+            runtimes.push(Runtime {
+                id: r.id,
+                language: r.language,
+                version: r.version,
+                aliases: r.aliases,
+                extensions: r.extensions,
+                entry: r.entry,
+                compile: r.compile,
+                run: r.run,
+                env,
+                image: r.image,
+                run_limits,
+                compile_limits,
+                unavailable: r.unavailable,
+            });
+        }
+        Ok(Self { runtimes, maximum, workdir_bytes })
+    }
+
+    /// Every runtime, in catalog order.
+    pub fn runtimes(&self) -> &[Runtime] {
+        &self.runtimes
+    }
+
+    /// The runtime named by id or alias.
+    pub fn get(&self, name: &str) -> Option<&Runtime> {
+        self.runtimes.iter().find(|r| r.answers_to(name))
+    }
+
+    /// The preferred available runtime for a file extension (catalog order is preference).
+    pub fn for_extension(&self, ext: &str) -> Option<&Runtime> {
+        self.runtimes
+            .iter()
+            .filter(|r| r.unavailable.is_none())
+            .find(|r| r.extensions.iter().any(|e| e.eq_ignore_ascii_case(ext)))
+    }
+
+    /// The operator's upper bounds for any stage.
+    pub fn maximum(&self) -> &Limits {
+        &self.maximum
+    }
+
+    /// Size of the in-RAM work dir of every execution.
+    pub fn workdir_bytes(&self) -> u64 {
+        self.workdir_bytes
+    }
+}
+
+/// Names the first field of `l` above `max`, if any.
+pub fn exceeds(l: &Limits, max: &Limits) -> Option<&'static str> {
+    let checks = [
+        ("wall_time", l.wall_ms, max.wall_ms),
+        ("cpu_time", l.cpu_ms, max.cpu_ms),
+        ("memory", l.memory_bytes, max.memory_bytes),
+        ("processes", l.pids, max.pids),
+        ("output", l.output_bytes, max.output_bytes),
+        ("file_size", l.file_size_bytes, max.file_size_bytes),
+        ("open_files", l.open_files, max.open_files),
+    ];
+    checks.into_iter().find(|(_, v, m)| v > m).map(|(n, _, _)| n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_catalog_is_valid_and_resolves_names() {
+        let c = Catalog::builtin();
+        assert!(c.get("python").is_some());
+        assert_eq!(c.get("PY").unwrap().id, c.get("python3").unwrap().id);
+        assert_eq!(c.for_extension("py").unwrap().language, "python");
+        assert_eq!(c.for_extension("js").unwrap().language, "javascript");
+        assert_eq!(c.for_extension("c").unwrap().language, "c");
+        assert_eq!(c.for_extension("cpp").unwrap().language, "cpp");
+        assert!(c.for_extension("exe").is_none());
+        for r in c.runtimes() {
+            assert!(exceeds(&r.run_limits, c.maximum()).is_none(), "{}", r.id);
+        }
+    }
+
+    #[test]
+    fn recipe_key_changes_with_recipe() {
+        let a = ImageRecipe { suite: "bookworm".into(), packages: vec!["python3-minimal".into()] };
+        let mut b = a.clone();
+        assert_eq!(a.key(), b.key());
+        b.packages.push("x".into());
+        assert_ne!(a.key(), b.key());
+    }
+
+    #[test]
+    fn duplicate_names_are_rejected() {
+        let text = BUILTIN.replace("aliases = [\"node\"", "aliases = [\"python\"");
+        let err = Catalog::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("used twice"), "{err}");
+    }
+}

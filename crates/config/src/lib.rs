@@ -1,0 +1,14 @@
+//! Configuration of TVM: operator [`Settings`] and the runtime [`Catalog`].
+//!
+//! The catalog is data (`catalog/runtimes.toml`, compiled in and overridable
+//! by a file): which languages and versions exist, how their images are built,
+//! how a submission is compiled and run, and the default and maximum limits.
+//! Nothing here touches VMs; `pyrovm` consumes these types.
+
+mod catalog;
+mod settings;
+mod units;
+
+pub use catalog::{Catalog, CatalogError, ImageRecipe, LimitOverrides, Runtime};
+pub use settings::{Accel, Settings, SettingsError};
+pub use units::{format_bytes, parse_duration_ms, parse_size_bytes};

@@ -1,0 +1,221 @@
+//! Operator settings: where caches live, how VMs are started.
+//!
+//! Precedence: built-in defaults < config file (`TVM_CONFIG`, else
+//! `/etc/tvm/config.toml` if present) < `TVM_*` environment variables < flags
+//! (applied by the binary).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Which accelerator runs the guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM if a probe boot proves it works, TCG otherwise.
+    #[default]
+    Auto,
+    /// Hardware virtualization; fails if KVM cannot run the guest.
+    Kvm,
+    /// QEMU's software emulation: slow but works everywhere.
+    Tcg,
+}
+
+impl std::str::FromStr for Accel {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Accel::Auto),
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            _ => Err(format!("unknown accelerator {s:?} (expected auto, kvm or tcg)")),
+        }
+    }
+}
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid.
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// An environment variable has a bad value.
+    #[error("environment variable {name}: {message}")]
+    Env {
+        /// Variable name.
+        name: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Everything an operator may configure about the host side.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Rebuildable artifacts: kernel, images, initramfs, probe results.
+    pub cache_dir: PathBuf,
+    /// Per-VM sockets and pid files; cleared by the reaper.
+    pub runtime_dir: PathBuf,
+    /// Accelerator choice.
+    pub accel: Accel,
+    /// QEMU binary.
+    pub qemu: PathBuf,
+    /// vCPUs per guest.
+    pub vcpus: u32,
+    /// Guest RAM on top of what the job's limits need (kernel, agent, page cache).
+    pub vm_overhead_mib: u64,
+    /// How long a VM may take to reach agent-ready.
+    pub boot_timeout_ms: u64,
+    /// Debian's kernel source tarball.
+    pub kernel_source: PathBuf,
+    /// The guest agent binary (static); found next to `tvm` when unset.
+    pub agent_bin: Option<PathBuf>,
+    /// Optional catalog file replacing the built-in one.
+    pub catalog: Option<PathBuf>,
+    /// Debian mirror for image builds; mmdebstrap's default when unset.
+    pub debian_mirror: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let uid = current_uid();
+        let cache_dir = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(|| PathBuf::from("/var/cache"))
+            .join("tvm");
+        let runtime_dir = match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(d) => PathBuf::from(d).join("tvm"),
+            None if uid == 0 => PathBuf::from("/run/tvm"),
+            None => std::env::temp_dir().join(format!("tvm-{uid}")),
+        };
+        Self {
+            cache_dir,
+            runtime_dir,
+            accel: Accel::Auto,
+            qemu: PathBuf::from("qemu-system-x86_64"),
+            vcpus: 1,
+            vm_overhead_mib: 160,
+            boot_timeout_ms: 30_000,
+            kernel_source: PathBuf::from("/usr/src/linux-source-6.1.tar.xz"),
+            agent_bin: None,
+            catalog: None,
+            debian_mirror: None,
+        }
+    }
+}
+
+/// The real uid, read from /proc so this crate stays free of `unsafe` and libc.
+fn current_uid() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|u| u.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+impl Settings {
+    /// Defaults, then the config file, then `TVM_*` environment variables.
+    pub fn load() -> Result<Self, SettingsError> {
+        let explicit = std::env::var_os("TVM_CONFIG").map(PathBuf::from);
+        let path = explicit.clone().or_else(|| {
+            let p = PathBuf::from("/etc/tvm/config.toml");
+            p.exists().then_some(p)
+        });
+        let mut s = match path {
+            Some(p) => Self::from_file(&p)?,
+            None => Self::default(),
+        };
+        s.apply_env()?;
+        Ok(s)
+    }
+
+    /// Defaults overridden by one TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, SettingsError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| SettingsError::Read { path: path.to_path_buf(), source })?;
+        toml::from_str(&text).map_err(|source| SettingsError::Parse { path: path.to_path_buf(), source })
+    }
+
+    fn apply_env(&mut self) -> Result<(), SettingsError> {
+        let var = |n: &str| std::env::var(n).ok().filter(|v| !v.is_empty());
+        if let Some(v) = var("TVM_CACHE_DIR") {
+            self.cache_dir = v.into();
+        }
+        if let Some(v) = var("TVM_RUNTIME_DIR") {
+            self.runtime_dir = v.into();
+        }
+        if let Some(v) = var("TVM_ACCEL") {
+            self.accel = v.parse().map_err(|message| SettingsError::Env { name: "TVM_ACCEL", message })?;
+        }
+        if let Some(v) = var("TVM_QEMU") {
+            self.qemu = v.into();
+        }
+        if let Some(v) = var("TVM_AGENT_BIN") {
+            self.agent_bin = Some(v.into());
+        }
+        if let Some(v) = var("TVM_CATALOG") {
+            self.catalog = Some(v.into());
+        }
+        if let Some(v) = var("TVM_KERNEL_SOURCE") {
+            self.kernel_source = v.into();
+        }
+        if let Some(v) = var("TVM_DEBIAN_MIRROR") {
+            self.debian_mirror = Some(v);
+        }
+        if let Some(v) = var("TVM_VCPUS") {
+            self.vcpus = v.parse().ok().filter(|n| (1..=8).contains(n)).ok_or(SettingsError::Env {
+                name: "TVM_VCPUS",
+                message: format!("{v:?} is not a number from 1 to 8"),
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_rejects_unknown_keys() {
+        let dir = std::env::temp_dir().join(format!("tvm-settings-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(&f, "accel = \"tcg\"\nvcpus = 2\n").unwrap();
+        let s = Settings::from_file(&f).unwrap();
+        assert_eq!(s.accel, Accel::Tcg);
+        assert_eq!(s.vcpus, 2);
+        assert_eq!(s.boot_timeout_ms, Settings::default().boot_timeout_ms);
+        std::fs::write(&f, "acel = \"tcg\"\n").unwrap();
+        let err = Settings::from_file(&f).unwrap_err().to_string();
+        assert!(err.contains("acel"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn accel_parses() {
+        assert_eq!("KVM".parse::<Accel>(), Ok(Accel::Kvm));
+        assert!("hvf".parse::<Accel>().is_err());
+    }
+}

@@ -1,0 +1,35 @@
+//! The host↔guest protocol of TVM.
+//!
+//! One job per VM: the guest agent announces [`GuestMessage::Ready`], the host
+//! sends one [`HostMessage::Run`], the agent streams [`GuestMessage::Output`]
+//! chunks and ends with [`GuestMessage::Done`]. Frames are a 4-byte big-endian
+//! length followed by that many bytes of JSON. Every reader is given a maximum
+//! frame size: the guest runs untrusted code, so the host must never let the
+//! guest choose how much memory it allocates.
+
+mod codec;
+mod messages;
+
+pub use codec::{encode, read_frame, write_frame, FrameDecoder, FrameError};
+#[cfg(feature = "tokio")]
+pub use codec::{read_frame_async, write_frame_async};
+pub use messages::*;
+
+/// Bumped whenever a message changes shape; host and agent must agree.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame the host accepts from the guest. Output arrives in chunks of
+/// at most [`OUTPUT_CHUNK`] bytes, so anything larger is hostile.
+pub const MAX_GUEST_FRAME: usize = 1 << 20;
+
+/// Largest frame the agent accepts from the host (the job with its files).
+pub const MAX_HOST_FRAME: usize = 64 << 20;
+
+/// Size of the raw output chunks the agent streams (before base64).
+pub const OUTPUT_CHUNK: usize = 32 << 10;
+
+/// Name of the virtio-serial port the agent talks on (QEMU backend).
+pub const VIRTIO_PORT_NAME: &str = "tvm.agent";
+
+/// vsock port the agent listens on (Firecracker backend).
+pub const VSOCK_PORT: u32 = 1024;

@@ -1,0 +1,334 @@
+//! Message types exchanged between the host and the guest agent.
+
+use serde::{Deserialize, Serialize};
+
+/// Bytes carried as base64 inside JSON.
+pub mod b64 {
+    use base64::{engine::general_purpose::STANDARD, Engine};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serialises bytes as a base64 string.
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(v))
+    }
+
+    /// Parses a base64 string into bytes.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Host → guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HostMessage {
+    /// The one job this VM will ever run.
+    Run(Job),
+}
+
+/// Guest → host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum GuestMessage {
+    /// The agent is up and waiting for its job.
+    Ready {
+        /// [`crate::PROTOCOL_VERSION`] the agent speaks.
+        protocol: u32,
+        /// Agent build version, for diagnostics.
+        agent_version: String,
+        /// Guest uptime when the agent became ready (kernel boot + agent setup).
+        uptime_ms: u64,
+    },
+    /// A chunk of a stage's output, sent as it is produced.
+    Output {
+        /// Which stage produced it.
+        stage: Stage,
+        /// Which stream.
+        stream: Stream,
+        /// Raw bytes (at most [`crate::OUTPUT_CHUNK`]).
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// The job is finished; the VM powers off next.
+    Done(JobResult),
+    /// The agent could not run the job at all (bad job, setup failure).
+    Failed {
+        /// One-line reason.
+        message: String,
+    },
+}
+
+/// A stage of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    /// The runtime's compile step.
+    Compile,
+    /// The program itself.
+    Run,
+}
+
+/// An output stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stream {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+}
+
+/// A file written into the work dir before anything runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct File {
+    /// Relative path inside the work dir (validated by host and agent).
+    pub path: String,
+    /// Content.
+    #[serde(with = "b64")]
+    pub content: Vec<u8>,
+    /// Whether to set the executable bit.
+    #[serde(default)]
+    pub executable: bool,
+}
+
+/// One command to run as the unprivileged user, under limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// argv; `argv[0]` is resolved through `PATH` in `env`.
+    pub argv: Vec<String>,
+    /// The complete environment (nothing is inherited from the agent).
+    pub env: Vec<(String, String)>,
+    /// Limits for this command.
+    pub limits: Limits,
+}
+
+/// Limits enforced by the agent for one stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Wall-clock limit in milliseconds.
+    pub wall_ms: u64,
+    /// CPU-time limit in milliseconds (all processes of the stage).
+    pub cpu_ms: u64,
+    /// Memory limit in bytes (cgroup `memory.max`, swap off).
+    pub memory_bytes: u64,
+    /// Maximum number of processes and threads (cgroup `pids.max`).
+    pub pids: u64,
+    /// Cap on captured bytes per stream; more output ends the stage.
+    pub output_bytes: u64,
+    /// Largest file the program may write (`RLIMIT_FSIZE`).
+    pub file_size_bytes: u64,
+    /// Maximum open files (`RLIMIT_NOFILE`).
+    pub open_files: u64,
+}
+
+/// Everything the agent needs to run one execution.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// Files for the work dir.
+    pub files: Vec<File>,
+    /// Optional compile step; a failure stops the job with `compile_error`.
+    pub compile: Option<Command>,
+    /// The run step.
+    pub run: Command,
+    /// Fed to the run step's standard input, then closed.
+    #[serde(with = "b64", default)]
+    pub stdin: Vec<u8>,
+    /// Size of the tmpfs work dir in bytes.
+    pub workdir_bytes: u64,
+}
+
+/// How a stage ended, as observed by the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageStatus {
+    /// Exited with status 0.
+    Ok,
+    /// Exited non-zero or was killed by a signal it did not ask for.
+    Failed,
+    /// Exceeded the wall or CPU limit.
+    TimeLimitExceeded,
+    /// The cgroup's OOM killer fired.
+    MemoryLimitExceeded,
+    /// Wrote more than the output cap.
+    OutputLimitExceeded,
+}
+
+/// Observations for one stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageResult {
+    /// How it ended.
+    pub status: StageStatus,
+    /// Exit code when it exited.
+    pub exit_code: Option<i32>,
+    /// Terminating signal when it was killed.
+    pub signal: Option<i32>,
+    /// Captured standard output (at most the cap).
+    #[serde(with = "b64")]
+    pub stdout: Vec<u8>,
+    /// Captured standard error (at most the cap).
+    #[serde(with = "b64")]
+    pub stderr: Vec<u8>,
+    /// Whether stdout was cut at the cap.
+    pub stdout_truncated: bool,
+    /// Whether stderr was cut at the cap.
+    pub stderr_truncated: bool,
+    /// Wall-clock time.
+    pub wall_ms: u64,
+    /// CPU time of every process of the stage (user + system).
+    pub cpu_ms: u64,
+    /// Peak memory of the stage's cgroup.
+    pub peak_memory_bytes: u64,
+}
+
+/// The verdict of an execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// Compiled (if needed), ran, exited 0.
+    Ok,
+    /// The compile step failed.
+    CompileError,
+    /// Non-zero exit or killed by a signal.
+    RuntimeError,
+    /// Wall or CPU limit exceeded.
+    TimeLimitExceeded,
+    /// Memory limit exceeded.
+    MemoryLimitExceeded,
+    /// Output cap exceeded.
+    OutputLimitExceeded,
+    /// TVM itself failed (VM, agent, protocol); not the program's fault.
+    InternalError,
+}
+
+impl Verdict {
+    /// Stable snake_case name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Ok => "ok",
+            Verdict::CompileError => "compile_error",
+            Verdict::RuntimeError => "runtime_error",
+            Verdict::TimeLimitExceeded => "time_limit_exceeded",
+            Verdict::MemoryLimitExceeded => "memory_limit_exceeded",
+            Verdict::OutputLimitExceeded => "output_limit_exceeded",
+            Verdict::InternalError => "internal_error",
+        }
+    }
+
+    /// Derives the verdict from the stages that ran. A compile stage that did
+    /// not succeed is a compile error whatever the reason (a compiler that
+    /// times out is still the submission's problem).
+    pub fn from_stages(compile: Option<&StageResult>, run: Option<&StageResult>) -> Verdict {
+        if let Some(c) = compile {
+            if c.status != StageStatus::Ok {
+                return Verdict::CompileError;
+            }
+        }
+        match run.map(|r| r.status) {
+            None => Verdict::InternalError,
+            Some(StageStatus::Ok) => Verdict::Ok,
+            Some(StageStatus::Failed) => Verdict::RuntimeError,
+            Some(StageStatus::TimeLimitExceeded) => Verdict::TimeLimitExceeded,
+            Some(StageStatus::MemoryLimitExceeded) => Verdict::MemoryLimitExceeded,
+            Some(StageStatus::OutputLimitExceeded) => Verdict::OutputLimitExceeded,
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The result of a job as reported by the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// Overall verdict ([`Verdict::from_stages`]).
+    pub verdict: Verdict,
+    /// The compile stage, if the runtime has one.
+    pub compile: Option<StageResult>,
+    /// The run stage, unless compilation failed.
+    pub run: Option<StageResult>,
+}
+
+/// Checks a submitted file path: relative, normal components only, no NUL,
+/// bounded depth and length. Shared by host (to reject early with a clear
+/// error) and agent (which trusts nothing).
+pub fn validate_file_path(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err("file name is empty".into());
+    }
+    if path.len() > 255 {
+        return Err(format!("file name {path:?} is longer than 255 bytes"));
+    }
+    if path.contains('\0') {
+        return Err("file name contains a NUL byte".into());
+    }
+    if path.starts_with('/') {
+        return Err(format!("file name {path:?} is absolute"));
+    }
+    if path.contains('\\') {
+        return Err(format!("file name {path:?} contains a backslash"));
+    }
+    let parts: Vec<&str> = path.split('/').collect();
+    if parts.len() > 8 {
+        return Err(format!("file name {path:?} is nested deeper than 8 directories"));
+    }
+    for p in parts {
+        if p.is_empty() || p == "." || p == ".." {
+            return Err(format!("file name {path:?} escapes or is not normal (empty, '.' or '..' component)"));
+        }
+        if p.chars().any(|c| c.is_control()) {
+            return Err(format!("file name {path:?} contains a control character"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_validation() {
+        for ok in ["main.py", "pkg/mod.py", "a/b/c.txt", ".hidden"] {
+            assert_eq!(validate_file_path(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "/etc/passwd", "../x", "a/../../x", "a//b", "./a", "a\0b", "a\\b", "a/b/c/d/e/f/g/h/i", "x\n"] {
+            assert!(validate_file_path(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn verdict_derivation() {
+        let st = |status| StageResult {
+            status,
+            exit_code: None,
+            signal: None,
+            stdout: vec![],
+            stderr: vec![],
+            stdout_truncated: false,
+            stderr_truncated: false,
+            wall_ms: 0,
+            cpu_ms: 0,
+            peak_memory_bytes: 0,
+        };
+        assert_eq!(Verdict::from_stages(None, Some(&st(StageStatus::Ok))), Verdict::Ok);
+        assert_eq!(Verdict::from_stages(Some(&st(StageStatus::Failed)), None), Verdict::CompileError);
+        assert_eq!(
+            Verdict::from_stages(Some(&st(StageStatus::Ok)), Some(&st(StageStatus::TimeLimitExceeded))),
+            Verdict::TimeLimitExceeded
+        );
+        assert_eq!(Verdict::from_stages(None, None), Verdict::InternalError);
+        assert_eq!(serde_json::to_string(&Verdict::MemoryLimitExceeded).unwrap(), "\"memory_limit_exceeded\"");
+    }
+
+    #[test]
+    fn bytes_travel_as_base64() {
+        let f = File { path: "a".into(), content: vec![0, 255, 10], executable: false };
+        let j = serde_json::to_string(&f).unwrap();
+        assert!(j.contains("\"AP8K\""), "{j}");
+        assert_eq!(serde_json::from_str::<File>(&j).unwrap(), f);
+    }
+}

@@ -1,0 +1,658 @@
+//! The wire types of API v1 and their mapping to `pyrovm`.
+//!
+//! [`ExecutionBody`] is what clients send; it converts to and from the shared
+//! [`pyrovm::ExecutionRequest`], so the CLI (`tvm run --server`) and the API
+//! submit the same job. [`ExecutionResult`] is what they get back, whether
+//! the program succeeded, failed, or TVM failed underneath it.
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use pyrovm::{ExecutionRequest, LimitRequest, SourceFile};
+use serde::{Deserialize, Serialize};
+use tvm_config::Catalog;
+use tvm_protocol::{Limits, StageResult, StageStatus, Verdict};
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::ToSchema;
+
+use crate::error::ApiError;
+
+/// How a text field is encoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// The string is the content.
+    #[default]
+    Utf8,
+    /// The string is standard base64 (with padding) of the content.
+    Base64,
+}
+
+/// A source file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FileBody {
+    /// Path relative to the work dir: no `..`, no leading `/`, at most 8 levels.
+    #[schema(example = "main.py")]
+    pub name: String,
+    /// Content, encoded as `encoding` says.
+    #[schema(example = "print('hello')")]
+    pub content: String,
+    /// `utf8` (default) or `base64`.
+    #[serde(default)]
+    pub encoding: Encoding,
+}
+
+/// Per-stage limits; omitted fields keep the runtime's default. Each must be
+/// between 1 and the operator's maximum (see `GET /v1/runtimes`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsBody {
+    /// Wall-clock time, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wall_time_ms: Option<u64>,
+    /// CPU time of all the stage's processes, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_time_ms: Option<u64>,
+    /// Memory, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Processes and threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub processes: Option<u64>,
+    /// Captured bytes per output stream; more ends the stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_bytes: Option<u64>,
+    /// Largest file the program may write, bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_size_bytes: Option<u64>,
+}
+
+impl LimitsBody {
+    fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl From<LimitsBody> for LimitRequest {
+    fn from(l: LimitsBody) -> Self {
+        LimitRequest {
+            wall_time_ms: l.wall_time_ms,
+            cpu_time_ms: l.cpu_time_ms,
+            memory_bytes: l.memory_bytes,
+            processes: l.processes,
+            output_bytes: l.output_bytes,
+            file_size_bytes: l.file_size_bytes,
+        }
+    }
+}
+
+impl From<LimitRequest> for LimitsBody {
+    fn from(l: LimitRequest) -> Self {
+        LimitsBody {
+            wall_time_ms: l.wall_time_ms,
+            cpu_time_ms: l.cpu_time_ms,
+            memory_bytes: l.memory_bytes,
+            processes: l.processes,
+            output_bytes: l.output_bytes,
+            file_size_bytes: l.file_size_bytes,
+        }
+    }
+}
+
+/// An execution request. Name the runtime either by `runtime` (id or alias)
+/// or by `language` (+ optional `version`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecutionBody {
+    /// Runtime id or alias, e.g. `python-3.11` or `python`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "python")]
+    pub runtime: Option<String>,
+    /// Language, e.g. `python`; instead of `runtime`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub language: Option<String>,
+    /// Version of `language`, e.g. `3.11`; the catalog's preferred one when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Source files (at most 64, 16 MiB in total).
+    pub files: Vec<FileBody>,
+    /// Entry file name; the first file when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<String>,
+    /// Standard input of the run stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Encoding of `stdin`.
+    #[serde(default, skip_serializing_if = "is_utf8")]
+    pub stdin_encoding: Encoding,
+    /// Program arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Limits of the compile stage (compiled runtimes only).
+    #[serde(default, skip_serializing_if = "LimitsBody::is_empty")]
+    pub compile_limits: LimitsBody,
+    /// Limits of the run stage.
+    #[serde(default, skip_serializing_if = "LimitsBody::is_empty")]
+    pub run_limits: LimitsBody,
+    /// Ask for network access. Refused (422) unless the operator enabled it; guests have no network yet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub network: bool,
+}
+
+fn is_utf8(e: &Encoding) -> bool {
+    *e == Encoding::Utf8
+}
+
+fn decode(text: &str, enc: Encoding, field: String) -> Result<Vec<u8>, ApiError> {
+    match enc {
+        Encoding::Utf8 => Ok(text.as_bytes().to_vec()),
+        Encoding::Base64 => B64
+            .decode(text.as_bytes())
+            .map_err(|e| ApiError::invalid("bad_base64", format!("{field} is not valid base64: {e}"), field)),
+    }
+}
+
+impl ExecutionBody {
+    /// Resolves the runtime name and decodes contents into the shared request
+    /// type; `pyrovm::plan` does every other check.
+    pub fn into_request(self, catalog: &Catalog, allow_network: bool) -> Result<ExecutionRequest, ApiError> {
+        if self.network && !allow_network {
+            return Err(ApiError::invalid("network_disabled", "network access is disabled by the operator", "network"));
+        }
+        let runtime = resolve_runtime(catalog, &self)?;
+        let files = self
+            .files
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| {
+                let content = decode(&f.content, f.encoding, format!("files[{i}].content"))?;
+                Ok(SourceFile { name: f.name, content })
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
+        let stdin = match &self.stdin {
+            Some(s) => decode(s, self.stdin_encoding, "stdin".into())?,
+            None => Vec::new(),
+        };
+        Ok(ExecutionRequest {
+            runtime,
+            files,
+            entry: self.entry,
+            stdin,
+            args: self.args,
+            run_limits: self.run_limits.into(),
+            compile_limits: self.compile_limits.into(),
+        })
+    }
+
+    /// The body a client sends for `req` (files and stdin as base64, so any bytes survive).
+    pub fn from_request(req: &ExecutionRequest) -> Self {
+        ExecutionBody {
+            runtime: Some(req.runtime.clone()),
+            files: req
+                .files
+                .iter()
+                .map(|f| FileBody { name: f.name.clone(), content: B64.encode(&f.content), encoding: Encoding::Base64 })
+                .collect(),
+            entry: req.entry.clone(),
+            stdin: (!req.stdin.is_empty()).then(|| B64.encode(&req.stdin)),
+            stdin_encoding: if req.stdin.is_empty() { Encoding::Utf8 } else { Encoding::Base64 },
+            args: req.args.clone(),
+            run_limits: req.run_limits.into(),
+            compile_limits: req.compile_limits.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// `runtime`, or `language` + optional `version`, to a runtime id or alias for `plan`.
+fn resolve_runtime(catalog: &Catalog, body: &ExecutionBody) -> Result<String, ApiError> {
+    if body.version.is_some() && body.language.is_none() {
+        return Err(ApiError::invalid("bad_runtime", "`version` goes with `language`, not alone", "version"));
+    }
+    match (&body.runtime, &body.language) {
+        (Some(_), Some(_)) => Err(ApiError::invalid(
+            "bad_runtime",
+            "give either `runtime` or `language` (+ `version`), not both",
+            "runtime",
+        )),
+        (Some(r), None) => Ok(r.clone()),
+        (None, Some(lang)) => {
+            let mut candidates = catalog.runtimes().iter().filter(|r| r.language.eq_ignore_ascii_case(lang));
+            let found = match &body.version {
+                Some(v) => candidates.find(|r| r.version.eq_ignore_ascii_case(v)),
+                // Catalog order is preference; skip versions that cannot run here.
+                None => candidates.find(|r| r.unavailable.is_none()),
+            };
+            found.map(|r| r.id.clone()).ok_or_else(|| {
+                let what = match &body.version {
+                    Some(v) => format!("{lang} {v}"),
+                    None => lang.clone(),
+                };
+                ApiError::Plan(pyrovm::PlanError::UnknownRuntime(what))
+            })
+        }
+        (None, None) => Err(ApiError::invalid("bad_runtime", "name a `runtime` or a `language`", "runtime")),
+    }
+}
+
+/// Observations of one stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StageBody {
+    /// How the stage ended.
+    #[schema(schema_with = stage_status_schema)]
+    pub status: StageStatus,
+    /// Exit code, when it exited.
+    pub exit_code: Option<i32>,
+    /// Terminating signal, when it was killed.
+    pub signal: Option<i32>,
+    /// Standard output as UTF-8 (invalid sequences replaced; see `stdout_base64`).
+    pub stdout: String,
+    /// Standard error as UTF-8 (invalid sequences replaced; see `stderr_base64`).
+    pub stderr: String,
+    /// The exact stdout bytes, present only when they are not valid UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout_base64: Option<String>,
+    /// The exact stderr bytes, present only when they are not valid UTF-8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr_base64: Option<String>,
+    /// Whether stdout was cut at `output_bytes`.
+    pub stdout_truncated: bool,
+    /// Whether stderr was cut at `output_bytes`.
+    pub stderr_truncated: bool,
+    /// Wall-clock time, ms.
+    pub wall_time_ms: u64,
+    /// CPU time (user + system, all processes), ms.
+    pub cpu_time_ms: u64,
+    /// Peak memory of the stage, bytes.
+    pub peak_memory_bytes: u64,
+}
+
+fn text_and_exact(bytes: &[u8]) -> (String, Option<String>) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => (s.to_string(), None),
+        Err(_) => (String::from_utf8_lossy(bytes).into_owned(), Some(B64.encode(bytes))),
+    }
+}
+
+impl From<&StageResult> for StageBody {
+    fn from(s: &StageResult) -> Self {
+        let (stdout, stdout_base64) = text_and_exact(&s.stdout);
+        let (stderr, stderr_base64) = text_and_exact(&s.stderr);
+        StageBody {
+            status: s.status,
+            exit_code: s.exit_code,
+            signal: s.signal,
+            stdout,
+            stderr,
+            stdout_base64,
+            stderr_base64,
+            stdout_truncated: s.stdout_truncated,
+            stderr_truncated: s.stderr_truncated,
+            wall_time_ms: s.wall_ms,
+            cpu_time_ms: s.cpu_ms,
+            peak_memory_bytes: s.peak_memory_bytes,
+        }
+    }
+}
+
+impl StageBody {
+    /// The exact stdout bytes.
+    pub fn stdout_bytes(&self) -> Vec<u8> {
+        exact(&self.stdout, self.stdout_base64.as_deref())
+    }
+
+    /// The exact stderr bytes.
+    pub fn stderr_bytes(&self) -> Vec<u8> {
+        exact(&self.stderr, self.stderr_base64.as_deref())
+    }
+}
+
+fn exact(text: &str, b64: Option<&str>) -> Vec<u8> {
+    b64.and_then(|b| B64.decode(b).ok()).unwrap_or_else(|| text.as_bytes().to_vec())
+}
+
+/// The outcome of an execution. Failures of TVM itself (a VM that would not
+/// boot, a guest that broke the protocol) are reported here with verdict
+/// `internal_error` and `error` set, with HTTP 200: the request was valid and
+/// was tried, and clients handle one shape for every outcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecutionResult {
+    /// Execution id (also in the server's logs).
+    pub id: String,
+    /// The verdict.
+    #[schema(schema_with = verdict_schema)]
+    pub verdict: Verdict,
+    /// Runtime id that ran it.
+    pub runtime: String,
+    /// The compile stage, for compiled runtimes.
+    pub compile: Option<StageBody>,
+    /// The run stage, unless compilation failed or TVM failed.
+    pub run: Option<StageBody>,
+    /// What went wrong when `verdict` is `internal_error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// VM start to agent-ready, ms. For a pooled VM this happened before the request arrived.
+    pub boot_ms: u64,
+    /// Time spent waiting for capacity, ms.
+    pub queue_ms: u64,
+    /// From admission to result, ms; excludes the boot of a pooled VM.
+    pub total_ms: u64,
+    /// `kvm` or `tcg`.
+    pub accel: String,
+    /// Whether a pre-booted VM from the warm pool ran it.
+    pub pooled: bool,
+}
+
+impl ExecutionResult {
+    /// The API shape of a local execution (`tvm run --json` can print the
+    /// same document the server returns).
+    pub fn from_execution(exec: &pyrovm::Execution) -> Self {
+        ExecutionResult {
+            id: exec.vm_id.clone(),
+            verdict: exec.result.verdict,
+            runtime: exec.runtime.clone(),
+            compile: exec.result.compile.as_ref().map(StageBody::from),
+            run: exec.result.run.as_ref().map(StageBody::from),
+            error: None,
+            boot_ms: exec.boot_ms,
+            queue_ms: 0,
+            total_ms: exec.total_ms,
+            accel: exec.accel.to_string(),
+            pooled: false,
+        }
+    }
+}
+
+/// Limits in force for one stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LimitsInfo {
+    /// Wall-clock time, ms.
+    pub wall_time_ms: u64,
+    /// CPU time, ms.
+    pub cpu_time_ms: u64,
+    /// Memory, bytes.
+    pub memory_bytes: u64,
+    /// Processes and threads.
+    pub processes: u64,
+    /// Captured bytes per output stream.
+    pub output_bytes: u64,
+    /// Largest file written, bytes.
+    pub file_size_bytes: u64,
+}
+
+impl From<&Limits> for LimitsInfo {
+    fn from(l: &Limits) -> Self {
+        LimitsInfo {
+            wall_time_ms: l.wall_ms,
+            cpu_time_ms: l.cpu_ms,
+            memory_bytes: l.memory_bytes,
+            processes: l.pids,
+            output_bytes: l.output_bytes,
+            file_size_bytes: l.file_size_bytes,
+        }
+    }
+}
+
+/// State of a runtime's image on this server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageStateName {
+    /// Built; executions can run.
+    Ready,
+    /// Being built now.
+    Building,
+    /// Not built (and not being built).
+    Missing,
+    /// The last build failed (see `reason`).
+    Failed,
+    /// The runtime cannot run on this host (see `reason`).
+    Unavailable,
+}
+
+/// Image state with its reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ImageInfo {
+    /// State.
+    pub state: ImageStateName,
+    /// Why it is not ready, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Default limits of a runtime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DefaultLimits {
+    /// Run stage.
+    pub run: LimitsInfo,
+    /// Compile stage, for compiled runtimes.
+    pub compile: Option<LimitsInfo>,
+}
+
+/// Warm pool of a runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PoolInfo {
+    /// Configured size (after fitting into capacity).
+    pub target: usize,
+    /// VMs waiting at agent-ready now.
+    pub idle: usize,
+    /// Guest RAM of each pool VM, MiB; requests needing more boot on demand.
+    pub memory_mib: u64,
+}
+
+/// One runtime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RuntimeInfo {
+    /// Stable id, e.g. `python-3.11`.
+    pub id: String,
+    /// Language, e.g. `python`.
+    pub language: String,
+    /// Version, e.g. `3.11`.
+    pub version: String,
+    /// Other names accepted as `runtime`.
+    pub aliases: Vec<String>,
+    /// File extensions of the language.
+    pub extensions: Vec<String>,
+    /// Whether there is a compile stage.
+    pub compiled: bool,
+    /// Default entry file name.
+    pub entry: String,
+    /// Image state.
+    pub image: ImageInfo,
+    /// Default limits.
+    pub default_limits: DefaultLimits,
+    /// Warm pool.
+    pub pool: PoolInfo,
+}
+
+/// `GET /v1/runtimes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RuntimesBody {
+    /// Every runtime of the catalog, in preference order.
+    pub runtimes: Vec<RuntimeInfo>,
+    /// The operator's maximum for any limit of any stage.
+    pub maximum_limits: LimitsInfo,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HealthBody {
+    /// Always `ok` when answered.
+    pub status: String,
+}
+
+/// `GET /readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReadyBody {
+    /// Whether this instance should get traffic.
+    pub ready: bool,
+    /// Whether it is shutting down.
+    pub draining: bool,
+    /// Runtimes whose image is not ready, with their state.
+    pub images_not_ready: Vec<String>,
+    /// Runtimes whose pool is below target, as `id idle/target`.
+    pub pools_not_warm: Vec<String>,
+}
+
+/// A chunk of output in the event stream (`stdout` and `stderr` events).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct OutputEvent {
+    /// `compile` or `run`.
+    #[schema(schema_with = stage_schema)]
+    pub stage: tvm_protocol::Stage,
+    /// The text (UTF-8 sequences split across chunks are joined; invalid bytes replaced).
+    pub data: String,
+}
+
+fn string_enum(values: &[&str], description: &str) -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(values.iter().copied()))
+        .description(Some(description))
+        .into()
+}
+
+fn verdict_schema() -> RefOr<Schema> {
+    string_enum(
+        &[
+            "ok",
+            "compile_error",
+            "runtime_error",
+            "time_limit_exceeded",
+            "memory_limit_exceeded",
+            "output_limit_exceeded",
+            "internal_error",
+        ],
+        "Overall outcome; `internal_error` means TVM failed, not the program.",
+    )
+}
+
+fn stage_status_schema() -> RefOr<Schema> {
+    string_enum(
+        &["ok", "failed", "time_limit_exceeded", "memory_limit_exceeded", "output_limit_exceeded"],
+        "How the stage ended.",
+    )
+}
+
+fn stage_schema() -> RefOr<Schema> {
+    string_enum(&["compile", "run"], "Stage.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(json: serde_json::Value) -> ExecutionBody {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn request_converts_with_decoding_and_limits() {
+        let cat = Catalog::builtin();
+        let b = body(serde_json::json!({
+            "language": "python",
+            "files": [{"name": "a.py", "content": "print(1)"}, {"name": "b.bin", "content": "AP8=", "encoding": "base64"}],
+            "stdin": "aGk=", "stdin_encoding": "base64",
+            "args": ["x"],
+            "run_limits": {"wall_time_ms": 1000, "memory_bytes": 134217728},
+        }));
+        let r = b.into_request(&cat, false).unwrap();
+        assert_eq!(r.runtime, "python-3.11");
+        assert_eq!(r.files[0].content, b"print(1)");
+        assert_eq!(r.files[1].content, vec![0, 255]);
+        assert_eq!(r.stdin, b"hi");
+        assert_eq!(r.run_limits.wall_time_ms, Some(1000));
+        assert_eq!(r.run_limits.memory_bytes, Some(128 << 20));
+        assert_eq!(r.compile_limits, LimitRequest::default());
+    }
+
+    #[test]
+    fn runtime_selection() {
+        let cat = Catalog::builtin();
+        let rt = |j: serde_json::Value| resolve_runtime(&cat, &body(j));
+        assert_eq!(rt(serde_json::json!({"runtime": "py", "files": []})).unwrap(), "py");
+        assert_eq!(rt(serde_json::json!({"language": "C", "version": "gcc-12", "files": []})).unwrap(), "c-gcc-12");
+        let e = rt(serde_json::json!({"language": "python", "version": "2.7", "files": []})).unwrap_err();
+        assert_eq!(e.code(), "unknown_runtime");
+        assert_eq!(
+            rt(serde_json::json!({"runtime": "py", "language": "python", "files": []})).unwrap_err().code(),
+            "bad_runtime"
+        );
+        assert_eq!(
+            rt(serde_json::json!({"runtime": "py", "version": "3", "files": []})).unwrap_err().field().as_deref(),
+            Some("version")
+        );
+        assert_eq!(rt(serde_json::json!({"files": []})).unwrap_err().code(), "bad_runtime");
+    }
+
+    #[test]
+    fn bad_base64_and_network_are_422_with_field() {
+        let cat = Catalog::builtin();
+        let b =
+            body(serde_json::json!({"runtime": "py", "files": [{"name": "a", "content": "!!", "encoding": "base64"}]}));
+        let e = b.into_request(&cat, false).unwrap_err();
+        assert_eq!(
+            (e.status().as_u16(), e.code(), e.field().as_deref()),
+            (422, "bad_base64", Some("files[0].content"))
+        );
+        let b = body(serde_json::json!({"runtime": "py", "files": [], "network": true}));
+        let e = b.into_request(&cat, false).unwrap_err();
+        assert_eq!(
+            (e.code(), e.to_string().as_str()),
+            ("network_disabled", "network access is disabled by the operator")
+        );
+    }
+
+    #[test]
+    fn unknown_fields_and_encodings_do_not_parse() {
+        assert!(serde_json::from_str::<ExecutionBody>(r#"{"runtime":"py","files":[],"extra":1}"#).is_err());
+        assert!(serde_json::from_str::<ExecutionBody>(
+            r#"{"runtime":"py","files":[{"name":"a","content":"","encoding":"hex"}]}"#
+        )
+        .is_err());
+        assert!(
+            serde_json::from_str::<ExecutionBody>(r#"{"runtime":"py","files":[],"run_limits":{"wall":1}}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn request_round_trips_through_the_wire_body() {
+        let cat = Catalog::builtin();
+        let req = ExecutionRequest {
+            runtime: "c".into(),
+            files: vec![SourceFile { name: "main.c".into(), content: vec![0xff, b'x'] }],
+            entry: Some("main.c".into()),
+            stdin: b"in".to_vec(),
+            args: vec!["-v".into()],
+            run_limits: LimitRequest { cpu_time_ms: Some(5), ..Default::default() },
+            compile_limits: LimitRequest { processes: Some(9), ..Default::default() },
+        };
+        let wire = serde_json::to_string(&ExecutionBody::from_request(&req)).unwrap();
+        let back = serde_json::from_str::<ExecutionBody>(&wire).unwrap().into_request(&cat, false).unwrap();
+        assert_eq!(back, req);
+    }
+
+    #[test]
+    fn stage_output_is_text_plus_exact_bytes_when_needed() {
+        let s = StageResult {
+            status: StageStatus::Ok,
+            exit_code: Some(0),
+            signal: None,
+            stdout: b"hi\n".to_vec(),
+            stderr: vec![0xff, b'a'],
+            stdout_truncated: false,
+            stderr_truncated: true,
+            wall_ms: 1,
+            cpu_ms: 2,
+            peak_memory_bytes: 3,
+        };
+        let b = StageBody::from(&s);
+        assert_eq!((b.stdout.as_str(), b.stdout_base64.as_deref()), ("hi\n", None));
+        assert_eq!(b.stderr, "\u{fffd}a");
+        assert_eq!(b.stderr_bytes(), vec![0xff, b'a']);
+        let j = serde_json::to_value(&b).unwrap();
+        assert!(j.get("stdout_base64").is_none());
+        assert_eq!(j["status"], "ok");
+        assert_eq!(j["cpu_time_ms"], 2);
+    }
+}

@@ -1,0 +1,206 @@
+//! One execution through the server: validate, get a VM (warm or by
+//! admission), run, report.
+//!
+//! Split in two so the streaming endpoint can answer 4xx/429 as HTTP statuses
+//! and only open the event stream once the request holds its capacity:
+//! [`prepare`] may fail with an [`ApiError`]; [`run`] always yields an
+//! [`ExecutionResult`] (TVM faults become verdict `internal_error`).
+
+use std::time::{Duration, Instant};
+
+use pyrovm::{Plan, RunJobError};
+use tracing::{info, warn};
+use tvm_protocol::{Stage, Stream, Verdict};
+
+use crate::admission::VmPermit;
+use crate::api::{ExecutionBody, ExecutionResult, StageBody};
+use crate::error::ApiError;
+use crate::images::ImageState;
+use crate::pool::PooledVm;
+use crate::state::AppState;
+
+/// How often a queued request re-checks the pool for a warm VM or one to evict.
+const QUEUE_RECHECK: Duration = Duration::from_millis(250);
+
+/// Capacity secured for one execution.
+#[derive(Debug)]
+pub(crate) enum Lease {
+    /// A warm VM (with its permit).
+    Pooled(PooledVm),
+    /// The right to boot one.
+    Fresh(VmPermit),
+}
+
+/// A validated request holding its capacity.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub id: String,
+    plan: Plan,
+    lease: Lease,
+    queued: Duration,
+}
+
+/// Validates `body` and secures capacity: a warm VM, or a permit after at
+/// most the queue deadline.
+pub(crate) async fn prepare(st: &AppState, body: ExecutionBody) -> Result<Prepared, ApiError> {
+    let req = body.into_request(st.vmm.catalog(), st.config.allow_network)?;
+    let plan = pyrovm::plan(st.vmm.catalog(), &req, st.vmm.settings().vm_overhead_mib)?;
+    match st.images.state(&plan.runtime.id) {
+        ImageState::Ready => {}
+        other => {
+            let reason = other.info().reason.unwrap_or_default();
+            return Err(ApiError::NotReady { runtime: plan.runtime.id.clone(), reason });
+        }
+    }
+    let started = Instant::now();
+    let lease = obtain(st, &plan).await?;
+    let queued = started.elapsed();
+    st.metrics.queue_wait(queued);
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    Ok(Prepared { id, plan, lease, queued })
+}
+
+async fn obtain(st: &AppState, plan: &Plan) -> Result<Lease, ApiError> {
+    let runtime = &plan.runtime.id;
+    let need = plan.vm_memory_mib;
+    if let Some(vm) = st.pool.take(runtime, need) {
+        st.metrics.pool(runtime, true);
+        return Ok(Lease::Pooled(vm));
+    }
+    st.metrics.pool(runtime, false);
+    let adm = &st.admission;
+    let overloaded = |reason| ApiError::Overloaded { reason, retry_after_secs: adm.retry_after_secs() };
+    if let Some(p) = adm.try_acquire(need).map_err(overloaded)? {
+        return Ok(Lease::Fresh(p));
+    }
+    // Idle pool VMs (other runtimes', or too small) hold capacity a request needs now: they yield.
+    while st.pool.evict_one() {
+        if let Some(p) = adm.try_acquire(need).map_err(overloaded)? {
+            return Ok(Lease::Fresh(p));
+        }
+    }
+    st.pool.note_pressure();
+    let _slot = adm.enqueue().map_err(|e| {
+        st.metrics.rejected("queue_full");
+        overloaded(e)
+    })?;
+    let deadline = tokio::time::Instant::now() + adm.queue_timeout();
+    // Pinned once: re-polling the same future keeps our place in the FIFO line.
+    let acquire = adm.acquire(need);
+    tokio::pin!(acquire);
+    loop {
+        tokio::select! {
+            p = &mut acquire => return Ok(Lease::Fresh(p.map_err(overloaded)?)),
+            _ = tokio::time::sleep_until(deadline) => {
+                st.metrics.rejected("queue_timeout");
+                return Err(overloaded(crate::admission::AdmitError::Timeout(adm.queue_timeout().as_millis() as u64)));
+            }
+            _ = st.pool.parked() => {}
+            _ = tokio::time::sleep(QUEUE_RECHECK) => {}
+        }
+        // A pool boot that was already running when we queued may have finished.
+        if let Some(vm) = st.pool.take(runtime, need) {
+            return Ok(Lease::Pooled(vm));
+        }
+        st.pool.evict_one();
+    }
+}
+
+/// Boots (unless warm), runs the job, and destroys the VM. `on_output` sees
+/// output chunks as they arrive.
+pub(crate) async fn run(
+    st: &AppState,
+    prepared: Prepared,
+    mut on_output: impl FnMut(Stage, Stream, &[u8]),
+) -> ExecutionResult {
+    let Prepared { id, plan, lease, queued } = prepared;
+    let runtime = plan.runtime.id.clone();
+    let started = Instant::now();
+    let outcome = tokio::select! {
+        r = run_job(st, &plan, lease, &mut on_output) => r,
+        _ = st.life.hard_stopped() => Err(("the server shut down before the execution finished".to_string(), false, 0)),
+    };
+    let total_ms = started.elapsed().as_millis() as u64;
+    let mut result = ExecutionResult {
+        id: id.clone(),
+        verdict: Verdict::InternalError,
+        runtime: runtime.clone(),
+        compile: None,
+        run: None,
+        error: None,
+        boot_ms: 0,
+        queue_ms: queued.as_millis() as u64,
+        total_ms,
+        accel: st.vmm.accel().kind().as_str().to_string(),
+        pooled: false,
+    };
+    match outcome {
+        Ok((job, pooled, boot_ms)) => {
+            result.verdict = job.verdict;
+            result.compile = job.compile.as_ref().map(StageBody::from);
+            result.run = job.run.as_ref().map(StageBody::from);
+            result.pooled = pooled;
+            result.boot_ms = boot_ms;
+        }
+        Err((error, pooled, boot_ms)) => {
+            warn!(execution = %id, %runtime, %error, "execution failed inside TVM");
+            result.error = Some(error);
+            result.pooled = pooled;
+            result.boot_ms = boot_ms;
+        }
+    }
+    st.metrics.verdict(&runtime, result.verdict.as_str());
+    info!(execution = %id, %runtime, verdict = %result.verdict, pooled = result.pooled, boot_ms = result.boot_ms,
+          queue_ms = result.queue_ms, total_ms, "execution finished");
+    result
+}
+
+type JobOutcome = Result<(tvm_protocol::JobResult, bool, u64), (String, bool, u64)>;
+
+async fn run_job(
+    st: &AppState,
+    plan: &Plan,
+    lease: Lease,
+    on_output: &mut impl FnMut(Stage, Stream, &[u8]),
+) -> JobOutcome {
+    let (mut vm, permit, mut pooled) = match lease {
+        Lease::Pooled(p) => (Some(p.vm), p.permit, true),
+        Lease::Fresh(permit) => (None, permit, false),
+    };
+    // Two attempts at most: a warm VM that died while parked is replaced once by a fresh one.
+    for attempt in 0..2 {
+        let vm_now = match vm.take() {
+            Some(v) => v,
+            None => match st.vmm.boot(&plan.runtime, plan.vm_memory_mib).await {
+                Ok(v) => {
+                    st.metrics.boot(v.boot_time());
+                    pooled = false;
+                    v
+                }
+                Err(e) => return Err((format!("VM failed to start: {e}"), false, 0)),
+            },
+        };
+        let boot_ms = vm_now.boot_time().as_millis() as u64;
+        let vm_id = vm_now.id().to_string();
+        let t = Instant::now();
+        let mut produced = false;
+        let res = vm_now
+            .execute(&plan.job, |stage, stream, data| {
+                produced = true;
+                on_output(stage, stream, data)
+            })
+            .await;
+        st.metrics.execution(t.elapsed());
+        match res {
+            Ok(job) => {
+                drop(permit);
+                return Ok((job, pooled, boot_ms));
+            }
+            Err(RunJobError::Send(e)) if pooled && attempt == 0 && !produced => {
+                warn!(vm = %vm_id, error = %e, "warm VM was dead; booting a fresh one");
+            }
+            Err(e) => return Err((e.to_string(), pooled, boot_ms)),
+        }
+    }
+    Err(("no VM could run the job".into(), pooled, 0))
+}

@@ -1,0 +1,134 @@
+//! Which runtimes have their image, and building the missing ones.
+//!
+//! A request must never build an image inline (minutes of mmdebstrap while
+//! the client waits and holds a VM slot), so executions for a runtime whose
+//! image is not ready get 503 + Retry-After, and missing images are built in
+//! the background, one at a time, at startup.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use pyrovm::{Progress, Pyrovm};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::api::{ImageInfo, ImageStateName};
+
+/// State of one runtime's image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageState {
+    /// Built.
+    Ready,
+    /// Being built.
+    Building,
+    /// Not built.
+    Missing,
+    /// The last build failed.
+    Failed(String),
+    /// The catalog says this runtime cannot run here.
+    Unavailable(String),
+}
+
+impl ImageState {
+    /// As the API shows it.
+    pub fn info(&self) -> ImageInfo {
+        let (state, reason) = match self {
+            ImageState::Ready => (ImageStateName::Ready, None),
+            ImageState::Building => (ImageStateName::Building, Some("the image is being built".to_string())),
+            ImageState::Missing => (ImageStateName::Missing, Some("the image is not built".to_string())),
+            ImageState::Failed(e) => (ImageStateName::Failed, Some(e.clone())),
+            ImageState::Unavailable(e) => (ImageStateName::Unavailable, Some(e.clone())),
+        };
+        ImageInfo { state, reason }
+    }
+}
+
+/// Image states of every runtime in the catalog.
+#[derive(Debug)]
+pub struct Images {
+    vmm: Arc<Pyrovm>,
+    states: Mutex<BTreeMap<String, ImageState>>,
+}
+
+impl Images {
+    /// Looks at the image cache once.
+    pub fn scan(vmm: Arc<Pyrovm>) -> Self {
+        let mut states = BTreeMap::new();
+        for r in vmm.catalog().runtimes() {
+            let s = match (&r.unavailable, &r.image) {
+                (Some(why), _) => ImageState::Unavailable(why.clone()),
+                (None, None) => ImageState::Unavailable("no image recipe".into()),
+                (None, Some(recipe)) if pyrovm::image::find_image(vmm.settings(), recipe).is_some() => {
+                    ImageState::Ready
+                }
+                (None, Some(_)) => ImageState::Missing,
+            };
+            states.insert(r.id.clone(), s);
+        }
+        Self { vmm, states: Mutex::new(states) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, ImageState>> {
+        self.states.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state of `runtime_id`. A missing or failed image is looked up
+    /// again, so one built meanwhile by `tvm image build` is picked up.
+    pub fn state(&self, runtime_id: &str) -> ImageState {
+        let current = self.lock().get(runtime_id).cloned().unwrap_or(ImageState::Missing);
+        if matches!(current, ImageState::Missing | ImageState::Failed(_)) && self.present(runtime_id) {
+            self.set(runtime_id, ImageState::Ready);
+            return ImageState::Ready;
+        }
+        current
+    }
+
+    /// Whether `runtime_id` can run now.
+    pub fn is_ready(&self, runtime_id: &str) -> bool {
+        self.state(runtime_id) == ImageState::Ready
+    }
+
+    fn present(&self, runtime_id: &str) -> bool {
+        let recipe = self.vmm.catalog().get(runtime_id).and_then(|r| r.image.clone());
+        recipe.is_some_and(|r| pyrovm::image::find_image(self.vmm.settings(), &r).is_some())
+    }
+
+    fn set(&self, runtime_id: &str, s: ImageState) {
+        self.lock().insert(runtime_id.to_string(), s);
+    }
+
+    /// Builds missing images one by one (in catalog order, so the preferred
+    /// runtimes come first) until done or `stop` turns true.
+    pub async fn build_missing(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let runtimes = self.vmm.catalog().runtimes().to_vec();
+        for r in runtimes {
+            if *stop.borrow() {
+                return;
+            }
+            // Re-check: runtimes sharing a recipe (C and C++) are built once.
+            if self.state(&r.id) != ImageState::Missing {
+                continue;
+            }
+            self.set(&r.id, ImageState::Building);
+            info!(runtime = %r.id, "building missing image");
+            let build = self.vmm.ensure_image(&r, Progress::hidden());
+            let outcome = tokio::select! {
+                res = build => res,
+                _ = stop.wait_for(|s| *s) => {
+                    self.set(&r.id, ImageState::Missing);
+                    return;
+                }
+            };
+            match outcome {
+                Ok(_) => {
+                    info!(runtime = %r.id, "image ready");
+                    self.set(&r.id, ImageState::Ready);
+                }
+                Err(e) => {
+                    warn!(runtime = %r.id, error = %e, "image build failed");
+                    self.set(&r.id, ImageState::Failed(e.to_string()));
+                }
+            }
+        }
+    }
+}

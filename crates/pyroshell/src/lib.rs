@@ -1,0 +1,218 @@
+//! `pyroshell`: the HTTP API gateway of TVM (`tvm serve`).
+//!
+//! It owns the HTTP surface of API v1 ([`api`] types, `routes` handlers, an
+//! OpenAPI document), API keys, admission control ([`admission`]: a bounded
+//! number of VMs within a guest-RAM budget, a bounded queue with a deadline),
+//! the warm pool ([`pool`]), image readiness ([`images`]), metrics and the
+//! drain on SIGTERM. VMs themselves are `pyrovm`'s: one fresh VM per
+//! execution, destroyed afterwards. The server keeps no state; a restart
+//! loses only in-flight work, and `Pyrovm::prepare` reaps what a crashed
+//! predecessor left. [`client`] is the matching client (`tvm run --server`).
+
+pub mod admission;
+pub mod api;
+pub mod client;
+pub mod config;
+pub mod error;
+mod exec;
+pub mod images;
+pub mod metrics;
+mod openapi;
+pub mod pool;
+mod routes;
+pub mod sse;
+mod state;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyrovm::Pyrovm;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use api::{ExecutionBody, ExecutionResult};
+pub use client::ClientError;
+pub use config::{PoolArg, ServeArgs, ServeConfig};
+pub use error::ApiError;
+
+use crate::admission::Admission;
+use crate::config::{Capacity, Host};
+use crate::images::Images;
+use crate::metrics::Metrics;
+use crate::pool::{Pool, RefillCtx};
+use crate::state::{AppState, Lifecycle};
+
+/// How long connections may linger after the drain before the server returns anyway.
+const CONNECTION_LINGER: Duration = Duration::from_secs(5);
+
+/// Why the server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration is inconsistent with the catalog or unsupported.
+    #[error("invalid server configuration: {0}")]
+    Config(String),
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Accepting connections failed.
+    #[error("server failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// The OpenAPI document of API v1 (what `GET /v1/openapi.json` serves).
+pub fn openapi_document() -> serde_json::Value {
+    openapi::document()
+}
+
+/// Installs a tracing subscriber writing to stderr: human-readable, or JSON
+/// lines when `json` (for log shippers). Request ids appear as span fields.
+pub fn init_tracing(filter: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "warn".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM received"),
+                _ = int.recv() => info!("SIGINT received"),
+            }
+        }
+        _ => {
+            warn!("cannot install signal handlers; only Ctrl-C stops the server");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Serves API v1 until SIGTERM or SIGINT, then drains: new executions get
+/// 503, in-flight ones get `drain_grace_ms` to finish, pool VMs are destroyed.
+/// Prints `tvm serve: listening on http://ADDR` to stderr once bound.
+pub async fn serve(config: ServeConfig, vmm: Arc<Pyrovm>) -> Result<(), ServeError> {
+    serve_until(config, vmm, shutdown_signal()).await
+}
+
+/// [`serve`], draining when `shutdown` resolves instead of on signals.
+pub async fn serve_until(
+    config: ServeConfig,
+    vmm: Arc<Pyrovm>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    config.validate(vmm.catalog()).map_err(ServeError::Config)?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+    let addr = listener.local_addr().map_err(ServeError::Serve)?;
+
+    // Capacity is sized for the largest default-limits VM, so the derived VM count holds for every runtime.
+    let typical_mib = vmm
+        .catalog()
+        .runtimes()
+        .iter()
+        .filter(|r| r.unavailable.is_none())
+        .filter_map(|r| pool::default_memory_mib(&vmm, r))
+        .max()
+        .unwrap_or(512);
+    let cap = Capacity::derive(&config, Host::detect(), typical_mib);
+    let admission = Arc::new(Admission::new(
+        cap.max_vms,
+        cap.memory_budget_mib,
+        config.queue_capacity,
+        Duration::from_millis(config.queue_timeout_ms),
+    ));
+    let wanted = config.pool_targets(vmm.catalog());
+    // Keep one VM of room for pool misses, unless the operator allowed only one VM.
+    let targets = pool::fit_targets(&wanted, cap.max_vms, usize::from(cap.max_vms > 1));
+    if targets != wanted {
+        warn!(?wanted, fitted = ?targets, max_vms = cap.max_vms, "pool sizes reduced to fit capacity");
+    }
+    let metrics = Arc::new(Metrics::default());
+    let images = Arc::new(Images::scan(vmm.clone()));
+    let pool = Arc::new(Pool::new(&vmm, &targets, Duration::from_millis(config.pool_max_idle_ms)));
+    let life = Arc::new(Lifecycle::new());
+    let st = Arc::new(AppState {
+        vmm: vmm.clone(),
+        config: config.clone(),
+        admission: admission.clone(),
+        pool: pool.clone(),
+        images: images.clone(),
+        metrics: metrics.clone(),
+        life: life.clone(),
+    });
+
+    // Background work stops when the drain starts.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let mut background = Vec::new();
+    if config.build_images {
+        background.push(tokio::spawn(images.clone().build_missing(stop_rx.clone())));
+    }
+    let ctx = RefillCtx { vmm: vmm.clone(), admission, images, metrics, pool: pool.clone() };
+    for rp in pool.pools().iter().filter(|p| p.target() > 0) {
+        background.push(tokio::spawn(pool::refill_loop(ctx.clone(), rp.clone(), stop_rx.clone())));
+    }
+
+    eprintln!(
+        "tvm serve: listening on http://{addr} (max {} VMs, {} MiB guest RAM, accel {})",
+        cap.max_vms,
+        cap.memory_budget_mib,
+        vmm.accel().kind().as_str()
+    );
+    info!(%addr, max_vms = cap.max_vms, budget_mib = cap.memory_budget_mib, ?targets, "serving");
+
+    let grace = Duration::from_millis(config.drain_grace_ms);
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain = {
+        let life = life.clone();
+        let pool = pool.clone();
+        let stop_tx = stop_tx.clone();
+        async move {
+            shutdown.await;
+            info!(in_flight = life.in_flight(), grace_ms = grace.as_millis() as u64, "draining");
+            life.start_drain();
+            stop_tx.send_replace(true);
+            // Idle pool VMs are of no further use; their capacity goes to queued requests.
+            pool.clear();
+            if tokio::time::timeout(grace, life.wait_idle()).await.is_err() {
+                warn!(in_flight = life.in_flight(), "grace period over; aborting executions still running");
+                life.hard_stop();
+            }
+            let _ = drained_tx.send(());
+        }
+    };
+    let app = routes::router(st);
+    let server = axum::serve(listener, app).with_graceful_shutdown(drain);
+    let lingering = async {
+        let _ = drained_rx.await;
+        tokio::time::sleep(CONNECTION_LINGER).await;
+    };
+    let outcome = tokio::select! {
+        r = async { server.await } => r.map_err(ServeError::Serve),
+        // A client that keeps a connection open (slow body, idle stream) must not hold the exit hostage.
+        _ = lingering => {
+            warn!("connections still open after the drain; closing them");
+            Ok(())
+        }
+    };
+    life.hard_stop();
+    stop_tx.send_replace(true);
+    for task in background {
+        // Refill loops destroy their VMs on the way out; image builds give up.
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    pool.clear();
+    info!("server stopped");
+    outcome
+}

@@ -1,0 +1,501 @@
+//! Runtime root filesystems: `mmdebstrap --variant=essential` plus a recipe's
+//! Debian packages, with the unprivileged `runner` user added, packed into a
+//! read-only erofs image. Images are content-addressed by
+//! [`ImageRecipe::key`], so identical recipes share one image.
+
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+use tvm_config::{format_bytes, ImageRecipe, Settings};
+
+use crate::cache::{remove_tree, run_streaming, which, Cache};
+use crate::progress::Progress;
+
+/// Paths dpkg never unpacks into an image: documentation, translations, lintian data.
+const DPKG_EXCLUDES: &[&str] = &[
+    "path-exclude=/usr/share/doc/*",
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/lintian/*",
+    "path-exclude=/usr/share/linda/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+];
+
+/// Directories whose contents are dropped after bootstrap (caches, logs, and
+/// what dpkg left of the excluded paths); nothing in the guest needs them.
+const EMPTIED: &[&str] = &[
+    "var/cache/apt",
+    "var/lib/apt/lists",
+    "var/log",
+    "usr/share/doc",
+    "usr/share/man",
+    "usr/share/info",
+    "usr/share/lintian",
+];
+
+/// Files replaced in every image: mmdebstrap copies the build host's hostname and
+/// resolver into the root, and the essential variant has no `/etc/hosts`, without
+/// which `localhost` does not resolve. Guests have loopback networking only.
+const HOST_FILES: &[(&str, &str)] = &[
+    ("etc/hostname", "tvm\n"),
+    ("etc/hosts", "127.0.0.1\tlocalhost tvm\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+    ("etc/resolv.conf", "# TVM guests have no network beyond loopback.\n"),
+];
+
+/// The unprivileged account that runs submissions (uid and gid 1000).
+const RUNNER_PASSWD: &str = "runner:x:1000:1000:runner:/work:/usr/sbin/nologin";
+const RUNNER_GROUP: &str = "runner:x:1000:";
+
+/// What is recorded next to each image (`images/<key>.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageMeta {
+    /// Content address ([`ImageRecipe::key`]).
+    pub key: String,
+    /// Debian suite.
+    pub suite: String,
+    /// Packages the recipe asked for.
+    pub packages: Vec<String>,
+    /// When the build finished (Unix seconds).
+    pub created_unix: u64,
+    /// Size of the erofs file.
+    pub size_bytes: u64,
+    /// How long the build took.
+    pub build_seconds: f64,
+    /// Installed version of each requested package, in recipe order.
+    pub installed: Vec<(String, String)>,
+}
+
+/// A built runtime image.
+#[derive(Debug, Clone)]
+pub struct Image {
+    /// Content address.
+    pub key: String,
+    /// The erofs file.
+    pub path: PathBuf,
+    /// Its metadata.
+    pub meta: ImageMeta,
+}
+
+/// Why a runtime image could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageBuildError {
+    /// mmdebstrap's root mode (device nodes, chroot, file ownership) needs root.
+    #[error("image builds need root (mmdebstrap --mode=root); run with sudo")]
+    NotRoot,
+    /// A required tool is not installed.
+    #[error("{tool} not found; install it with `apt-get install {package}`")]
+    ToolMissing {
+        /// The tool.
+        tool: &'static str,
+        /// The Debian package that provides it.
+        package: &'static str,
+    },
+    /// mmdebstrap failed: no network, unknown suite or package, broken mirror.
+    #[error("bootstrapping Debian {suite} failed: {tail}")]
+    Bootstrap {
+        /// The suite.
+        suite: String,
+        /// Exit status and the last lines of mmdebstrap's output.
+        tail: String,
+    },
+    /// Reading installed versions from the new root failed, or a package is missing.
+    #[error("checking the installed packages failed: {tail}")]
+    Inspect {
+        /// What dpkg-query said.
+        tail: String,
+    },
+    /// `mkfs.erofs` failed.
+    #[error("packing the erofs image failed: {tail}")]
+    MakeFs {
+        /// Exit status and the last lines of its output.
+        tail: String,
+    },
+    /// Filesystem work (cache, scratch directory, lock, customizing the root) failed.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageBuildError {
+    let path = path.to_path_buf();
+    move |source| ImageBuildError::Io { action, path, source }
+}
+
+/// The built image for `recipe`, if any.
+pub fn find_image(settings: &Settings, recipe: &ImageRecipe) -> Option<Image> {
+    load(&Cache::new(&settings.cache_dir), &recipe.key())
+}
+
+/// Every built image (those with metadata and an image file), newest first.
+pub fn list_images(settings: &Settings) -> Vec<Image> {
+    let cache = Cache::new(&settings.cache_dir);
+    let Ok(dir) = std::fs::read_dir(cache.images_dir()) else {
+        return Vec::new();
+    };
+    let mut images: Vec<Image> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".json")).map(str::to_string))
+        .filter_map(|key| load(&cache, &key))
+        .collect();
+    images.sort_by(|a, b| b.meta.created_unix.cmp(&a.meta.created_unix).then_with(|| a.key.cmp(&b.key)));
+    images
+}
+
+/// Deletes image `key` (metadata first, so it stops counting as built at once).
+/// Returns whether it existed.
+pub fn remove_image(settings: &Settings, key: &str) -> Result<bool, ImageBuildError> {
+    if key.is_empty() || !key.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Ok(false);
+    }
+    let cache = Cache::new(&settings.cache_dir);
+    let lock_name = format!("image-{key}");
+    let _lock = cache.lock(&lock_name).map_err(io_err("locking", &cache.root().join("locks").join(&lock_name)))?;
+    let mut existed = false;
+    for path in [cache.image_meta(key), cache.image_path(key)] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => existed = true,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("removing", &path)(e)),
+        }
+    }
+    Ok(existed)
+}
+
+fn load(cache: &Cache, key: &str) -> Option<Image> {
+    let meta: ImageMeta = serde_json::from_slice(&std::fs::read(cache.image_meta(key)).ok()?).ok()?;
+    let path = cache.image_path(key);
+    (meta.key == key && path.is_file()).then(|| Image { key: key.to_string(), path, meta })
+}
+
+/// Returns the image for `recipe`, building it if needed (a minute or two,
+/// mostly downloads). Holds the cache lock for the image while building, so
+/// concurrent callers wait and reuse it.
+pub fn ensure_image(settings: &Settings, recipe: &ImageRecipe, progress: &Progress) -> Result<Image, ImageBuildError> {
+    if let Some(image) = find_image(settings, recipe) {
+        progress.clear();
+        return Ok(image);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        return Err(ImageBuildError::NotRoot);
+    }
+    for (tool, package) in [("mmdebstrap", "mmdebstrap"), ("mkfs.erofs", "erofs-utils"), ("dpkg-query", "dpkg")] {
+        if which(tool).is_none() {
+            return Err(ImageBuildError::ToolMissing { tool, package });
+        }
+    }
+    let cache = Cache::new(&settings.cache_dir);
+    let key = recipe.key();
+    let label = progress.message();
+    let lock_name = format!("image-{key}");
+    let _lock = cache
+        .lock_with(&lock_name, || progress.set_message(format!("{label}: waiting for another tvm process building it")))
+        .map_err(io_err("locking", &cache.root().join("locks").join(&lock_name)))?;
+    if let Some(image) = find_image(settings, recipe) {
+        progress.finish(format!("{label}: built by another process"));
+        return Ok(image);
+    }
+    cache.sweep_stale_scratch();
+    match build(settings, recipe, &cache, &key, &label, progress) {
+        Ok(image) => {
+            let m = &image.meta;
+            info!(key, size_bytes = m.size_bytes, seconds = m.build_seconds, "image built");
+            progress.finish(format!(
+                "{label}: built {key} ({}) in {:.0}s",
+                format_bytes(m.size_bytes),
+                m.build_seconds
+            ));
+            Ok(image)
+        }
+        Err(e) => {
+            progress.fail(format!("{label}: build failed"));
+            Err(e)
+        }
+    }
+}
+
+fn build(
+    settings: &Settings,
+    recipe: &ImageRecipe,
+    cache: &Cache,
+    key: &str,
+    label: &str,
+    progress: &Progress,
+) -> Result<Image, ImageBuildError> {
+    let started = Instant::now();
+    let scratch = cache.scratch("image").map_err(io_err("creating a scratch directory in", &cache.tmp_dir()))?;
+    let root = scratch.join("root");
+
+    progress.set_message(format!("{label}: mmdebstrap {} {}", recipe.suite, recipe.packages.join(" ")));
+    run_streaming(
+        &mut mmdebstrap(recipe, &root, settings.debian_mirror.as_deref()),
+        |_| {},
+        |line| {
+            if line.starts_with("I: ") {
+                progress.set_message(format!("{label}: {line}"));
+            }
+        },
+    )
+    .map_err(|e| ImageBuildError::Bootstrap { suite: recipe.suite.clone(), tail: e.describe() })?;
+
+    progress.set_message(format!("{label}: adding the runner user"));
+    customize(&root)?;
+    let installed = installed_versions(&root, &recipe.packages)?;
+
+    progress.set_message(format!("{label}: packing erofs"));
+    let erofs = scratch.join("image.erofs");
+    let mut mkfs = Command::new("mkfs.erofs");
+    if erofs_supports_lz4hc() {
+        mkfs.arg("-zlz4hc");
+    } else {
+        warn!("mkfs.erofs lacks lz4hc; building an uncompressed image");
+    }
+    mkfs.arg(&erofs).arg(&root);
+    run_streaming(&mut mkfs, |_| {}, |_| {}).map_err(|e| ImageBuildError::MakeFs { tail: e.describe() })?;
+
+    let size_bytes = std::fs::metadata(&erofs).map_err(io_err("reading", &erofs))?.len();
+    let meta = ImageMeta {
+        key: key.to_string(),
+        suite: recipe.suite.clone(),
+        packages: recipe.packages.clone(),
+        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        size_bytes,
+        build_seconds: started.elapsed().as_secs_f64(),
+        installed,
+    };
+    let meta_tmp = scratch.join("meta.json");
+    let json = serde_json::to_vec_pretty(&meta).map_err(|e| io_err("serializing", &meta_tmp)(e.into()))?;
+    std::fs::write(&meta_tmp, json).map_err(io_err("writing", &meta_tmp))?;
+    // The image first, then its metadata: only the metadata makes it count as built.
+    let path = cache.image_path(key);
+    scratch.publish(&erofs, &path).map_err(io_err("publishing", &path))?;
+    let meta_path = cache.image_meta(key);
+    scratch.publish(&meta_tmp, &meta_path).map_err(io_err("publishing", &meta_path))?;
+    Ok(Image { key: key.to_string(), path, meta })
+}
+
+/// The mmdebstrap invocation for `recipe` into the directory `root`.
+fn mmdebstrap(recipe: &ImageRecipe, root: &Path, mirror: Option<&str>) -> Command {
+    let mut c = Command::new("mmdebstrap");
+    c.args(["--mode=root", "--variant=essential", "--format=directory"]);
+    if !recipe.packages.is_empty() {
+        c.arg(format!("--include={}", recipe.packages.join(",")));
+    }
+    for opt in DPKG_EXCLUDES {
+        c.arg(format!("--dpkgopt={opt}"));
+    }
+    c.arg(&recipe.suite).arg(root);
+    if let Some(m) = mirror {
+        c.arg(m);
+    }
+    c.env("LC_ALL", "C.UTF-8");
+    c
+}
+
+/// Whether the installed mkfs.erofs can compress with lz4hc (erofs-utils 1.5 lists
+/// its compressors at the end of `--help`).
+fn erofs_supports_lz4hc() -> bool {
+    Command::new("mkfs.erofs").arg("--help").output().is_ok_and(|o| {
+        let text = [o.stdout, o.stderr].concat();
+        String::from_utf8_lossy(&text).lines().any(|l| l.contains("compressors") && l.contains("lz4hc"))
+    })
+}
+
+/// Adds the runner account and the mount points the agent uses, replaces the
+/// host's network identity, and drops caches and logs. The image is mounted
+/// read-only, so this is final.
+fn customize(root: &Path) -> Result<(), ImageBuildError> {
+    append_entry(&root.join("etc/passwd"), RUNNER_PASSWD)?;
+    append_entry(&root.join("etc/group"), RUNNER_GROUP)?;
+    for (dir, mode) in [("work", 0o755), ("tmp", 0o1777), ("proc", 0o555), ("sys", 0o555), ("dev", 0o755)] {
+        let p = root.join(dir);
+        if !p.is_dir() {
+            std::fs::create_dir_all(&p).map_err(io_err("creating", &p))?;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
+                .map_err(io_err("setting permissions of", &p))?;
+        }
+    }
+    for (file, text) in HOST_FILES {
+        let p = root.join(file);
+        // Remove first: the file may be a symlink (resolv.conf often is) or have odd permissions.
+        remove_tree(&p).map_err(io_err("removing", &p))?;
+        std::fs::write(&p, text).map_err(io_err("writing", &p))?;
+    }
+    for dir in EMPTIED {
+        let dir = root.join(dir);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let p = entry.path();
+            remove_tree(&p).map_err(io_err("removing", &p))?;
+        }
+    }
+    Ok(())
+}
+
+/// Appends `entry` to a passwd-style file unless an entry of that name exists.
+fn append_entry(file: &Path, entry: &str) -> Result<(), ImageBuildError> {
+    let current = std::fs::read_to_string(file).map_err(io_err("reading", file))?;
+    let name = entry.split(':').next().unwrap_or_default();
+    if current.lines().any(|l| l.split(':').next() == Some(name)) {
+        return Ok(());
+    }
+    let mut f = std::fs::OpenOptions::new().append(true).open(file).map_err(io_err("opening", file))?;
+    let sep = if current.is_empty() || current.ends_with('\n') { "" } else { "\n" };
+    writeln!(f, "{sep}{entry}").map_err(io_err("writing", file))
+}
+
+/// `(package, version)` for each requested package, read from the new root's dpkg database.
+fn installed_versions(root: &Path, packages: &[String]) -> Result<Vec<(String, String)>, ImageBuildError> {
+    if packages.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    let mut query = Command::new("dpkg-query");
+    query
+        .arg(format!("--admindir={}", root.join("var/lib/dpkg").display()))
+        .args(["-W", "-f", "${Package}\t${Version}\n"])
+        .args(packages);
+    run_streaming(&mut query, |l| out.push(l.to_string()), |_| {})
+        .map_err(|e| ImageBuildError::Inspect { tail: e.describe() })?;
+    versions_of(packages, &out.join("\n")).map_err(|tail| ImageBuildError::Inspect { tail })
+}
+
+/// Matches dpkg-query's `name<TAB>version` lines (names may carry `:arch`) to
+/// the requested packages; fails naming those without an installed version.
+fn versions_of(packages: &[String], output: &str) -> Result<Vec<(String, String)>, String> {
+    let found: Vec<(&str, &str)> = output
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(p, v)| (p.split(':').next().unwrap_or(p), v.trim()))
+        .collect();
+    let mut missing = Vec::new();
+    let mut versions = Vec::new();
+    for p in packages {
+        let want = p.split(':').next().unwrap_or(p);
+        match found.iter().find(|(name, v)| *name == want && !v.is_empty()) {
+            Some((_, v)) => versions.push((p.clone(), v.to_string())),
+            None => missing.push(p.as_str()),
+        }
+    }
+    if missing.is_empty() {
+        Ok(versions)
+    } else {
+        Err(format!("not installed in the image: {}", missing.join(", ")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_meta() -> ImageMeta {
+        ImageMeta {
+            key: "0123456789abcdef01234567".into(),
+            suite: "bookworm".into(),
+            packages: vec!["python3".into()],
+            created_unix: 1_700_000_000,
+            size_bytes: 31_457_280,
+            build_seconds: 42.5,
+            installed: vec![("python3".into(), "3.11.2-1+b1".into())],
+        }
+    }
+
+    #[test]
+    fn meta_json_roundtrips() {
+        let m = sample_meta();
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(json.contains(r#""installed":[["python3","3.11.2-1+b1"]]"#), "{json}");
+        assert_eq!(serde_json::from_str::<ImageMeta>(&json).unwrap(), m);
+    }
+
+    #[test]
+    fn find_list_and_remove_use_the_cache_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings { cache_dir: dir.path().to_path_buf(), ..Settings::default() };
+        let recipe = ImageRecipe { suite: "bookworm".into(), packages: vec!["python3".into()] };
+        assert!(find_image(&settings, &recipe).is_none());
+        let cache = Cache::new(dir.path());
+        let key = recipe.key();
+        std::fs::create_dir_all(cache.images_dir()).unwrap();
+        let meta = ImageMeta { key: key.clone(), ..sample_meta() };
+        std::fs::write(cache.image_path(&key), b"erofs").unwrap();
+        assert!(find_image(&settings, &recipe).is_none(), "no metadata yet: not built");
+        std::fs::write(cache.image_meta(&key), serde_json::to_vec(&meta).unwrap()).unwrap();
+        let found = find_image(&settings, &recipe).unwrap();
+        assert_eq!((found.path, found.meta), (cache.image_path(&key), meta));
+        // Metadata without its image, or with a foreign key, does not count.
+        std::fs::write(cache.image_meta("abcd"), serde_json::to_vec(&sample_meta()).unwrap()).unwrap();
+        std::fs::write(cache.image_path("abcd"), b"erofs").unwrap();
+        assert_eq!(list_images(&settings).iter().map(|i| i.key.as_str()).collect::<Vec<_>>(), [key.as_str()]);
+        assert!(remove_image(&settings, &key).unwrap());
+        assert!(!remove_image(&settings, &key).unwrap());
+        assert!(!remove_image(&settings, "../etc").unwrap());
+        assert!(find_image(&settings, &recipe).is_none());
+    }
+
+    #[test]
+    fn customize_adds_runner_once_and_empties_caches() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["etc", "var/log/apt", "var/cache/apt/archives", "usr/share/doc/python3"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh").unwrap();
+        std::fs::write(root.join("etc/group"), "root:x:0:\n").unwrap();
+        std::fs::write(root.join("var/log/apt/history.log"), "x").unwrap();
+        std::os::unix::fs::symlink("/run/systemd/resolve/stub-resolv.conf", root.join("etc/resolv.conf")).unwrap();
+        std::fs::write(root.join("usr/share/doc/python3/copyright"), "x").unwrap();
+        customize(root).unwrap();
+        customize(root).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/passwd")).unwrap(),
+            format!("root:x:0:0:root:/root:/bin/sh\n{RUNNER_PASSWD}\n")
+        );
+        assert_eq!(std::fs::read_to_string(root.join("etc/group")).unwrap(), format!("root:x:0:\n{RUNNER_GROUP}\n"));
+        for d in ["work", "tmp", "proc", "sys", "dev", "var/log", "usr/share/doc"] {
+            assert!(root.join(d).is_dir(), "{d}");
+        }
+        assert_eq!(std::fs::read_dir(root.join("var/log")).unwrap().count(), 0);
+        assert_eq!(std::fs::read_to_string(root.join("etc/hostname")).unwrap(), "tvm\n");
+        assert!(std::fs::read_to_string(root.join("etc/hosts")).unwrap().starts_with("127.0.0.1\tlocalhost"));
+        assert_eq!(std::fs::read_dir(root.join("usr/share/doc")).unwrap().count(), 0);
+        assert_eq!(std::fs::metadata(root.join("tmp")).unwrap().permissions().mode() & 0o7777, 0o1777);
+    }
+
+    #[test]
+    fn versions_are_matched_to_the_recipe() {
+        let pkgs: Vec<String> = ["gcc", "g++", "libc6-dev"].map(String::from).to_vec();
+        let out = "g++\t4:12.2.0-3\ngcc\t4:12.2.0-3\nlibc6-dev:amd64\t2.36-9+deb12u4\n";
+        assert_eq!(
+            versions_of(&pkgs, out).unwrap(),
+            [("gcc", "4:12.2.0-3"), ("g++", "4:12.2.0-3"), ("libc6-dev", "2.36-9+deb12u4")]
+                .map(|(p, v)| (p.to_string(), v.to_string()))
+        );
+        let err = versions_of(&pkgs, "gcc\t4:12.2.0-3\ng++\t\n").unwrap_err();
+        assert_eq!(err, "not installed in the image: g++, libc6-dev");
+    }
+
+    #[test]
+    fn mmdebstrap_command_line() {
+        let recipe = ImageRecipe { suite: "bookworm".into(), packages: vec!["gcc".into(), "g++".into()] };
+        let c = mmdebstrap(&recipe, Path::new("/s/root"), Some("http://deb.example/debian"));
+        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(args.contains(&"--include=gcc,g++".to_string()));
+        assert!(args.contains(&"--dpkgopt=path-exclude=/usr/share/doc/*".to_string()));
+        assert_eq!(args[args.len() - 3..], ["bookworm", "/s/root", "http://deb.example/debian"]);
+    }
+}

@@ -1,0 +1,396 @@
+//! The guest kernel: Debian's `linux-source-6.1` configured by `make tinyconfig`
+//! plus TVM's pinned fragment (`guest/kernel/tvm-guest-6.1.fragment`). Every
+//! fragment line is verified to survive `olddefconfig`, so the fragment is the
+//! truth about the guest. Builds are cached by a key of fragment and source.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use sha2::{Digest, Sha256};
+use tracing::info;
+use tvm_config::Settings;
+
+use crate::cache::{run_streaming, which, Cache};
+use crate::progress::Progress;
+
+/// The pinned configuration fragment.
+pub const FRAGMENT: &str = include_str!("../../../guest/kernel/tvm-guest-6.1.fragment");
+
+/// Bumped when the build procedure changes in a way that changes the result.
+const KERNEL_RECIPE_VERSION: u32 = 1;
+
+/// `  CC`/`  LD`/`  AR` lines printed by `make bzImage` for this configuration
+/// (measured: 1427 with Debian linux-source-6.1 6.1.192-3); the length of the progress bar.
+pub const KERNEL_BUILD_STEPS: u64 = 1427;
+
+/// Tools the build runs, with the Debian package that provides each.
+const TOOLS: &[(&str, &str)] = &[
+    ("tar", "tar"),
+    ("xz", "xz-utils"),
+    ("make", "make"),
+    ("gcc", "gcc"),
+    ("flex", "flex"),
+    ("bison", "bison"),
+    ("bc", "bc"),
+];
+
+/// objtool (always built for x86_64) needs libelf's headers.
+const LIBELF_HEADER: &str = "/usr/include/gelf.h";
+
+/// A built guest kernel in the cache.
+#[derive(Debug, Clone)]
+pub struct Kernel {
+    /// Cache key (see [`kernel_key`]).
+    pub key: String,
+    /// Compressed, bootable image (QEMU `-kernel`).
+    pub bzimage: PathBuf,
+    /// Uncompressed ELF (Firecracker, debugging).
+    pub vmlinux: PathBuf,
+    /// The resolved `.config`.
+    pub config: PathBuf,
+}
+
+impl Kernel {
+    fn in_dir(dir: &Path, key: &str) -> Self {
+        Self {
+            key: key.to_string(),
+            bzimage: dir.join("bzImage"),
+            vmlinux: dir.join("vmlinux"),
+            config: dir.join("config"),
+        }
+    }
+
+    fn is_complete(&self) -> bool {
+        [&self.bzimage, &self.vmlinux, &self.config].iter().all(|p| p.is_file())
+    }
+}
+
+/// Why the guest kernel could not be built (or its key computed).
+#[derive(Debug, thiserror::Error)]
+pub enum KernelBuildError {
+    /// Debian's kernel source tarball is not installed.
+    #[error("kernel source {} not found; install it with `apt-get install linux-source-6.1` (or set TVM_KERNEL_SOURCE)", path.display())]
+    SourceMissing {
+        /// Where it was expected (`settings.kernel_source`).
+        path: PathBuf,
+    },
+    /// A build tool or header is missing.
+    #[error("{tool} not found; install it with `apt-get install {package}`")]
+    ToolMissing {
+        /// The tool (or header file).
+        tool: &'static str,
+        /// The Debian package that provides it.
+        package: &'static str,
+    },
+    /// Unpacking the source tarball failed.
+    #[error("unpacking {} failed: {tail}", tarball.display())]
+    Extract {
+        /// The tarball.
+        tarball: PathBuf,
+        /// Exit status and the last lines of output.
+        tail: String,
+    },
+    /// `make tinyconfig`, merging the fragment or `make olddefconfig` failed.
+    #[error("configuring the kernel failed at `{step}`: {tail}")]
+    Configure {
+        /// The command that failed.
+        step: &'static str,
+        /// Exit status and the last lines of output.
+        tail: String,
+    },
+    /// Kconfig did not keep fragment options (usually an unmet dependency).
+    #[error("the kernel config dropped options of the guest fragment (unmet dependencies?): {}", options.join(", "))]
+    OptionDropped {
+        /// The fragment lines not honoured, each with what the config has instead.
+        options: Vec<String>,
+    },
+    /// `make bzImage` failed.
+    #[error("compiling the kernel failed: {tail}")]
+    Compile {
+        /// Exit status and the last lines of stderr.
+        tail: String,
+    },
+    /// Filesystem work (cache, scratch directory, lock) failed.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path involved.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> KernelBuildError {
+    let path = path.to_path_buf();
+    move |source| KernelBuildError::Io { action, path, source }
+}
+
+/// The cache key: first 24 hex digits of a SHA-256 over the recipe version, the
+/// fragment, and the source tarball's file name and size. Cheap on purpose: the
+/// 130 MB tarball is never read (a new Debian upload changes its size).
+pub fn kernel_key(settings: &Settings) -> Result<String, KernelBuildError> {
+    let src = &settings.kernel_source;
+    let meta = std::fs::metadata(src).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => KernelBuildError::SourceMissing { path: src.clone() },
+        _ => KernelBuildError::Io { action: "reading", path: src.clone(), source: e },
+    })?;
+    let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    Ok(key_of(FRAGMENT, &name, meta.len()))
+}
+
+fn key_of(fragment: &str, source_name: &str, source_len: u64) -> String {
+    let mut h = Sha256::new();
+    h.update(KERNEL_RECIPE_VERSION.to_le_bytes());
+    h.update(fragment.as_bytes());
+    h.update(source_name.as_bytes());
+    h.update(source_len.to_le_bytes());
+    hex::encode(&h.finalize()[..12])
+}
+
+/// The cached kernel for the current fragment and source tarball, if built.
+pub fn find_kernel(settings: &Settings) -> Result<Option<Kernel>, KernelBuildError> {
+    let key = kernel_key(settings)?;
+    let k = Kernel::in_dir(&Cache::new(&settings.cache_dir).kernel_dir(&key), &key);
+    Ok(k.is_complete().then_some(k))
+}
+
+/// Returns the cached kernel or builds it (about 5 minutes on 2 cores). Holds
+/// the cache lock while building, so concurrent callers wait and reuse it.
+pub fn ensure_kernel(settings: &Settings, progress: &Progress) -> Result<Kernel, KernelBuildError> {
+    if let Some(k) = find_kernel(settings)? {
+        progress.clear();
+        return Ok(k);
+    }
+    check_tools()?;
+    let key = kernel_key(settings)?;
+    let cache = Cache::new(&settings.cache_dir);
+    let lock_name = format!("kernel-{key}");
+    let _lock = cache
+        .lock_with(&lock_name, || progress.set_message("waiting for another tvm process building the guest kernel"))
+        .map_err(io_err("locking", &cache.root().join("locks").join(&lock_name)))?;
+    if let Some(k) = find_kernel(settings)? {
+        progress.finish(format!("guest kernel {key} built by another process"));
+        return Ok(k);
+    }
+    cache.sweep_stale_scratch();
+    let started = Instant::now();
+    match build(settings, &cache, &key, progress) {
+        Ok(k) => {
+            let secs = started.elapsed().as_secs();
+            info!(key, seconds = secs, "guest kernel built");
+            progress.finish(format!("guest kernel {key} built in {}m{:02}s", secs / 60, secs % 60));
+            Ok(k)
+        }
+        Err(e) => {
+            progress.fail("guest kernel build failed");
+            Err(e)
+        }
+    }
+}
+
+/// Fails naming the first missing tool and its package.
+fn check_tools() -> Result<(), KernelBuildError> {
+    if let Some(&(tool, package)) = TOOLS.iter().find(|(tool, _)| which(tool).is_none()) {
+        return Err(KernelBuildError::ToolMissing { tool, package });
+    }
+    if !Path::new(LIBELF_HEADER).is_file() {
+        return Err(KernelBuildError::ToolMissing { tool: "libelf headers (gelf.h)", package: "libelf-dev" });
+    }
+    Ok(())
+}
+
+/// Unpacks, configures, verifies, compiles and publishes; the scratch directory
+/// (about 1.5 GB) is removed on return, whatever happened.
+fn build(settings: &Settings, cache: &Cache, key: &str, progress: &Progress) -> Result<Kernel, KernelBuildError> {
+    let scratch = cache.scratch("kernel").map_err(io_err("creating a scratch directory in", &cache.tmp_dir()))?;
+    let src = scratch.join("src");
+    std::fs::create_dir(&src).map_err(io_err("creating", &src))?;
+    progress.set_length(KERNEL_BUILD_STEPS);
+
+    let tarball = &settings.kernel_source;
+    let name = tarball.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    progress.set_message(format!("unpacking {name}"));
+    let mut tar = Command::new("tar");
+    tar.arg("-xf").arg(tarball).arg("--strip-components=1").arg("-C").arg(&src);
+    run_streaming(&mut tar, |_| {}, |_| {})
+        .map_err(|e| KernelBuildError::Extract { tarball: tarball.clone(), tail: e.describe() })?;
+
+    progress.set_message("configuring the guest kernel");
+    let fragment = scratch.join("tvm-guest.fragment");
+    std::fs::write(&fragment, FRAGMENT).map_err(io_err("writing", &fragment))?;
+    let configure = |step: &'static str, cmd: &mut Command| {
+        run_streaming(cmd, |_| {}, |_| {}).map_err(|e| KernelBuildError::Configure { step, tail: e.describe() })
+    };
+    configure("make tinyconfig", make(&src).arg("tinyconfig"))?;
+    let mut merge = Command::new("sh");
+    merge.current_dir(&src).arg("scripts/kconfig/merge_config.sh").args(["-m", ".config"]).arg(&fragment);
+    configure("merge_config.sh -m .config tvm-guest.fragment", &mut merge)?;
+    configure("make olddefconfig", make(&src).arg("olddefconfig"))?;
+    let config_path = src.join(".config");
+    let config = std::fs::read_to_string(&config_path).map_err(io_err("reading", &config_path))?;
+    let options = dropped_options(FRAGMENT, &config);
+    if !options.is_empty() {
+        return Err(KernelBuildError::OptionDropped { options });
+    }
+
+    progress.set_message("compiling the guest kernel");
+    let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut steps = 0u64;
+    let mut compile = make(&src);
+    compile.arg(format!("-j{jobs}")).arg("bzImage");
+    run_streaming(
+        &mut compile,
+        |line| {
+            if is_build_step(line) {
+                steps += 1;
+                progress.set_position(steps);
+            }
+        },
+        |_| {},
+    )
+    .map_err(|e| KernelBuildError::Compile { tail: e.describe() })?;
+    info!(steps, expected = KERNEL_BUILD_STEPS, "kernel compile steps");
+
+    // Everything is inside the scratch dir (one filesystem), so renames suffice;
+    // `out` then becomes kernel/<key> with a single rename.
+    let out = scratch.join("out");
+    std::fs::create_dir(&out).map_err(io_err("creating", &out))?;
+    for (from, to) in [("arch/x86/boot/bzImage", "bzImage"), ("vmlinux", "vmlinux"), (".config", "config")] {
+        let from = src.join(from);
+        std::fs::rename(&from, out.join(to)).map_err(io_err("moving", &from))?;
+    }
+    let dest = cache.kernel_dir(key);
+    scratch.publish(&out, &dest).map_err(io_err("publishing", &dest))?;
+    Ok(Kernel::in_dir(&dest, key))
+}
+
+/// `make` in the source tree, shielded from the caller's make and kbuild settings.
+fn make(src: &Path) -> Command {
+    let mut c = Command::new("make");
+    c.current_dir(src);
+    for var in
+        ["MAKEFLAGS", "MFLAGS", "MAKELEVEL", "ARCH", "CROSS_COMPILE", "LLVM", "KBUILD_OUTPUT", "KCONFIG_CONFIG", "V"]
+    {
+        c.env_remove(var);
+    }
+    c.env("LC_ALL", "C").env("KBUILD_BUILD_USER", "tvm").env("KBUILD_BUILD_HOST", "tvm");
+    c
+}
+
+/// Whether a line of kbuild's quiet output is one of the counted steps.
+fn is_build_step(line: &str) -> bool {
+    ["  CC ", "  LD ", "  AR "].iter().any(|p| line.starts_with(p))
+}
+
+/// Fragment lines the final `.config` does not honour, each as
+/// `CONFIG_X=y (now: not set)`. `CONFIG_X=n` (or `# CONFIG_X is not set`) is
+/// honoured when the option is absent or not set; any other value must match.
+pub fn dropped_options(fragment: &str, config: &str) -> Vec<String> {
+    let actual: HashMap<&str, Option<&str>> = config.lines().filter_map(parse_config_line).collect();
+    fragment
+        .lines()
+        .filter_map(|l| parse_config_line(l).map(|(name, want)| (l.trim(), name, want)))
+        .filter_map(|(line, name, want)| {
+            let have = actual.get(name).copied().flatten();
+            let ok = match want {
+                None | Some("n") => have.is_none() || have == Some("n"),
+                Some(v) => have == Some(v),
+            };
+            (!ok).then(|| format!("{line} (now: {})", have.map_or("not set".to_string(), |v| format!("={v}"))))
+        })
+        .collect()
+}
+
+/// `CONFIG_X=v` → `(CONFIG_X, Some(v))`; `# CONFIG_X is not set` → `(CONFIG_X, None)`.
+fn parse_config_line(line: &str) -> Option<(&str, Option<&str>)> {
+    let line = line.trim();
+    if let Some(rest) = line.strip_prefix("# ") {
+        let name = rest.strip_suffix(" is not set")?;
+        return name.starts_with("CONFIG_").then_some((name, None));
+    }
+    let (name, value) = line.split_once('=')?;
+    name.starts_with("CONFIG_").then_some((name, Some(value)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verification_names_dropped_options() {
+        let frag = "# comment\nCONFIG_A=y\nCONFIG_B=n\nCONFIG_C=8\nCONFIG_D=y\n# CONFIG_E is not set\nCONFIG_F=n\n";
+        let cfg = "CONFIG_A=y\n# CONFIG_B is not set\nCONFIG_C=8\n# CONFIG_D is not set\nCONFIG_G=y\n";
+        assert_eq!(dropped_options(frag, cfg), vec!["CONFIG_D=y (now: not set)"]);
+        let cfg = "CONFIG_A=m\nCONFIG_B=y\nCONFIG_C=64\nCONFIG_D=y\nCONFIG_E=y\n";
+        assert_eq!(
+            dropped_options(frag, cfg),
+            vec![
+                "CONFIG_A=y (now: =m)",
+                "CONFIG_B=n (now: =y)",
+                "CONFIG_C=8 (now: =64)",
+                "# CONFIG_E is not set (now: =y)"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_real_fragment_parses_and_demands_what_the_agent_needs() {
+        let lines: Vec<_> = FRAGMENT.lines().filter_map(parse_config_line).collect();
+        assert!(lines.len() > 50, "{}", lines.len());
+        for (name, want) in [
+            ("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES", Some("y")),
+            ("CONFIG_EROFS_FS", Some("y")),
+            ("CONFIG_BLK_DEV_INITRD", Some("y")),
+            ("CONFIG_MODULES", Some("n")),
+        ] {
+            assert!(lines.contains(&(name, want)), "{name}");
+        }
+        // A config that is exactly the fragment honours it.
+        assert!(dropped_options(FRAGMENT, FRAGMENT).is_empty());
+    }
+
+    #[test]
+    fn key_is_stable_and_depends_on_its_inputs() {
+        let k = key_of("CONFIG_A=y\n", "linux-source-6.1.tar.xz", 138_008_000);
+        assert_eq!(k.len(), 24);
+        assert_eq!(k, key_of("CONFIG_A=y\n", "linux-source-6.1.tar.xz", 138_008_000));
+        assert_ne!(k, key_of("CONFIG_A=n\n", "linux-source-6.1.tar.xz", 138_008_000));
+        assert_ne!(k, key_of("CONFIG_A=y\n", "linux-source-6.1.tar.xz", 138_008_001));
+        assert_ne!(k, key_of("CONFIG_A=y\n", "linux-source-6.2.tar.xz", 138_008_000));
+    }
+
+    #[test]
+    fn key_needs_the_source_and_says_how_to_install_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Settings { kernel_source: dir.path().join("linux-source-6.1.tar.xz"), ..Settings::default() };
+        let err = kernel_key(&s).unwrap_err().to_string();
+        assert!(err.contains("apt-get install linux-source-6.1") && !err.contains('\n'), "{err}");
+        std::fs::write(&s.kernel_source, b"not really a tarball").unwrap();
+        let k = kernel_key(&s).unwrap();
+        assert_eq!(k, key_of(FRAGMENT, "linux-source-6.1.tar.xz", 20));
+        s.cache_dir = dir.path().join("cache");
+        assert!(find_kernel(&s).unwrap().is_none());
+        let kdir = Cache::new(&s.cache_dir).kernel_dir(&k);
+        std::fs::create_dir_all(&kdir).unwrap();
+        std::fs::write(kdir.join("bzImage"), b"x").unwrap();
+        assert!(find_kernel(&s).unwrap().is_none(), "incomplete kernel dir is not a kernel");
+        std::fs::write(kdir.join("vmlinux"), b"x").unwrap();
+        std::fs::write(kdir.join("config"), b"x").unwrap();
+        assert_eq!(find_kernel(&s).unwrap().unwrap().bzimage, kdir.join("bzImage"));
+    }
+
+    #[test]
+    fn build_steps_are_counted_from_kbuild_lines() {
+        assert!(is_build_step("  CC      kernel/fork.o"));
+        assert!(is_build_step("  LD      vmlinux.o"));
+        assert!(is_build_step("  AR      lib/built-in.a"));
+        assert!(!is_build_step("  HOSTCC  scripts/basic/fixdep"));
+        assert!(!is_build_step("Kernel: arch/x86/boot/bzImage is ready  (#1)"));
+    }
+}

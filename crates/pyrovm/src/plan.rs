@@ -1,0 +1,318 @@
+//! Turning an [`ExecutionRequest`] (CLI or API) into a guest [`Job`].
+//!
+//! Everything a caller can get wrong is checked here, before any VM boots,
+//! and reported as a [`PlanError`] naming the offending field.
+
+use serde::{Deserialize, Serialize};
+use tvm_config::{Catalog, Runtime};
+use tvm_protocol::{validate_file_path, Command, File, Job, Limits};
+
+/// Most files one submission may carry.
+pub const MAX_FILES: usize = 64;
+/// Most bytes all files of one submission may carry.
+pub const MAX_FILES_BYTES: u64 = 16 << 20;
+/// Most bytes of stdin.
+pub const MAX_STDIN_BYTES: u64 = 16 << 20;
+/// Most program arguments, and bytes per argument.
+pub const MAX_ARGS: usize = 256;
+const MAX_ARG_BYTES: usize = 4096;
+
+/// A submitted source file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceFile {
+    /// Path relative to the work dir.
+    pub name: String,
+    /// Content.
+    #[serde(with = "tvm_protocol::b64")]
+    pub content: Vec<u8>,
+}
+
+/// Per-stage limit overrides; `None` keeps the runtime's default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitRequest {
+    /// Wall-clock time in milliseconds.
+    pub wall_time_ms: Option<u64>,
+    /// CPU time in milliseconds.
+    pub cpu_time_ms: Option<u64>,
+    /// Memory in bytes.
+    pub memory_bytes: Option<u64>,
+    /// Processes and threads.
+    pub processes: Option<u64>,
+    /// Captured bytes per output stream.
+    pub output_bytes: Option<u64>,
+    /// Largest file the program may write.
+    pub file_size_bytes: Option<u64>,
+}
+
+/// One execution as a caller describes it. Shared by the CLI and the HTTP API.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutionRequest {
+    /// Runtime id or alias (`python`, `python-3.11`, ...).
+    pub runtime: String,
+    /// Source files; the first is the entry point unless `entry` names one.
+    pub files: Vec<SourceFile>,
+    /// Entry file name.
+    pub entry: Option<String>,
+    /// Standard input of the run stage.
+    #[serde(with = "tvm_protocol::b64", default)]
+    pub stdin: Vec<u8>,
+    /// Program arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Limits of the run stage.
+    #[serde(default)]
+    pub run_limits: LimitRequest,
+    /// Limits of the compile stage.
+    #[serde(default)]
+    pub compile_limits: LimitRequest,
+}
+
+/// Why a request cannot run. Each variant names what the caller must fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    /// No runtime has that id or alias.
+    #[error("unknown runtime {0:?} (see `tvm runtimes`)")]
+    UnknownRuntime(String),
+    /// The runtime exists in the catalog but cannot be built here.
+    #[error("runtime {id} is unavailable: {reason}")]
+    RuntimeUnavailable {
+        /// Runtime id.
+        id: String,
+        /// Catalog's reason.
+        reason: String,
+    },
+    /// Nothing to run.
+    #[error("no files submitted")]
+    NoFiles,
+    /// Too many files.
+    #[error("{0} files submitted; at most {MAX_FILES} are allowed")]
+    TooManyFiles(usize),
+    /// Files too large in total.
+    #[error("files total {0} bytes; at most {MAX_FILES_BYTES} are allowed")]
+    FilesTooLarge(u64),
+    /// A file name is unsafe or malformed.
+    #[error("bad file name: {0}")]
+    BadFileName(String),
+    /// Two files share a name.
+    #[error("file {0:?} is submitted twice")]
+    DuplicateFile(String),
+    /// The named entry file is not among the files.
+    #[error("entry file {0:?} is not among the submitted files")]
+    EntryNotFound(String),
+    /// stdin is too large.
+    #[error("stdin is {0} bytes; at most {MAX_STDIN_BYTES} are allowed")]
+    StdinTooLarge(u64),
+    /// Too many or too long arguments.
+    #[error("arguments: {0}")]
+    BadArgs(String),
+    /// A limit is zero or above the operator's maximum.
+    #[error("{stage} limit {field} = {value} is out of range (1..={max})")]
+    LimitOutOfRange {
+        /// `run` or `compile`.
+        stage: &'static str,
+        /// Field name as in the API.
+        field: &'static str,
+        /// Requested value.
+        value: u64,
+        /// Operator maximum.
+        max: u64,
+    },
+}
+
+impl PlanError {
+    /// The request field at fault, for API error bodies.
+    pub fn field(&self) -> Option<&'static str> {
+        Some(match self {
+            PlanError::UnknownRuntime(_) | PlanError::RuntimeUnavailable { .. } => "runtime",
+            PlanError::NoFiles
+            | PlanError::TooManyFiles(_)
+            | PlanError::FilesTooLarge(_)
+            | PlanError::BadFileName(_)
+            | PlanError::DuplicateFile(_) => "files",
+            PlanError::EntryNotFound(_) => "entry",
+            PlanError::StdinTooLarge(_) => "stdin",
+            PlanError::BadArgs(_) => "args",
+            PlanError::LimitOutOfRange { stage: "compile", .. } => "compile_limits",
+            PlanError::LimitOutOfRange { .. } => "run_limits",
+        })
+    }
+}
+
+/// A validated request, ready for a VM.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The runtime chosen.
+    pub runtime: Runtime,
+    /// What the agent will run.
+    pub job: Job,
+    /// Guest RAM this job needs, in MiB (limits + work dir + overhead).
+    pub vm_memory_mib: u64,
+}
+
+/// Validates `req` against the catalog and builds the job.
+pub fn plan(catalog: &Catalog, req: &ExecutionRequest, vm_overhead_mib: u64) -> Result<Plan, PlanError> {
+    let runtime = catalog.get(&req.runtime).ok_or_else(|| PlanError::UnknownRuntime(req.runtime.clone()))?;
+    if let Some(reason) = &runtime.unavailable {
+        return Err(PlanError::RuntimeUnavailable { id: runtime.id.clone(), reason: reason.clone() });
+    }
+    if req.files.is_empty() {
+        return Err(PlanError::NoFiles);
+    }
+    if req.files.len() > MAX_FILES {
+        return Err(PlanError::TooManyFiles(req.files.len()));
+    }
+    let total: u64 = req.files.iter().map(|f| f.content.len() as u64).sum();
+    if total > MAX_FILES_BYTES {
+        return Err(PlanError::FilesTooLarge(total));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for f in &req.files {
+        validate_file_path(&f.name).map_err(PlanError::BadFileName)?;
+        if !seen.insert(f.name.as_str()) {
+            return Err(PlanError::DuplicateFile(f.name.clone()));
+        }
+    }
+    let entry = match &req.entry {
+        Some(e) if seen.contains(e.as_str()) => e.clone(),
+        Some(e) => return Err(PlanError::EntryNotFound(e.clone())),
+        None => req.files[0].name.clone(),
+    };
+    if req.stdin.len() as u64 > MAX_STDIN_BYTES {
+        return Err(PlanError::StdinTooLarge(req.stdin.len() as u64));
+    }
+    if req.args.len() > MAX_ARGS {
+        return Err(PlanError::BadArgs(format!("{} given, at most {MAX_ARGS}", req.args.len())));
+    }
+    if let Some(a) = req.args.iter().find(|a| a.len() > MAX_ARG_BYTES || a.contains('\0')) {
+        return Err(PlanError::BadArgs(format!(
+            "an argument is longer than {MAX_ARG_BYTES} bytes or contains NUL ({} bytes)",
+            a.len()
+        )));
+    }
+
+    let max = catalog.maximum();
+    let run_limits = apply_limits("run", runtime.run_limits, &req.run_limits, max)?;
+    let compile_limits = apply_limits("compile", runtime.compile_limits, &req.compile_limits, max)?;
+
+    let sources: Vec<String> = req
+        .files
+        .iter()
+        .filter(|f| {
+            let ext = f.name.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
+            runtime.extensions.iter().any(|x| x.eq_ignore_ascii_case(ext))
+        })
+        .map(|f| f.name.clone())
+        .collect();
+    let expand = |template: &[String]| -> Vec<String> {
+        let mut argv = Vec::new();
+        for t in template {
+            match t.as_str() {
+                "{sources}" => argv.extend(sources.iter().cloned()),
+                _ => argv.push(t.replace("{entry}", &entry)),
+            }
+        }
+        argv
+    };
+    let compile =
+        runtime.compile.as_ref().map(|c| Command { argv: expand(c), env: runtime.env.clone(), limits: compile_limits });
+    let mut run_argv = expand(&runtime.run);
+    run_argv.extend(req.args.iter().cloned());
+    let job = Job {
+        files: req
+            .files
+            .iter()
+            .map(|f| File { path: f.name.clone(), content: f.content.clone(), executable: false })
+            .collect(),
+        compile,
+        run: Command { argv: run_argv, env: runtime.env.clone(), limits: run_limits },
+        stdin: req.stdin.clone(),
+        workdir_bytes: catalog.workdir_bytes(),
+    };
+    let stage_mem = if job.compile.is_some() {
+        run_limits.memory_bytes.max(compile_limits.memory_bytes)
+    } else {
+        run_limits.memory_bytes
+    };
+    let vm_memory_mib = (stage_mem + job.workdir_bytes).div_ceil(1 << 20) + vm_overhead_mib;
+    Ok(Plan { runtime: runtime.clone(), job, vm_memory_mib })
+}
+
+fn apply_limits(stage: &'static str, base: Limits, req: &LimitRequest, max: &Limits) -> Result<Limits, PlanError> {
+    let mut l = base;
+    let fields: [(&'static str, Option<u64>, &mut u64, u64); 6] = [
+        ("wall_time_ms", req.wall_time_ms, &mut l.wall_ms, max.wall_ms),
+        ("cpu_time_ms", req.cpu_time_ms, &mut l.cpu_ms, max.cpu_ms),
+        ("memory_bytes", req.memory_bytes, &mut l.memory_bytes, max.memory_bytes),
+        ("processes", req.processes, &mut l.pids, max.pids),
+        ("output_bytes", req.output_bytes, &mut l.output_bytes, max.output_bytes),
+        ("file_size_bytes", req.file_size_bytes, &mut l.file_size_bytes, max.file_size_bytes),
+    ];
+    for (field, value, slot, max) in fields {
+        if let Some(v) = value {
+            if v == 0 || v > max {
+                return Err(PlanError::LimitOutOfRange { stage, field, value: v, max });
+            }
+            *slot = v;
+        }
+    }
+    // A wall limit below the CPU limit would make the CPU limit meaningless; keep CPU ≤ wall.
+    l.cpu_ms = l.cpu_ms.min(l.wall_ms);
+    Ok(l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(runtime: &str, files: &[(&str, &str)]) -> ExecutionRequest {
+        ExecutionRequest {
+            runtime: runtime.into(),
+            files: files
+                .iter()
+                .map(|(n, c)| SourceFile { name: n.to_string(), content: c.as_bytes().to_vec() })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn c_sources_expand_and_args_append() {
+        let c = Catalog::builtin();
+        let mut r = req("c", &[("main.c", "int main(){}"), ("util.c", ""), ("util.h", "")]);
+        r.args = vec!["a b".into()];
+        let p = plan(&c, &r, 160).unwrap();
+        let argv = &p.job.compile.as_ref().unwrap().argv;
+        assert!(argv.contains(&"main.c".to_string()) && argv.contains(&"util.c".to_string()));
+        assert!(!argv.contains(&"util.h".to_string()));
+        assert_eq!(p.job.run.argv, vec!["./main".to_string(), "a b".into()]);
+    }
+
+    #[test]
+    fn entry_and_limits_are_checked() {
+        let c = Catalog::builtin();
+        let mut r = req("python", &[("a.py", "")]);
+        assert_eq!(plan(&c, &r, 160).unwrap().job.run.argv, vec!["python3", "a.py"]);
+        r.entry = Some("b.py".into());
+        assert_eq!(plan(&c, &r, 160).unwrap_err(), PlanError::EntryNotFound("b.py".into()));
+        r.entry = None;
+        r.run_limits.memory_bytes = Some(64 << 30);
+        assert!(matches!(plan(&c, &r, 160).unwrap_err(), PlanError::LimitOutOfRange { field: "memory_bytes", .. }));
+        r.run_limits.memory_bytes = Some(128 << 20);
+        r.run_limits.wall_time_ms = Some(1000);
+        let p = plan(&c, &r, 160).unwrap();
+        assert_eq!(p.job.run.limits.wall_ms, 1000);
+        assert_eq!(p.job.run.limits.cpu_ms, 1000, "cpu is clamped to wall");
+        assert_eq!(p.vm_memory_mib, 128 + 64 + 160);
+    }
+
+    #[test]
+    fn hostile_names_and_unknown_runtimes_are_refused() {
+        let c = Catalog::builtin();
+        assert!(matches!(plan(&c, &req("python", &[("../x.py", "")]), 160), Err(PlanError::BadFileName(_))));
+        assert!(matches!(plan(&c, &req("python", &[("/etc/passwd", "")]), 160), Err(PlanError::BadFileName(_))));
+        assert!(matches!(plan(&c, &req("python", &[("a", ""), ("a", "")]), 160), Err(PlanError::DuplicateFile(_))));
+        assert!(matches!(plan(&c, &req("cobol", &[("a", "")]), 160), Err(PlanError::UnknownRuntime(_))));
+        assert!(matches!(plan(&c, &req("python", &[]), 160), Err(PlanError::NoFiles)));
+    }
+}

@@ -1,0 +1,113 @@
+//! The QEMU `microvm` backend: the command line that starts one guest.
+//!
+//! No PCI, no ACPI, no network device: a virtio-blk root image (read-only),
+//! a virtio-serial port for the agent, virtio-rng for early entropy and the
+//! serial console for diagnostics. The same kernel boots under Firecracker,
+//! which also describes virtio-mmio devices on the kernel command line.
+
+use std::path::{Path, PathBuf};
+
+/// The accelerator a VM runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccelKind {
+    /// Hardware virtualization.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+impl AccelKind {
+    /// `kvm` or `tcg`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccelKind::Kvm => "kvm",
+            AccelKind::Tcg => "tcg",
+        }
+    }
+}
+
+/// What a VM is made of; backend-neutral so Firecracker maps from it too.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Guest kernel (bzImage for QEMU).
+    pub kernel: PathBuf,
+    /// Initramfs with the agent, `None` for a kernel-only probe.
+    pub initrd: Option<PathBuf>,
+    /// Read-only root image (the runtime), `None` for a kernel-only probe.
+    pub rootfs: Option<PathBuf>,
+    /// Guest RAM.
+    pub memory_mib: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Accelerator.
+    pub accel: AccelKind,
+    /// Verbose kernel and agent logs on the serial console.
+    pub debug: bool,
+}
+
+/// Kernel command line. `reboot` is how the guest ends the VM: a triple
+/// fault (`t`) under QEMU microvm, which has no i8042; the i8042 reset (`k`)
+/// under Firecracker, which emulates only that.
+pub fn kernel_cmdline(debug: bool, reboot: char) -> String {
+    let level = if debug { "loglevel=7 tvm.debug=1" } else { "quiet loglevel=1" };
+    format!("console=ttyS0 {level} panic=-1 reboot={reboot} rdinit=/init")
+}
+
+/// argv (without the binary) for `qemu-system-x86_64`.
+pub fn qemu_args(spec: &VmSpec, agent_socket: Option<&Path>) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    let machine = format!("microvm,accel={},acpi=off,x-option-roms=off,isa-serial=on,rtc=on", spec.accel.as_str());
+    let cpu = match spec.accel {
+        AccelKind::Kvm => "host",
+        AccelKind::Tcg => "max",
+    };
+    push(&["-M", &machine, "-cpu", cpu]);
+    push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.vcpus.to_string()]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio", "-monitor", "none"]);
+    push(&["-kernel", &spec.kernel.to_string_lossy(), "-append", &kernel_cmdline(spec.debug, 't')]);
+    if let Some(initrd) = &spec.initrd {
+        push(&["-initrd", &initrd.to_string_lossy()]);
+    }
+    if let Some(root) = &spec.rootfs {
+        let drive = format!("id=root,file={},format=raw,if=none,readonly=on", escape(&root.to_string_lossy()));
+        push(&["-drive", &drive, "-device", "virtio-blk-device,drive=root"]);
+    }
+    if let Some(sock) = agent_socket {
+        let chardev = format!("socket,id=agent,path={}", escape(&sock.to_string_lossy()));
+        push(&["-device", "virtio-serial-device,max_ports=2", "-chardev", &chardev]);
+        push(&["-device", &format!("virtserialport,chardev=agent,name={}", tvm_protocol::VIRTIO_PORT_NAME)]);
+    }
+    push(&["-device", "virtio-rng-device"]);
+    a
+}
+
+/// QEMU option values separate keys with commas; a literal comma is doubled.
+fn escape(v: &str) -> String {
+    v.replace(',', ",,")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_has_no_network_and_a_readonly_root() {
+        let spec = VmSpec {
+            kernel: "/k".into(),
+            initrd: Some("/i".into()),
+            rootfs: Some("/img,x.erofs".into()),
+            memory_mib: 384,
+            vcpus: 1,
+            accel: AccelKind::Tcg,
+            debug: false,
+        };
+        let a = qemu_args(&spec, Some(Path::new("/run/a.sock"))).join(" ");
+        assert!(a.contains("microvm,accel=tcg,acpi=off"));
+        assert!(a.contains("file=/img,,x.erofs,format=raw,if=none,readonly=on"));
+        assert!(a.contains("-nodefaults") && !a.contains("netdev") && !a.contains("-nic"));
+        assert!(a.contains("name=tvm.agent"));
+        assert!(a.contains("-m 384M"));
+    }
+}

@@ -1,0 +1,137 @@
+//! Per-VM run directories and the startup reaper.
+//!
+//! Every VM gets `<runtime_dir>/vm-<id>/` holding its agent socket and two
+//! small files naming the owning `tvm` process and the VMM process, each as
+//! `pid starttime` so a recycled pid is never mistaken for ours. If `tvm`
+//! dies without running its destructors (SIGKILL, power loss), the next `tvm`
+//! to start kills the VMM it finds and removes the directory.
+
+use std::path::{Path, PathBuf};
+
+use tracing::{info, warn};
+
+/// `pid starttime` of a live process, from /proc.
+pub fn process_identity(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22 (starttime) counted after the parenthesised command name, which may contain spaces.
+    let after = stat.rsplit_once(')')?.1;
+    let start = after.split_whitespace().nth(19)?;
+    Some(format!("{pid} {start}"))
+}
+
+fn is_alive(identity: &str) -> bool {
+    identity.split_whitespace().next().and_then(|p| p.parse().ok()).and_then(process_identity).as_deref()
+        == Some(identity.trim())
+}
+
+/// Owns a VM's run directory; removes it on drop.
+#[derive(Debug)]
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates `<runtime_dir>/vm-<id>/` (mode 0700) and records the owner.
+    pub fn create(runtime_dir: &Path, id: &str) -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(runtime_dir)?;
+        let path = runtime_dir.join(format!("vm-{id}"));
+        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+        let dir = Self { path };
+        let me = process_identity(std::process::id()).unwrap_or_default();
+        std::fs::write(dir.path.join("owner"), me)?;
+        Ok(dir)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records the VMM process so a reaper can kill it if we cannot.
+    pub fn record_vmm(&self, pid: u32) -> std::io::Result<()> {
+        std::fs::write(self.path.join("vmm"), process_identity(pid).unwrap_or_else(|| format!("{pid} 0")))
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(dir = %self.path.display(), error = %e, "could not remove VM run dir");
+            }
+        }
+    }
+}
+
+/// What the reaper cleaned up.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ReapReport {
+    /// VMM processes killed.
+    pub processes_killed: usize,
+    /// Run directories removed.
+    pub dirs_removed: usize,
+}
+
+/// Removes what crashed `tvm` processes left in `runtime_dir`. VMs of live
+/// `tvm` processes are left alone.
+pub fn reap(runtime_dir: &Path) -> ReapReport {
+    let mut report = ReapReport::default();
+    let Ok(entries) = std::fs::read_dir(runtime_dir) else { return report };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !entry.file_name().to_string_lossy().starts_with("vm-") {
+            continue;
+        }
+        let owner = std::fs::read_to_string(path.join("owner")).unwrap_or_default();
+        if !owner.is_empty() && is_alive(&owner) {
+            continue;
+        }
+        if let Ok(vmm) = std::fs::read_to_string(path.join("vmm")) {
+            if is_alive(&vmm) {
+                if let Some(pid) = vmm.split_whitespace().next().and_then(|p| p.parse::<i32>().ok()) {
+                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                    report.processes_killed += 1;
+                }
+            }
+        }
+        if std::fs::remove_dir_all(&path).is_ok() {
+            report.dirs_removed += 1;
+        }
+    }
+    if report != ReapReport::default() {
+        info!(killed = report.processes_killed, removed = report.dirs_removed, "reaped leftovers of a crashed tvm");
+    }
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reaper_kills_orphans_of_dead_owners_and_spares_live_ones() {
+        let rt = tempfile::tempdir().unwrap();
+        // A live owner (this test) with a live "VMM".
+        let live = RunDir::create(rt.path(), "live").unwrap();
+        let mut sleeper = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        live.record_vmm(sleeper.id()).unwrap();
+        // A dead owner (pid 0 never matches) with its own VMM.
+        let mut orphan = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let dead = rt.path().join("vm-dead");
+        std::fs::create_dir(&dead).unwrap();
+        std::fs::write(dead.join("owner"), "999999999 1").unwrap();
+        std::fs::write(dead.join("vmm"), process_identity(orphan.id()).unwrap()).unwrap();
+
+        let r = reap(rt.path());
+        assert_eq!(r, ReapReport { processes_killed: 1, dirs_removed: 1 });
+        assert!(!orphan.wait().unwrap().success(), "orphan was killed");
+        assert!(live.path().exists());
+        assert!(sleeper.try_wait().unwrap().is_none(), "live owner's VMM untouched");
+        sleeper.kill().unwrap();
+        sleeper.wait().unwrap();
+        let p = live.path().to_path_buf();
+        drop(live);
+        assert!(!p.exists(), "RunDir removes itself");
+    }
+}

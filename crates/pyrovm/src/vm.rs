@@ -1,0 +1,352 @@
+//! One microVM: started, driven to agent-ready, given one job, destroyed.
+//!
+//! [`Vm`] owns every resource of a guest: the VMM process (killed and reaped
+//! on drop, and killed by the kernel via `PR_SET_PDEATHSIG` if `tvm` itself
+//! dies), its run directory with the agent socket, and the console reader.
+//! A `Vm` runs one job at most: [`Vm::execute`] consumes it.
+
+use std::collections::VecDeque;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{UnixListener, UnixStream};
+use tracing::{debug, info_span, warn, Instrument};
+use tvm_protocol::{
+    read_frame_async, write_frame_async, FrameDecoder, FrameError, GuestMessage, HostMessage, Job, JobResult, Stage,
+    Stream, MAX_GUEST_FRAME, PROTOCOL_VERSION,
+};
+
+use crate::qemu::{qemu_args, VmSpec};
+use crate::reaper::RunDir;
+
+/// Bytes of serial console kept for diagnostics (the tail).
+const CONSOLE_KEEP: usize = 16 << 10;
+
+/// Why a VM could not be brought to agent-ready.
+#[derive(Debug, thiserror::Error)]
+pub enum StartVmError {
+    /// The run directory or agent socket could not be created.
+    #[error("cannot prepare VM run dir: {0}")]
+    RunDir(#[source] std::io::Error),
+    /// The VMM binary could not be started.
+    #[error("cannot start {vmm}: {source} (install it with `apt-get install qemu-system-x86`)")]
+    Spawn {
+        /// Binary.
+        vmm: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The guest did not report ready in time.
+    #[error("guest did not become ready within {ms} ms; console: {console}")]
+    BootTimeout {
+        /// Timeout.
+        ms: u64,
+        /// Console tail.
+        console: String,
+    },
+    /// The VMM exited or the guest hung up before ready.
+    #[error("VM exited during boot; console: {console}")]
+    Exited {
+        /// Console tail.
+        console: String,
+    },
+    /// The agent spoke, but not the expected protocol.
+    #[error("guest agent protocol error during boot: {0}")]
+    Protocol(String),
+}
+
+/// Why a job did not produce a result.
+#[derive(Debug, thiserror::Error)]
+pub enum RunJobError {
+    /// The host-side deadline passed; the VM was killed.
+    #[error("guest did not finish within the host deadline of {ms} ms; VM killed")]
+    Deadline {
+        /// Deadline.
+        ms: u64,
+    },
+    /// The VM went away before reporting a result.
+    #[error("VM exited before reporting a result; console: {console}")]
+    Exited {
+        /// Console tail.
+        console: String,
+    },
+    /// The guest sent something malformed or oversized.
+    #[error("guest broke the protocol: {0}")]
+    Protocol(#[source] FrameError),
+    /// The guest sent more output than any honest agent would.
+    #[error("guest sent {0} output bytes, more than the caps allow; VM killed")]
+    OutputFlood(u64),
+    /// The agent reported it could not run the job.
+    #[error("guest agent failed: {0}")]
+    AgentFailed(String),
+    /// Sending the job failed.
+    #[error("cannot send job to guest: {0}")]
+    Send(#[source] FrameError),
+}
+
+type Console = Arc<Mutex<VecDeque<u8>>>;
+
+fn console_tail(c: &Console) -> String {
+    let buf = c.lock().map(|b| b.iter().copied().collect::<Vec<u8>>()).unwrap_or_default();
+    let text = String::from_utf8_lossy(&buf);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(12)..].join(" | ");
+    if tail.is_empty() {
+        "(empty)".into()
+    } else {
+        tail
+    }
+}
+
+/// A running guest whose agent is ready for its one job.
+#[derive(Debug)]
+pub struct Vm {
+    id: String,
+    child: std::process::Child,
+    stream: UnixStream,
+    console: Console,
+    started: Instant,
+    boot: Duration,
+    guest_uptime_ms: u64,
+    // Dropped last: the socket lives inside it.
+    _dir: RunDir,
+}
+
+impl Vm {
+    /// Starts a VM and waits until its agent reports ready.
+    pub async fn boot(
+        id: &str,
+        vmm: &Path,
+        runtime_dir: &Path,
+        spec: &VmSpec,
+        boot_timeout: Duration,
+    ) -> Result<Vm, StartVmError> {
+        let span = info_span!("vm", vm = %id, accel = spec.accel.as_str());
+        Self::boot_inner(id, vmm, runtime_dir, spec, boot_timeout).instrument(span).await
+    }
+
+    async fn boot_inner(
+        id: &str,
+        vmm: &Path,
+        runtime_dir: &Path,
+        spec: &VmSpec,
+        boot_timeout: Duration,
+    ) -> Result<Vm, StartVmError> {
+        let started = Instant::now();
+        let dir = RunDir::create(runtime_dir, id).map_err(StartVmError::RunDir)?;
+        let sock = dir.path().join("agent.sock");
+        // We listen, QEMU connects as a client at startup: no polling for a socket file.
+        let listener = UnixListener::bind(&sock).map_err(StartVmError::RunDir)?;
+
+        let mut cmd = std::process::Command::new(vmm);
+        cmd.args(qemu_args(spec, Some(&sock)))
+            .arg("-name")
+            .arg(format!("tvm-{id}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: only async-signal-safe calls (prctl, setpgid, getppid) between fork and exec.
+        unsafe {
+            let parent = std::process::id() as libc::pid_t;
+            cmd.pre_exec(move || {
+                // The VMM dies with us, even on SIGKILL: no orphaned guests.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != parent {
+                    return Err(std::io::Error::other("parent died before exec"));
+                }
+                // Own process group: a terminal's Ctrl-C reaches tvm, which then tears down in order.
+                libc::setpgid(0, 0);
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|source| StartVmError::Spawn { vmm: vmm.display().to_string(), source })?;
+        if let Err(e) = dir.record_vmm(child.id()) {
+            warn!(error = %e, "cannot record VMM pid for the reaper");
+        }
+        let console: Console = Arc::new(Mutex::new(VecDeque::with_capacity(CONSOLE_KEEP)));
+        for pipe in [
+            child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let console = console.clone();
+            // A thread per pipe: it ends at EOF, i.e. when the VMM is gone.
+            std::thread::spawn(move || drain_into(pipe, &console));
+        }
+        let mut vm_guard = PartialVm { child: Some(child) };
+
+        let deadline = tokio::time::Instant::now() + boot_timeout;
+        let stream = match tokio::time::timeout_at(deadline, listener.accept()).await {
+            Ok(Ok((s, _))) => s,
+            Ok(Err(e)) => return Err(StartVmError::RunDir(e)),
+            Err(_) => {
+                return Err(StartVmError::BootTimeout {
+                    ms: boot_timeout.as_millis() as u64,
+                    console: console_tail(&console),
+                })
+            }
+        };
+        drop(listener);
+        let mut stream = stream;
+        let ready =
+            tokio::time::timeout_at(deadline, read_frame_async::<GuestMessage, _>(&mut stream, MAX_GUEST_FRAME));
+        let guest_uptime_ms = match ready.await {
+            Err(_) => {
+                return Err(StartVmError::BootTimeout {
+                    ms: boot_timeout.as_millis() as u64,
+                    console: console_tail(&console),
+                })
+            }
+            Ok(Ok(None)) => {
+                // Give the console reader a moment to collect the last words (a panic message).
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return Err(StartVmError::Exited { console: console_tail(&console) });
+            }
+            Ok(Err(e)) => return Err(StartVmError::Protocol(e.to_string())),
+            Ok(Ok(Some(GuestMessage::Ready { protocol, uptime_ms, .. }))) => {
+                if protocol != PROTOCOL_VERSION {
+                    return Err(StartVmError::Protocol(format!(
+                        "agent speaks protocol {protocol}, host {PROTOCOL_VERSION}; rebuild the agent"
+                    )));
+                }
+                uptime_ms
+            }
+            Ok(Ok(Some(other))) => return Err(StartVmError::Protocol(format!("expected ready, got {other:?}"))),
+        };
+        let boot = started.elapsed();
+        debug!(boot_ms = boot.as_millis() as u64, guest_uptime_ms, "agent ready");
+        Ok(Vm {
+            id: id.to_string(),
+            child: vm_guard.child.take().expect("child present"),
+            stream,
+            console,
+            started,
+            boot,
+            guest_uptime_ms,
+            _dir: dir,
+        })
+    }
+
+    /// The VM id (also its run dir name and QEMU `-name`).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Time from VMM start to agent-ready.
+    pub fn boot_time(&self) -> Duration {
+        self.boot
+    }
+
+    /// Guest uptime when the agent was ready (kernel boot + agent setup).
+    pub fn guest_uptime_ms(&self) -> u64 {
+        self.guest_uptime_ms
+    }
+
+    /// How long this VM has existed.
+    pub fn age(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Runs `job`, calling `on_output` for every output chunk as it arrives,
+    /// and destroys the VM. The host enforces its own deadline and output cap
+    /// whatever the guest does.
+    pub async fn execute(
+        mut self,
+        job: &Job,
+        mut on_output: impl FnMut(Stage, Stream, &[u8]),
+    ) -> Result<JobResult, RunJobError> {
+        let span = info_span!("vm", vm = %self.id);
+        async move {
+            let stages = job.compile.iter().chain(std::iter::once(&job.run));
+            let wall: u64 = stages.clone().map(|c| c.limits.wall_ms).sum();
+            // Generous slack over the guest's own limits: under TCG the guest clock runs slow.
+            let deadline_ms = wall * 2 + 15_000;
+            let cap: u64 = stages.map(|c| c.limits.output_bytes * 2).sum::<u64>() + (1 << 20);
+            write_frame_async(&mut self.stream, &HostMessage::Run(job.clone())).await.map_err(RunJobError::Send)?;
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(deadline_ms);
+            // `Done` repeats the captured output (base64), so its frame may exceed the chunk-sized
+            // limit; size the limit from this job's own caps, never from anything the guest says.
+            let max_frame = MAX_GUEST_FRAME.max(cap as usize * 4 / 3 + (64 << 10));
+            let mut decoder = FrameDecoder::new(max_frame);
+            let mut buf = vec![0u8; 64 << 10];
+            let mut received: u64 = 0;
+            loop {
+                while let Some(msg) = decoder.next_frame::<GuestMessage>().map_err(RunJobError::Protocol)? {
+                    match msg {
+                        GuestMessage::Output { stage, stream, data } => {
+                            received += data.len() as u64;
+                            if received > cap {
+                                return Err(RunJobError::OutputFlood(received));
+                            }
+                            on_output(stage, stream, &data);
+                        }
+                        GuestMessage::Done(result) => return Ok(result),
+                        GuestMessage::Failed { message } => return Err(RunJobError::AgentFailed(message)),
+                        GuestMessage::Ready { .. } => {
+                            return Err(RunJobError::Protocol(FrameError::Io(std::io::Error::other(
+                                "unexpected second ready",
+                            ))))
+                        }
+                    }
+                }
+                let n = match tokio::time::timeout_at(deadline, self.stream.read(&mut buf)).await {
+                    Err(_) => return Err(RunJobError::Deadline { ms: deadline_ms }),
+                    Ok(Err(e)) => return Err(RunJobError::Protocol(FrameError::Io(e))),
+                    Ok(Ok(n)) => n,
+                };
+                if n == 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    return Err(RunJobError::Exited { console: console_tail(&self.console) });
+                }
+                decoder.push(&buf[..n]);
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
+}
+
+/// Holds the child during boot so every early return kills it.
+struct PartialVm {
+    child: Option<std::process::Child>,
+}
+
+impl Drop for PartialVm {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            kill_and_reap(c);
+        }
+    }
+}
+
+fn kill_and_reap(child: &mut std::process::Child) {
+    let _ = child.kill();
+    // SIGKILL cannot be caught: this wait is short and leaves no zombie.
+    let _ = child.wait();
+}
+
+fn drain_into(mut r: Box<dyn std::io::Read + Send>, console: &Console) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = r.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        if let Ok(mut c) = console.lock() {
+            c.extend(&buf[..n]);
+            let excess = c.len().saturating_sub(CONSOLE_KEEP);
+            c.drain(..excess);
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! `tvm bench`: cold-start latency next to the same program run natively.
+//!
+//! Every VM run is a fresh VM (boot + job + teardown), measured from the host.
+//! The native baseline runs the same source with the host's own toolchain in
+//! the same invocation, so the overhead ratio comes from one run on one machine.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use pyrovm::{ExecutionRequest, Pyrovm, SourceFile};
+
+struct Sample {
+    runtime: &'static str,
+    file: &'static str,
+    source: &'static str,
+    /// Host command: compile (optional) and run, in a temp dir holding `file`.
+    native: &'static [&'static [&'static str]],
+}
+
+const SAMPLES: &[Sample] = &[
+    Sample { runtime: "python-3.11", file: "main.py", source: "print('hello')\n", native: &[&["python3", "main.py"]] },
+    Sample { runtime: "node-20", file: "main.js", source: "console.log('hello')\n", native: &[&["node", "main.js"]] },
+    Sample {
+        runtime: "c-gcc-12",
+        file: "main.c",
+        source: "#include <stdio.h>\nint main(void){puts(\"hello\");return 0;}\n",
+        native: &[&["gcc", "-O2", "-o", "main", "main.c"], &["./main"]],
+    },
+    Sample {
+        runtime: "cpp-gcc-12",
+        file: "main.cpp",
+        source: "#include <iostream>\nint main(){std::cout<<\"hello\"<<std::endl;}\n",
+        native: &[&["g++", "-O2", "-o", "main", "main.cpp"], &["./main"]],
+    },
+];
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn native_ms(s: &Sample, dir: &Path) -> Option<f64> {
+    std::fs::write(dir.join(s.file), s.source).ok()?;
+    let t = Instant::now();
+    for argv in s.native {
+        let st = std::process::Command::new(argv[0]).args(&argv[1..]).current_dir(dir).output().ok()?;
+        if !st.status.success() {
+            return None;
+        }
+    }
+    Some(t.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// Runs the benchmark and prints the table.
+pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
+    let dir = tempfile::tempdir().context("temp dir for native runs")?;
+    println!("accelerator: {} ({})", vmm.accel().kind().as_str(), vmm.accel().reason);
+    println!("runs per row: {runs} (each VM run boots a fresh VM)\n");
+    println!(
+        "{:<12} {:>10} {:>12} {:>12} {:>12} {:>12} {:>10} {:>8}",
+        "runtime", "native p50", "cold p50", "cold p95", "ready p50", "guest boot", "exec p50", "ratio"
+    );
+    for s in SAMPLES.iter().filter(|s| only.is_empty() || only.iter().any(|o| s.runtime.starts_with(o.as_str()))) {
+        let Some(rt) = vmm.catalog().get(s.runtime) else { continue };
+        // The first VM may build the image; keep it out of the numbers.
+        let req = ExecutionRequest {
+            runtime: rt.id.clone(),
+            files: vec![SourceFile { name: s.file.into(), content: s.source.as_bytes().to_vec() }],
+            ..Default::default()
+        };
+        vmm.execute(&req, |_, _, _| {}).await.with_context(|| format!("warm-up run of {}", s.runtime))?;
+        let (mut native, mut cold, mut ready, mut uptime, mut exec) = (vec![], vec![], vec![], vec![], vec![]);
+        for _ in 0..runs {
+            if let Some(ms) = native_ms(s, dir.path()) {
+                native.push(ms);
+            }
+            let t = Instant::now();
+            let plan = pyrovm::plan(vmm.catalog(), &req, vmm.settings().vm_overhead_mib)?;
+            let vm = vmm.boot(&plan.runtime, plan.vm_memory_mib).await?;
+            ready.push(vm.boot_time().as_secs_f64() * 1000.0);
+            uptime.push(vm.guest_uptime_ms() as f64);
+            let e = Instant::now();
+            let r = vm.execute(&plan.job, |_, _, _| {}).await?;
+            exec.push(e.elapsed().as_secs_f64() * 1000.0);
+            cold.push(t.elapsed().as_secs_f64() * 1000.0);
+            anyhow::ensure!(r.verdict == tvm_protocol::Verdict::Ok, "{}: verdict {}", s.runtime, r.verdict);
+        }
+        let n50 = percentile(&mut native, 0.5);
+        let c50 = percentile(&mut cold, 0.5);
+        println!(
+            "{:<12} {:>8.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms {:>8.1}ms {:>7.1}x",
+            s.runtime,
+            n50,
+            c50,
+            percentile(&mut cold, 0.95),
+            percentile(&mut ready, 0.5),
+            percentile(&mut uptime, 0.5),
+            percentile(&mut exec, 0.5),
+            c50 / n50
+        );
+    }
+    println!("\ncold = VMM start to result (boot + job + teardown); ready = VMM start to agent-ready;");
+    println!("guest boot = guest uptime at agent-ready; exec = job sent to result; ratio = cold p50 / native p50.");
+    Ok(())
+}

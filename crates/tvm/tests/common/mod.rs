@@ -1,0 +1,89 @@
+//! Helpers for tests that drive the real `tvm` binary against real VMs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// One test's sandbox: its own runtime dir, so leftovers are attributable.
+#[derive(Debug, Default)]
+pub struct Env {
+    pub runtime_dir: TempDir,
+    pub work: TempDir,
+}
+
+/// A temp dir (Default so Env can derive it).
+#[derive(Debug)]
+pub struct TempDir(tempfile::TempDir);
+
+impl Default for TempDir {
+    fn default() -> Self {
+        Self(tempfile::tempdir().unwrap())
+    }
+}
+
+impl TempDir {
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Env {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn tvm(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tvm"));
+        c.env("TVM_RUNTIME_DIR", self.runtime_dir.path()).env_remove("TVM_LOG").stdin(std::process::Stdio::null());
+        c
+    }
+
+    /// Writes a source file into the work dir.
+    pub fn file(&self, name: &str, content: &str) -> PathBuf {
+        let p = self.work.path().join(name);
+        std::fs::write(&p, content).unwrap();
+        p
+    }
+
+    /// `tvm run --json FILE [extra...]`, parsed.
+    pub fn run_json(&self, file: &Path, extra: &[&str]) -> (serde_json::Value, Output) {
+        let out = self.tvm().arg("run").arg("--json").args(extra).arg(file).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): stdout={} stderr={}", lossy(&out.stdout), lossy(&out.stderr)));
+        self.assert_clean();
+        (v, out)
+    }
+
+    /// No run dir and no VMM process of this test survives.
+    pub fn assert_clean(&self) {
+        let left: Vec<_> = std::fs::read_dir(self.runtime_dir.path())
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "run dirs left behind: {left:?}");
+        let procs = vmm_processes(self.runtime_dir.path());
+        assert!(procs.is_empty(), "VMM processes left behind: {procs:?}");
+    }
+}
+
+pub fn lossy(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Pids of processes whose command line mentions `dir` (our VMMs get their socket path there).
+pub fn vmm_processes(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains("qemu-system") && cmd.contains(&needle) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+pub fn stdout_of(v: &serde_json::Value) -> String {
+    v["run"]["stdout"].as_str().unwrap_or("").to_string()
+}

@@ -1,0 +1,729 @@
+//! End-to-end HTTP API tests against a real `tvm serve` with real VMs.
+//!
+//! Every endpoint and error status, the warm pool, admission control
+//! (429 with a one-VM server), the drain (503, in-flight work finishes), a
+//! bounded load test, and `kill -9` + restart. Each test owns a runtime dir
+//! and checks that no VMM process or run dir survives.
+//!
+//! The HTTP client is a few lines over `TcpStream` (HTTP/1.1, one request per
+//! connection): the tests need raw control over headers and bodies and no
+//! extra dependency. Set `TVM_TEST_SERVER_BIN` to run the suite against
+//! another server binary taking the same flags.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{vmm_processes, Env};
+use serde_json::{json, Value};
+
+const STARTUP: Duration = Duration::from_secs(180);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+// ---------------------------------------------------------------- HTTP client
+
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, String::from_utf8_lossy(&self.body)))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts the API error shape and returns the error object.
+    fn error(&self, status: u16, code: &str) -> Value {
+        assert_eq!(self.status, status, "{}", self.text());
+        let v = self.json();
+        assert_eq!(v["error"]["code"], code, "{v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        assert!(self.header("x-request-id").is_some(), "errors carry a request id too");
+        v["error"].clone()
+    }
+}
+
+fn write_request(s: &mut TcpStream, addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if method == "POST" {
+        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+}
+
+/// Reads the status line and headers.
+fn read_head(r: &mut BufReader<TcpStream>) -> (u16, BTreeMap<String, String>) {
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
+    let mut headers = BTreeMap::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    (status, headers)
+}
+
+/// Calls `on_data` with body bytes as they arrive (de-chunked), until the body ends.
+fn read_body(r: &mut BufReader<TcpStream>, headers: &BTreeMap<String, String>, mut on_data: impl FnMut(&[u8])) {
+    if headers.get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+        loop {
+            let mut size = String::new();
+            if r.read_line(&mut size).unwrap() == 0 {
+                return;
+            }
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16).unwrap();
+            if n == 0 {
+                return;
+            }
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).unwrap();
+            on_data(&chunk[..n]);
+        }
+    } else if let Some(len) = headers.get("content-length").and_then(|l| l.parse::<usize>().ok()) {
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).unwrap();
+        on_data(&body);
+    } else {
+        let mut body = Vec::new();
+        let _ = r.read_to_end(&mut body);
+        on_data(&body);
+    }
+}
+
+fn connect(addr: &str) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
+    s
+}
+
+fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    let mut s = connect(addr);
+    write_request(&mut s, addr, method, path, headers, body);
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r);
+    let mut out = Vec::new();
+    read_body(&mut r, &headers, |b| out.extend_from_slice(b));
+    Resp { status, headers, body: out }
+}
+
+/// One server-sent event and when it arrived.
+#[derive(Debug)]
+struct TimedEvent {
+    event: String,
+    data: Value,
+    at: Instant,
+}
+
+fn sse(addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<TimedEvent>) {
+    let mut s = connect(addr);
+    write_request(&mut s, addr, "POST", path, headers, body);
+    let mut r = BufReader::new(s);
+    let (status, h) = read_head(&mut r);
+    let mut events = Vec::new();
+    let mut buf = String::new();
+    read_body(&mut r, &h, |b| {
+        buf.push_str(&String::from_utf8_lossy(b));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut event = "message".to_string();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                }
+            }
+            if !data.is_empty() {
+                events.push(TimedEvent { event, data: serde_json::from_str(&data).unwrap(), at: Instant::now() });
+            }
+        }
+    });
+    (status, events)
+}
+
+// ---------------------------------------------------------------- server
+
+struct Server {
+    child: Child,
+    addr: String,
+    log: Arc<Mutex<String>>,
+}
+
+fn server_command(env: &Env) -> Command {
+    match std::env::var_os("TVM_TEST_SERVER_BIN") {
+        None => env.tvm(),
+        Some(bin) => {
+            let mut c = Command::new(bin);
+            c.env("TVM_RUNTIME_DIR", env.runtime_dir.path()).env_remove("TVM_LOG").stdin(Stdio::null());
+            c
+        }
+    }
+}
+
+impl Server {
+    fn start(env: &Env, args: &[&str]) -> Server {
+        let mut child = server_command(env)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("TVM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(STARTUP) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start:\n{}", log.lock().unwrap());
+            }
+        };
+        Server { child, addr, log }
+    }
+
+    fn get(&self, path: &str) -> Resp {
+        http(&self.addr, "GET", path, &[], b"")
+    }
+
+    fn post(&self, path: &str, headers: &[(&str, &str)], body: &Value) -> Resp {
+        http(&self.addr, "POST", path, headers, body.to_string().as_bytes())
+    }
+
+    fn execute(&self, body: &Value) -> Resp {
+        self.post("/v1/executions", &[], body)
+    }
+
+    fn metric(&self, series: &str) -> Option<f64> {
+        let m = self.get("/metrics").text();
+        m.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+    }
+
+    fn wait_metric(&self, series: &str, pred: impl Fn(f64) -> bool, what: &str) {
+        let t = Instant::now();
+        while !self.metric(series).is_some_and(&pred) {
+            assert!(t.elapsed() < STARTUP, "timed out waiting for {what}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(self.child.id() as i32)
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), sig).unwrap();
+    }
+
+    fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t.elapsed() < timeout, "server did not exit; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, and the server exits cleanly.
+    fn stop(mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self.wait(Duration::from_secs(60));
+        assert!(status.success(), "server exit {status:?}; log:\n{}", self.log());
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Only reached with the server still up when a test failed: do not leave it running.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn hello(src: &str) -> Value {
+    json!({"runtime": "python", "files": [{"name": "main.py", "content": src}]})
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Pids of live processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)).and_then(|s| s.parse().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+// ---------------------------------------------------------------- tests
+
+#[test]
+fn every_endpoint_and_error_status() {
+    let env = Env::new();
+    let server = Server::start(&env, &["--api-key", "test-key-1", "--api-key", "test-key-2"]);
+    let auth = [("Authorization", "Bearer test-key-1")];
+
+    // Operations endpoints are open.
+    let r = server.get("/healthz");
+    assert_eq!((r.status, r.json()["status"].clone()), (200, json!("ok")));
+    assert!(r.header("x-request-id").is_some_and(|id| id.len() >= 16));
+    let r = http(&server.addr, "GET", "/healthz", &[("X-Request-Id", "client-id-42")], b"");
+    assert_eq!(r.header("x-request-id"), Some("client-id-42"), "a sane client id is echoed");
+    let r = http(&server.addr, "GET", "/healthz", &[("X-Request-Id", "bad id with spaces")], b"");
+    assert_ne!(r.header("x-request-id"), Some("bad id with spaces"));
+
+    let r = server.get("/readyz");
+    assert_eq!(r.status, 200, "all images are built and there is no pool: ready; {}", r.text());
+    assert_eq!(r.json()["ready"], true);
+
+    let doc = server.get("/v1/openapi.json").json();
+    for p in ["/v1/executions", "/v1/executions/stream", "/v1/runtimes", "/healthz", "/readyz", "/metrics"] {
+        assert!(doc["paths"][p].is_object(), "openapi lacks {p}");
+    }
+    assert!(doc["components"]["schemas"]["ExecutionResult"].is_object());
+
+    // 401: no key, wrong key; both header styles work.
+    server.get("/v1/runtimes").error(401, "unauthorized");
+    let r = http(&server.addr, "GET", "/v1/runtimes", &[("Authorization", "Bearer nope")], b"");
+    r.error(401, "unauthorized");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    server.execute(&hello("print(1)")).error(401, "unauthorized");
+    let rts = http(&server.addr, "GET", "/v1/runtimes", &[("X-API-Key", "test-key-2")], b"");
+    assert_eq!(rts.status, 200);
+    let rts = rts.json();
+    let py = rts["runtimes"].as_array().unwrap().iter().find(|r| r["id"] == "python-3.11").unwrap().clone();
+    assert_eq!(py["language"], "python");
+    assert_eq!(py["image"]["state"], "ready");
+    assert_eq!(py["compiled"], false);
+    assert!(py["aliases"].as_array().unwrap().contains(&json!("python")));
+    assert!(py["default_limits"]["run"]["wall_time_ms"].as_u64().unwrap() > 0);
+    let c = rts["runtimes"].as_array().unwrap().iter().find(|r| r["id"] == "c-gcc-12").unwrap().clone();
+    assert_eq!(c["compiled"], true);
+    assert!(rts["maximum_limits"]["memory_bytes"].as_u64().unwrap() > 0);
+
+    // 400: malformed JSON, wrong shape.
+    let post_raw = |body: &[u8]| http(&server.addr, "POST", "/v1/executions", &auth, body);
+    post_raw(b"{not json").error(400, "malformed_request");
+    post_raw(b"").error(400, "malformed_request");
+    let r = server.post("/v1/executions", &auth, &json!({"runtime": "python", "files": [], "colour": "red"}));
+    assert!(r.error(400, "malformed_request")["message"].as_str().unwrap().contains("colour"));
+    server
+        .post("/v1/executions", &auth, &json!({"runtime": "python", "files": "main.py"}))
+        .error(400, "malformed_request");
+
+    // 422: each semantic refusal names its field.
+    let cases = [
+        (json!({"runtime": "cobol", "files": [{"name": "a", "content": ""}]}), "unknown_runtime", "runtime"),
+        (
+            json!({"runtime": "python", "files": [{"name": "a.py", "content": ""}], "run_limits": {"memory_bytes": 1u64 << 40}}),
+            "limit_out_of_range",
+            "run_limits",
+        ),
+        (
+            json!({"runtime": "c", "files": [{"name": "a.c", "content": ""}], "compile_limits": {"wall_time_ms": 0}}),
+            "limit_out_of_range",
+            "compile_limits",
+        ),
+        (
+            json!({"runtime": "python", "files": [{"name": "a.py", "content": "%%%", "encoding": "base64"}]}),
+            "bad_base64",
+            "files[0].content",
+        ),
+        (json!({"runtime": "python", "files": [{"name": "../etc/x.py", "content": ""}]}), "bad_file_name", "files"),
+        (json!({"runtime": "python", "files": [{"name": "/abs.py", "content": ""}]}), "bad_file_name", "files"),
+        (json!({"runtime": "python", "files": []}), "no_files", "files"),
+        (
+            json!({"runtime": "python", "files": (0..65).map(|i| json!({"name": format!("f{i}.py"), "content": ""})).collect::<Vec<_>>()}),
+            "too_many_files",
+            "files",
+        ),
+        (
+            json!({"runtime": "python", "files": [{"name": "a.py", "content": "x".repeat((16 << 20) + 1)}]}),
+            "files_too_large",
+            "files",
+        ),
+        (
+            json!({"runtime": "python", "files": [{"name": "a.py", "content": ""}], "entry": "b.py"}),
+            "entry_not_found",
+            "entry",
+        ),
+        (
+            json!({"runtime": "python", "files": [{"name": "a.py", "content": ""}], "network": true}),
+            "network_disabled",
+            "network",
+        ),
+    ];
+    for (body, code, field) in cases {
+        let e = server.post("/v1/executions", &auth, &body).error(422, code);
+        assert_eq!(e["field"], field, "{code}");
+    }
+    let e = server.post(
+        "/v1/executions",
+        &auth,
+        &json!({"runtime": "python", "files": [{"name": "a.py", "content": ""}], "network": true}),
+    );
+    assert_eq!(e.json()["error"]["message"], "network access is disabled by the operator");
+
+    // 413: the declared length alone exceeds the limit (32 MiB by default); nothing is buffered.
+    let mut s = connect(&server.addr);
+    let head = format!(
+        "POST /v1/executions HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAuthorization: Bearer test-key-1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{{",
+        server.addr,
+        64 << 20
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r);
+    let mut body = Vec::new();
+    read_body(&mut r, &headers, |b| body.extend_from_slice(b));
+    Resp { status, headers, body }.error(413, "payload_too_large");
+
+    // 404 and 405 in the same shape.
+    server.get("/v2/nothing").error(404, "not_found");
+    http(&server.addr, "DELETE", "/healthz", &[], b"").error(405, "method_not_allowed");
+
+    // A real execution: stdin, args, exit code, measurements.
+    let r = server.post(
+        "/v1/executions",
+        &auth,
+        &json!({
+            "language": "python", "version": "3.11",
+            "files": [{"name": "main.py", "content": "import sys\nprint(sys.stdin.read().upper(), end='')\nprint(sys.argv[1:])\nsys.exit(3)"}],
+            "stdin": "abc\n", "args": ["x", "y z"],
+            "run_limits": {"wall_time_ms": 20000},
+        }),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["verdict"], "runtime_error", "{v}");
+    assert_eq!(v["runtime"], "python-3.11");
+    assert_eq!(v["run"]["stdout"], "ABC\n['x', 'y z']\n");
+    assert_eq!(v["run"]["exit_code"], 3);
+    assert_eq!(v["run"]["status"], "failed");
+    assert_eq!(v["pooled"], false);
+    assert!(v["boot_ms"].as_u64().unwrap() > 0);
+    assert!(v["run"]["peak_memory_bytes"].as_u64().unwrap() > 0);
+    assert!(["kvm", "tcg"].contains(&v["accel"].as_str().unwrap()));
+
+    // A compiled runtime, failing to compile; binary files travel as base64.
+    let r = server.post(
+        "/v1/executions",
+        &auth,
+        &json!({"runtime": "c", "files": [{"name": "main.c", "content": "aW50IG1haW4oKSB7IHJldHVybiB9", "encoding": "base64"}]}),
+    );
+    let v = r.json();
+    assert_eq!(v["verdict"], "compile_error", "{v}");
+    assert!(v["compile"]["stderr"].as_str().unwrap().contains("error"), "{v}");
+    assert!(v["run"].is_null());
+
+    // Streaming: output arrives before the result.
+    let src = "import time\nprint('first', flush=True)\ntime.sleep(2)\nprint('second')";
+    let (status, events) = sse(&server.addr, "/v1/executions/stream", &auth, hello(src).to_string().as_bytes());
+    assert_eq!(status, 200);
+    let result = events.last().expect("events");
+    assert_eq!(result.event, "result", "{events:?}");
+    assert_eq!(result.data["verdict"], "ok");
+    let first = events.iter().find(|e| e.event == "stdout").expect("a stdout event");
+    assert_eq!(first.data["stage"], "run");
+    assert!(first.data["data"].as_str().unwrap().starts_with("first"), "{events:?}");
+    assert!(result.at.duration_since(first.at) >= Duration::from_secs(1), "output was streamed, not batched");
+    let streamed: String =
+        events.iter().filter(|e| e.event == "stdout").map(|e| e.data["data"].as_str().unwrap()).collect();
+    assert_eq!(streamed, result.data["run"]["stdout"].as_str().unwrap());
+    // Errors on the streaming endpoint are plain HTTP errors.
+    let (status, _) = sse(&server.addr, "/v1/executions/stream", &[], hello("").to_string().as_bytes());
+    assert_eq!(status, 401);
+
+    // Metrics saw all of it.
+    let m = server.get("/metrics");
+    assert!(m.header("content-type").unwrap().starts_with("text/plain"));
+    let m = m.text();
+    for needle in [
+        "tvm_http_requests_total{route=\"/v1/executions\",status=\"401\"}",
+        "tvm_http_requests_total{route=\"/v1/executions\",status=\"422\"}",
+        "tvm_executions_total{runtime=\"python-3.11\",verdict=\"runtime_error\"} 1",
+        "tvm_executions_total{runtime=\"c-gcc-12\",verdict=\"compile_error\"} 1",
+        "tvm_pool_misses_total{runtime=\"python-3.11\"}",
+        "tvm_vm_boot_seconds_count",
+        "tvm_execution_seconds_bucket",
+        "tvm_queue_depth 0",
+    ] {
+        assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
+    }
+
+    server.stop();
+    env.assert_clean();
+}
+
+#[test]
+fn warm_pool_skips_the_boot() {
+    let env = Env::new();
+    let server = Server::start(&env, &["--pool-size", "python=2"]);
+    wait_until("pool warm (readyz 200)", STARTUP, || server.get("/readyz").status == 200);
+    let rts = server.get("/v1/runtimes").json();
+    let py = rts["runtimes"].as_array().unwrap().iter().find(|r| r["id"] == "python-3.11").unwrap().clone();
+    assert_eq!((py["pool"]["target"].clone(), py["pool"]["idle"].clone()), (json!(2), json!(2)));
+
+    let warm = server.execute(&hello("print('warm')")).json();
+    assert_eq!((warm["verdict"].clone(), warm["pooled"].clone()), (json!("ok"), json!(true)), "{warm}");
+    assert_eq!(warm["run"]["stdout"], "warm\n");
+    // More memory than a pool VM has: a miss, booted on demand.
+    let mut cold_req = hello("print('cold')");
+    cold_req["run_limits"] = json!({"memory_bytes": 768u64 << 20});
+    let cold = server.execute(&cold_req).json();
+    assert_eq!((cold["verdict"].clone(), cold["pooled"].clone()), (json!("ok"), json!(false)), "{cold}");
+    let (w, c) = (warm["total_ms"].as_u64().unwrap(), cold["total_ms"].as_u64().unwrap());
+    eprintln!(
+        "warm total {w} ms (boot paid earlier: {} ms); cold total {c} ms (boot {} ms)",
+        warm["boot_ms"], cold["boot_ms"]
+    );
+    assert!(w < c, "a warm execution ({w} ms) is faster than a cold one ({c} ms)");
+    assert!(w + cold["boot_ms"].as_u64().unwrap() / 2 < c, "warm latency excludes the boot");
+
+    assert!(server.metric("tvm_pool_hits_total{runtime=\"python-3.11\"}").unwrap() >= 1.0);
+    assert!(server.metric("tvm_pool_misses_total{runtime=\"python-3.11\"}").unwrap() >= 1.0);
+    // The pool refills in the background.
+    server.wait_metric("tvm_pool_idle{runtime=\"python-3.11\"}", |v| v == 2.0, "pool refilled");
+
+    // Pool VMs are destroyed on shutdown.
+    server.stop();
+    env.assert_clean();
+}
+
+#[test]
+fn full_queue_and_queue_deadline_are_429() {
+    let env = Env::new();
+    let server = Arc::new(Server::start(&env, &["--max-vms", "1", "--queue", "1", "--queue-timeout", "3s"]));
+    let mut long = hello("import time\ntime.sleep(8)\nprint('done')");
+    long["run_limits"] = json!({"wall_time_ms": 30000});
+    let s = server.clone();
+    let a = std::thread::spawn(move || s.execute(&long));
+    wait_until("first VM admitted", STARTUP, || a.is_finished() || server.metric("tvm_vms ") == Some(1.0));
+    assert!(!a.is_finished(), "first request ended early: {}\n{}", a.join().unwrap().text(), server.log());
+
+    let s = server.clone();
+    let b = std::thread::spawn(move || s.execute(&hello("print('queued')")));
+    wait_until("second request queued", STARTUP, || b.is_finished() || server.metric("tvm_queue_depth ") == Some(1.0));
+    assert!(!b.is_finished(), "second request was not queued: {}", b.join().unwrap().text());
+
+    let full = server.execute(&hello("print('refused')"));
+    full.error(429, "queue_full");
+    assert!(full.header("retry-after").and_then(|v| v.parse::<u64>().ok()).is_some_and(|s| s >= 1));
+
+    let timed_out = b.join().unwrap();
+    timed_out.error(429, "queue_timeout");
+    assert!(timed_out.header("retry-after").is_some());
+    let first = a.join().unwrap();
+    assert_eq!(first.status, 200);
+    assert_eq!(first.json()["run"]["stdout"], "done\n", "{}", first.text());
+    assert_eq!(server.metric("tvm_rejections_total{reason=\"queue_full\"}"), Some(1.0));
+    assert_eq!(server.metric("tvm_rejections_total{reason=\"queue_timeout\"}"), Some(1.0));
+
+    Arc::into_inner(server).unwrap().stop();
+    env.assert_clean();
+}
+
+#[test]
+fn sigterm_drains_in_flight_work_and_refuses_new() {
+    let env = Env::new();
+    let server = Arc::new(Server::start(&env, &[]));
+    let s = server.clone();
+    let a = std::thread::spawn(move || s.execute(&hello("import time\ntime.sleep(5)\nprint('finished')")));
+    wait_until("VM running", STARTUP, || !vmm_processes(env.runtime_dir.path()).is_empty());
+    std::thread::sleep(Duration::from_secs(1));
+
+    server.signal(nix::sys::signal::Signal::SIGTERM);
+    wait_until("draining", Duration::from_secs(10), || server.get("/readyz").status == 503);
+    let r = server.get("/readyz");
+    assert_eq!(r.json()["draining"], true);
+    server.execute(&hello("print(1)")).error(503, "draining");
+    let (status, _) = sse(&server.addr, "/v1/executions/stream", &[], hello("").to_string().as_bytes());
+    assert_eq!(status, 503);
+    assert_eq!(server.get("/healthz").status, 200, "alive while draining");
+
+    let done = a.join().unwrap();
+    assert_eq!(done.status, 200, "in-flight execution finishes: {}", done.text());
+    assert_eq!(done.json()["run"]["stdout"], "finished\n");
+    let mut server = Arc::into_inner(server).unwrap();
+    let status = server.wait(Duration::from_secs(60));
+    assert!(status.success(), "{status:?}\n{}", server.log());
+    env.assert_clean();
+}
+
+#[test]
+fn bounded_load_ends_in_200_or_429_and_leaves_nothing() {
+    const REQUESTS: usize = 40;
+    const CONCURRENCY: usize = 4;
+    let env = Env::new();
+    let server = Arc::new(Server::start(&env, &["--max-vms", "2", "--queue", "1", "--queue-timeout", "60s"]));
+    let pid = server.child.id();
+    // Warm up the server's own lazily created resources before taking the baseline.
+    assert_eq!(server.execute(&hello("print('warm-up')")).status, 200);
+    let fds_before = open_fds(pid);
+
+    let next = Arc::new(Mutex::new(0usize));
+    let outcomes = Arc::new(Mutex::new(Vec::new()));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (server, next, outcomes) = (server.clone(), next.clone(), outcomes.clone());
+            std::thread::spawn(move || loop {
+                let i = {
+                    let mut n = next.lock().unwrap();
+                    if *n == REQUESTS {
+                        return;
+                    }
+                    *n += 1;
+                    *n
+                };
+                let r = server.execute(&hello(&format!("print({i} * 2)")));
+                let ok = r.status == 200
+                    && r.json()["verdict"] == "ok"
+                    && r.json()["run"]["stdout"] == format!("{}\n", i * 2);
+                if r.status == 429 {
+                    // What a well-behaved client does (bounded: Retry-After is at most a minute).
+                    let secs = r.header("retry-after").and_then(|v| v.parse().ok()).unwrap_or(1u64);
+                    std::thread::sleep(Duration::from_secs(secs.min(2)));
+                }
+                outcomes.lock().unwrap().push((r.status, ok, r.text()));
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let outcomes = outcomes.lock().unwrap();
+    let count = |s: u16| outcomes.iter().filter(|o| o.0 == s).count();
+    eprintln!(
+        "{REQUESTS} requests at concurrency {CONCURRENCY} in {:?}: {} × 200, {} × 429",
+        started.elapsed(),
+        count(200),
+        count(429)
+    );
+    assert_eq!(outcomes.len(), REQUESTS);
+    for (status, ok, text) in outcomes.iter() {
+        assert!(*status == 200 || *status == 429, "unexpected {status}: {text}");
+        assert!(*status != 200 || *ok, "wrong answer: {text}");
+    }
+    assert!(count(200) >= REQUESTS / 4, "most requests should run");
+
+    // Back to the baseline: no VM, no child process, no leaked descriptors.
+    wait_until("VMs gone", Duration::from_secs(10), || server.metric("tvm_vms ") == Some(0.0));
+    assert!(children(pid).is_empty(), "server children left: {:?}", children(pid));
+    assert!(vmm_processes(env.runtime_dir.path()).is_empty());
+    // Let the server close the last metrics connection.
+    std::thread::sleep(Duration::from_millis(500));
+    let fds_after = open_fds(pid);
+    assert!(fds_after <= fds_before + 2, "descriptors grew from {fds_before} to {fds_after}");
+    Arc::into_inner(server).unwrap().stop();
+    env.assert_clean();
+}
+
+#[test]
+fn kill_9_then_restart_leaves_nothing() {
+    let env = Env::new();
+    let server = Arc::new(Server::start(&env, &[]));
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let s = server.clone();
+            // The server dies under these: the client sees a broken connection, never an answer.
+            std::thread::spawn(move || {
+                let mut body = hello("import time\ntime.sleep(60)");
+                body["run_limits"] = json!({"wall_time_ms": 90000});
+                let body = body.to_string();
+                let mut c = connect(&s.addr);
+                write_request(&mut c, &s.addr, "POST", "/v1/executions", &[], body.as_bytes());
+                let mut buf = Vec::new();
+                let _ = c.read_to_end(&mut buf);
+                buf
+            })
+        })
+        .collect();
+    wait_until("two VMs running", STARTUP, || vmm_processes(env.runtime_dir.path()).len() == 2);
+    std::thread::sleep(Duration::from_secs(2));
+    server.signal(nix::sys::signal::Signal::SIGKILL);
+    for c in clients {
+        assert!(c.join().unwrap().is_empty(), "no answer from a killed server");
+    }
+    let mut server = Arc::into_inner(server).unwrap();
+    server.wait(Duration::from_secs(10));
+    // QEMU dies with its parent (PDEATHSIG); the run dirs stay for the reaper.
+    wait_until("VMMs gone", Duration::from_secs(10), || vmm_processes(env.runtime_dir.path()).is_empty());
+    let left = std::fs::read_dir(env.runtime_dir.path()).unwrap().count();
+    assert!(left > 0, "a SIGKILLed server cannot clean up its run dirs");
+
+    let server = Server::start(&env, &[]);
+    // Startup reaped the predecessor's leftovers, and the new server works.
+    env.assert_clean();
+    let r = server.execute(&hello("print('alive')"));
+    assert_eq!(r.json()["run"]["stdout"], "alive\n");
+    server.stop();
+    env.assert_clean();
+}

@@ -1,0 +1,2 @@
+#include <iostream>
+int main() { std::cout << "Hello from C++ inside a TVM microVM" << std::endl; }

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One command from a fresh Debian/Ubuntu machine to a program running in a microVM:
+# installs system packages, builds tvm and its guest agent, the guest kernel and
+# the runtime images (all cached; a second run takes seconds), then runs
+# examples/hello.py inside a VM. Pass --no-run to stop after building.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run_sample=1
+[ "${1:-}" = "--no-run" ] && run_sample=0
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+PKGS=(qemu-system-x86 linux-source-6.1 mmdebstrap erofs-utils make gcc flex bison bc libelf-dev libssl-dev xz-utils)
+missing=()
+for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "==> installing: ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found; install Rust (https://rustup.rs) and run this again" >&2
+  exit 1
+fi
+
+echo "==> building tvm and the guest agent"
+scripts/build-agent.sh
+cargo build --quiet --release -p tvm
+TVM=target/release/tvm
+
+echo "==> guest kernel (cached after the first build, ~5 min on 2 cores)"
+$SUDO "$TVM" kernel build
+echo "==> runtime images (cached by recipe)"
+$SUDO "$TVM" image build --all
+$SUDO "$TVM" doctor || true
+
+if [ $run_sample -eq 1 ]; then
+  echo "==> tvm run examples/hello.py"
+  $SUDO "$TVM" run examples/hello.py
+fi

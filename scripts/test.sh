@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test suite: unit tests plus integration tests that boot real microVMs
+# (KVM where a probe boot proves it works, TCG otherwise). Needs what
+# scripts/setup.sh installs and builds; it reuses the kernel and image caches.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/build-agent.sh
+cargo build --quiet --release -p tvm
+target/release/tvm kernel build
+target/release/tvm image build --all
+# Two test threads: each VM test boots its own guest, and this keeps two guests at most per core pair.
+cargo test --workspace -- --test-threads=2
