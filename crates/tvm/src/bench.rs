@@ -61,8 +61,18 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
     println!("accelerator: {} ({})", vmm.accel().kind().as_str(), vmm.accel().reason);
     println!("runs per row: {runs} (each VM run boots a fresh VM)\n");
     println!(
-        "{:<12} {:>10} {:>12} {:>12} {:>12} {:>12} {:>10} {:>8}",
-        "runtime", "native p50", "cold p50", "cold p95", "ready p50", "guest boot", "exec p50", "ratio"
+        "{:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10}",
+        "runtime",
+        "native p50",
+        "cold p50",
+        "cold p95",
+        "warm p50",
+        "warm p95",
+        "ready p50",
+        "guest boot",
+        "cold ex/s",
+        "ratio",
+        "image"
     );
     for s in SAMPLES.iter().filter(|s| only.is_empty() || only.iter().any(|o| s.runtime.starts_with(o.as_str()))) {
         let Some(rt) = vmm.catalog().get(s.runtime) else { continue };
@@ -91,19 +101,34 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
         }
         let n50 = percentile(&mut native, 0.5);
         let c50 = percentile(&mut cold, 0.5);
+        // One VM at a time: executions per second of a serial client paying the boot each time.
+        let per_sec = 1000.0 * cold.len() as f64 / cold.iter().sum::<f64>();
+        let image = rt
+            .image
+            .as_ref()
+            .and_then(|r| pyrovm::image::find_image(vmm.settings(), r))
+            .map(|i| tvm_config::format_bytes(i.meta.size_bytes))
+            .unwrap_or_default();
         println!(
-            "{:<12} {:>8.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms {:>10.1}ms {:>8.1}ms {:>7.1}x",
+            "{:<12} {:>8.1}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>9.2} {:>7.1}x {:>10}",
             s.runtime,
             n50,
             c50,
             percentile(&mut cold, 0.95),
+            percentile(&mut exec, 0.5),
+            percentile(&mut exec, 0.95),
             percentile(&mut ready, 0.5),
             percentile(&mut uptime, 0.5),
-            percentile(&mut exec, 0.5),
-            c50 / n50
+            per_sec,
+            c50 / n50,
+            image
         );
     }
-    println!("\ncold = VMM start to result (boot + job + teardown); ready = VMM start to agent-ready;");
-    println!("guest boot = guest uptime at agent-ready; exec = job sent to result; ratio = cold p50 / native p50.");
+    println!("\ncold = VMM start to result (boot + job + teardown), what `tvm run` pays;");
+    println!(
+        "warm = job sent to result on an already booted VM, what a warm-pool request pays (`tvm serve --pool-size`);"
+    );
+    println!("ready = VMM start to agent-ready; guest boot = guest uptime at agent-ready;");
+    println!("cold ex/s = serial executions per second with a boot each; ratio = cold p50 / native p50.");
     Ok(())
 }
