@@ -26,6 +26,8 @@ fi
 echo "==> building tvm and the guest agent"
 scripts/build-agent.sh
 cargo build --quiet --release -p tvm
+# Next to the binary is where `tvm` looks for its guest agent first.
+cp target/agent/x86_64-unknown-linux-gnu/release/tvm-agent target/release/tvm-agent
 TVM=target/release/tvm
 
 echo "==> guest kernel (cached after the first build, ~5 min on 2 cores)"

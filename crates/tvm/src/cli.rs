@@ -574,7 +574,7 @@ async fn doctor(settings: Settings, catalog: Catalog, json: bool) -> Result<Exit
             .await?;
         match d {
             Ok(d) => {
-                checks.push(("accelerator".into(), true, format!("{:?}: {}", d.kind, d.reason).to_lowercase()));
+                checks.push(("accelerator".into(), true, format!("{}: {}", d.kind().as_str(), d.reason)));
                 accel = Some(d);
             }
             Err(e) => checks.push(("accelerator".into(), false, e.to_string())),
