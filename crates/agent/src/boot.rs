@@ -117,6 +117,13 @@ pub fn configure() -> Result<(), Error> {
     // The job may exhaust memory; the agent must live to report it. Children
     // inherit this value, so the sandbox sets it back to 0 before exec.
     std::fs::write("/proc/self/oom_score_adj", "-1000").map_err(Error::OomScoreAdj)?;
+    // And it must not be starved of CPU by a busy job on a one-vCPU guest.
+    // Threads inherit the nice value of the thread that creates them, and
+    // every agent thread is created after this; jobs reset it to 0.
+    // SAFETY: setpriority with integer arguments.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, -10) } != 0 {
+        debug!("cannot raise the agent's priority: {}", std::io::Error::last_os_error());
+    }
     Ok(())
 }
 

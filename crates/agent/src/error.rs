@@ -73,6 +73,9 @@ pub enum Error {
     /// Reading a cgroup control file failed.
     #[error("reading {0}")]
     ReadCgroup(PathBuf, #[source] std::io::Error),
+    /// The job's seccomp filter could not be built.
+    #[error("building the seccomp filter")]
+    Seccomp(#[source] seccompiler::BackendError),
     /// A helper thread could not be started.
     #[error("starting the {0} thread")]
     SpawnThread(&'static str, #[source] std::io::Error),

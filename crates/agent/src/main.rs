@@ -11,6 +11,7 @@
 
 mod boot;
 mod error;
+mod harden;
 mod job;
 mod log;
 mod output;

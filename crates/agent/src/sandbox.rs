@@ -1,6 +1,7 @@
 //! Confinement of one stage: a cgroup v2 group for memory, process count and
 //! CPU accounting, plus what the child does to itself between `fork` and
-//! `exec` (join the cgroup, rlimits, drop root).
+//! `exec` (join the cgroup, rlimits, drop root, drop every capability,
+//! install the seccomp filter; see [`crate::harden`]).
 
 use std::ffi::CString;
 use std::io;
@@ -174,6 +175,7 @@ pub fn cpu_rlimit_secs(cpu_ms: u64) -> (u64, u64) {
 pub struct ChildSetup {
     cgroup_procs: CString,
     rlimits: [(Resource, u64, u64); 4],
+    seccomp: Vec<seccompiler::BpfProgram>,
 }
 
 impl ChildSetup {
@@ -192,29 +194,39 @@ impl ChildSetup {
                 (Resource::RLIMIT_NOFILE, files, files),
                 (Resource::RLIMIT_CORE, 0, 0),
             ],
+            seccomp: crate::harden::filters()?,
         })
     }
 
     /// Runs in the forked child, still as root. Order matters: the cgroup is
-    /// joined first so every later fork is counted, and root is dropped
-    /// last because joining the cgroup and setting limits need it.
+    /// joined first so every later fork is counted; root is dropped after
+    /// everything that needs it (cgroup, limits, bounding set); the seccomp
+    /// filter comes last, as the runner, right before `exec`.
     pub fn apply(&self) -> io::Result<()> {
         write_file(&self.cgroup_procs, b"0")?;
         // The agent runs with oom_score_adj -1000 and children inherit it; an
         // unkillable job would leave the cgroup OOM killer with no victim.
         write_file(c"/proc/self/oom_score_adj", b"0")?;
+        // Likewise the agent's raised CPU priority (so a busy job cannot
+        // starve its supervisor): the job gets the normal one.
+        // SAFETY: setpriority with integer arguments.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
         // A session of its own: no controlling terminal, and job control
         // signals from the job stay within the job.
         setsid()?;
         for &(resource, soft, hard) in &self.rlimits {
             setrlimit(resource, soft, hard)?;
         }
+        crate::harden::drop_bounding_and_ambient()?;
         // Set-uid binaries in the image must not hand root back.
         nix::sys::prctl::set_no_new_privs()?;
         setgroups(&[])?;
         setgid(Gid::from_raw(RUNNER_GID))?;
         setuid(Uid::from_raw(RUNNER_UID))?;
-        Ok(())
+        crate::harden::clear_capability_sets()?;
+        crate::harden::install(&self.seccomp)
     }
 }
 
