@@ -25,8 +25,8 @@ const QUEUE_RECHECK: Duration = Duration::from_millis(250);
 /// Capacity secured for one execution.
 #[derive(Debug)]
 pub(crate) enum Lease {
-    /// A warm VM (with its permit).
-    Pooled(PooledVm),
+    /// A warm VM (with its permit); boxed, as a `Vm` is much larger than a permit.
+    Pooled(Box<PooledVm>),
     /// The right to boot one.
     Fresh(VmPermit),
 }
@@ -65,7 +65,7 @@ async fn obtain(st: &AppState, plan: &Plan) -> Result<Lease, ApiError> {
     let need = plan.vm_memory_mib;
     if let Some(vm) = st.pool.take(runtime, need) {
         st.metrics.pool(runtime, true);
-        return Ok(Lease::Pooled(vm));
+        return Ok(Lease::Pooled(Box::new(vm)));
     }
     st.metrics.pool(runtime, false);
     let adm = &st.admission;
@@ -100,7 +100,7 @@ async fn obtain(st: &AppState, plan: &Plan) -> Result<Lease, ApiError> {
         }
         // A pool boot that was already running when we queued may have finished.
         if let Some(vm) = st.pool.take(runtime, need) {
-            return Ok(Lease::Pooled(vm));
+            return Ok(Lease::Pooled(Box::new(vm)));
         }
         st.pool.evict_one();
     }
@@ -164,7 +164,10 @@ async fn run_job(
     on_output: &mut impl FnMut(Stage, Stream, &[u8]),
 ) -> JobOutcome {
     let (mut vm, permit, mut pooled) = match lease {
-        Lease::Pooled(p) => (Some(p.vm), p.permit, true),
+        Lease::Pooled(p) => {
+            let p = *p;
+            (Some(p.vm), p.permit, true)
+        }
         Lease::Fresh(permit) => (None, permit, false),
     };
     // Two attempts at most: a warm VM that died while parked is replaced once by a fresh one.

@@ -126,6 +126,8 @@ pub fn probe_kvm(qemu: &Path, kernel: &Path) -> Result<u64, String> {
         vcpus: 1,
         accel: AccelKind::Kvm,
         debug: false,
+        // The probe decides about KVM only; no guest code of ours runs in it.
+        sandbox: false,
     };
     let out = tempfile_path("kvm-probe");
     let file = std::fs::File::create(&out).map_err(|e| format!("probe log: {e}"))?;

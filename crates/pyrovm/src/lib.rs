@@ -9,6 +9,7 @@
 
 pub mod accel;
 pub mod cache;
+pub mod hostcg;
 pub mod image;
 pub mod initrd;
 pub mod kernel;
@@ -22,7 +23,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tracing::{info, info_span, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 use tvm_config::{Catalog, Runtime, Settings};
 use tvm_protocol::{JobResult, Stage, Stream};
 
@@ -95,6 +96,43 @@ pub struct Execution {
     pub total_ms: u64,
 }
 
+/// `tvm doctor` lines on host-side isolation: `(name, ok, detail)`. Host
+/// cgroups are optional (VMs run without them), QEMU's sandbox is expected.
+pub fn isolation_checks(qemu: &std::path::Path) -> Vec<(String, bool, String)> {
+    let cgroups = match hostcg::HostCgroups::detect() {
+        Ok(cgs) if cgs.missing_controllers().is_empty() => {
+            format!("used: {} (memory, pids, cpu capped)", cgs.parent().display())
+        }
+        Ok(cgs) => format!(
+            "used: {} (grouping and kill only; not delegated: {})",
+            cgs.parent().display(),
+            cgs.missing_controllers().join(", ")
+        ),
+        Err(e) => format!("not used: {}", error_chain(&e)),
+    };
+    let sandbox = qemu::sandbox_supported(qemu);
+    vec![
+        ("host cgroups".into(), true, cgroups),
+        (
+            "qemu sandbox".into(),
+            sandbox,
+            if sandbox { format!("-sandbox {}", qemu::SANDBOX) } else { "QEMU rejects -sandbox (no seccomp)".into() },
+        ),
+    ]
+}
+
+/// An error and its causes on one line, for logs.
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut out = err.to_string();
+    let mut cause = err.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
 /// Finds the guest agent binary: configured path, next to the running
 /// executable, or the workspace's static build output.
 pub fn agent_path(settings: &Settings) -> PathBuf {
@@ -118,6 +156,8 @@ pub struct Pyrovm {
     kernel: kernel::Kernel,
     initrd: PathBuf,
     accel: AccelDecision,
+    host_cgroups: Option<hostcg::HostCgroups>,
+    qemu_sandbox: bool,
 }
 
 impl Pyrovm {
@@ -132,6 +172,25 @@ impl Pyrovm {
 
     fn prepare_blocking(settings: Settings, catalog: Catalog, build: bool) -> Result<Self, PrepareError> {
         reaper::reap(&settings.runtime_dir);
+        let host_cgroups = match hostcg::HostCgroups::detect() {
+            Ok(cgs) => {
+                hostcg::reap(cgs.parent());
+                let missing = cgs.missing_controllers();
+                if !missing.is_empty() {
+                    info!(parent = %cgs.parent().display(), ?missing,
+                        "host cgroup controllers not delegated: VMMs are grouped and killed as a whole, but these limits are not enforced");
+                }
+                Some(cgs)
+            }
+            Err(e) => {
+                warn!(error = %error_chain(&e), "host cgroups unusable: VMM processes run without host memory/pids/CPU caps");
+                None
+            }
+        };
+        let qemu_sandbox = qemu::sandbox_supported(&settings.qemu);
+        if !qemu_sandbox {
+            warn!(qemu = %settings.qemu.display(), "QEMU rejects -sandbox (built without seccomp?): VMMs run without it");
+        }
         let kernel = match kernel::find_kernel(&settings)? {
             Some(k) => k,
             None if build => kernel::ensure_kernel(&settings, &Progress::spinner("building guest kernel"))?,
@@ -140,7 +199,17 @@ impl Pyrovm {
         let initrd = initrd::ensure_initrd(&agent_path(&settings), &settings.cache_dir.join("initrd"))?;
         let accel = accel::resolve(settings.accel, &settings.qemu, &kernel.bzimage, &kernel.key, &settings.cache_dir)?;
         info!(accel = ?accel.kind, reason = %accel.reason, "accelerator chosen");
-        Ok(Self { settings, catalog, kernel, initrd, accel })
+        Ok(Self { settings, catalog, kernel, initrd, accel, host_cgroups, qemu_sandbox })
+    }
+
+    /// The host cgroup parent VMMs run under, if host cgroups are usable.
+    pub fn host_cgroups(&self) -> Option<&hostcg::HostCgroups> {
+        self.host_cgroups.as_ref()
+    }
+
+    /// Whether VMMs run under QEMU's `-sandbox`.
+    pub fn qemu_sandbox(&self) -> bool {
+        self.qemu_sandbox
     }
 
     /// The accelerator decision.
@@ -197,10 +266,12 @@ impl Pyrovm {
             vcpus: self.settings.vcpus,
             accel: self.accel.kind(),
             debug: std::env::var_os("TVM_GUEST_DEBUG").is_some(),
+            sandbox: self.qemu_sandbox,
         };
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let timeout = Duration::from_millis(self.settings.boot_timeout_ms);
-        Ok(Vm::boot(&id, &self.settings.qemu, &self.settings.runtime_dir, &spec, timeout).await?)
+        Ok(Vm::boot(&id, &self.settings.qemu, &self.settings.runtime_dir, &spec, timeout, self.host_cgroups.as_ref())
+            .await?)
     }
 
     /// Runs one request in a fresh VM; `on_output` sees output as it streams.

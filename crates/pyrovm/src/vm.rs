@@ -20,8 +20,14 @@ use tvm_protocol::{
     Stream, MAX_GUEST_FRAME, PROTOCOL_VERSION,
 };
 
+use crate::hostcg::{HostCgroups, VmCgroup, VmmLimits, VMM_PIDS};
 use crate::qemu::{qemu_args, VmSpec};
 use crate::reaper::RunDir;
+
+/// Host memory a VMM may use beyond its guest's RAM: QEMU itself, device
+/// buffers and, under TCG, the translation cache (measured at ~100 MiB for
+/// a Python job; the rest is margin, the cap is against runaways).
+pub const VMM_OVERHEAD_MIB: u64 = 256;
 
 /// Bytes of serial console kept for diagnostics (the tail).
 const CONSOLE_KEEP: usize = 16 << 10;
@@ -32,6 +38,9 @@ pub enum StartVmError {
     /// The run directory or agent socket could not be created.
     #[error("cannot prepare VM run dir: {0}")]
     RunDir(#[source] std::io::Error),
+    /// The VMM's host cgroup could not be created.
+    #[error(transparent)]
+    Cgroup(#[from] crate::hostcg::HostCgroupError),
     /// The VMM binary could not be started.
     #[error("cannot start {vmm}: {source} (install it with `apt-get install qemu-system-x86`)")]
     Spawn {
@@ -113,21 +122,27 @@ pub struct Vm {
     started: Instant,
     boot: Duration,
     guest_uptime_ms: u64,
+    // After the VMM is reaped (Drop below), anything left in its cgroup is
+    // killed and the cgroup removed.
+    _cgroup: Option<VmCgroup>,
     // Dropped last: the socket lives inside it.
     _dir: RunDir,
 }
 
 impl Vm {
-    /// Starts a VM and waits until its agent reports ready.
+    /// Starts a VM and waits until its agent reports ready. With
+    /// `host_cgroups`, the VMM runs in a cgroup of its own, capped at the
+    /// guest's RAM plus [`VMM_OVERHEAD_MIB`].
     pub async fn boot(
         id: &str,
         vmm: &Path,
         runtime_dir: &Path,
         spec: &VmSpec,
         boot_timeout: Duration,
+        host_cgroups: Option<&HostCgroups>,
     ) -> Result<Vm, StartVmError> {
         let span = info_span!("vm", vm = %id, accel = spec.accel.as_str());
-        Self::boot_inner(id, vmm, runtime_dir, spec, boot_timeout).instrument(span).await
+        Self::boot_inner(id, vmm, runtime_dir, spec, boot_timeout, host_cgroups).instrument(span).await
     }
 
     async fn boot_inner(
@@ -136,9 +151,22 @@ impl Vm {
         runtime_dir: &Path,
         spec: &VmSpec,
         boot_timeout: Duration,
+        host_cgroups: Option<&HostCgroups>,
     ) -> Result<Vm, StartVmError> {
         let started = Instant::now();
         let dir = RunDir::create(runtime_dir, id).map_err(StartVmError::RunDir)?;
+        let cgroup = match host_cgroups {
+            Some(cgs) => {
+                let limits = VmmLimits {
+                    memory_bytes: (spec.memory_mib + VMM_OVERHEAD_MIB) << 20,
+                    pids: VMM_PIDS,
+                    // The vCPUs plus one for QEMU's main loop and I/O.
+                    cpus: Some(spec.vcpus + 1),
+                };
+                Some(cgs.create_vm(id, limits)?)
+            }
+            None => None,
+        };
         let sock = dir.path().join("agent.sock");
         // We listen, QEMU connects as a client at startup: no polling for a socket file.
         let listener = UnixListener::bind(&sock).map_err(StartVmError::RunDir)?;
@@ -150,10 +178,16 @@ impl Vm {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: only async-signal-safe calls (prctl, setpgid, getppid) between fork and exec.
+        let join = cgroup.as_ref().map(|c| c.joiner());
+        // SAFETY: only async-signal-safe calls (prctl, setpgid, getppid, and
+        // open/write/close of the prepared cgroup path) between fork and exec.
         unsafe {
             let parent = std::process::id() as libc::pid_t;
             cmd.pre_exec(move || {
+                // Joined before exec, so no QEMU thread ever runs outside its caps.
+                if let Some(join) = &join {
+                    join.join_self()?;
+                }
                 // The VMM dies with us, even on SIGKILL: no orphaned guests.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != parent {
                     return Err(std::io::Error::other("parent died before exec"));
@@ -229,6 +263,7 @@ impl Vm {
             started,
             boot,
             guest_uptime_ms,
+            _cgroup: cgroup,
             _dir: dir,
         })
     }
