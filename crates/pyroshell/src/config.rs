@@ -37,6 +37,8 @@ pub struct ServeConfig {
     pub queue_timeout_ms: u64,
     /// Largest request body accepted; larger ones get 413.
     pub max_body_bytes: usize,
+    /// How long a client may take to send its request body before 408 (ms).
+    pub body_timeout_ms: u64,
     /// After SIGTERM, how long in-flight executions may take to finish (ms).
     pub drain_grace_ms: u64,
     /// Whether executions may ask for network access. Guests have no NIC yet, so this must stay false.
@@ -61,6 +63,8 @@ impl Default for ServeConfig {
             queue_timeout_ms: 30_000,
             // Files (16 MiB) as base64 fit; a body that cannot be valid is refused before it is buffered.
             max_body_bytes: 32 << 20,
+            // 32 MiB at a slow 2 MB/s; a client slower than that is not worth a task.
+            body_timeout_ms: 15_000,
             drain_grace_ms: 30_000,
             allow_network: false,
             build_images: true,
@@ -185,6 +189,9 @@ pub struct ServeArgs {
     /// Time in-flight executions get after SIGTERM (e.g. 30s).
     #[arg(long, value_name = "DUR")]
     pub drain_grace: Option<String>,
+    /// Time a client gets to send its request body; slower ones get 408 (e.g. 15s).
+    #[arg(long, value_name = "DUR")]
+    pub body_timeout: Option<String>,
     /// Do not build missing runtime images in the background.
     #[arg(long)]
     pub no_build_images: bool,
@@ -220,6 +227,9 @@ impl ServeArgs {
         }
         if let Some(v) = ms(&self.drain_grace)? {
             c.drain_grace_ms = v;
+        }
+        if let Some(v) = ms(&self.body_timeout)? {
+            c.body_timeout_ms = v;
         }
         if let Some(v) = bytes(&self.max_body)? {
             c.max_body_bytes = usize::try_from(v).map_err(|_| "max body is too large".to_string())?;

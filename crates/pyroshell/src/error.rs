@@ -46,6 +46,13 @@ pub enum ApiError {
         /// The limit.
         limit: usize,
     },
+    /// The client did not finish sending its body in time (a slow or stuck
+    /// client must not hold a connection and a task forever).
+    #[error("request body not received within {ms} ms")]
+    BodyTimeout {
+        /// The limit.
+        ms: u64,
+    },
     /// No capacity now and none soon enough.
     #[error("server is at capacity: {reason}; retry later")]
     Overloaded {
@@ -125,6 +132,7 @@ impl ApiError {
             ApiError::Plan(_) | ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Overloaded { reason: AdmitError::TooLarge { .. }, .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Draining | ApiError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -142,6 +150,7 @@ impl ApiError {
             ApiError::Invalid { code, .. } => code,
             ApiError::Unauthorized => "unauthorized",
             ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::BodyTimeout { .. } => "request_timeout",
             ApiError::Overloaded { reason: AdmitError::QueueFull(_), .. } => "queue_full",
             ApiError::Overloaded { reason: AdmitError::Timeout(_), .. } => "queue_timeout",
             ApiError::Overloaded { reason: AdmitError::TooLarge { .. }, .. } => "exceeds_capacity",
@@ -196,6 +205,11 @@ impl IntoResponse for ApiError {
         if matches!(self, ApiError::Unauthorized) {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        // The rest of a timed-out body may never come: do not wait for it
+        // to reuse the connection.
+        if matches!(self, ApiError::BodyTimeout { .. }) {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         resp
     }
 }
@@ -208,6 +222,7 @@ mod tests {
     fn statuses_codes_and_fields() {
         let cases: Vec<(ApiError, u16, &str, Option<&str>)> = vec![
             (ApiError::Malformed { message: "x".into() }, 400, "malformed_request", None),
+            (ApiError::BodyTimeout { ms: 10 }, 408, "request_timeout", None),
             (PlanError::UnknownRuntime("cobol".into()).into(), 422, "unknown_runtime", Some("runtime")),
             (PlanError::BadFileName("../x".into()).into(), 422, "bad_file_name", Some("files")),
             (

@@ -131,7 +131,9 @@ async fn require_api_key(State(st): St, req: Request, next: Next) -> Response {
 }
 
 /// JSON body extraction with API-shaped errors: 413 past the body limit,
-/// 400 with serde's message (line, column, field) for anything malformed.
+/// 408 when the body takes longer than `body_timeout_ms` to arrive, 400 with
+/// serde's message (line, column, field) for anything malformed (serde_json
+/// also refuses nesting deeper than 128 levels, so no body can exhaust the stack).
 /// The content type is not checked: a JSON body is a JSON body.
 pub(crate) struct ApiJson<T>(pub T);
 
@@ -145,7 +147,9 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(ApiError::PayloadTooLarge { limit });
         }
-        let bytes = Bytes::from_request(req, st).await.map_err(|e| {
+        let ms = st.config.body_timeout_ms;
+        let read = tokio::time::timeout(std::time::Duration::from_millis(ms), Bytes::from_request(req, st));
+        let bytes = read.await.map_err(|_| ApiError::BodyTimeout { ms })?.map_err(|e| {
             if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge { limit }
             } else {

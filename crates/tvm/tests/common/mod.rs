@@ -1,6 +1,8 @@
 //! Helpers for tests that drive the real `tvm` binary against real VMs.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 

@@ -1,0 +1,249 @@
+//! A real `tvm serve` for tests, and a raw HTTP/1.1 client over `TcpStream`
+//! (the tests need control over headers, bodies and timing).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::Env;
+
+pub const STARTUP: Duration = Duration::from_secs(180);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, String::from_utf8_lossy(&self.body)))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub fn connect(addr: &str) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(REQUEST_TIMEOUT)).unwrap();
+    s
+}
+
+/// Sends `body` with a correct Content-Length.
+pub fn request(addr: &str, method: &str, path: &str, body: &[u8]) -> Resp {
+    let mut s = connect(addr);
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    read_response(s)
+}
+
+/// Reads one response (Content-Length, chunked, or until close).
+pub fn read_response(s: TcpStream) -> Resp {
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
+    let mut headers = BTreeMap::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let mut body = Vec::new();
+    if headers.get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+        loop {
+            let mut size = String::new();
+            if r.read_line(&mut size).unwrap() == 0 {
+                break;
+            }
+            let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16).unwrap();
+            if n == 0 {
+                break;
+            }
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).unwrap();
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else if let Some(len) = headers.get("content-length").and_then(|l| l.parse::<usize>().ok()) {
+        body.resize(len, 0);
+        r.read_exact(&mut body).unwrap();
+    } else {
+        let _ = r.read_to_end(&mut body);
+    }
+    Resp { status, headers, body }
+}
+
+pub struct Server {
+    pub child: Child,
+    pub addr: String,
+    log: Arc<Mutex<String>>,
+}
+
+impl Server {
+    pub fn start(env: &Env, args: &[&str]) -> Server {
+        let mut child = env
+            .tvm()
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("TVM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("listening on http://").nth(1) {
+                    let _ = tx.send(rest.split_whitespace().next().unwrap_or("").to_string());
+                }
+                let mut l = sink.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = match rx.recv_timeout(STARTUP) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start:\n{}", log.lock().unwrap());
+            }
+        };
+        Server { child, addr, log }
+    }
+
+    pub fn execute(&self, body: &Value) -> Resp {
+        request(&self.addr, "POST", "/v1/executions", body.to_string().as_bytes())
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        request(&self.addr, "GET", path, b"")
+    }
+
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let m = self.get("/metrics").text();
+        m.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig).unwrap();
+    }
+
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t.elapsed() < timeout, "server did not exit; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM, and the server exits cleanly.
+    pub fn stop(mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self.wait(Duration::from_secs(60));
+        assert!(status.success(), "server exit {status:?}; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Only reached with the server still up when a test failed.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A snapshot of what a TVM server may leak on the host, for before/after
+/// comparisons: its child processes and open descriptors, VMM processes and
+/// run dirs of its runtime dir, host VM cgroups, and mounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostFootprint {
+    pub children: usize,
+    pub fds: usize,
+    pub vmms: usize,
+    pub run_dirs: usize,
+    pub cgroups: usize,
+    pub mounts: usize,
+}
+
+pub fn footprint(env: &Env, server_pid: Option<u32>) -> HostFootprint {
+    HostFootprint {
+        children: server_pid.map(|p| children(p).len()).unwrap_or(0),
+        fds: server_pid.map(open_fds).unwrap_or(0),
+        vmms: super::vmm_processes(env.runtime_dir.path()).len(),
+        run_dirs: std::fs::read_dir(env.runtime_dir.path()).map(|d| d.count()).unwrap_or(0),
+        cgroups: server_pid.map(host_vm_cgroups).unwrap_or(0),
+        mounts: std::fs::read_to_string("/proc/self/mounts").map(|m| m.lines().count()).unwrap_or(0),
+    }
+}
+
+/// VM cgroups owned by process `owner` under TVM's host cgroup parent (0
+/// where host cgroups are unused). Names are `vm-<id>.<owner pid>.<start>`.
+pub fn host_vm_cgroups(owner: u32) -> usize {
+    let Ok(c) = pyrovm::hostcg::HostCgroups::detect() else { return 0 };
+    let tag = format!(".{owner}.");
+    pyrovm::hostcg::vm_cgroups(c.parent()).iter().filter(|p| p.to_string_lossy().contains(&tag)).count()
+}
+
+/// Pids of live processes whose parent is `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)).and_then(|s| s.parse().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
