@@ -708,6 +708,11 @@ fn kill_9_then_restart_leaves_nothing() {
         .collect();
     wait_until("two VMs running", STARTUP, || vmm_processes(env.runtime_dir.path()).len() == 2);
     std::thread::sleep(Duration::from_secs(2));
+    let old_pid = server.child.id();
+    let cgroups_used = pyrovm::hostcg::HostCgroups::detect().is_ok();
+    if cgroups_used {
+        assert_eq!(common::server::host_vm_cgroups(old_pid), 2, "each VMM in its own host cgroup");
+    }
     server.signal(nix::sys::signal::Signal::SIGKILL);
     for c in clients {
         assert!(c.join().unwrap().is_empty(), "no answer from a killed server");
@@ -719,9 +724,14 @@ fn kill_9_then_restart_leaves_nothing() {
     let left = std::fs::read_dir(env.runtime_dir.path()).unwrap().count();
     assert!(left > 0, "a SIGKILLed server cannot clean up its run dirs");
 
+    if cgroups_used {
+        assert_eq!(common::server::host_vm_cgroups(old_pid), 2, "a SIGKILLed server cannot remove its cgroups");
+    }
+
     let server = Server::start(&env, &[]);
-    // Startup reaped the predecessor's leftovers, and the new server works.
+    // Startup reaped the predecessor's leftovers (run dirs, host cgroups), and the new server works.
     env.assert_clean();
+    assert_eq!(common::server::host_vm_cgroups(old_pid), 0, "stale host cgroups reaped");
     let r = server.execute(&hello("print('alive')"));
     assert_eq!(r.json()["run"]["stdout"], "alive\n");
     server.stop();
