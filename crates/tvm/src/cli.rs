@@ -70,6 +70,8 @@ enum Command {
         /// Runtimes to measure (prefix of the id; default all).
         runtimes: Vec<String>,
     },
+    /// Soak bench: mixed hostile and normal executions through an in-process server; prints host figures before/after.
+    Soak(crate::soak::SoakArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -204,6 +206,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             crate::bench::run(&vmm, runs.max(1), &runtimes).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Soak(args) => crate::soak::command(settings, catalog, args).await,
         Command::Serve(args) => {
             let cfg = args.into_config().map_err(usage)?;
             // No kernel build here: a server fails fast and says what to run instead of compiling for minutes.

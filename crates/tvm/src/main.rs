@@ -5,6 +5,7 @@
 
 mod bench;
 mod cli;
+mod soak;
 
 fn main() -> std::process::ExitCode {
     cli::main()

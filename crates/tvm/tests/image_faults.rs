@@ -1,0 +1,154 @@
+//! Faults in the image cache: a build killed mid-way (tvm and mmdebstrap
+//! SIGKILLed together while the chroot has /proc, /sys and /dev mounted), and
+//! a cache disk that fills up. Each uses a private cache dir; afterwards no
+//! build process, mount or scratch dir may remain (after the sweep the next
+//! build runs, for the killed one).
+//!
+//! The private cache is removed with `pyrovm::cache::remove_tree`, never
+//! `remove_dir_all`: a leftover bind mount of /dev must be detached, not
+//! emptied.
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::Env;
+
+/// A private cache dir, optionally a tiny tmpfs; detached and removed safely on drop.
+struct CacheDir {
+    path: PathBuf,
+    tmpfs: bool,
+}
+
+impl CacheDir {
+    fn new(tmpfs_size: Option<&str>) -> Self {
+        let path =
+            std::env::temp_dir().join(format!("tvm-image-fault-{}-{}", std::process::id(), tmpfs_size.is_some()));
+        std::fs::create_dir_all(&path).unwrap();
+        if let Some(size) = tmpfs_size {
+            let data = format!("size={size}");
+            nix::mount::mount(Some("tmpfs"), &path, Some("tmpfs"), nix::mount::MsFlags::empty(), Some(data.as_str()))
+                .unwrap();
+        }
+        Self { path, tmpfs: tmpfs_size.is_some() }
+    }
+}
+
+impl Drop for CacheDir {
+    fn drop(&mut self) {
+        if self.tmpfs {
+            let _ = pyrovm::cache::remove_tree(&self.path.join("tmp"));
+            let _ = nix::mount::umount2(&self.path, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = pyrovm::cache::remove_tree(&self.path);
+    }
+}
+
+fn mounts_under(dir: &Path) -> usize {
+    let needle = dir.to_string_lossy().into_owned();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|m| m.starts_with(&needle) && *m != needle)
+        .count()
+}
+
+/// Processes whose command line mentions `dir` (tvm, mmdebstrap, apt in the chroot).
+fn processes_mentioning(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn scratch_dirs(cache: &Path) -> usize {
+    std::fs::read_dir(cache.join("tmp")).map(|d| d.count()).unwrap_or(0)
+}
+
+fn image_build(env: &Env, cache: &Path) -> std::process::Command {
+    let mut c = env.tvm();
+    c.args(["image", "build", "python"])
+        .env("TVM_CACHE_DIR", cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    c
+}
+
+/// Fault: the image cache is stopped mid-build the hard way: `tvm image
+/// build` and mmdebstrap SIGKILLed together while mmdebstrap has /proc,
+/// /sys and /dev mounted in its chroot. Expected: nothing keeps running; the
+/// stale scratch dir and its mounts are swept (mounts detached, never
+/// followed) by the next cache user.
+#[test]
+fn image_build_killed_mid_way_leaves_nothing_after_the_sweep() {
+    let env = Env::new();
+    let cache = CacheDir::new(None);
+    let mounts_before = mounts_under(&cache.path);
+    let mut child = image_build(&env, &cache.path).spawn().unwrap();
+    let t = Instant::now();
+    // Wait for the chroot phase (mounts inside the scratch root), or the end.
+    while mounts_under(&cache.path) == 0 {
+        assert!(child.try_wait().unwrap().is_none(), "build ended before its chroot phase");
+        assert!(t.elapsed() < Duration::from_secs(300), "no chroot mounts after 5 minutes");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mounted = mounts_under(&cache.path);
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    let t = Instant::now();
+    while !processes_mentioning(&cache.path).is_empty() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "build processes survive: {:?}",
+            processes_mentioning(&cache.path)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "killed with {mounted} mounts in the chroot; now {} mounts, {} scratch dirs",
+        mounts_under(&cache.path),
+        scratch_dirs(&cache.path)
+    );
+    assert_eq!(scratch_dirs(&cache.path), 1, "a SIGKILLed build cannot clean up");
+
+    // The sweep every build starts with.
+    let removed = pyrovm::cache::Cache::new(&cache.path).sweep_stale_scratch();
+    assert_eq!(removed, 1);
+    assert_eq!(scratch_dirs(&cache.path), 0);
+    assert_eq!(mounts_under(&cache.path), mounts_before, "leftover chroot mounts detached");
+    assert!(
+        std::fs::read_dir(cache.path.join("images")).map(|d| d.count()).unwrap_or(0) == 0,
+        "no half image published"
+    );
+}
+
+/// Fault: the cache disk fills up mid-build (a 64 MiB tmpfs as the cache).
+/// Expected: a clear error naming the lack of space, exit status non-zero,
+/// and no scratch dir, mount or process left.
+#[test]
+fn full_cache_disk_fails_the_build_cleanly() {
+    let env = Env::new();
+    let cache = CacheDir::new(Some("64m"));
+    let out = image_build(&env, &cache.path).stdout(Stdio::piped()).output().unwrap();
+    // The per-runtime summary (with the cause) is on stdout, progress on stderr.
+    let err = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("FAILED") && err.contains("No space left on device"), "{err}");
+    assert!(processes_mentioning(&cache.path).is_empty());
+    assert_eq!(scratch_dirs(&cache.path), 0, "{err}");
+    assert_eq!(mounts_under(&cache.path), 0);
+}
