@@ -62,11 +62,12 @@ fn infinite_loop(s: &Server) {
 /// Attack: sleeping forever uses no CPU, so a CPU limit alone never fires.
 /// Defence: the wall-clock limit; the result tells wall from CPU time.
 fn sleep_past_wall_limit(s: &Server) {
-    let v = run(s, &py("import time\ntime.sleep(600)", json!({"wall_time_ms": 2000, "cpu_time_ms": 10000})));
+    let v = run(s, &py("import time\ntime.sleep(600)", json!({"wall_time_ms": 6000, "cpu_time_ms": 10000})));
     assert_eq!(verdict(&v), "time_limit_exceeded", "{v}");
     let (wall, cpu) = (v["run"]["wall_time_ms"].as_u64().unwrap(), v["run"]["cpu_time_ms"].as_u64().unwrap());
-    assert!(wall >= 2000, "{v}");
-    assert!(cpu < 1000 && cpu * 2 < wall, "a sleeper's CPU time is small: {v}");
+    assert!(wall >= 6000, "{v}");
+    // Interpreter start-up alone costs ~2 s of CPU under TCG; the sleep itself costs none.
+    assert!(cpu * 2 < wall, "a sleeper's CPU time is far below its wall time: {v}");
 }
 
 /// Attack: a fork bomb. Defence: pids.max of the stage cgroup stops the
