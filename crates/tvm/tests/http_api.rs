@@ -619,8 +619,8 @@ fn sigterm_drains_in_flight_work_and_refuses_new() {
 
 #[test]
 fn bounded_load_ends_in_200_or_429_and_leaves_nothing() {
-    const REQUESTS: usize = 40;
-    const CONCURRENCY: usize = 4;
+    const REQUESTS: usize = 200;
+    const CONCURRENCY: usize = 8;
     let env = Env::new();
     let server = Arc::new(Server::start(&env, &["--max-vms", "2", "--queue", "1", "--queue-timeout", "60s"]));
     let pid = server.child.id();
@@ -672,7 +672,8 @@ fn bounded_load_ends_in_200_or_429_and_leaves_nothing() {
         assert!(*status == 200 || *status == 429, "unexpected {status}: {text}");
         assert!(*status != 200 || *ok, "wrong answer: {text}");
     }
-    assert!(count(200) >= REQUESTS / 4, "most requests should run");
+    // Two VMs at a time under TCG serve a fraction of 200; the rest must be clean 429s.
+    assert!(count(200) >= 20, "some requests should run: {} × 200", count(200));
 
     // Back to the baseline: no VM, no child process, no leaked descriptors.
     wait_until("VMs gone", Duration::from_secs(10), || server.metric("tvm_vms ") == Some(0.0));
