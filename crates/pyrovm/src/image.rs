@@ -274,9 +274,21 @@ fn build(
     }
     let mirrors = mirror_lines(recipe, settings.debian_mirror.as_deref())?;
 
+    // Images of one suite share most packages (the base, libc, compilers'
+    // runtimes): they are downloaded once into the cache and reused. One build
+    // per suite at a time, as apt locks the archive directory.
+    let debs = cache.debs_dir(&recipe.suite);
+    std::fs::create_dir_all(&debs).map_err(io_err("creating", &debs))?;
+    let debs_lock_name = format!("debs-{}", recipe.suite);
+    let _debs_lock = cache
+        .lock_with(&debs_lock_name, || {
+            progress.set_message(format!("{label}: waiting for another build from {}", recipe.suite))
+        })
+        .map_err(io_err("locking", &cache.root().join("locks").join(&debs_lock_name)))?;
+
     progress.set_message(format!("{label}: mmdebstrap {}", recipe.source()));
     run_streaming(
-        &mut mmdebstrap(recipe, &root, &mirrors, &hooks),
+        &mut mmdebstrap(recipe, &root, &mirrors, &hooks, Some(&debs)),
         |_| {},
         |line| {
             if line.starts_with("I: ") {
@@ -326,9 +338,21 @@ fn build(
 /// The mmdebstrap invocation for `recipe` into the directory `root`, with
 /// explicit sources lines (or mmdebstrap's default archive when empty) and
 /// customize hooks run in order after the packages are installed.
-fn mmdebstrap(recipe: &ImageRecipe, root: &Path, mirrors: &[String], hooks: &[String]) -> Command {
+fn mmdebstrap(recipe: &ImageRecipe, root: &Path, mirrors: &[String], hooks: &[String], debs: Option<&Path>) -> Command {
     let mut c = Command::new("mmdebstrap");
     c.args(["--mode=root", "--variant=essential", "--format=directory"]);
+    if let Some(debs) = debs {
+        // apt downloads into (and finds earlier downloads in) the shared cache
+        // through a bind mount, detached again before mmdebstrap cleans up, so
+        // its cleanup never deletes cached packages. A build that dies with the
+        // mount in place is swept by `remove_tree`, which detaches mounts first.
+        let debs = shell_quote(&debs.to_string_lossy());
+        c.arg("--skip=essential/unlink");
+        c.arg(format!(
+            "--setup-hook=mkdir -p \"$1/var/cache/apt/archives\" && mount --bind {debs} \"$1/var/cache/apt/archives\""
+        ));
+        c.arg("--customize-hook=umount \"$1/var/cache/apt/archives\"");
+    }
     if !recipe.packages.is_empty() {
         c.arg(format!("--include={}", recipe.packages.join(",")));
     }
@@ -627,12 +651,20 @@ mod tests {
     #[test]
     fn mmdebstrap_command_line() {
         let recipe = ImageRecipe::debian("bookworm", &["gcc", "g++"]);
-        let c = mmdebstrap(&recipe, Path::new("/s/root"), &["http://deb.example/debian".into()], &["true".into()]);
+        let hooks = ["true".to_string()];
+        let c = mmdebstrap(&recipe, Path::new("/s/root"), &["http://deb.example/debian".into()], &hooks, None);
         let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         assert!(args.contains(&"--include=gcc,g++".to_string()));
         assert!(args.contains(&"--dpkgopt=path-exclude=/usr/share/doc/*".to_string()));
         assert!(args.contains(&"--customize-hook=true".to_string()));
         assert_eq!(args[args.len() - 3..], ["bookworm", "/s/root", "http://deb.example/debian"]);
+        assert!(!args.iter().any(|a| a.contains("mount --bind")), "no package cache asked for");
+        let c = mmdebstrap(&recipe, Path::new("/s/root"), &[], &hooks, Some(Path::new("/c/debs/bookworm")));
+        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let bind = args.iter().position(|a| a.contains("mount --bind '/c/debs/bookworm'")).expect("bind hook");
+        let umount = args.iter().position(|a| a.starts_with("--customize-hook=umount")).expect("umount hook");
+        let user = args.iter().position(|a| a == "--customize-hook=true").unwrap();
+        assert!(bind < umount && umount < user, "the cache is detached before the recipe's own steps: {args:?}");
     }
 
     #[test]
