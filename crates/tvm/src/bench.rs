@@ -10,8 +10,9 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use pyrovm::{ExecutionRequest, Pyrovm, SourceFile};
 
+/// A hello world per language, and how the host would run it natively.
 struct Sample {
-    runtime: &'static str,
+    language: &'static str,
     file: &'static str,
     source: &'static str,
     /// Host command: compile (optional) and run, in a temp dir holding `file`.
@@ -19,16 +20,35 @@ struct Sample {
 }
 
 const SAMPLES: &[Sample] = &[
-    Sample { runtime: "python-3.11", file: "main.py", source: "print('hello')\n", native: &[&["python3", "main.py"]] },
-    Sample { runtime: "node-20", file: "main.js", source: "console.log('hello')\n", native: &[&["node", "main.js"]] },
+    Sample { language: "python", file: "main.py", source: "print('hello')\n", native: &[&["python3", "main.py"]] },
+    Sample { language: "javascript", file: "main.js", source: "console.log('hello')\n", native: &[&["node", "main.js"]] },
+    Sample { language: "ruby", file: "main.rb", source: "puts 'hello'\n", native: &[&["ruby", "main.rb"]] },
     Sample {
-        runtime: "c-gcc-12",
+        language: "go",
+        file: "main.go",
+        source: "package main\n\nimport \"fmt\"\n\nfunc main() { fmt.Println(\"hello\") }\n",
+        native: &[&["go", "build", "-o", "main", "main.go"], &["./main"]],
+    },
+    Sample {
+        language: "rust",
+        file: "main.rs",
+        source: "fn main() {\n    println!(\"hello\");\n}\n",
+        native: &[&["rustc", "--edition", "2021", "-C", "opt-level=2", "-o", "main", "main.rs"], &["./main"]],
+    },
+    Sample {
+        language: "java",
+        file: "Main.java",
+        source: "public class Main {\n    public static void main(String[] a) {\n        System.out.println(\"hello\");\n    }\n}\n",
+        native: &[&["javac", "-d", ".", "Main.java"], &["java", "-cp", ".", "Main"]],
+    },
+    Sample {
+        language: "c",
         file: "main.c",
         source: "#include <stdio.h>\nint main(void){puts(\"hello\");return 0;}\n",
         native: &[&["gcc", "-O2", "-o", "main", "main.c"], &["./main"]],
     },
     Sample {
-        runtime: "cpp-gcc-12",
+        language: "cpp",
         file: "main.cpp",
         source: "#include <iostream>\nint main(){std::cout<<\"hello\"<<std::endl;}\n",
         native: &[&["g++", "-O2", "-o", "main", "main.cpp"], &["./main"]],
@@ -74,15 +94,24 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
         "ratio",
         "image"
     );
-    for s in SAMPLES.iter().filter(|s| only.is_empty() || only.iter().any(|o| s.runtime.starts_with(o.as_str()))) {
-        let Some(rt) = vmm.catalog().get(s.runtime) else { continue };
+    let selected = vmm
+        .catalog()
+        .runtimes()
+        .iter()
+        .filter(|r| r.unavailable.is_none())
+        .filter(|r| only.is_empty() || only.iter().any(|o| r.id.starts_with(o.as_str())));
+    for rt in selected {
+        let Some(s) = SAMPLES.iter().find(|s| s.language == rt.language) else {
+            println!("{:<12} no benchmark program for {}", rt.id, rt.language);
+            continue;
+        };
         // The first VM may build the image; keep it out of the numbers.
         let req = ExecutionRequest {
             runtime: rt.id.clone(),
             files: vec![SourceFile { name: s.file.into(), content: s.source.as_bytes().to_vec() }],
             ..Default::default()
         };
-        vmm.execute(&req, |_, _, _| {}).await.with_context(|| format!("warm-up run of {}", s.runtime))?;
+        vmm.execute(&req, |_, _, _| {}).await.with_context(|| format!("warm-up run of {}", rt.id))?;
         let (mut native, mut cold, mut ready, mut uptime, mut exec) = (vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..runs {
             if let Some(ms) = native_ms(s, dir.path()) {
@@ -97,7 +126,7 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
             let r = vm.execute(&plan.job, |_, _, _| {}).await?;
             exec.push(e.elapsed().as_secs_f64() * 1000.0);
             cold.push(t.elapsed().as_secs_f64() * 1000.0);
-            anyhow::ensure!(r.verdict == tvm_protocol::Verdict::Ok, "{}: verdict {}", s.runtime, r.verdict);
+            anyhow::ensure!(r.verdict == tvm_protocol::Verdict::Ok, "{}: verdict {}", rt.id, r.verdict);
         }
         let n50 = percentile(&mut native, 0.5);
         let c50 = percentile(&mut cold, 0.5);
@@ -109,10 +138,16 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
             .and_then(|r| pyrovm::image::find_image(vmm.settings(), r))
             .map(|i| tvm_config::format_bytes(i.meta.size_bytes))
             .unwrap_or_default();
+        // No host toolchain for this language: no baseline, no ratio (never a made-up number).
+        let (native_col, ratio_col) = if native.is_empty() {
+            ("-".to_string(), "-".to_string())
+        } else {
+            (format!("{n50:.1}ms"), format!("{:.1}x", c50 / n50))
+        };
         println!(
-            "{:<12} {:>8.1}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>9.2} {:>7.1}x {:>10}",
-            s.runtime,
-            n50,
+            "{:<12} {:>10} {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>9.2} {:>8} {:>10}",
+            rt.id,
+            native_col,
             c50,
             percentile(&mut cold, 0.95),
             percentile(&mut exec, 0.5),
@@ -120,7 +155,7 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
             percentile(&mut ready, 0.5),
             percentile(&mut uptime, 0.5),
             per_sec,
-            c50 / n50,
+            ratio_col,
             image
         );
     }
@@ -129,6 +164,7 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
         "warm = job sent to result on an already booted VM, what a warm-pool request pays (`tvm serve --pool-size`);"
     );
     println!("ready = VMM start to agent-ready; guest boot = guest uptime at agent-ready;");
-    println!("cold ex/s = serial executions per second with a boot each; ratio = cold p50 / native p50.");
+    println!("cold ex/s = serial executions per second with a boot each; ratio = cold p50 / native p50");
+    println!("(native: the host's own toolchain, whatever version it has; '-' where the host has none).");
     Ok(())
 }

@@ -41,6 +41,13 @@ enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// The version-compatibility matrix: language × version × state, with
+        /// each image's source and installed package versions.
+        #[arg(long)]
+        matrix: bool,
+        /// With --matrix: print docs/compatibility.md (generated from the catalog).
+        #[arg(long, requires = "matrix")]
+        markdown: bool,
     },
     /// Check this machine: VMM, kernel, agent, images, accelerator.
     Doctor {
@@ -87,8 +94,11 @@ enum ImageCommand {
         /// Runtime ids or aliases.
         runtimes: Vec<String>,
         /// Every available runtime in the catalog.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "defaults")]
         all: bool,
+        /// The default version of every language (what `tvm run FILE` picks).
+        #[arg(long)]
+        defaults: bool,
     },
     /// List built images.
     List {
@@ -100,7 +110,8 @@ enum ImageCommand {
 
 #[derive(Args, Debug)]
 struct RunArgs {
-    /// Source files; the first is the entry point.
+    /// Source files; the first is the entry point. Files in or below its
+    /// directory keep their relative path inside the VM (`pkg/util.py`).
     #[arg(required = true)]
     files: Vec<PathBuf>,
     /// Runtime id or alias (default: from the entry file's extension).
@@ -181,8 +192,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let (settings, catalog) = load(cli.accel)?;
     match cli.command {
         Command::Run(args) => run(settings, catalog, args).await,
-        Command::Runtimes { json } => {
-            runtimes(&settings, &catalog, json);
+        Command::Runtimes { json, matrix, markdown } => {
+            match (matrix, markdown) {
+                (true, true) => print!("{}", tvm_config::matrix::compatibility_markdown(&catalog)),
+                (true, false) => runtime_matrix(&settings, &catalog, json),
+                _ => runtimes(&settings, &catalog, json),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Doctor { json } => doctor(settings, catalog, json).await,
@@ -194,8 +209,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             println!("kernel {} ready: {}", k.key, k.bzimage.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Image { command: ImageCommand::Build { runtimes, all } } => {
-            image_build(settings, catalog, runtimes, all).await
+        Command::Image { command: ImageCommand::Build { runtimes, all, defaults } } => {
+            image_build(settings, catalog, runtimes, all, defaults).await
         }
         Command::Image { command: ImageCommand::List { json } } => {
             image_list(&settings, &catalog, json);
@@ -237,13 +252,25 @@ fn read_request(catalog: &Catalog, args: &RunArgs) -> Result<ExecutionRequest> {
         }
     };
     let mut files = Vec::new();
+    // Files below the entry file's directory keep their relative path (a Python
+    // package, a Go module's packages, Rust modules); others their bare name.
+    let base = entry.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+    let base = base.and_then(|b| b.canonicalize().ok());
     for f in &args.files {
         let content = std::fs::read(f).map_err(|e| usage(format!("cannot read {}: {e}", f.display())))?;
-        let name = f
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| usage(format!("{} has no usable file name", f.display())))?;
-        files.push(SourceFile { name: name.to_string(), content });
+        let relative = base.as_ref().and_then(|b| {
+            let full = f.canonicalize().ok()?;
+            Some(full.strip_prefix(b).ok()?.to_str()?.to_string())
+        });
+        let name = match relative {
+            Some(r) => r,
+            None => f
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| usage(format!("{} has no usable file name", f.display())))?
+                .to_string(),
+        };
+        files.push(SourceFile { name, content });
     }
     let stdin = match &args.stdin {
         None => Vec::new(),
@@ -440,12 +467,64 @@ fn runtimes(settings: &Settings, catalog: &Catalog, json: bool) {
     }
 }
 
-async fn image_build(settings: Settings, catalog: Catalog, names: Vec<String>, all: bool) -> Result<ExitCode> {
+/// `tvm runtimes --matrix`: every language and version with its state here.
+fn runtime_matrix(settings: &Settings, catalog: &Catalog, json: bool) {
+    use tvm_config::matrix;
+    let mut rows = Vec::new();
+    for language in matrix::languages(catalog) {
+        for r in catalog.runtimes().iter().filter(|r| r.language == language) {
+            let image = r.image.as_ref().and_then(|recipe| pyrovm::image::find_image(settings, recipe));
+            let (state, reason) = match (&r.unavailable, &image) {
+                (Some(why), _) => ("unavailable", Some(why.clone())),
+                (None, Some(_)) => ("ready", None),
+                (None, None) => ("buildable", None),
+            };
+            let installed: Vec<String> =
+                image.iter().flat_map(|i| i.meta.installed.iter().map(|(p, v)| format!("{p} {v}"))).collect();
+            rows.push(serde_json::json!({
+                "language": r.language, "version": r.version, "id": r.id,
+                "default": matrix::is_default(catalog, r), "state": state, "reason": reason,
+                "source": r.image.as_ref().map(|i| i.source()), "installed": installed,
+                "image_bytes": image.as_ref().map(|i| i.meta.size_bytes),
+            }));
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows).unwrap_or_default());
+        return;
+    }
+    println!("{:<11} {:<9} {:<13} {:<11} SOURCE / INSTALLED", "LANGUAGE", "VERSION", "ID", "STATE");
+    for r in &rows {
+        let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+        let version = if r["default"] == true { format!("{}*", s("version")) } else { s("version") };
+        let detail = match (s("state").as_str(), r["installed"].as_array()) {
+            ("unavailable", _) => s("reason"),
+            ("ready", Some(i)) => format!(
+                "{}; installed: {}",
+                s("source"),
+                i.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+            _ => s("source"),
+        };
+        println!("{:<11} {:<9} {:<13} {:<11} {detail}", s("language"), version, s("id"), s("state"));
+    }
+    println!("\n* default for its file extension. Build what is buildable with `tvm image build --all`.");
+}
+
+async fn image_build(
+    settings: Settings,
+    catalog: Catalog,
+    names: Vec<String>,
+    all: bool,
+    defaults: bool,
+) -> Result<ExitCode> {
     let selected: Vec<_> = if all {
         catalog.runtimes().iter().filter(|r| r.unavailable.is_none()).cloned().collect()
+    } else if defaults {
+        catalog.runtimes().iter().filter(|r| tvm_config::matrix::is_default(&catalog, r)).cloned().collect()
     } else {
         if names.is_empty() {
-            return Err(usage("name runtimes to build, or pass --all"));
+            return Err(usage("name runtimes to build, or pass --all or --defaults"));
         }
         names
             .iter()
@@ -454,7 +533,9 @@ async fn image_build(settings: Settings, catalog: Catalog, names: Vec<String>, a
             })
             .collect::<Result<_>>()?
     };
-    let mut failed = 0;
+    let (mut built, mut cached_n, mut failed) = (0, 0, Vec::new());
+    let mut total_bytes = 0;
+    let mut seen = std::collections::HashSet::new();
     for r in selected {
         let Some(recipe) = r.image.clone() else {
             println!("{:<14} unavailable: {}", r.id, r.unavailable.unwrap_or_default());
@@ -468,20 +549,39 @@ async fn image_build(settings: Settings, catalog: Catalog, names: Vec<String>, a
         })
         .await?;
         match res {
-            Ok(img) => println!(
-                "{:<14} {} {} ({})",
-                r.id,
-                if cached { "cached" } else { "built " },
-                img.key,
-                format_bytes(img.meta.size_bytes)
-            ),
+            Ok(img) => {
+                // Runtimes sharing an image (C and C++) count it once.
+                if seen.insert(img.key.clone()) {
+                    total_bytes += img.meta.size_bytes;
+                    if cached {
+                        cached_n += 1;
+                    } else {
+                        built += 1;
+                    }
+                }
+                println!(
+                    "{:<14} {} {} ({})",
+                    r.id,
+                    if cached { "cached" } else { "built " },
+                    img.key,
+                    format_bytes(img.meta.size_bytes)
+                )
+            }
             Err(e) => {
-                failed += 1;
                 println!("{:<14} FAILED: {e}", r.id);
+                failed.push((r.id.clone(), e.to_string()));
             }
         }
     }
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    println!(
+        "images: {built} built, {cached_n} cached, {} failed; {} on disk",
+        failed.len(),
+        format_bytes(total_bytes)
+    );
+    for (id, why) in &failed {
+        println!("  {id}: {why}");
+    }
+    Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 fn image_list(settings: &Settings, catalog: &Catalog, json: bool) {

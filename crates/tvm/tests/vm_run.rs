@@ -10,7 +10,7 @@ fn hello_world_in_every_runtime() {
     let env = Env::new();
     let cases = [
         ("hello.py", "print('hello from python')", "hello from python"),
-        ("hello.js", "console.log('hello from node ' + process.version.split('.')[0])", "hello from node v20"),
+        ("hello.js", "console.log('hello from node ' + process.version.split('.')[0])", "hello from node v24"),
         ("hello.c", "#include <stdio.h>\nint main(void){puts(\"hello from c\");return 0;}", "hello from c"),
         ("hello.cpp", "#include <iostream>\nint main(){std::cout<<\"hello from c++\"<<std::endl;}", "hello from c++"),
     ];
@@ -87,7 +87,9 @@ fn fork_bomb_is_contained() {
     assert_ne!(v["verdict"], "internal_error", "{v}");
     assert_ne!(v["verdict"], "ok", "{v}");
     let after = host_process_count();
-    assert!(after <= before + 5, "host process count grew from {before} to {after}");
+    // An escaped bomb means thousands of processes; the margin absorbs other
+    // work on a shared CI machine (builds, other tests' VMs).
+    assert!(after <= before + 50, "host process count grew from {before} to {after}");
 }
 
 #[test]
