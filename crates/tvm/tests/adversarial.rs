@@ -505,7 +505,7 @@ fn adversarial_suite() {
     let server = Arc::new(Server::start(&env, &["--pool-size", "python=2", "--body-timeout", &timeout]));
     wait_until("pool warm", STARTUP, || server.get("/readyz").status == 200);
     next_is_fine(&server);
-    wait_until("pool refilled", STARTUP, || server.metric("tvm_pool_idle{runtime=\"python-3.11\"}") == Some(2.0));
+    wait_until("pool refilled", STARTUP, || server.metric("tvm_pool_idle{runtime=\"python-3.13\"}") == Some(2.0));
     let before = footprint(&env, Some(server.pid()));
 
     let started = Instant::now();
@@ -555,7 +555,7 @@ fn adversarial_suite() {
     );
 
     // Back where it started: same children, VMMs (the refilled pool), run dirs, cgroups, mounts; no fd leak.
-    wait_until("pool refilled", STARTUP, || server.metric("tvm_pool_idle{runtime=\"python-3.11\"}") == Some(2.0));
+    wait_until("pool refilled", STARTUP, || server.metric("tvm_pool_idle{runtime=\"python-3.13\"}") == Some(2.0));
     wait_until("footprint back to the baseline", Duration::from_secs(30), || {
         let now = footprint(&env, Some(server.pid()));
         now.children == before.children
