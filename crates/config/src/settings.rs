@@ -90,6 +90,9 @@ pub struct Settings {
     pub catalog: Option<PathBuf>,
     /// Debian mirror for image builds; mmdebstrap's default when unset.
     pub debian_mirror: Option<String>,
+    /// Extra guest kernel command-line arguments, appended last (so they win):
+    /// operator tuning such as `mitigations=off`, and fault injection in tests.
+    pub kernel_args: Option<String>,
 }
 
 impl Default for Settings {
@@ -117,6 +120,7 @@ impl Default for Settings {
             agent_bin: None,
             catalog: None,
             debian_mirror: None,
+            kernel_args: None,
         }
     }
 }
@@ -182,6 +186,9 @@ impl Settings {
         }
         if let Some(v) = var("TVM_DEBIAN_MIRROR") {
             self.debian_mirror = Some(v);
+        }
+        if let Some(v) = var("TVM_KERNEL_ARGS") {
+            self.kernel_args = Some(v);
         }
         if let Some(v) = var("TVM_VCPUS") {
             self.vcpus = v.parse().ok().filter(|n| (1..=8).contains(n)).ok_or(SettingsError::Env {

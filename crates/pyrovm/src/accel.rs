@@ -128,6 +128,7 @@ pub fn probe_kvm(qemu: &Path, kernel: &Path) -> Result<u64, String> {
         debug: false,
         // The probe decides about KVM only; no guest code of ours runs in it.
         sandbox: false,
+        extra_cmdline: None,
     };
     let out = tempfile_path("kvm-probe");
     let file = std::fs::File::create(&out).map_err(|e| format!("probe log: {e}"))?;

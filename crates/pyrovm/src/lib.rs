@@ -267,6 +267,7 @@ impl Pyrovm {
             accel: self.accel.kind(),
             debug: std::env::var_os("TVM_GUEST_DEBUG").is_some(),
             sandbox: self.qemu_sandbox,
+            extra_cmdline: self.settings.kernel_args.clone(),
         };
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let timeout = Duration::from_millis(self.settings.boot_timeout_ms);

@@ -46,6 +46,8 @@ pub struct VmSpec {
     pub debug: bool,
     /// Run QEMU under its own seccomp sandbox ([`SANDBOX`]).
     pub sandbox: bool,
+    /// Appended to the kernel command line (`Settings::kernel_args`).
+    pub extra_cmdline: Option<String>,
 }
 
 /// QEMU's `-sandbox` policy: its seccomp filter plus a deny of obsolete
@@ -89,9 +91,14 @@ pub fn sandbox_supported(qemu: &Path) -> bool {
 /// Kernel command line. `reboot` is how the guest ends the VM: a triple
 /// fault (`t`) under QEMU microvm, which has no i8042; the i8042 reset (`k`)
 /// under Firecracker, which emulates only that.
-pub fn kernel_cmdline(debug: bool, reboot: char) -> String {
+pub fn kernel_cmdline(debug: bool, reboot: char, extra: Option<&str>) -> String {
     let level = if debug { "loglevel=7 tvm.debug=1" } else { "quiet loglevel=1" };
-    format!("console=ttyS0 {level} panic=-1 reboot={reboot} rdinit=/init")
+    let mut line = format!("console=ttyS0 {level} panic=-1 reboot={reboot} rdinit=/init");
+    if let Some(extra) = extra.map(str::trim).filter(|e| !e.is_empty()) {
+        line.push(' ');
+        line.push_str(extra);
+    }
+    line
 }
 
 /// argv (without the binary) for `qemu-system-x86_64`.
@@ -106,7 +113,12 @@ pub fn qemu_args(spec: &VmSpec, agent_socket: Option<&Path>) -> Vec<String> {
     push(&["-M", &machine, "-cpu", cpu]);
     push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.vcpus.to_string()]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio", "-monitor", "none"]);
-    push(&["-kernel", &spec.kernel.to_string_lossy(), "-append", &kernel_cmdline(spec.debug, 't')]);
+    push(&[
+        "-kernel",
+        &spec.kernel.to_string_lossy(),
+        "-append",
+        &kernel_cmdline(spec.debug, 't', spec.extra_cmdline.as_deref()),
+    ]);
     if let Some(initrd) = &spec.initrd {
         push(&["-initrd", &initrd.to_string_lossy()]);
     }
@@ -136,6 +148,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn extra_kernel_arguments_come_last() {
+        assert!(kernel_cmdline(false, 't', None).ends_with("rdinit=/init"));
+        assert!(kernel_cmdline(false, 't', Some(" ")).ends_with("rdinit=/init"));
+        // Last wins for most kernel parameters, so the operator's value overrides ours.
+        assert!(kernel_cmdline(false, 'k', Some("mitigations=off")).ends_with("rdinit=/init mitigations=off"));
+    }
+
+    #[test]
     fn command_line_has_no_network_and_a_readonly_root() {
         let spec = VmSpec {
             kernel: "/k".into(),
@@ -145,6 +165,7 @@ mod tests {
             vcpus: 1,
             accel: AccelKind::Tcg,
             debug: false,
+            extra_cmdline: None,
             sandbox: true,
         };
         let a = qemu_args(&spec, Some(Path::new("/run/a.sock"))).join(" ");

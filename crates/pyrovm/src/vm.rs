@@ -58,6 +58,12 @@ pub enum StartVmError {
         /// Console tail.
         console: String,
     },
+    /// The guest kernel panicked before the agent was ready.
+    #[error("guest kernel panicked during boot: {line}")]
+    KernelPanic {
+        /// The panic line from the console.
+        line: String,
+    },
     /// The VMM exited or the guest hung up before ready.
     #[error("VM exited during boot; console: {console}")]
     Exited {
@@ -77,6 +83,12 @@ pub enum RunJobError {
     Deadline {
         /// Deadline.
         ms: u64,
+    },
+    /// The guest kernel panicked (the VM is gone).
+    #[error("guest kernel panicked: {line}")]
+    KernelPanic {
+        /// The panic line from the console.
+        line: String,
     },
     /// The VM went away before reporting a result.
     #[error("VM exited before reporting a result; console: {console}")]
@@ -99,6 +111,14 @@ pub enum RunJobError {
 }
 
 type Console = Arc<Mutex<VecDeque<u8>>>;
+
+/// The guest kernel's panic line, if the console shows one. The kernel prints
+/// it at KERN_EMERG, so it appears even with `quiet loglevel=1`.
+fn kernel_panic(c: &Console) -> Option<String> {
+    let buf = c.lock().map(|b| b.iter().copied().collect::<Vec<u8>>()).ok()?;
+    let text = String::from_utf8_lossy(&buf);
+    text.lines().find(|l| l.contains("Kernel panic")).map(|l| l.trim().chars().take(300).collect())
+}
 
 fn console_tail(c: &Console) -> String {
     let buf = c.lock().map(|b| b.iter().copied().collect::<Vec<u8>>()).unwrap_or_default();
@@ -240,7 +260,10 @@ impl Vm {
             Ok(Ok(None)) => {
                 // Give the console reader a moment to collect the last words (a panic message).
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                return Err(StartVmError::Exited { console: console_tail(&console) });
+                return Err(match kernel_panic(&console) {
+                    Some(line) => StartVmError::KernelPanic { line },
+                    None => StartVmError::Exited { console: console_tail(&console) },
+                });
             }
             Ok(Err(e)) => return Err(StartVmError::Protocol(e.to_string())),
             Ok(Ok(Some(GuestMessage::Ready { protocol, uptime_ms, .. }))) => {
@@ -337,7 +360,10 @@ impl Vm {
                 };
                 if n == 0 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    return Err(RunJobError::Exited { console: console_tail(&self.console) });
+                    return Err(match kernel_panic(&self.console) {
+                        Some(line) => RunJobError::KernelPanic { line },
+                        None => RunJobError::Exited { console: console_tail(&self.console) },
+                    });
                 }
                 decoder.push(&buf[..n]);
             }

@@ -79,6 +79,7 @@ fn spec() -> VmSpec {
         accel: AccelKind::Tcg,
         debug: false,
         sandbox: false,
+        extra_cmdline: None,
     }
 }
 

@@ -93,3 +93,22 @@ fn stalled_guest_hits_the_host_deadline() {
     server.stop();
     env.assert_clean();
 }
+
+/// Fault: the guest kernel panics (injected through the operator's extra
+/// kernel arguments: an init that does not exist, so the kernel panics with
+/// "No working init found" or cannot mount a root). Expected: a clear error
+/// naming the panic, exit status 70 (internal), nothing left behind, and the
+/// next execution without the fault works.
+#[test]
+fn guest_kernel_panic_is_reported() {
+    let env = Env::new();
+    let f = env.file("main.py", "print('never runs')");
+    let out = env.tvm().env("TVM_KERNEL_ARGS", "rdinit=/nonexistent").arg("run").arg(&f).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(70), "{stderr}");
+    assert!(stderr.contains("guest kernel panicked") && stderr.contains("Kernel panic"), "{stderr}");
+    env.assert_clean();
+    let out = env.tvm().arg("run").arg(&f).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "never runs\n", "{}", String::from_utf8_lossy(&out.stderr));
+    env.assert_clean();
+}
