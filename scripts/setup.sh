@@ -11,10 +11,12 @@ run_sample=1
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-# npm fetches the official Node.js builds that the javascript images carry.
-PKGS=(qemu-system-x86 linux-source-6.1 mmdebstrap erofs-utils npm make gcc flex bison bc libelf-dev libssl-dev xz-utils)
+PKGS=(qemu-system-x86 linux-source-6.1 mmdebstrap erofs-utils make gcc flex bison bc libelf-dev libssl-dev xz-utils)
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+# npm fetches the official Node.js builds that the javascript images carry. Any
+# npm will do (a Node.js install from elsewhere brings its own); Debian's otherwise.
+command -v npm >/dev/null || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing: ${missing[*]}"
   $SUDO apt-get update -qq
