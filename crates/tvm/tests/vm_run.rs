@@ -61,7 +61,9 @@ fn infinite_loop_is_time_limit_exceeded() {
 #[test]
 fn memory_bomb_is_memory_limit_exceeded() {
     let env = Env::new();
-    let f = env.file("mem.py", "x = bytearray(1 << 30)\nfor i in range(0, len(x), 4096): x[i] = 1\nprint('survived')");
+    // One C-level fill of 1 GiB: reaches the 128M cap in a fraction of the CPU
+    // limit even on a loaded emulated guest, so the verdict is about memory only.
+    let f = env.file("mem.py", "x = b'x' * (1 << 30)\nprint('survived')");
     let (v, _) = env.run_json(&f, &["--memory-limit", "128M"]);
     assert_eq!(v["verdict"], "memory_limit_exceeded", "{v}");
     assert!(v["run"]["peak_memory_bytes"].as_u64().unwrap() <= 128 << 20);
