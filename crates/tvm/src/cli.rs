@@ -433,10 +433,9 @@ fn runtimes(settings: &Settings, catalog: &Catalog, json: bool) {
         .runtimes()
         .iter()
         .map(|r| {
-            let state = match (&r.unavailable, &r.image) {
-                (Some(why), _) => format!("unavailable: {why}"),
-                (None, Some(recipe)) if pyrovm::image::find_image(settings, recipe).is_some() => "ready".into(),
-                _ => "buildable".into(),
+            let state = match runtime_state(settings, r) {
+                (state, Some(why), _) => format!("{state}: {why}"),
+                (state, None, _) => state.to_string(),
             };
             serde_json::json!({
                 "id": r.id, "language": r.language, "version": r.version, "aliases": r.aliases,
@@ -467,18 +466,28 @@ fn runtimes(settings: &Settings, catalog: &Catalog, json: bool) {
     }
 }
 
+/// A runtime's state on this machine: `unavailable` (with the catalog's
+/// reason), `ready` (with its built image) or `buildable`.
+fn runtime_state(
+    settings: &Settings,
+    r: &tvm_config::Runtime,
+) -> (&'static str, Option<String>, Option<pyrovm::image::Image>) {
+    if let Some(why) = &r.unavailable {
+        return ("unavailable", Some(why.clone()), None);
+    }
+    match r.image.as_ref().and_then(|recipe| pyrovm::image::find_image(settings, recipe)) {
+        Some(image) => ("ready", None, Some(image)),
+        None => ("buildable", None, None),
+    }
+}
+
 /// `tvm runtimes --matrix`: every language and version with its state here.
 fn runtime_matrix(settings: &Settings, catalog: &Catalog, json: bool) {
     use tvm_config::matrix;
     let mut rows = Vec::new();
     for language in matrix::languages(catalog) {
         for r in catalog.runtimes().iter().filter(|r| r.language == language) {
-            let image = r.image.as_ref().and_then(|recipe| pyrovm::image::find_image(settings, recipe));
-            let (state, reason) = match (&r.unavailable, &image) {
-                (Some(why), _) => ("unavailable", Some(why.clone())),
-                (None, Some(_)) => ("ready", None),
-                (None, None) => ("buildable", None),
-            };
+            let (state, reason, image) = runtime_state(settings, r);
             let installed: Vec<String> =
                 image.iter().flat_map(|i| i.meta.installed.iter().map(|(p, v)| format!("{p} {v}"))).collect();
             rows.push(serde_json::json!({

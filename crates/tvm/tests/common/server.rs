@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,8 +28,22 @@ impl Resp {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", self.status, String::from_utf8_lossy(&self.body)))
     }
 
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+    }
+
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts the API error shape and returns the error object.
+    pub fn error(&self, status: u16, code: &str) -> Value {
+        assert_eq!(self.status, status, "{}", self.text());
+        let v = self.json();
+        assert_eq!(v["error"]["code"], code, "{v}");
+        assert!(v["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+        assert!(self.header("x-request-id").is_some(), "errors carry a request id too");
+        v["error"].clone()
     }
 }
 
@@ -39,21 +53,34 @@ pub fn connect(addr: &str) -> TcpStream {
     s
 }
 
-/// Sends `body` with a correct Content-Length.
-pub fn request(addr: &str, method: &str, path: &str, body: &[u8]) -> Resp {
-    let mut s = connect(addr);
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
+/// Writes one request; a body (and any POST) gets a correct Content-Length.
+pub fn write_request(s: &mut TcpStream, addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) {
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if method == "POST" || !body.is_empty() {
+        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()));
+    }
+    head.push_str("\r\n");
     s.write_all(head.as_bytes()).unwrap();
     s.write_all(body).unwrap();
+}
+
+/// Sends one request and reads the whole response.
+pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    let mut s = connect(addr);
+    write_request(&mut s, addr, method, path, headers, body);
     read_response(s)
 }
 
-/// Reads one response (Content-Length, chunked, or until close).
-pub fn read_response(s: TcpStream) -> Resp {
-    let mut r = BufReader::new(s);
+/// Sends `body` with a correct Content-Length.
+pub fn request(addr: &str, method: &str, path: &str, body: &[u8]) -> Resp {
+    http(addr, method, path, &[], body)
+}
+
+/// Reads the status line and headers.
+pub fn read_head(r: &mut BufReader<TcpStream>) -> (u16, BTreeMap<String, String>) {
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
     let status = line
@@ -73,27 +100,42 @@ pub fn read_response(s: TcpStream) -> Resp {
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
-    let mut body = Vec::new();
+    (status, headers)
+}
+
+/// Calls `on_data` with body bytes as they arrive (de-chunked), until the body ends.
+pub fn read_body(r: &mut BufReader<TcpStream>, headers: &BTreeMap<String, String>, mut on_data: impl FnMut(&[u8])) {
     if headers.get("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
         loop {
             let mut size = String::new();
             if r.read_line(&mut size).unwrap() == 0 {
-                break;
+                return;
             }
             let n = usize::from_str_radix(size.trim().split(';').next().unwrap_or("0"), 16).unwrap();
             if n == 0 {
-                break;
+                return;
             }
             let mut chunk = vec![0; n + 2];
             r.read_exact(&mut chunk).unwrap();
-            body.extend_from_slice(&chunk[..n]);
+            on_data(&chunk[..n]);
         }
     } else if let Some(len) = headers.get("content-length").and_then(|l| l.parse::<usize>().ok()) {
-        body.resize(len, 0);
+        let mut body = vec![0; len];
         r.read_exact(&mut body).unwrap();
+        on_data(&body);
     } else {
+        let mut body = Vec::new();
         let _ = r.read_to_end(&mut body);
+        on_data(&body);
     }
+}
+
+/// Reads one response (Content-Length, chunked, or until close).
+pub fn read_response(s: TcpStream) -> Resp {
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r);
+    let mut body = Vec::new();
+    read_body(&mut r, &headers, |b| body.extend_from_slice(b));
     Resp { status, headers, body }
 }
 
@@ -103,10 +145,21 @@ pub struct Server {
     log: Arc<Mutex<String>>,
 }
 
+/// `tvm` of this build, or `TVM_TEST_SERVER_BIN` to run the suite against another binary.
+fn server_command(env: &Env) -> Command {
+    match std::env::var_os("TVM_TEST_SERVER_BIN") {
+        None => env.tvm(),
+        Some(bin) => {
+            let mut c = Command::new(bin);
+            c.env("TVM_RUNTIME_DIR", env.runtime_dir.path()).env_remove("TVM_LOG").stdin(Stdio::null());
+            c
+        }
+    }
+}
+
 impl Server {
     pub fn start(env: &Env, args: &[&str]) -> Server {
-        let mut child = env
-            .tvm()
+        let mut child = server_command(env)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .env("TVM_LOG", "info")
@@ -139,16 +192,28 @@ impl Server {
     }
 
     pub fn execute(&self, body: &Value) -> Resp {
-        request(&self.addr, "POST", "/v1/executions", body.to_string().as_bytes())
+        self.post("/v1/executions", &[], body)
     }
 
     pub fn get(&self, path: &str) -> Resp {
         request(&self.addr, "GET", path, b"")
     }
 
+    pub fn post(&self, path: &str, headers: &[(&str, &str)], body: &Value) -> Resp {
+        http(&self.addr, "POST", path, headers, body.to_string().as_bytes())
+    }
+
     pub fn metric(&self, series: &str) -> Option<f64> {
         let m = self.get("/metrics").text();
         m.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+    }
+
+    pub fn wait_metric(&self, series: &str, pred: impl Fn(f64) -> bool, what: &str) {
+        let t = Instant::now();
+        while !self.metric(series).is_some_and(&pred) {
+            assert!(t.elapsed() < STARTUP, "timed out waiting for {what}; log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn pid(&self) -> u32 {
