@@ -93,7 +93,17 @@ pub struct Settings {
     /// Extra guest kernel command-line arguments, appended last (so they win):
     /// operator tuning such as `mitigations=off`, and fault injection in tests.
     pub kernel_args: Option<String>,
+    /// When `tvm` runs as root, each VMM runs as uid and gid
+    /// `vmm_uid_base + its pid`: unique per live VM (pids are), so one
+    /// compromised QEMU cannot signal, ptrace or read another. 0 keeps QEMU
+    /// running as the invoking user. The default range lies above the
+    /// ranges systemd and container tools hand out.
+    pub vmm_uid_base: u32,
 }
+
+/// Largest `vmm_uid_base`: the base plus Linux's largest pid (2^22) must
+/// stay below the reserved uids at the top of the range.
+pub const MAX_VMM_UID_BASE: u32 = u32::MAX - (1 << 22) - 2;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -121,6 +131,7 @@ impl Default for Settings {
             catalog: None,
             debian_mirror: None,
             kernel_args: None,
+            vmm_uid_base: 2_000_000_000,
         }
     }
 }
@@ -189,6 +200,12 @@ impl Settings {
         }
         if let Some(v) = var("TVM_KERNEL_ARGS") {
             self.kernel_args = Some(v);
+        }
+        if let Some(v) = var("TVM_VMM_UID_BASE") {
+            self.vmm_uid_base = v.parse().ok().filter(|n| *n <= MAX_VMM_UID_BASE).ok_or(SettingsError::Env {
+                name: "TVM_VMM_UID_BASE",
+                message: format!("{v:?} is not a number from 0 to {MAX_VMM_UID_BASE}"),
+            })?;
         }
         if let Some(v) = var("TVM_VCPUS") {
             self.vcpus = v.parse().ok().filter(|n| (1..=8).contains(n)).ok_or(SettingsError::Env {

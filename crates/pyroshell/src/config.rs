@@ -39,6 +39,9 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// How long a client may take to send its request body before 408 (ms).
     pub body_timeout_ms: u64,
+    /// How long a client may take to send its request line and headers
+    /// before the connection is closed (ms): slowloris defence.
+    pub header_timeout_ms: u64,
     /// After SIGTERM, how long in-flight executions may take to finish (ms).
     pub drain_grace_ms: u64,
     /// Whether executions may ask for network access. Guests have no NIC yet, so this must stay false.
@@ -65,6 +68,7 @@ impl Default for ServeConfig {
             max_body_bytes: 32 << 20,
             // 32 MiB at a slow 2 MB/s; a client slower than that is not worth a task.
             body_timeout_ms: 15_000,
+            header_timeout_ms: 10_000,
             drain_grace_ms: 30_000,
             allow_network: false,
             build_images: true,
@@ -137,6 +141,9 @@ impl ServeConfig {
         if self.max_body_bytes < 1024 {
             return Err("max_body_bytes must be at least 1024".into());
         }
+        if self.header_timeout_ms < 100 || self.body_timeout_ms < 100 {
+            return Err("header and body timeouts must be at least 100ms".into());
+        }
         Ok(())
     }
 
@@ -192,6 +199,9 @@ pub struct ServeArgs {
     /// Time a client gets to send its request body; slower ones get 408 (e.g. 15s).
     #[arg(long, value_name = "DUR")]
     pub body_timeout: Option<String>,
+    /// Time a client gets to send its request headers; slower connections are closed (e.g. 10s).
+    #[arg(long, value_name = "DUR")]
+    pub header_timeout: Option<String>,
     /// Do not build missing runtime images in the background.
     #[arg(long)]
     pub no_build_images: bool,
@@ -230,6 +240,9 @@ impl ServeArgs {
         }
         if let Some(v) = ms(&self.body_timeout)? {
             c.body_timeout_ms = v;
+        }
+        if let Some(v) = ms(&self.header_timeout)? {
+            c.header_timeout_ms = v;
         }
         if let Some(v) = bytes(&self.max_body)? {
             c.max_body_bytes = usize::try_from(v).map_err(|_| "max body is too large".to_string())?;

@@ -193,19 +193,8 @@ pub async fn serve_until(
         }
     };
     let app = routes::router(st);
-    let server = axum::serve(listener, app).with_graceful_shutdown(drain);
-    let lingering = async {
-        let _ = drained_rx.await;
-        tokio::time::sleep(CONNECTION_LINGER).await;
-    };
-    let outcome = tokio::select! {
-        r = async { server.await } => r.map_err(ServeError::Serve),
-        // A client that keeps a connection open (slow body, idle stream) must not hold the exit hostage.
-        _ = lingering => {
-            warn!("connections still open after the drain; closing them");
-            Ok(())
-        }
-    };
+    let header_timeout = Duration::from_millis(config.header_timeout_ms);
+    let outcome = serve_connections(listener, app, header_timeout, drain, drained_rx).await;
     life.hard_stop();
     stop_tx.send_replace(true);
     for task in background {
@@ -215,4 +204,59 @@ pub async fn serve_until(
     pool.clear();
     info!("server stopped");
     outcome
+}
+
+/// Accepts connections until `drain` resolves, then waits for open ones
+/// (for [`CONNECTION_LINGER`] after `drained`). hyper's own connection
+/// loop rather than `axum::serve`: only it can time out a client that
+/// never finishes its request headers (slowloris); `header_timeout`
+/// closes such connections.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    drain: impl Future<Output = ()> + Send + 'static,
+    drained: tokio::sync::oneshot::Receiver<()>,
+) -> Result<(), ServeError> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut drain = std::pin::pin!(drain);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of fds or a connection reset before accept: not fatal; back off briefly.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut drain => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let lingering = async {
+        let _ = drained.await;
+        tokio::time::sleep(CONNECTION_LINGER).await;
+    };
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        // A client that keeps a connection open (slow body, idle stream) must not hold the exit hostage.
+        _ = lingering => warn!("connections still open after the drain; closing them"),
+    }
+    Ok(())
 }

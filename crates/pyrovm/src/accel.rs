@@ -134,7 +134,16 @@ pub fn probe_kvm(qemu: &Path, kernel: &Path) -> Result<u64, String> {
     let file = std::fs::File::create(&out).map_err(|e| format!("probe log: {e}"))?;
     let started = Instant::now();
     let mut child = std::process::Command::new(qemu)
-        .args(qemu_args(&spec, None))
+        // Our own kernel and no guest code: the probe needs no descriptor passing.
+        .args(qemu_args(
+            &spec,
+            &crate::jail::VmmIo {
+                kernel: kernel.to_string_lossy().into_owned(),
+                initrd: None,
+                rootfs_fd: None,
+                agent_fd: None,
+            },
+        ))
         .stdin(std::process::Stdio::null())
         .stdout(file.try_clone().map_err(|e| e.to_string())?)
         .stderr(file)

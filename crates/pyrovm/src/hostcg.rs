@@ -5,9 +5,11 @@
 //!
 //! Cgroup names carry the owning `tvm` process as `vm-<id>.<pid>.<starttime>`,
 //! so the startup reaper ([`reap`]) can tell a crashed owner's leftovers from
-//! a live neighbour's without any other record. Hosts without a writable
-//! cgroup2 hierarchy (read-only, cgroup v1 only, no delegation) run VMs
-//! without one; [`HostCgroups::detect`] says why, and the caller logs it.
+//! a live neighbour's without any other record. On hybrid and legacy hosts,
+//! limits cgroup2 cannot delegate (its controllers are bound to v1) are set
+//! in the v1 hierarchies instead (`memory.limit_in_bytes`, `pids.max`,
+//! `cpu.cfs_quota_us`). Hosts with no writable hierarchy at all run VMs
+//! without host cgroups; [`HostCgroups::detect`] says why, the caller logs it.
 
 use std::ffi::CString;
 use std::io;
@@ -53,59 +55,81 @@ pub enum HostCgroupError {
     },
 }
 
-/// TVM's parent cgroup and which limits its children can enforce.
+/// TVM's parent cgroups and which limits their children can enforce.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostCgroups {
-    parent: PathBuf,
-    memory: bool,
-    pids: bool,
-    cpu: bool,
+    /// `<cgroup2>/tvm`, when a writable cgroup2 hierarchy exists.
+    v2: Option<PathBuf>,
+    /// Controllers enforced through cgroup2.
+    v2_controllers: Vec<&'static str>,
+    /// Controllers cgroup2 cannot give us but a v1 hierarchy can (hybrid
+    /// and legacy hosts), each with its `tvm` parent.
+    v1: Vec<(&'static str, PathBuf)>,
 }
 
 /// Limits of one VMM's cgroup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VmmLimits {
-    /// memory.max in bytes (guest RAM plus the VMM's own overhead).
+    /// Memory cap in bytes (guest RAM plus the VMM's own overhead).
     pub memory_bytes: u64,
-    /// pids.max.
+    /// Process and thread cap.
     pub pids: u64,
-    /// cpu.max quota in CPUs (`None`: unlimited).
+    /// CPU quota in CPUs (`None`: unlimited).
     pub cpus: Option<u32>,
 }
+
+/// The controllers TVM caps VMMs with.
+const CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
 
 impl HostCgroups {
     /// Finds the cgroup2 hierarchy (`/sys/fs/cgroup` on unified hosts, or
     /// the `unified` mount of a hybrid host), creates `tvm/` in it and
-    /// delegates what controllers it can.
+    /// delegates what controllers it can; controllers it cannot delegate are
+    /// taken from cgroup v1 hierarchies where mounted (under this process's
+    /// own v1 cgroup, so VMMs stay inside whatever limits `tvm` runs under).
     pub fn detect() -> Result<Self, HostCgroupError> {
         let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let root = cgroup2_mount(&mounts).ok_or(HostCgroupError::NotMounted)?;
-        Self::at(&root)
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let v2 = match cgroup2_mount(&mounts) {
+            Some(root) => Self::at(&root),
+            None => Err(HostCgroupError::NotMounted),
+        };
+        let (v2_parent, v2_controllers, v2_err) = match v2 {
+            Ok(cg) => (cg.v2, cg.v2_controllers, None),
+            Err(e) => (None, Vec::new(), Some(e)),
+        };
+        let mut v1 = Vec::new();
+        for c in CONTROLLERS.into_iter().filter(|c| !v2_controllers.contains(c)) {
+            let Some(dir) = v1_cgroup(&mounts, &own, c) else { continue };
+            let parent = dir.join(PARENT);
+            match make_parent(&parent) {
+                Ok(()) => v1.push((c, parent)),
+                Err(e) => {
+                    debug!(controller = c, parent = %parent.display(), error = %e, "cgroup v1 hierarchy not writable")
+                }
+            }
+        }
+        if let (Some(e), true) = (v2_err, v1.is_empty()) {
+            return Err(e);
+        }
+        let cg = Self { v2: v2_parent, v2_controllers, v1 };
+        debug!(v2 = ?cg.v2, v2_controllers = ?cg.v2_controllers, v1 = ?cg.v1, "host cgroups usable");
+        Ok(cg)
     }
 
-    /// As [`HostCgroups::detect`], for a given cgroup2 root.
+    /// As [`HostCgroups::detect`], for a given cgroup2 root only.
     pub fn at(root: &Path) -> Result<Self, HostCgroupError> {
         let parent = root.join(PARENT);
-        let err = |source| HostCgroupError::Parent { path: parent.clone(), source };
-        match std::fs::create_dir(&parent) {
-            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(err(e)),
-            _ => {}
-        }
-        // Writability of the parent is what matters: probe it now rather
-        // than failing at the first VM.
-        let probe = parent.join(format!("probe-{}", std::process::id()));
-        std::fs::create_dir(&probe).map_err(err)?;
-        let _ = std::fs::remove_dir(&probe);
-
+        make_parent(&parent).map_err(|source| HostCgroupError::Parent { path: parent.clone(), source })?;
         let available = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
         let mut enabled = Vec::new();
-        for c in ["memory", "pids", "cpu"] {
+        for c in CONTROLLERS {
             if !available.split_whitespace().any(|a| a == c) {
                 continue;
             }
             // Each level must hand the controller down; a failure (a
             // controller held by a v1 hierarchy, an internal process)
-            // leaves just that limit unenforced.
+            // leaves just that limit to v1 or unenforced.
             let ok = [root, parent.as_path()]
                 .iter()
                 .all(|dir| std::fs::write(dir.join("cgroup.subtree_control"), format!("+{c}")).is_ok());
@@ -113,72 +137,179 @@ impl HostCgroups {
                 enabled.push(c);
             }
         }
-        let cg = Self {
-            memory: enabled.contains(&"memory"),
-            pids: enabled.contains(&"pids"),
-            cpu: enabled.contains(&"cpu"),
-            parent,
-        };
-        debug!(parent = %cg.parent.display(), controllers = ?enabled, "host cgroups usable");
-        Ok(cg)
+        Ok(Self { v2: Some(parent), v2_controllers: enabled, v1: Vec::new() })
     }
 
-    /// The parent cgroup (`…/tvm`).
+    /// The parent cgroup that groups all VMMs: cgroup2's `…/tvm` when there
+    /// is one, else the first v1 hierarchy's.
     pub fn parent(&self) -> &Path {
-        &self.parent
+        self.v2.as_deref().or_else(|| self.v1.first().map(|(_, p)| p.as_path())).expect("detect() ensures one")
     }
 
-    /// Limits this host cannot enforce (controllers not delegated), for a
-    /// warning; empty when every limit holds.
+    /// Every `tvm` parent cgroup (cgroup2 and v1).
+    pub fn parents(&self) -> Vec<&Path> {
+        self.v2.iter().map(PathBuf::as_path).chain(self.v1.iter().map(|(_, p)| p.as_path())).collect()
+    }
+
+    /// Limits this host cannot enforce, for a warning; empty when every
+    /// limit holds.
     pub fn missing_controllers(&self) -> Vec<&'static str> {
-        [("memory", self.memory), ("pids", self.pids), ("cpu", self.cpu)]
+        CONTROLLERS
             .into_iter()
-            .filter_map(|(name, on)| (!on).then_some(name))
+            .filter(|c| !self.v2_controllers.contains(c) && !self.v1.iter().any(|(v, _)| v == c))
             .collect()
     }
 
-    /// Creates the cgroup of VM `id`, owned by this process.
+    /// One line for logs and `tvm doctor`: where each limit is enforced.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(p) = &self.v2 {
+            let what = if self.v2_controllers.is_empty() {
+                "grouping and kill".into()
+            } else {
+                self.v2_controllers.join(", ")
+            };
+            parts.push(format!("{} ({what})", p.display()));
+        }
+        for (c, p) in &self.v1 {
+            parts.push(format!("{} ({c}, v1)", p.display()));
+        }
+        let missing = self.missing_controllers();
+        if !missing.is_empty() {
+            parts.push(format!("not enforced: {}", missing.join(", ")));
+        }
+        parts.join("; ")
+    }
+
+    /// Removes the VM cgroups of crashed owners in every hierarchy.
+    pub fn reap(&self) -> CgroupReapReport {
+        let mut total = CgroupReapReport::default();
+        for parent in self.parents() {
+            total.removed += reap(parent).removed;
+        }
+        total
+    }
+
+    /// The VM cgroups in every hierarchy (for tests, `tvm soak` and `tvm doctor`).
+    pub fn vm_cgroups(&self) -> Vec<PathBuf> {
+        self.parents().into_iter().flat_map(vm_cgroups).collect()
+    }
+
+    /// Creates the cgroups of VM `id`, owned by this process.
     pub fn create_vm(&self, id: &str, limits: VmmLimits) -> Result<VmCgroup, HostCgroupError> {
         let me = process_identity(std::process::id()).unwrap_or_else(|| format!("{} 0", std::process::id()));
         let name = format!("vm-{id}.{}", me.replace(' ', "."));
-        let path = self.parent.join(name);
-        let err = |source| HostCgroupError::Vm { path: path.clone(), source };
-        std::fs::create_dir(&path).map_err(err)?;
-        // Owned from here on: any failure below removes it again.
-        let cg = VmCgroup { procs: cstring(&path.join("cgroup.procs")).map_err(err)?, path: path.clone() };
-        if self.memory {
-            write(&path, "memory.max", &limits.memory_bytes.to_string()).map_err(err)?;
-            // Guest RAM must not be swapped out to escape the cap.
-            match write(&path, "memory.swap.max", "0") {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(err(e)),
-                _ => {}
+        // Owned from the first directory on: any failure below removes them all again.
+        let mut cg = VmCgroup { dirs: Vec::new(), procs: Vec::new() };
+        if let Some(parent) = &self.v2 {
+            let path = parent.join(&name);
+            cg.add(&path)?;
+            let on = |c| self.v2_controllers.contains(&c);
+            let err = |source| HostCgroupError::Vm { path: path.clone(), source };
+            if on("memory") {
+                write(&path, "memory.max", &limits.memory_bytes.to_string()).map_err(err)?;
+                // Guest RAM must not be swapped out to escape the cap.
+                optional(write(&path, "memory.swap.max", "0")).map_err(err)?;
+            }
+            if on("pids") {
+                write(&path, "pids.max", &limits.pids.to_string()).map_err(err)?;
+            }
+            if let (true, Some(cpus)) = (on("cpu"), limits.cpus) {
+                write(&path, "cpu.max", &format!("{} 100000", u64::from(cpus) * 100_000)).map_err(err)?;
             }
         }
-        if self.pids {
-            write(&path, "pids.max", &limits.pids.to_string()).map_err(err)?;
-        }
-        if let (true, Some(cpus)) = (self.cpu, limits.cpus) {
-            write(&path, "cpu.max", &format!("{} 100000", u64::from(cpus) * 100_000)).map_err(err)?;
+        for (controller, parent) in &self.v1 {
+            let path = parent.join(&name);
+            cg.add(&path)?;
+            let err = |source| HostCgroupError::Vm { path: path.clone(), source };
+            match *controller {
+                "memory" => {
+                    write(&path, "memory.limit_in_bytes", &limits.memory_bytes.to_string()).map_err(err)?;
+                    // memory+swap at the same value: no swap to escape into
+                    // (the file exists only with swap accounting).
+                    optional(write(&path, "memory.memsw.limit_in_bytes", &limits.memory_bytes.to_string()))
+                        .map_err(err)?;
+                }
+                "pids" => write(&path, "pids.max", &limits.pids.to_string()).map_err(err)?,
+                "cpu" => {
+                    if let Some(cpus) = limits.cpus {
+                        write(&path, "cpu.cfs_period_us", "100000").map_err(err)?;
+                        write(&path, "cpu.cfs_quota_us", &(u64::from(cpus) * 100_000).to_string()).map_err(err)?;
+                    }
+                }
+                _ => {}
+            }
         }
         Ok(cg)
     }
 }
 
-/// One VMM's cgroup. Dropping it kills whatever is still inside
-/// (`cgroup.kill`) and removes it.
+/// Creates a `tvm` parent cgroup if needed and checks it takes children.
+fn make_parent(parent: &Path) -> io::Result<()> {
+    match std::fs::create_dir(parent) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+        _ => {}
+    }
+    // Writability of the parent is what matters: probe it now rather than
+    // failing at the first VM.
+    let probe = parent.join(format!("probe-{}", std::process::id()));
+    std::fs::create_dir(&probe)?;
+    let _ = std::fs::remove_dir(&probe);
+    Ok(())
+}
+
+/// A missing control file is fine (an optional kernel feature).
+fn optional(r: io::Result<()>) -> io::Result<()> {
+    match r {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+/// This process's cgroup directory in the v1 hierarchy of `controller`,
+/// from `/proc/self/mounts` and `/proc/self/cgroup` texts.
+pub fn v1_cgroup(mounts: &str, own: &str, controller: &str) -> Option<PathBuf> {
+    let mount = mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() >= 4 && f[2] == "cgroup" && f[3].split(',').any(|o| o == controller)).then(|| f[1])
+    })?;
+    let path = own.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next()?, parts.next()?, parts.next()?);
+        ctrls.split(',').any(|c| c == controller).then_some(path)
+    })?;
+    Some(Path::new(mount).join(path.trim_start_matches('/')))
+}
+
+/// One VMM's cgroups (one per hierarchy in use). Dropping it kills
+/// whatever is still inside and removes them.
 #[derive(Debug)]
 pub struct VmCgroup {
-    path: PathBuf,
-    procs: CString,
+    dirs: Vec<PathBuf>,
+    procs: Vec<CString>,
 }
 
 impl VmCgroup {
-    /// The cgroup directory.
-    pub fn path(&self) -> &Path {
-        &self.path
+    fn add(&mut self, path: &Path) -> Result<(), HostCgroupError> {
+        let err = |source| HostCgroupError::Vm { path: path.to_path_buf(), source };
+        let procs = cstring(&path.join("cgroup.procs")).map_err(err)?;
+        std::fs::create_dir(path).map_err(err)?;
+        self.dirs.push(path.to_path_buf());
+        self.procs.push(procs);
+        Ok(())
     }
 
-    /// What a forked child needs to join this cgroup (moved into the
+    /// The main cgroup directory (cgroup2's when in use).
+    pub fn path(&self) -> &Path {
+        &self.dirs[0]
+    }
+
+    /// Every directory of this VM's cgroups.
+    pub fn paths(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+
+    /// What a forked child needs to join these cgroups (moved into the
     /// `pre_exec` closure, which must own its data).
     pub fn joiner(&self) -> CgroupJoiner {
         CgroupJoiner { procs: self.procs.clone() }
@@ -186,45 +317,58 @@ impl VmCgroup {
 
     /// Pids in the cgroup.
     pub fn pids(&self) -> Vec<u32> {
-        std::fs::read_to_string(self.path.join("cgroup.procs"))
+        std::fs::read_to_string(self.path().join("cgroup.procs"))
             .map(|t| t.lines().filter_map(|l| l.trim().parse().ok()).collect())
             .unwrap_or_default()
     }
 
-    /// Reads a control file (tests and diagnostics).
+    /// Reads a control file from whichever of the VM's cgroups has it
+    /// (tests and diagnostics).
     pub fn read(&self, file: &str) -> io::Result<String> {
-        std::fs::read_to_string(self.path.join(file))
+        let mut last = io::Error::from(io::ErrorKind::NotFound);
+        for dir in &self.dirs {
+            match std::fs::read_to_string(dir.join(file)) {
+                Ok(t) => return Ok(t),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 }
 
-/// The `cgroup.procs` path of a [`VmCgroup`], prepared for a forked child.
+/// The `cgroup.procs` paths of a [`VmCgroup`], prepared for a forked child.
 #[derive(Debug, Clone)]
 pub struct CgroupJoiner {
-    procs: CString,
+    procs: Vec<CString>,
 }
 
 impl CgroupJoiner {
-    /// Moves the calling process into the cgroup. Async-signal-safe (no
+    /// Moves the calling process into the cgroups. Async-signal-safe (no
     /// allocation), for use between `fork` and `exec` of the VMM.
     pub fn join_self(&self) -> io::Result<()> {
-        // SAFETY: `procs` is NUL-terminated; the fd is closed on every path.
-        unsafe {
-            let fd = libc::open(self.procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
+        for procs in &self.procs {
+            // SAFETY: `procs` is NUL-terminated; the fd is closed on every path.
+            unsafe {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let result = if written == 1 { Ok(()) } else { Err(io::Error::last_os_error()) };
+                libc::close(fd);
+                result?;
             }
-            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
-            let result = if written == 1 { Ok(()) } else { Err(io::Error::last_os_error()) };
-            libc::close(fd);
-            result
         }
+        Ok(())
     }
 }
 
 impl Drop for VmCgroup {
     fn drop(&mut self) {
-        if let Err(e) = destroy(&self.path) {
-            warn!(cgroup = %self.path.display(), error = %e, "could not remove host cgroup");
+        for dir in &self.dirs {
+            if let Err(e) = destroy(dir) {
+                warn!(cgroup = %dir.display(), error = %e, "could not remove host cgroup");
+            }
         }
     }
 }
@@ -345,10 +489,24 @@ mod tests {
         assert_eq!(owner_of("vm-abc"), None);
     }
 
-    /// On a host with a writable cgroup2 hierarchy: a VM cgroup holds its
-    /// process, is killed and removed on drop, and the reaper removes a dead
-    /// owner's cgroup but not a live one's. Elsewhere it checks that
-    /// detection fails cleanly (the VMs then run without host cgroups).
+    #[test]
+    fn finds_this_process_v1_cgroup() {
+        let mounts = "cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0\n\
+                      cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,cpu,cpuacct 0 0\n\
+                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
+        let own = "4:memory:/process_api/abc\n3:cpu,cpuacct:/\n0::/\n";
+        assert_eq!(v1_cgroup(mounts, own, "memory"), Some(PathBuf::from("/sys/fs/cgroup/memory/process_api/abc")));
+        assert_eq!(v1_cgroup(mounts, own, "cpu"), Some(PathBuf::from("/sys/fs/cgroup/cpu,cpuacct")));
+        assert_eq!(v1_cgroup(mounts, own, "pids"), None);
+        // "cpuacct" must not match "cpu".
+        assert_eq!(v1_cgroup("cgroup /x cgroup rw,cpuacct 0 0\n", "2:cpuacct:/\n", "cpu"), None);
+    }
+
+    /// On a host with writable cgroups: a VM cgroup holds its process, the
+    /// limits read back from whichever hierarchy enforces them, it is killed
+    /// and removed on drop, and the reaper removes a dead owner's cgroup but
+    /// not a live one's. Elsewhere it checks that detection fails cleanly
+    /// (the VMs then run without host cgroups).
     #[test]
     fn vm_cgroup_lifecycle_and_reaper() {
         let cgs = match HostCgroups::detect() {
@@ -372,24 +530,41 @@ mod tests {
         }
         let mut child = child.spawn().unwrap();
         assert_eq!(cg.pids(), vec![child.id()]);
-        if cgs.memory {
-            assert_eq!(cg.read("memory.max").unwrap().trim(), (512u64 << 20).to_string());
+        let missing = cgs.missing_controllers();
+        eprintln!("host cgroups: {}", cgs.describe());
+        if !missing.contains(&"memory") {
+            let max = cg.read("memory.max").or_else(|_| cg.read("memory.limit_in_bytes")).unwrap();
+            assert_eq!(max.trim(), (512u64 << 20).to_string());
         }
-        let path = cg.path().to_path_buf();
+        if !missing.contains(&"pids") {
+            assert_eq!(cg.read("pids.max").unwrap().trim(), "16");
+        }
+        if !missing.contains(&"cpu") {
+            let cpu = cg.read("cpu.max").or_else(|_| cg.read("cpu.cfs_quota_us")).unwrap();
+            assert!(cpu.starts_with("100000"), "{cpu}");
+        }
+        // Every hierarchy holds the process.
+        for dir in cg.paths() {
+            let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+            assert!(procs.lines().any(|l| l.trim() == child.id().to_string()), "{dir:?}");
+        }
+        let paths = cg.paths().to_vec();
         drop(cg);
-        assert!(!path.exists(), "removed on drop");
+        assert!(paths.iter().all(|p| !p.exists()), "removed on drop");
         let status = child.wait().unwrap();
         assert!(!status.success(), "the process inside was killed");
 
         // A cgroup of a dead owner (pid 999999999 never exists) is reaped,
         // one of a live owner (this test) is not.
-        let dead = cgs.parent().join("vm-unit2.999999999.1");
-        std::fs::create_dir(&dead).unwrap();
+        let dead: Vec<PathBuf> = cgs.parents().iter().map(|p| p.join("vm-unit2.999999999.1")).collect();
+        for d in &dead {
+            std::fs::create_dir(d).unwrap();
+        }
         let live = cgs.create_vm("unit3", limits).unwrap();
-        let report = reap(cgs.parent());
-        assert!(report.removed >= 1);
-        assert!(!dead.exists());
-        assert!(live.path().exists());
+        let report = cgs.reap();
+        assert!(report.removed >= dead.len());
+        assert!(dead.iter().all(|d| !d.exists()));
+        assert!(live.paths().iter().all(|p| p.exists()));
         drop(live);
     }
 }

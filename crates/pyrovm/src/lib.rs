@@ -12,6 +12,7 @@ pub mod cache;
 pub mod hostcg;
 pub mod image;
 pub mod initrd;
+pub mod jail;
 pub mod kernel;
 pub mod plan;
 pub mod progress;
@@ -30,7 +31,7 @@ use tvm_protocol::{JobResult, Stage, Stream};
 pub use accel::AccelDecision;
 pub use plan::{plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile};
 pub use progress::Progress;
-pub use vm::{RunJobError, StartVmError, Vm};
+pub use vm::{RunJobError, StartVmError, Vm, VmmHost};
 
 /// Why the VM manager could not get ready.
 #[derive(Debug, thiserror::Error)]
@@ -98,20 +99,15 @@ pub struct Execution {
 
 /// `tvm doctor` lines on host-side isolation: `(name, ok, detail)`. Host
 /// cgroups are optional (VMs run without them), QEMU's sandbox is expected.
-pub fn isolation_checks(qemu: &std::path::Path) -> Vec<(String, bool, String)> {
+pub fn isolation_checks(qemu: &std::path::Path, vmm_uid_base: u32) -> Vec<(String, bool, String)> {
     let cgroups = match hostcg::HostCgroups::detect() {
-        Ok(cgs) if cgs.missing_controllers().is_empty() => {
-            format!("used: {} (memory, pids, cpu capped)", cgs.parent().display())
-        }
-        Ok(cgs) => format!(
-            "used: {} (grouping and kill only; not delegated: {})",
-            cgs.parent().display(),
-            cgs.missing_controllers().join(", ")
-        ),
+        Ok(cgs) => format!("used: {}", cgs.describe()),
         Err(e) => format!("not used: {}", error_chain(&e)),
     };
     let sandbox = qemu::sandbox_supported(qemu);
+    let jail = jail::ConfinementReport::detect(vmm_uid_base);
     vec![
+        ("vmm confinement".into(), jail.landlock_abi > 0 || jail.own_user, jail.describe()),
         ("host cgroups".into(), true, cgroups),
         (
             "qemu sandbox".into(),
@@ -174,11 +170,13 @@ impl Pyrovm {
         reaper::reap(&settings.runtime_dir);
         let host_cgroups = match hostcg::HostCgroups::detect() {
             Ok(cgs) => {
-                hostcg::reap(cgs.parent());
+                cgs.reap();
                 let missing = cgs.missing_controllers();
-                if !missing.is_empty() {
-                    info!(parent = %cgs.parent().display(), ?missing,
-                        "host cgroup controllers not delegated: VMMs are grouped and killed as a whole, but these limits are not enforced");
+                if missing.is_empty() {
+                    info!(cgroups = %cgs.describe(), "VMMs run in host cgroups");
+                } else {
+                    warn!(cgroups = %cgs.describe(), ?missing,
+                        "host cgroup controllers unavailable: VMMs are grouped and killed as a whole, but these limits are not enforced");
                 }
                 Some(cgs)
             }
@@ -191,6 +189,8 @@ impl Pyrovm {
         if !qemu_sandbox {
             warn!(qemu = %settings.qemu.display(), "QEMU rejects -sandbox (built without seccomp?): VMMs run without it");
         }
+        let jail = jail::ConfinementReport::detect(settings.vmm_uid_base);
+        info!(confinement = %jail.describe(), "VMM confinement");
         let kernel = match kernel::find_kernel(&settings)? {
             Some(k) => k,
             None if build => kernel::ensure_kernel(&settings, &Progress::spinner("building guest kernel"))?,
@@ -271,8 +271,13 @@ impl Pyrovm {
         };
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let timeout = Duration::from_millis(self.settings.boot_timeout_ms);
-        Ok(Vm::boot(&id, &self.settings.qemu, &self.settings.runtime_dir, &spec, timeout, self.host_cgroups.as_ref())
-            .await?)
+        let host = vm::VmmHost {
+            vmm: &self.settings.qemu,
+            runtime_dir: &self.settings.runtime_dir,
+            host_cgroups: self.host_cgroups.as_ref(),
+            uid_base: self.settings.vmm_uid_base,
+        };
+        Ok(Vm::boot(&id, &host, &spec, timeout).await?)
     }
 
     /// Runs one request in a fresh VM; `on_output` sees output as it streams.

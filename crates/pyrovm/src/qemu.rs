@@ -7,6 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::jail::VmmIo;
+
 /// The accelerator a VM runs under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -101,8 +103,9 @@ pub fn kernel_cmdline(debug: bool, reboot: char, extra: Option<&str>) -> String 
     line
 }
 
-/// argv (without the binary) for `qemu-system-x86_64`.
-pub fn qemu_args(spec: &VmSpec, agent_socket: Option<&Path>) -> Vec<String> {
+/// argv (without the binary) for `qemu-system-x86_64`. Every file QEMU
+/// gets is an inherited descriptor named by `io` (see [`crate::jail`]).
+pub fn qemu_args(spec: &VmSpec, io: &VmmIo) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     let machine = format!("microvm,accel={},acpi=off,x-option-roms=off,isa-serial=on,rtc=on", spec.accel.as_str());
@@ -113,22 +116,19 @@ pub fn qemu_args(spec: &VmSpec, agent_socket: Option<&Path>) -> Vec<String> {
     push(&["-M", &machine, "-cpu", cpu]);
     push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.vcpus.to_string()]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio", "-monitor", "none"]);
-    push(&[
-        "-kernel",
-        &spec.kernel.to_string_lossy(),
-        "-append",
-        &kernel_cmdline(spec.debug, 't', spec.extra_cmdline.as_deref()),
-    ]);
-    if let Some(initrd) = &spec.initrd {
-        push(&["-initrd", &initrd.to_string_lossy()]);
+    push(&["-kernel", &io.kernel, "-append", &kernel_cmdline(spec.debug, 't', spec.extra_cmdline.as_deref())]);
+    if let Some(initrd) = &io.initrd {
+        push(&["-initrd", initrd]);
     }
-    if let Some(root) = &spec.rootfs {
-        let drive = format!("id=root,file={},format=raw,if=none,readonly=on", escape(&root.to_string_lossy()));
-        push(&["-drive", &drive, "-device", "virtio-blk-device,drive=root"]);
+    if let Some(fd) = io.rootfs_fd {
+        // An fd set: QEMU dup()s the descriptor instead of opening a path.
+        push(&["-add-fd", &format!("fd={fd},set=1")]);
+        push(&["-drive", "id=root,file=/dev/fdset/1,format=raw,if=none,readonly=on"]);
+        push(&["-device", "virtio-blk-device,drive=root"]);
     }
-    if let Some(sock) = agent_socket {
-        let chardev = format!("socket,id=agent,path={}", escape(&sock.to_string_lossy()));
-        push(&["-device", "virtio-serial-device,max_ports=2", "-chardev", &chardev]);
+    if let Some(fd) = io.agent_fd {
+        // An already connected socket: no listening socket file anywhere.
+        push(&["-device", "virtio-serial-device,max_ports=2", "-chardev", &format!("socket,id=agent,fd={fd}")]);
         push(&["-device", &format!("virtserialport,chardev=agent,name={}", tvm_protocol::VIRTIO_PORT_NAME)]);
     }
     push(&["-device", "virtio-rng-device"]);
@@ -136,11 +136,6 @@ pub fn qemu_args(spec: &VmSpec, agent_socket: Option<&Path>) -> Vec<String> {
         push(&["-sandbox", SANDBOX]);
     }
     a
-}
-
-/// QEMU option values separate keys with commas; a literal comma is doubled.
-fn escape(v: &str) -> String {
-    v.replace(',', ",,")
 }
 
 #[cfg(test)]
@@ -160,7 +155,7 @@ mod tests {
         let spec = VmSpec {
             kernel: "/k".into(),
             initrd: Some("/i".into()),
-            rootfs: Some("/img,x.erofs".into()),
+            rootfs: Some("/img.erofs".into()),
             memory_mib: 384,
             vcpus: 1,
             accel: AccelKind::Tcg,
@@ -168,14 +163,16 @@ mod tests {
             extra_cmdline: None,
             sandbox: true,
         };
-        let a = qemu_args(&spec, Some(Path::new("/run/a.sock"))).join(" ");
+        let io = VmmIo { kernel: "/proc/self/fd/5".into(), initrd: None, rootfs_fd: Some(7), agent_fd: Some(4) };
+        let a = qemu_args(&spec, &io).join(" ");
         assert!(a.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"));
         assert!(a.contains("microvm,accel=tcg,acpi=off"));
-        assert!(a.contains("file=/img,,x.erofs,format=raw,if=none,readonly=on"));
+        assert!(a.contains("-add-fd fd=7,set=1 -drive id=root,file=/dev/fdset/1,format=raw,if=none,readonly=on"));
+        assert!(a.contains("-kernel /proc/self/fd/5") && a.contains("socket,id=agent,fd=4"));
         assert!(a.contains("-nodefaults") && !a.contains("netdev") && !a.contains("-nic"));
         assert!(a.contains("name=tvm.agent"));
         assert!(a.contains("-m 384M"));
-        let plain = qemu_args(&VmSpec { sandbox: false, ..spec }, None).join(" ");
+        let plain = qemu_args(&VmSpec { sandbox: false, ..spec }, &VmmIo { agent_fd: None, ..io }).join(" ");
         assert!(!plain.contains("-sandbox"));
     }
 

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tracing::{debug, info_span, warn, Instrument};
 use tvm_protocol::{
     read_frame_async, write_frame_async, FrameDecoder, FrameError, GuestMessage, HostMessage, Job, JobResult, Stage,
@@ -21,6 +21,7 @@ use tvm_protocol::{
 };
 
 use crate::hostcg::{HostCgroups, VmCgroup, VmmLimits, VMM_PIDS};
+use crate::jail::{ConfineVmmError, Confinement, VmmFiles};
 use crate::qemu::{qemu_args, VmSpec};
 use crate::reaper::RunDir;
 
@@ -41,6 +42,9 @@ pub enum StartVmError {
     /// The VMM's host cgroup could not be created.
     #[error(transparent)]
     Cgroup(#[from] crate::hostcg::HostCgroupError),
+    /// The VMM's descriptors or confinement could not be prepared.
+    #[error(transparent)]
+    Confine(#[from] ConfineVmmError),
     /// The VMM binary could not be started.
     #[error("cannot start {vmm}: {source} (install it with `apt-get install qemu-system-x86`)")]
     Spawn {
@@ -132,6 +136,20 @@ fn console_tail(c: &Console) -> String {
     }
 }
 
+/// The host side of booting a VM: which VMM binary, where run dirs live,
+/// and how the VMM is contained.
+#[derive(Debug, Clone, Copy)]
+pub struct VmmHost<'a> {
+    /// The VMM binary (`qemu-system-x86_64`).
+    pub vmm: &'a Path,
+    /// Parent of the per-VM run dirs.
+    pub runtime_dir: &'a Path,
+    /// Host cgroups, when usable.
+    pub host_cgroups: Option<&'a HostCgroups>,
+    /// `Settings::vmm_uid_base` (0: QEMU keeps the invoking uid).
+    pub uid_base: u32,
+}
+
 /// A running guest whose agent is ready for its one job.
 #[derive(Debug)]
 pub struct Vm {
@@ -150,32 +168,23 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Starts a VM and waits until its agent reports ready. With
-    /// `host_cgroups`, the VMM runs in a cgroup of its own, capped at the
-    /// guest's RAM plus [`VMM_OVERHEAD_MIB`].
-    pub async fn boot(
-        id: &str,
-        vmm: &Path,
-        runtime_dir: &Path,
-        spec: &VmSpec,
-        boot_timeout: Duration,
-        host_cgroups: Option<&HostCgroups>,
-    ) -> Result<Vm, StartVmError> {
+    /// Starts a VM and waits until its agent reports ready. With host
+    /// cgroups, the VMM runs in a cgroup of its own, capped at the guest's
+    /// RAM plus [`VMM_OVERHEAD_MIB`]; it is confined as [`crate::jail`] says.
+    pub async fn boot(id: &str, host: &VmmHost<'_>, spec: &VmSpec, boot_timeout: Duration) -> Result<Vm, StartVmError> {
         let span = info_span!("vm", vm = %id, accel = spec.accel.as_str());
-        Self::boot_inner(id, vmm, runtime_dir, spec, boot_timeout, host_cgroups).instrument(span).await
+        Self::boot_inner(id, host, spec, boot_timeout).instrument(span).await
     }
 
     async fn boot_inner(
         id: &str,
-        vmm: &Path,
-        runtime_dir: &Path,
+        host: &VmmHost<'_>,
         spec: &VmSpec,
         boot_timeout: Duration,
-        host_cgroups: Option<&HostCgroups>,
     ) -> Result<Vm, StartVmError> {
         let started = Instant::now();
-        let dir = RunDir::create(runtime_dir, id).map_err(StartVmError::RunDir)?;
-        let cgroup = match host_cgroups {
+        let dir = RunDir::create(host.runtime_dir, id).map_err(StartVmError::RunDir)?;
+        let cgroup = match host.host_cgroups {
             Some(cgs) => {
                 let limits = VmmLimits {
                     memory_bytes: (spec.memory_mib + VMM_OVERHEAD_MIB) << 20,
@@ -187,37 +196,47 @@ impl Vm {
             }
             None => None,
         };
-        let sock = dir.path().join("agent.sock");
-        // We listen, QEMU connects as a client at startup: no polling for a socket file.
-        let listener = UnixListener::bind(&sock).map_err(StartVmError::RunDir)?;
+        // The agent channel is a connected socketpair: QEMU inherits one end,
+        // so there is no socket file to race for, guess or leave behind.
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartVmError::RunDir)?;
+        ours.set_nonblocking(true).map_err(StartVmError::RunDir)?;
+        let stream = UnixStream::from_std(ours).map_err(StartVmError::RunDir)?;
+        let files = VmmFiles::open(spec, Some(theirs.into()))?;
+        let confinement = Confinement::prepare(&files, host.vmm, spec.accel, host.uid_base)?;
 
-        let mut cmd = std::process::Command::new(vmm);
-        cmd.args(qemu_args(spec, Some(&sock)))
+        let mut cmd = std::process::Command::new(host.vmm);
+        cmd.args(qemu_args(spec, &files.io()))
             .arg("-name")
             .arg(format!("tvm-{id}"))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let join = cgroup.as_ref().map(|c| c.joiner());
-        // SAFETY: only async-signal-safe calls (prctl, setpgid, getppid, and
-        // open/write/close of the prepared cgroup path) between fork and exec.
+        // SAFETY: only async-signal-safe calls (open/write/close of the
+        // prepared cgroup path, fcntl, set*id, prctl, setpgid, getppid,
+        // landlock_restrict_self) between fork and exec.
         unsafe {
             let parent = std::process::id() as libc::pid_t;
             cmd.pre_exec(move || {
-                // Joined before exec, so no QEMU thread ever runs outside its caps.
+                // Joined before exec (and while still root), so no QEMU thread ever runs outside its caps.
                 if let Some(join) = &join {
                     join.join_self()?;
                 }
-                // The VMM dies with us, even on SIGKILL: no orphaned guests.
+                confinement.enter()?;
+                // After the uid change, which clears it. The VMM dies with us, even on SIGKILL.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != parent {
                     return Err(std::io::Error::other("parent died before exec"));
                 }
                 // Own process group: a terminal's Ctrl-C reaches tvm, which then tears down in order.
                 libc::setpgid(0, 0);
-                Ok(())
+                confinement.lock()
             });
         }
-        let mut child = cmd.spawn().map_err(|source| StartVmError::Spawn { vmm: vmm.display().to_string(), source })?;
+        let mut child =
+            cmd.spawn().map_err(|source| StartVmError::Spawn { vmm: host.vmm.display().to_string(), source })?;
+        // QEMU holds its own copies now; ours of its end must go, so its exit reads as EOF.
+        drop(cmd);
+        drop(files);
         if let Err(e) = dir.record_vmm(child.id()) {
             warn!(error = %e, "cannot record VMM pid for the reaper");
         }
@@ -236,17 +255,6 @@ impl Vm {
         let mut vm_guard = PartialVm { child: Some(child) };
 
         let deadline = tokio::time::Instant::now() + boot_timeout;
-        let stream = match tokio::time::timeout_at(deadline, listener.accept()).await {
-            Ok(Ok((s, _))) => s,
-            Ok(Err(e)) => return Err(StartVmError::RunDir(e)),
-            Err(_) => {
-                return Err(StartVmError::BootTimeout {
-                    ms: boot_timeout.as_millis() as u64,
-                    console: console_tail(&console),
-                })
-            }
-        };
-        drop(listener);
         let mut stream = stream;
         let ready =
             tokio::time::timeout_at(deadline, read_frame_async::<GuestMessage, _>(&mut stream, MAX_GUEST_FRAME));

@@ -1,28 +1,28 @@
 //! A guest that attacks the host side of the VM boundary. The "VMM" here is
 //! a small Python script that speaks for a compromised guest agent over the
-//! same agent socket QEMU would connect: it floods, stalls, sends garbage or
-//! oversized frames, or dies. Each case checks the host kills the VMM,
-//! reports a clear error, and leaves no process, run dir or host cgroup.
+//! same agent channel QEMU inherits: it floods, stalls, sends garbage or
+//! oversized frames, or dies; or, as a VMM taken over through an emulation
+//! bug, it probes the host. Each case checks the host kills the VMM, reports
+//! a clear error, and leaves no process, run dir or host cgroup. The fake
+//! VMM is confined exactly as QEMU is (own uid, Landlock, inherited fds).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use pyrovm::hostcg::HostCgroups;
 use pyrovm::qemu::{AccelKind, VmSpec};
-use pyrovm::{RunJobError, Vm};
+use pyrovm::{RunJobError, Vm, VmmHost};
 use tvm_protocol::{Command, Job, Limits};
 
-/// The fake VMM: connects to the agent socket named on its command line
-/// (as QEMU's `-chardev socket,path=`), says Ready, reads the job frame,
-/// then misbehaves as `MODE` says. Its pid goes to `pidfile` so the test can
-/// check it is gone.
+/// The fake VMM: takes the agent socket it inherits (as QEMU's
+/// `-chardev socket,fd=`), says Ready, reads the job frame, then misbehaves
+/// as `MODE` says.
 const FAKE_VMM: &str = r#"
-import json, os, socket, struct, sys, time
+import base64, json, os, socket, struct, sys, time
 MODE = "@MODE@"
 args = sys.argv[1:]
-path = next(a.split("path=")[1].split(",")[0] for a in args if a.startswith("socket,id=agent"))
-open("@PIDFILE@", "w").write(str(os.getpid()))
-s = socket.socket(socket.AF_UNIX); s.connect(path)
+fd = int(next(a.split("fd=")[1].split(",")[0] for a in args if a.startswith("socket,id=agent")))
+s = socket.socket(fileno=fd)
 def frame(obj):
     body = json.dumps(obj).encode(); s.sendall(struct.pack(">I", len(body)) + body)
 frame({"type": "ready", "protocol": @PROTOCOL@, "agent_version": "evil", "uptime_ms": 1})
@@ -45,33 +45,58 @@ elif MODE == "second_ready":
     frame({"type": "ready", "protocol": @PROTOCOL@, "agent_version": "evil", "uptime_ms": 1}); time.sleep(60)
 elif MODE == "die":
     os._exit(0)
+elif MODE == "snoop":
+    # A VMM taken over by the guest looks around the host and reports back.
+    found = {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups()}
+    for name in ["@SECRET@", "/etc/hostname", "/proc/1/environ", "/root", "@CACHE@"]:
+        try:
+            if os.path.isdir(name): os.listdir(name)
+            else: open(name, "rb").read(1)
+            found[name] = "read"
+        except OSError as e: found[name] = e.strerror
+    try:
+        open("/var/tmp/tvm-hostile-write-@PID@", "w"); found["write"] = "written"
+    except OSError as e: found["write"] = e.strerror
+    try:
+        c = socket.create_connection(("127.0.0.1", int("@PORT@")), timeout=2); found["tcp"] = "connected"
+    except OSError as e: found["tcp"] = e.strerror or str(e)
+    try:
+        os.kill(os.getppid(), 0); found["signal"] = "sent"
+    except OSError as e: found["signal"] = e.strerror
+    data = base64.b64encode(json.dumps(found).encode()).decode()
+    frame({"type": "output", "stage": "run", "stream": "stdout", "data": data})
+    os._exit(0)
 "#;
 
 struct Case {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     script: PathBuf,
-    pidfile: PathBuf,
     runtime_dir: PathBuf,
 }
 
-fn case(mode: &str) -> Case {
-    let dir = tempfile::tempdir().unwrap();
-    let pidfile = dir.path().join("vmm.pid");
-    let script = dir.path().join("fake-vmm");
-    let body = FAKE_VMM
-        .replace("@MODE@", mode)
-        .replace("@PIDFILE@", &pidfile.to_string_lossy())
-        .replace("@PROTOCOL@", &tvm_protocol::PROTOCOL_VERSION.to_string());
-    std::fs::write(&script, format!("#!/usr/bin/env python3\n{body}")).unwrap();
+fn case(mode: &str, fill: &[(&str, String)]) -> Case {
     use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // The fake VMM runs as its own uid: it must be able to reach its script.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = dir.path().join("fake-vmm");
+    let mut body = FAKE_VMM
+        .replace("@MODE@", mode)
+        .replace("@PROTOCOL@", &tvm_protocol::PROTOCOL_VERSION.to_string())
+        .replace("@PID@", &std::process::id().to_string());
+    for (k, v) in fill {
+        body = body.replace(k, v);
+    }
+    std::fs::write(&script, format!("#!/usr/bin/env python3\n{body}")).unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(dir.path().join("bzImage"), b"not a kernel").unwrap();
     let runtime_dir = dir.path().join("run");
-    Case { _dir: dir, script, pidfile, runtime_dir }
+    Case { dir, script, runtime_dir }
 }
 
-fn spec() -> VmSpec {
+fn spec(c: &Case) -> VmSpec {
     VmSpec {
-        kernel: "/nonexistent/bzImage".into(),
+        kernel: c.dir.path().join("bzImage"),
         initrd: None,
         rootfs: None,
         memory_mib: 64,
@@ -109,15 +134,34 @@ fn alive(pid: i32) -> bool {
         .unwrap_or(false)
 }
 
+/// The default `vmm_uid_base`.
+const UID_BASE: u32 = 2_000_000_000;
+
 /// Boots the fake VMM, runs the job, and returns the error with how long it took.
 async fn attack(mode: &str, wall_ms: u64) -> (RunJobError, Duration) {
-    let c = case(mode);
+    let (err, took, _) = attack_with(mode, wall_ms, &[]).await;
+    (err, took)
+}
+
+/// As [`attack`], with placeholders of the script filled in, also returning
+/// the output the fake VMM sent.
+async fn attack_with(mode: &str, wall_ms: u64, fill: &[(&str, String)]) -> (RunJobError, Duration, Vec<u8>) {
+    let c = case(mode, fill);
     let cgroups = HostCgroups::detect().ok();
     let id = format!("h{}-{}", std::process::id(), mode.replace('_', ""));
-    let vm = Vm::boot(&id, &c.script, &c.runtime_dir, &spec(), Duration::from_secs(20), cgroups.as_ref())
+    let host =
+        VmmHost { vmm: &c.script, runtime_dir: &c.runtime_dir, host_cgroups: cgroups.as_ref(), uid_base: UID_BASE };
+    let vm = Vm::boot(&id, &host, &spec(&c), Duration::from_secs(20))
         .await
         .unwrap_or_else(|e| panic!("{mode}: fake VMM did not get ready: {e}"));
-    let pid: i32 = std::fs::read_to_string(&c.pidfile).unwrap().trim().parse().unwrap();
+    // The run dir records the VMM as "pid starttime" for the reaper.
+    let record = std::fs::read_to_string(c.runtime_dir.join(format!("vm-{id}/vmm"))).unwrap();
+    let pid: i32 = record.split_whitespace().next().unwrap().parse().unwrap();
+    if nix::unistd::geteuid().is_root() {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let uid = UID_BASE + pid as u32;
+        assert!(status.contains(&format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}")), "{mode}: VMM runs as its own uid");
+    }
     let vm_cgroup: Option<PathBuf> = cgroups.as_ref().map(|cg| {
         let found = pyrovm::hostcg::vm_cgroups(cg.parent())
             .into_iter()
@@ -128,14 +172,18 @@ async fn attack(mode: &str, wall_ms: u64) -> (RunJobError, Duration) {
         found
     });
     let started = Instant::now();
-    let err = vm.execute(&job(wall_ms), |_, _, _| {}).await.expect_err("a hostile guest yields no result");
+    let mut output = Vec::new();
+    let err = vm
+        .execute(&job(wall_ms), |_, _, d| output.extend_from_slice(d))
+        .await
+        .expect_err("a hostile guest yields no result");
     let took = started.elapsed();
     assert!(!alive(pid), "{mode}: the VMM {pid} was killed and reaped");
     assert!(std::fs::read_dir(&c.runtime_dir).map(|d| d.count()).unwrap_or(0) == 0, "{mode}: run dir removed");
     if let Some(p) = vm_cgroup {
         assert!(!p.exists(), "{mode}: host cgroup {p:?} removed");
     }
-    (err, took)
+    (err, took, output)
 }
 
 /// Attack: a guest streams output without end. Defence: the host's own
@@ -198,4 +246,51 @@ async fn second_ready_is_a_protocol_error() {
 async fn vanishing_guest_is_reported() {
     let (err, _) = attack("die", 1000).await;
     assert!(matches!(err, RunJobError::Exited { .. }), "{err}");
+}
+
+/// Attack: a guest takes over its VMM (an emulation bug) and looks around
+/// the host. Defence: the VMM runs as a uid of its own with no groups, under
+/// Landlock (read-only system files, no TCP, no signals out) and holds its
+/// kernel, image and agent channel as descriptors: host files, other
+/// processes, the network and `tvm` itself are out of reach.
+#[tokio::test]
+async fn a_taken_over_vmm_cannot_reach_the_host() {
+    let secret_dir = PathBuf::from(format!("/var/tmp/tvm-hostile-{}", std::process::id()));
+    std::fs::create_dir_all(&secret_dir).unwrap();
+    let secret = secret_dir.join("world-readable");
+    std::fs::write(&secret, "host data").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let kernel = pyrovm::jail::landlock_abi();
+    let fill = [
+        ("@SECRET@", secret.display().to_string()),
+        ("@PORT@", port.to_string()),
+        ("@CACHE@", "/root/.cache".to_string()),
+    ];
+    let (err, _, output) = attack_with("snoop", 2000, &fill).await;
+    let _ = std::fs::remove_dir_all(&secret_dir);
+    assert!(matches!(err, RunJobError::Exited { .. }), "{err}");
+    let found: serde_json::Value = serde_json::from_slice(&output).expect("the fake VMM reported");
+    eprintln!("what a taken-over VMM saw: {found}");
+    let denied = |key: &str| {
+        let v = found[key].as_str().unwrap_or_default();
+        assert!(v == "Permission denied" || v == "Operation not permitted", "{key}: {v} ({found})");
+    };
+    if nix::unistd::geteuid().is_root() {
+        assert!(found["uid"].as_u64().unwrap() >= u64::from(UID_BASE), "{found}");
+        assert_eq!(found["groups"], serde_json::json!([]), "no supplementary groups");
+        denied("/proc/1/environ");
+        denied("/root");
+        denied("signal");
+    }
+    if kernel > 0 {
+        denied(&secret.display().to_string());
+        denied("/etc/hostname");
+        denied("write");
+        denied("tcp");
+    }
+    assert!(!PathBuf::from(format!("/var/tmp/tvm-hostile-write-{}", std::process::id())).exists());
 }

@@ -678,7 +678,7 @@ async fn doctor(settings: Settings, catalog: Catalog, json: bool) -> Result<Exit
             .map(|k| format!("{} ({})", k.key, k.bzimage.display()))
             .unwrap_or_else(|| "not built: tvm kernel build".into()),
     ));
-    checks.extend(pyrovm::isolation_checks(&settings.qemu));
+    checks.extend(pyrovm::isolation_checks(&settings.qemu, settings.vmm_uid_base));
     let mut accel = None;
     if let Some(k) = &kernel {
         let s = settings.clone();

@@ -115,7 +115,7 @@ fn footprint(vmm: &Pyrovm) -> Footprint {
                 .unwrap_or(false)
         })
         .count() as u64;
-    let host_cgroups = vmm.host_cgroups().map(|c| pyrovm::hostcg::vm_cgroups(c.parent()).len() as u64).unwrap_or(0);
+    let host_cgroups = vmm.host_cgroups().map(|c| c.vm_cgroups().len() as u64).unwrap_or(0);
     Footprint {
         processes,
         tvm_children,

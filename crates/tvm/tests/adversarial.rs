@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,8 +18,9 @@ use common::server::{footprint, read_response, request, wait_until, Server, STAR
 use common::Env;
 use serde_json::{json, Value};
 
-/// The body timeout the suite's server runs with (the slow-client case).
+/// The body and header timeouts the suite's server runs with (the slow-client cases).
 const BODY_TIMEOUT: Duration = Duration::from_secs(3);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
 fn py(src: &str, limits: Value) -> Value {
     json!({"runtime": "python", "files": [{"name": "main.py", "content": src}], "run_limits": limits})
@@ -477,6 +478,50 @@ fn slow_client_is_bounded(s: &Server) {
     }
 }
 
+/// Attack: slowloris on the headers: a request line and then one header
+/// byte every half second, never the blank line. Defence: the connection
+/// is closed --header-timeout after it opened, however busy the trickle.
+fn slow_headers_are_cut_off(s: &Server) {
+    let addr = s.addr.clone();
+    let trickling: Vec<_> = (0..16)
+        .map(|_| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let mut c = common::server::connect(&addr);
+                c.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+                let t = Instant::now();
+                c.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nX-Slow: ").as_bytes()).unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 1024];
+                while t.elapsed() < HEADER_TIMEOUT * 4 {
+                    match c.read(&mut buf) {
+                        Ok(0) => return (true, got, t.elapsed()),
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                        Err(e)
+                            if e.kind() == std::io::ErrorKind::WouldBlock
+                                || e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => return (true, got, t.elapsed()),
+                    }
+                    if c.write_all(b"a").is_err() {
+                        return (true, got, t.elapsed());
+                    }
+                }
+                (false, got, t.elapsed())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(s.get("/healthz").status, 200, "served while slow clients trickle headers");
+    for t in trickling {
+        let (closed, got, took) = t.join().unwrap();
+        let text = String::from_utf8_lossy(&got);
+        assert!(closed, "connection still open after {took:?}");
+        // hyper closes without a response, or with a 408.
+        assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(took >= HEADER_TIMEOUT - Duration::from_millis(500), "closed early: {took:?}");
+    }
+}
+
 // ---------------------------------------------------------------- the suite
 
 type Case = (&'static str, fn(&Server));
@@ -499,13 +544,18 @@ const CASES: &[Case] = &[
     ("hostile_file_names_are_422", hostile_file_names_are_422),
     ("hostile_bodies_are_4xx", hostile_bodies_are_4xx),
     ("slow_client_is_bounded", slow_client_is_bounded),
+    ("slow_headers_are_cut_off", slow_headers_are_cut_off),
 ];
 
 #[test]
 fn adversarial_suite() {
     let env = Env::new();
     let timeout = format!("{}ms", BODY_TIMEOUT.as_millis());
-    let server = Arc::new(Server::start(&env, &["--pool-size", "python=2", "--body-timeout", &timeout]));
+    let header_timeout = format!("{}ms", HEADER_TIMEOUT.as_millis());
+    let server = Arc::new(Server::start(
+        &env,
+        &["--pool-size", "python=2", "--body-timeout", &timeout, "--header-timeout", &header_timeout],
+    ));
     wait_until("pool warm", STARTUP, || server.get("/readyz").status == 200);
     next_is_fine(&server);
     wait_until("pool refilled", STARTUP, || server.metric("tvm_pool_idle{runtime=\"python-3.13\"}") == Some(2.0));

@@ -292,7 +292,7 @@ pub fn footprint(env: &Env, server_pid: Option<u32>) -> HostFootprint {
 pub fn host_vm_cgroups(owner: u32) -> usize {
     let Ok(c) = pyrovm::hostcg::HostCgroups::detect() else { return 0 };
     let tag = format!(".{owner}.");
-    pyrovm::hostcg::vm_cgroups(c.parent()).iter().filter(|p| p.to_string_lossy().contains(&tag)).count()
+    c.vm_cgroups().iter().filter(|p| p.to_string_lossy().contains(&tag)).count()
 }
 
 /// Pids of live processes whose parent is `pid`.
