@@ -196,11 +196,20 @@ impl Confinement {
         if uid_base > tvm_config::MAX_VMM_UID_BASE {
             return Err(ConfineVmmError::UidBase(uid_base));
         }
-        let own_user = uid_base != 0 && nix::unistd::geteuid().is_root();
+        let mut own_user = uid_base != 0 && nix::unistd::geteuid().is_root();
         let kvm_gid = match accel {
             AccelKind::Kvm if own_user => {
                 use std::os::unix::fs::MetadataExt;
-                std::fs::metadata("/dev/kvm").ok().map(|m| m.gid())
+                // The per-VM uid reaches /dev/kvm through its group (Debian's
+                // udev rule: 0660 root:kvm). A device only root may open
+                // leaves QEMU with the invoking uid rather than without KVM.
+                match std::fs::metadata("/dev/kvm") {
+                    Ok(m) if m.mode() & 0o060 == 0o060 => Some(m.gid()),
+                    _ => {
+                        own_user = false;
+                        None
+                    }
+                }
             }
             _ => None,
         };

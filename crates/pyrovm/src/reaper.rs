@@ -1,8 +1,8 @@
 //! Per-VM run directories and the startup reaper.
 //!
-//! Every VM gets `<runtime_dir>/vm-<id>/` holding its agent socket and two
-//! small files naming the owning `tvm` process and the VMM process, each as
-//! `pid starttime` so a recycled pid is never mistaken for ours. If `tvm`
+//! Every VM gets `<runtime_dir>/vm-<id>/` holding two small files naming
+//! the owning `tvm` process and the VMM process, each as `pid starttime` so
+//! a recycled pid is never mistaken for ours. If `tvm`
 //! dies without running its destructors (SIGKILL, power loss), the next `tvm`
 //! to start kills the VMM it finds and removes the directory.
 
@@ -62,6 +62,25 @@ impl Drop for RunDir {
             }
         }
     }
+}
+
+/// The environment variable that names a VMM's run dir; it is the VMM's
+/// whole environment.
+pub const RUN_DIR_ENV: &str = "TVM_RUN_DIR";
+
+/// Pids of the live VMM processes whose run dir lies in `runtime_dir`
+/// (found by their environment, so also after their run dir is gone).
+pub fn vmm_processes(runtime_dir: &Path) -> Vec<u32> {
+    let needle = format!("{RUN_DIR_ENV}={}/", runtime_dir.display());
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|v| v.starts_with(needle.as_bytes())))
+        })
+        .collect()
 }
 
 /// What the reaper cleaned up.

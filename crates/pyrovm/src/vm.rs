@@ -2,7 +2,8 @@
 //!
 //! [`Vm`] owns every resource of a guest: the VMM process (killed and reaped
 //! on drop, and killed by the kernel via `PR_SET_PDEATHSIG` if `tvm` itself
-//! dies), its run directory with the agent socket, and the console reader.
+//! dies), its host cgroups, its run directory, the agent channel (a
+//! socketpair) and the console reader.
 //! A `Vm` runs one job at most: [`Vm::execute`] consumes it.
 
 use std::collections::VecDeque;
@@ -36,7 +37,7 @@ const CONSOLE_KEEP: usize = 16 << 10;
 /// Why a VM could not be brought to agent-ready.
 #[derive(Debug, thiserror::Error)]
 pub enum StartVmError {
-    /// The run directory or agent socket could not be created.
+    /// The run directory or agent socketpair could not be created.
     #[error("cannot prepare VM run dir: {0}")]
     RunDir(#[source] std::io::Error),
     /// The VMM's host cgroup could not be created.
@@ -208,6 +209,11 @@ impl Vm {
         cmd.args(qemu_args(spec, &files.io()))
             .arg("-name")
             .arg(format!("tvm-{id}"))
+            // Nothing of tvm's environment (API keys, tokens) reaches the
+            // process a guest attacks first; only the run dir, which lets
+            // operators and tests attribute a VMM (`/proc/PID/environ`).
+            .env_clear()
+            .env(crate::reaper::RUN_DIR_ENV, dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -105,16 +105,7 @@ fn footprint(vmm: &Pyrovm) -> Footprint {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let s = vmm.settings();
-    let vmms = proc_entries()
-        .filter(|e| {
-            std::fs::read(e.path().join("cmdline"))
-                .map(|c| {
-                    let c = String::from_utf8_lossy(&c);
-                    c.contains("qemu-system") && c.contains(&*s.runtime_dir.to_string_lossy())
-                })
-                .unwrap_or(false)
-        })
-        .count() as u64;
+    let vmms = pyrovm::reaper::vmm_processes(&s.runtime_dir).len() as u64;
     let host_cgroups = vmm.host_cgroups().map(|c| c.vm_cgroups().len() as u64).unwrap_or(0);
     Footprint {
         processes,

@@ -71,19 +71,9 @@ pub fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
-/// Pids of processes whose command line mentions `dir` (our VMMs get their socket path there).
+/// Pids of the VMM processes whose run dir lies in `dir`.
 pub fn vmm_processes(dir: &Path) -> Vec<u32> {
-    let needle = dir.to_string_lossy().into_owned();
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        if cmd.contains("qemu-system") && cmd.contains(&needle) {
-            found.push(pid);
-        }
-    }
-    found
+    pyrovm::reaper::vmm_processes(dir)
 }
 
 pub fn stdout_of(v: &serde_json::Value) -> String {
