@@ -287,12 +287,18 @@ pub fn footprint(env: &Env, server_pid: Option<u32>) -> HostFootprint {
     }
 }
 
-/// VM cgroups owned by process `owner` under TVM's host cgroup parent (0
-/// where host cgroups are unused). Names are `vm-<id>.<owner pid>.<start>`.
+/// VMs with host cgroups owned by process `owner` (0 where host cgroups are
+/// unused). Names are `vm-<id>.<owner pid>.<start>`; a VM has one cgroup in
+/// each hierarchy in use (cgroup2 and v1 ones), counted once here, and it
+/// must have it in every hierarchy.
 pub fn host_vm_cgroups(owner: u32) -> usize {
     let Ok(c) = pyrovm::hostcg::HostCgroups::detect() else { return 0 };
     let tag = format!(".{owner}.");
-    c.vm_cgroups().iter().filter(|p| p.to_string_lossy().contains(&tag)).count()
+    let dirs: Vec<_> = c.vm_cgroups().into_iter().filter(|p| p.to_string_lossy().contains(&tag)).collect();
+    let names: std::collections::BTreeSet<_> =
+        dirs.iter().filter_map(|p| p.file_name().map(|n| n.to_owned())).collect();
+    assert_eq!(dirs.len(), names.len() * c.parents().len(), "a VM's cgroup missing in some hierarchy: {dirs:?}");
+    names.len()
 }
 
 /// Pids of live processes whose parent is `pid`.
