@@ -698,7 +698,8 @@ async fn doctor(settings: Settings, catalog: Catalog, json: bool) -> Result<Exit
             (Some(why), _) => (true, format!("unavailable: {why}")),
             (None, Some(recipe)) => match pyrovm::image::find_image(&settings, recipe) {
                 Some(i) => (true, format!("ready {} ({})", i.key, format_bytes(i.meta.size_bytes))),
-                None => (false, format!("image not built: tvm image build {}", r.id)),
+                // Not a fault: `tvm run` builds it on first use, `tvm serve` in the background.
+                None => (true, format!("not built yet (built on first use; now: tvm image build {})", r.id)),
             },
             (None, None) => (false, "no recipe".into()),
         };
