@@ -15,7 +15,14 @@ const BUILTIN: &str = include_str!("../../../catalog/runtimes.toml");
 const PLACEHOLDERS: &[&str] = &["{entry}", "{sources}", "{entry_class}"];
 
 /// Bumped when the way images are assembled changes, so old images are rebuilt.
-const IMAGE_FORMAT: u32 = 1;
+/// 2: every image carries [`BASE_PACKAGES`].
+const IMAGE_FORMAT: u32 = 2;
+
+/// Debian packages every image gets besides its recipe's: the system data a
+/// minimal Debian install has and programs expect to find (the tz database
+/// for `TZ=Europe/Berlin`, CA certificates). The C.UTF-8 locale is in
+/// `libc-bin`, which the essential variant already has.
+pub const BASE_PACKAGES: &[&str] = &["tzdata", "ca-certificates"];
 
 /// Why a catalog could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -10,6 +10,6 @@ pub mod matrix;
 mod settings;
 mod units;
 
-pub use catalog::{Catalog, CatalogError, ImageRecipe, LimitOverrides, Runtime};
+pub use catalog::{Catalog, CatalogError, ImageRecipe, LimitOverrides, Runtime, BASE_PACKAGES};
 pub use settings::{Accel, Settings, SettingsError, MAX_VMM_UID_BASE};
 pub use units::{format_bytes, parse_duration_ms, parse_size_bytes};

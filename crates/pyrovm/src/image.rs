@@ -353,9 +353,9 @@ fn mmdebstrap(recipe: &ImageRecipe, root: &Path, mirrors: &[String], hooks: &[St
         ));
         c.arg("--customize-hook=umount \"$1/var/cache/apt/archives\"");
     }
-    if !recipe.packages.is_empty() {
-        c.arg(format!("--include={}", recipe.packages.join(",")));
-    }
+    let include: Vec<&str> =
+        tvm_config::BASE_PACKAGES.iter().copied().chain(recipe.packages.iter().map(String::as_str)).collect();
+    c.arg(format!("--include={}", include.join(",")));
     for opt in DPKG_EXCLUDES {
         c.arg(format!("--dpkgopt={opt}"));
     }
@@ -654,7 +654,7 @@ mod tests {
         let hooks = ["true".to_string()];
         let c = mmdebstrap(&recipe, Path::new("/s/root"), &["http://deb.example/debian".into()], &hooks, None);
         let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
-        assert!(args.contains(&"--include=gcc,g++".to_string()));
+        assert!(args.contains(&"--include=tzdata,ca-certificates,gcc,g++".to_string()));
         assert!(args.contains(&"--dpkgopt=path-exclude=/usr/share/doc/*".to_string()));
         assert!(args.contains(&"--customize-hook=true".to_string()));
         assert_eq!(args[args.len() - 3..], ["bookworm", "/s/root", "http://deb.example/debian"]);
