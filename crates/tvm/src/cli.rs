@@ -76,6 +76,13 @@ enum Command {
         runs: usize,
         /// Runtimes to measure (prefix of the id; default all).
         runtimes: Vec<String>,
+        /// Instead: short writes per second through the output relay next to
+        /// the same programs writing to /dev/null in the guest.
+        #[arg(long)]
+        relay: bool,
+        /// Writes per relay-bench run.
+        #[arg(long, default_value_t = 200_000, requires = "relay")]
+        lines: u64,
     },
     /// Soak bench: mixed hostile and normal executions through an in-process server; prints host figures before/after.
     Soak(crate::soak::SoakArgs),
@@ -216,9 +223,13 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             image_list(&settings, &catalog, json);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { runs, runtimes } => {
+        Command::Bench { runs, runtimes, relay, lines } => {
             let vmm = Pyrovm::prepare(settings, catalog, true).await?;
-            crate::bench::run(&vmm, runs.max(1), &runtimes).await?;
+            if relay {
+                crate::relay_bench::run(&vmm, runs.max(1), lines.max(1)).await?;
+            } else {
+                crate::bench::run(&vmm, runs.max(1), &runtimes).await?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Soak(args) => crate::soak::command(settings, catalog, args).await,

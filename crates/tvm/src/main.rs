@@ -5,6 +5,7 @@
 
 mod bench;
 mod cli;
+mod relay_bench;
 mod soak;
 
 fn main() -> std::process::ExitCode {
