@@ -1,6 +1,7 @@
 //! Faults in the image cache: a build killed mid-way (tvm and mmdebstrap
-//! SIGKILLed together while the chroot has /proc, /sys and /dev mounted), and
-//! a cache disk that fills up. Each uses a private cache dir; afterwards no
+//! SIGKILLed together while the chroot has /proc, /sys and /dev mounted), a
+//! server stopped (SIGTERM) during its background build, and a cache disk
+//! that fills up. Each uses a private cache dir; afterwards no
 //! build process, mount or scratch dir may remain (after the sweep the next
 //! build runs, for the killed one).
 //!
@@ -25,8 +26,12 @@ struct CacheDir {
 
 impl CacheDir {
     fn new(tmpfs_size: Option<&str>) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("tvm-image-fault-{}-{}", std::process::id(), tmpfs_size.is_some()));
+        Self::named(if tmpfs_size.is_some() { "true" } else { "false" }, tmpfs_size)
+    }
+
+    /// A cache dir of its own for each test (tests of this file run in parallel).
+    fn named(label: &str, tmpfs_size: Option<&str>) -> Self {
+        let path = std::env::temp_dir().join(format!("tvm-image-fault-{}-{label}", std::process::id()));
         std::fs::create_dir_all(&path).unwrap();
         if let Some(size) = tmpfs_size {
             let data = format!("size={size}");
@@ -151,4 +156,75 @@ fn full_cache_disk_fails_the_build_cleanly() {
     assert!(processes_mentioning(&cache.path).is_empty());
     assert_eq!(scratch_dirs(&cache.path), 0, "{err}");
     assert_eq!(mounts_under(&cache.path), 0);
+}
+
+/// Links the shared cache's guest kernel into `cache`, so a server can start
+/// there without building one (the kernel is only read).
+fn link_kernel(cache: &Path) {
+    let shared = tvm_config::Settings::load().unwrap();
+    let kernel = pyrovm::kernel::find_kernel(&shared)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no guest kernel in {}: run `tvm kernel build`", shared.cache_dir.display()));
+    let dir = kernel.bzimage.parent().unwrap();
+    std::fs::create_dir_all(cache.join("kernel")).unwrap();
+    std::os::unix::fs::symlink(dir, cache.join("kernel").join(&kernel.key)).unwrap();
+}
+
+/// Fault: `tvm serve` gets SIGTERM while it builds a missing image in the
+/// background (an empty private cache: every image is missing), once the
+/// build has mounts in its scratch dir. Expected: the drain cancels the
+/// build, and when the process has exited no build process, no scratch dir
+/// and no mount is left, without waiting for a later build's sweep.
+#[test]
+fn serve_stopped_mid_build_cancels_it_and_leaves_nothing() {
+    let env = Env::new();
+    let cache = CacheDir::named("serve", None);
+    link_kernel(&cache.path);
+    let mounts_before = mounts_under(&cache.path);
+    let mut child = env
+        .tvm()
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("TVM_CACHE_DIR", &cache.path)
+        .env("TVM_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
+        text
+    });
+    let t = Instant::now();
+    while mounts_under(&cache.path) == 0 {
+        if child.try_wait().unwrap().is_some() {
+            panic!("server ended before its image build mounted anything:\n{}", log.join().unwrap());
+        }
+        assert!(t.elapsed() < Duration::from_secs(300), "no build mounts after 5 minutes");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mounted = mounts_under(&cache.path);
+    assert_eq!(scratch_dirs(&cache.path), 1, "one build running");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "server still running 60 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = log.join().unwrap();
+    eprintln!("SIGTERM with {mounted} build mounts; server exited {status}");
+    assert!(status.success(), "a drained server exits 0: {status}\n{log}");
+    assert!(log.contains("cancelling the image build"), "{log}");
+    // Checked right at exit: no sweep has run since.
+    assert_eq!(processes_mentioning(&cache.path), Vec::<u32>::new(), "build processes survive");
+    assert_eq!(scratch_dirs(&cache.path), 0, "scratch dir left behind\n{log}");
+    assert_eq!(mounts_under(&cache.path), mounts_before, "mounts left behind\n{log}");
+    assert!(
+        std::fs::read_dir(cache.path.join("images")).map(|d| d.count()).unwrap_or(0) == 0,
+        "no half image published"
+    );
 }

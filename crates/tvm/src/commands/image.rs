@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use pyrovm::Progress;
+use pyrovm::{BuildCancel, Progress};
 use tvm_config::{format_bytes, Runtime};
 
 use super::{usage, Context};
@@ -29,7 +29,8 @@ fn selected(ctx: &Context, args: &ImageBuildArgs) -> Result<Vec<Runtime>> {
 }
 
 /// Builds (or finds) the image of each selected runtime with
-/// [`pyrovm::image::ensure_image`]; exit status 1 if any failed.
+/// [`pyrovm::image::ensure_image_cancellable`] (Ctrl-C cancels it and cleans
+/// up); exit status 1 if any failed, 130 when interrupted.
 pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
     let (mut built, mut cached_n, mut failed) = (0, 0, Vec::new());
     let mut total_bytes = 0;
@@ -42,10 +43,22 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
         let cached = pyrovm::image::find_image(&ctx.settings, &recipe).is_some();
         let s = ctx.settings.clone();
         let id = r.id.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            pyrovm::image::ensure_image(&s, &recipe, &Progress::spinner(&format!("image {id}")))
-        })
-        .await?;
+        let cancel = BuildCancel::new();
+        let token = cancel.clone();
+        let mut task = tokio::task::spawn_blocking(move || {
+            pyrovm::image::ensure_image_cancellable(&s, &recipe, &Progress::spinner(&format!("image {id}")), &token)
+        });
+        let res = tokio::select! {
+            res = &mut task => res?,
+            _ = tokio::signal::ctrl_c() => {
+                // The build tools run in their own process group (no terminal SIGINT):
+                // stop them and wait until the scratch directory is gone.
+                cancel.cancel();
+                let _ = task.await;
+                eprintln!("tvm: interrupted; the build of {} was cancelled and cleaned up", r.id);
+                return Ok(ExitCode::from(130));
+            }
+        };
         match res {
             Ok(img) => {
                 // Runtimes sharing an image (C and C++) count it once.
