@@ -65,13 +65,13 @@ def server():
             log.seek(0)
             pytest.fail(f"tvm serve exited with {proc.returncode}: {log.read()[-2000:]}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
             proc.kill()
-            pytest.fail("tvm serve did not become ready in 180 s")
+            pytest.fail("tvm serve did not answer /healthz in 180 s")
         time.sleep(0.5)
     yield url
     proc.send_signal(signal.SIGTERM)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import typing
+from typing import List
+
 import httpx
 import pytest
 
@@ -58,6 +61,18 @@ def _types(schemas, prop):
     return out
 
 
+def _json_types(ann):
+    """JSON types of a Python annotation, or [] when it is a nested model (checked by its own pair)."""
+    origin = typing.get_origin(ann)
+    if origin in (list, List):
+        return ["array"]
+    if origin is typing.Literal:
+        return ["string"]
+    if origin is typing.Union:
+        return [t for a in typing.get_args(ann) if a is not type(None) for t in _json_types(a)]
+    return [JSON_TYPES[ann]] if ann in JSON_TYPES else []
+
+
 @pytest.mark.parametrize("model,name", PAIRS, ids=[n for _, n in PAIRS])
 def test_model_fields_match_the_schema(schemas, model, name):
     assert name in schemas, f"{name} is not in the server's OpenAPI document"
@@ -69,9 +84,7 @@ def test_model_fields_match_the_schema(schemas, model, name):
         assert fields[required].is_required() or required in ("compile", "run", "exit_code", "signal", "error") or fields[required].default is not None, \
             f"{name}.{required} is required by the server; the SDK model must not silently default it"
     for fname, f in fields.items():
-        ann = f.annotation
-        base = getattr(ann, "__args__", (ann,))
-        simple = [JSON_TYPES[b] for b in base if b in JSON_TYPES]
+        simple = _json_types(f.annotation)
         if simple:
             allowed = _types(schemas, props[fname])
             if allowed:
