@@ -54,6 +54,8 @@ pub enum Command {
     Bench(BenchArgs),
     /// Soak bench: mixed hostile and normal executions through an in-process server; prints host figures before/after.
     Soak(SoakArgs),
+    /// TVM on macOS and Windows: a Lima VM running `tvm serve`, its API forwarded to 127.0.0.1.
+    Lima(commands::lima::LimaArgs),
 }
 
 /// `tvm run`.
@@ -211,5 +213,6 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Serve(args) => commands::serve::serve(ctx, args).await,
         Command::Bench(args) => commands::bench::bench(ctx, &args).await,
         Command::Soak(args) => commands::soak::soak(ctx, &args).await,
+        Command::Lima(args) => commands::lima::lima(args).await,
     }
 }
