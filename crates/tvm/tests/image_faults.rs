@@ -190,22 +190,20 @@ fn link_debs(cache: &Path) {
     }
 }
 
-/// Fault: `tvm serve` gets SIGTERM while it builds a missing image in the
-/// background (a private cache without images: every image is missing), once
-/// the build is in its chroot phase (the package cache bound in, /proc, /sys
-/// and /dev mounted in the new root). Expected: the drain cancels the
-/// build, and when the process has exited no build process, no scratch dir
-/// and no mount is left, without waiting for a later build's sweep.
-#[test]
-fn serve_stopped_mid_build_cancels_it_and_leaves_nothing() {
+/// Starts `tvm ARGS` on a private cache holding the shared kernel and
+/// packages but no image, sends `signal` once its image build is in the
+/// chroot phase (the package cache bound in, /proc, /sys and /dev mounted in
+/// the new root), and checks that at exit no build process, scratch dir or
+/// mount is left, without any later sweep. Returns the exit status and stderr.
+fn stop_mid_build(label: &str, args: &[&str], signal: nix::sys::signal::Signal) -> (std::process::ExitStatus, String) {
     let env = Env::new();
-    let cache = CacheDir::named("serve", None);
+    let cache = CacheDir::named(label, None);
     link_kernel(&cache.path);
     link_debs(&cache.path);
     let mounts_before = mounts_under(&cache.path);
     let mut child = env
         .tvm()
-        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
         .env("TVM_CACHE_DIR", &cache.path)
         .env("TVM_LOG", "info")
         .stdout(Stdio::null())
@@ -221,26 +219,24 @@ fn serve_stopped_mid_build_cancels_it_and_leaves_nothing() {
     let t = Instant::now();
     while mounts_under(&cache.path) < 3 {
         if child.try_wait().unwrap().is_some() {
-            panic!("server ended before its image build mounted anything:\n{}", log.join().unwrap());
+            panic!("tvm {args:?} ended before its build's chroot phase:\n{}", log.join().unwrap());
         }
         assert!(t.elapsed() < Duration::from_secs(300), "no chroot mounts after 5 minutes");
         std::thread::sleep(Duration::from_millis(200));
     }
     let mounted = mounts_under(&cache.path);
     assert_eq!(scratch_dirs(&cache.path), 1, "one build running");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
     let t = Instant::now();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(t.elapsed() < Duration::from_secs(60), "server still running 60 s after SIGTERM");
+        assert!(t.elapsed() < Duration::from_secs(60), "tvm {args:?} still running 60 s after {signal}");
         std::thread::sleep(Duration::from_millis(100));
     };
     let log = log.join().unwrap();
-    eprintln!("SIGTERM with {mounted} build mounts; server exited {status}");
-    assert!(status.success(), "a drained server exits 0: {status}\n{log}");
-    assert!(log.contains("cancelling the image build"), "{log}");
+    eprintln!("tvm {args:?}: {signal} with {mounted} build mounts; exited {status}");
     // Checked right at exit: no sweep has run since.
     assert_eq!(processes_mentioning(&cache.path), Vec::<u32>::new(), "build processes survive");
     assert_eq!(scratch_dirs(&cache.path), 0, "scratch dir left behind\n{log}");
@@ -249,4 +245,27 @@ fn serve_stopped_mid_build_cancels_it_and_leaves_nothing() {
         std::fs::read_dir(cache.path.join("images")).map(|d| d.count()).unwrap_or(0) == 0,
         "no half image published"
     );
+    (status, log)
+}
+
+/// Fault: `tvm serve` gets SIGTERM while it builds a missing image in the
+/// background (every image is missing from its cache). Expected: the drain
+/// cancels the build and removes what it made before the process exits 0.
+#[test]
+fn serve_stopped_mid_build_cancels_it_and_leaves_nothing() {
+    let (status, log) =
+        stop_mid_build("serve", &["serve", "--listen", "127.0.0.1:0"], nix::sys::signal::Signal::SIGTERM);
+    assert!(status.success(), "a drained server exits 0: {status}\n{log}");
+    assert!(log.contains("cancelling the image build"), "{log}");
+}
+
+/// Sibling: `tvm image build` stopped by SIGTERM or SIGINT (Ctrl-C) mid-build.
+/// Expected: the build is cancelled and cleaned up the same way; exit 130.
+#[test]
+fn image_build_stopped_by_a_signal_cleans_up_before_exit() {
+    for (label, signal) in [("term", nix::sys::signal::Signal::SIGTERM), ("int", nix::sys::signal::Signal::SIGINT)] {
+        let (status, log) = stop_mid_build(label, &["image", "build", "python"], signal);
+        assert_eq!(status.code(), Some(130), "{signal}: {log}");
+        assert!(log.contains("was cancelled and cleaned up"), "{signal}: {log}");
+    }
 }

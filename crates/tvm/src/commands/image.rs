@@ -29,12 +29,16 @@ fn selected(ctx: &Context, args: &ImageBuildArgs) -> Result<Vec<Runtime>> {
 }
 
 /// Builds (or finds) the image of each selected runtime with
-/// [`pyrovm::image::ensure_image_cancellable`] (Ctrl-C cancels it and cleans
-/// up); exit status 1 if any failed, 130 when interrupted.
+/// [`pyrovm::image::ensure_image_cancellable`] (SIGINT or SIGTERM cancels it
+/// and cleans up); exit status 1 if any failed, 130 when stopped.
 pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
     let (mut built, mut cached_n, mut failed) = (0, 0, Vec::new());
     let mut total_bytes = 0;
     let mut seen = HashSet::new();
+    // SIGINT (Ctrl-C) or SIGTERM: the build tools run in their own process group, so
+    // tvm stops them and waits until the scratch directory and its mounts are gone.
+    let stop = pyroshell::shutdown_signal();
+    tokio::pin!(stop);
     for r in selected(&ctx, &args)? {
         let Some(recipe) = r.image.clone() else {
             println!("{:<14} unavailable: {}", r.id, r.unavailable.unwrap_or_default());
@@ -50,9 +54,7 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
         });
         let res = tokio::select! {
             res = &mut task => res?,
-            _ = tokio::signal::ctrl_c() => {
-                // The build tools run in their own process group (no terminal SIGINT):
-                // stop them and wait until the scratch directory is gone.
+            _ = &mut stop => {
                 cancel.cancel();
                 let _ = task.await;
                 eprintln!("tvm: interrupted; the build of {} was cancelled and cleaned up", r.id);
