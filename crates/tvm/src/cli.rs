@@ -68,7 +68,7 @@ enum Command {
     /// Remove VMs and run dirs left behind by a crashed tvm.
     Reap,
     /// Serve the HTTP API (pyroshell) until SIGTERM/SIGINT.
-    Serve(pyroshell::ServeArgs),
+    Serve(Box<pyroshell::ServeArgs>),
     /// Benchmark cold-start latency against native runs and print a table.
     Bench {
         /// Measured runs per runtime.
