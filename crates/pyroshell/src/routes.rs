@@ -274,21 +274,19 @@ async fn read_json<T: DeserializeOwned + Send + 'static>(req: Request, st: &Arc<
 }
 
 async fn read_body(req: Request, st: &Arc<AppState>) -> Result<Bytes, ApiError> {
-    {
-        let limit = st.config.max_body_bytes;
-        // Refuse on the declared length alone, before the client spends time sending it all.
-        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(ApiError::PayloadTooLarge { limit });
-        }
-        Bytes::from_request(req, st).await.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge { limit }
-            } else {
-                ApiError::Malformed { message: e.body_text() }
-            }
-        })
+    let limit = st.config.max_body_bytes;
+    // Refuse on the declared length alone, before the client spends time sending it all.
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
     }
+    Bytes::from_request(req, st).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::Malformed { message: e.body_text() }
+        }
+    })
 }
 
 /// Run a program and answer when it is done.
