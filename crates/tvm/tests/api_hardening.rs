@@ -198,8 +198,9 @@ fn connections_are_capped_per_address_and_per_server() {
     }
     drop(held);
     wait_until("connections freed", Duration::from_secs(10), || server.get("/healthz").status == 200);
-    assert_eq!(metric(&server, "tvm_http_connections_closed_total{reason=\"over_ip_limit\"}"), 1.0);
-    assert_eq!(metric(&server, "tvm_http_connections_closed_total{reason=\"over_limit\"}"), 1.0);
+    // (Probes while the closes were still being processed may have been refused too.)
+    assert!(metric(&server, "tvm_http_connections_closed_total{reason=\"over_ip_limit\"}") >= 1.0);
+    assert!(metric(&server, "tvm_http_connections_closed_total{reason=\"over_limit\"}") >= 1.0);
     server.stop();
     env.assert_clean();
 }
