@@ -59,7 +59,7 @@ const C: u64 = 103; // C (GCC 14)
 #[test]
 fn judge0_routes_statuses_and_options() {
     let env = Env::new();
-    let server = Server::start(&env, &[]);
+    let server = Server::start(&env, &["--no-build-images"]);
 
     // Informational routes.
     let langs = server.get("/languages").json();
@@ -271,7 +271,7 @@ fn accept_one(listener: TcpListener) -> std::thread::JoinHandle<(String, Vec<u8>
 #[test]
 fn judge0_callbacks_auth_and_two_nodes() {
     let env = Env::new();
-    let a = Server::start(&env, &["--judge0-node", "a", "--judge0-callbacks", "--api-key", "k"]);
+    let a = Server::start(&env, &["--no-build-images", "--judge0-node", "a", "--judge0-callbacks", "--api-key", "k"]);
     let auth = [("X-Auth-Token", "k")];
     assert_eq!(a.get("/languages").status, 401, "keys configured: X-Auth-Token required");
     assert_eq!(http(&a.addr, "GET", "/languages", &auth, b"").status, 200);
@@ -293,6 +293,7 @@ fn judge0_callbacks_auth_and_two_nodes() {
     let b = Server::start(
         &env_b,
         &[
+            "--no-build-images",
             "--judge0-node",
             "b",
             "--judge0-peer",

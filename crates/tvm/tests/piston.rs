@@ -47,7 +47,7 @@ fn is_semver(v: &Value) -> bool {
 #[test]
 fn piston_routes_errors_and_results() {
     let env = Env::new();
-    let server = Server::start(&env, &[]);
+    let server = Server::start(&env, &["--no-build-images"]);
 
     // Runtimes, with and without the trailing slash: Piston's names and full versions.
     let list = server.get("/api/v2/runtimes").json();
@@ -154,7 +154,7 @@ fn piston_routes_errors_and_results() {
     assert_eq!((v["run"]["status"].clone(), v["run"]["signal"].clone()), (json!("SG"), json!("SIGSEGV")), "{v}");
     let v = execute(
         &server,
-        &json!({"language": "python", "version": "*", "run_timeout": 1500,
+        &json!({"language": "python", "version": "*", "run_timeout": 6000,
                 "files": [{"content": "import time\nprint('before', flush=True)\nwhile True: pass"}]}),
     );
     assert_eq!((v["run"]["status"].clone(), v["run"]["signal"].clone()), (json!("TO"), json!("SIGKILL")), "{v}");
@@ -182,7 +182,7 @@ fn piston_routes_errors_and_results() {
 #[test]
 fn piston_requires_the_api_key_when_configured() {
     let env = Env::new();
-    let server = Server::start(&env, &["--api-key", "k1"]);
+    let server = Server::start(&env, &["--no-build-images", "--api-key", "k1"]);
     let r = server.get("/api/v2/runtimes");
     assert_eq!(r.status, 401);
     assert!(r.json()["message"].as_str().unwrap().contains("API key"));
