@@ -9,6 +9,7 @@
 
 pub mod accel;
 pub mod cache;
+pub mod doctor;
 pub mod hostcg;
 pub mod image;
 pub mod initrd;
