@@ -7,6 +7,7 @@ pub mod bench;
 pub mod doctor;
 pub mod image;
 pub mod kernel;
+pub mod lima;
 pub mod reap;
 pub mod run;
 pub mod runtimes;
