@@ -342,6 +342,11 @@ pub struct ExecutionResult {
     pub accel: String,
     /// Whether a pre-booted VM from the warm pool ran it.
     pub pooled: bool,
+    /// How the VM that ran it started: `template` (restored from a snapshot
+    /// of a prewarmed VM), `cold` (booted; a template was missing, broken or
+    /// off) or `pool` (taken from the warm pool).
+    #[serde(default)]
+    pub start: String,
 }
 
 impl ExecutionResult {
@@ -360,6 +365,7 @@ impl ExecutionResult {
             total_ms: exec.total_ms,
             accel: exec.accel.to_string(),
             pooled: false,
+            start: exec.start.as_str().to_string(),
         }
     }
 }

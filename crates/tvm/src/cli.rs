@@ -65,6 +65,12 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// VM templates (snapshots of booted, prewarmed VMs that executions are
+    /// restored from; a cache, rebuilt on first use).
+    Template {
+        #[command(subcommand)]
+        command: TemplateCommand,
+    },
     /// Remove VMs and run dirs left behind by a crashed tvm.
     Reap,
     /// Serve the HTTP API (pyroshell) until SIGTERM/SIGINT.
@@ -105,6 +111,24 @@ enum ImageCommand {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TemplateCommand {
+    /// List built templates.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove templates (by key, or all); the next start rebuilds what it needs.
+    Remove {
+        /// Template keys (from `tvm template list`).
+        keys: Vec<String>,
+        /// Every template.
+        #[arg(long, conflicts_with = "keys")]
+        all: bool,
     },
 }
 
@@ -226,9 +250,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let cfg = args.into_config().map_err(usage)?;
             // No kernel build here: a server fails fast and says what to run instead of compiling for minutes.
             let vmm = Pyrovm::prepare(settings, catalog, false).await?;
+            // A request never waits for a template build: it cold boots meanwhile.
+            let vmm = vmm.with_template_builds(pyrovm::TemplateBuilds::Background);
             pyroshell::serve(cfg, std::sync::Arc::new(vmm)).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Template { command } => template_command(&settings, command),
         Command::Reap => {
             let r = pyrovm::reaper::reap(&settings.runtime_dir);
             println!("killed {} VM processes, removed {} run dirs", r.processes_killed, r.dirs_removed);
@@ -545,6 +572,7 @@ async fn image_build(
     let (mut built, mut cached_n, mut failed) = (0, 0, Vec::new());
     let mut total_bytes = 0;
     let mut seen = std::collections::HashSet::new();
+    let mut ready = Vec::new();
     for r in selected {
         let Some(recipe) = r.image.clone() else {
             println!("{:<14} unavailable: {}", r.id, r.unavailable.unwrap_or_default());
@@ -559,6 +587,7 @@ async fn image_build(
         .await?;
         match res {
             Ok(img) => {
+                ready.push(r.clone());
                 // Runtimes sharing an image (C and C++) count it once.
                 if seen.insert(img.key.clone()) {
                     total_bytes += img.meta.size_bytes;
@@ -587,10 +616,76 @@ async fn image_build(
         failed.len(),
         format_bytes(total_bytes)
     );
+    if settings.templates && !ready.is_empty() {
+        // Templates too, for the default VM shape, so first executions restore.
+        match Pyrovm::prepare(settings.clone(), catalog.clone(), false).await {
+            Ok(vmm) => {
+                for r in &ready {
+                    let memory = pyrovm::default_vm_memory_mib(&catalog, r, settings.vm_overhead_mib);
+                    match vmm.ensure_template(r, memory).await {
+                        Ok(t) => println!(
+                            "{:<14} template {} ({}, {memory} MiB)",
+                            r.id,
+                            t.key,
+                            format_bytes(t.meta.state_bytes)
+                        ),
+                        Err(e) => {
+                            println!("{:<14} template FAILED: {:#}", r.id, anyhow::Error::from(e));
+                        }
+                    }
+                }
+            }
+            Err(e) => println!("templates: not built ({e})"),
+        }
+    }
     for (id, why) in &failed {
         println!("  {id}: {why}");
     }
     Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn template_command(settings: &Settings, command: TemplateCommand) -> Result<ExitCode> {
+    let store = pyrovm::Templates::new(&settings.cache_dir);
+    match command {
+        TemplateCommand::List { json } => {
+            let all = store.list();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!("{:<26} {:<14} {:>8} {:>10} {:>9} {:>9}", "KEY", "RUNTIME", "RAM", "STATE", "BOOT", "WARMUP");
+            for t in all {
+                println!(
+                    "{:<26} {:<14} {:>7}M {:>10} {:>7}ms {:>7}ms",
+                    t.key,
+                    t.runtime,
+                    t.inputs.memory_mib,
+                    format_bytes(t.state_bytes),
+                    t.boot_ms,
+                    t.warmup_ms
+                );
+            }
+        }
+        TemplateCommand::Remove { keys, all } => {
+            let keys: Vec<String> = if all {
+                store.list().into_iter().map(|t| t.key).collect()
+            } else if keys.is_empty() {
+                return Err(usage("name template keys to remove, or pass --all"));
+            } else {
+                keys
+            };
+            let mut removed = 0;
+            for key in &keys {
+                if store.remove(key)? {
+                    removed += 1;
+                } else {
+                    println!("{key}: no such template");
+                }
+            }
+            println!("removed {removed} template(s)");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn image_list(settings: &Settings, catalog: &Catalog, json: bool) {

@@ -174,7 +174,7 @@ pub async fn command(
     args: SoakArgs,
 ) -> Result<std::process::ExitCode> {
     let duration = Duration::from_millis(tvm_config::parse_duration_ms(&args.duration).map_err(anyhow::Error::msg)?);
-    let vmm = Pyrovm::prepare(settings, catalog, false).await?;
+    let vmm = Pyrovm::prepare(settings, catalog, false).await?.with_template_builds(pyrovm::TemplateBuilds::Background);
     run(vmm, args.executions, args.concurrency, duration).await?;
     Ok(std::process::ExitCode::SUCCESS)
 }
