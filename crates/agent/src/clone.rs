@@ -40,12 +40,27 @@ nix::ioctl_none_bad!(rnd_reseed_crng, nix::request_code_none!(b'R', 0x07));
 
 /// Waits for the job, serving the template messages that may come first:
 /// `Prewarm` (template build) and `Resume` (right after a restore). Each is
-/// answered; anything the host sends is bounded by the frame limit.
+/// answered; anything the host sends is bounded by the frame limit. The
+/// job's entropy and clock are applied before it is returned: failing that
+/// is fatal for a restored VM, and only logged for a cold-booted one.
 pub fn await_job(link: &mut Link) -> Result<tvm_protocol::Job, Error> {
+    let mut restored = false;
     loop {
         match link.receive()? {
-            HostMessage::Run(job) => return Ok(job),
+            HostMessage::Run(job) => {
+                if let Some(fresh) = &job.uniqueness {
+                    match make_unique(fresh) {
+                        Ok(()) => {}
+                        // A clone must not run anything with its template's RNG state.
+                        Err(e) if restored => return Err(e),
+                        // A cold-booted kernel seeded itself; the host's bytes only add to it.
+                        Err(e) => debug!("not reseeded from the host: {}", crate::error::chain(&e)),
+                    }
+                }
+                return Ok(job);
+            }
             HostMessage::Resume(fresh) => {
+                restored = true;
                 make_unique(&fresh)?;
                 debug!("resumed from a template; reseeded and clock set");
                 link.send(&crate::ready())?;

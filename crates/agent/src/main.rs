@@ -68,10 +68,7 @@ fn run() -> Result<(), Error> {
     // A VM restored from a template shares its RNG state and clock with its
     // siblings until the job's fresh entropy and time are applied, before
     // anything of the job runs.
-    let received = setup.and_then(|()| clone::await_job(&mut link)).and_then(|job| {
-        job.uniqueness.as_ref().map_or(Ok(()), clone::make_unique)?;
-        Ok(job)
-    });
+    let received = setup.and_then(|()| clone::await_job(&mut link));
     let job = match received {
         Ok(job) => job,
         Err(e) => {
