@@ -77,8 +77,9 @@ def link_or_copy(src, dst):
     except OSError:
         shutil.copy2(src, dst)
 doctor = json.loads(subprocess.run([tvm, "doctor", "--json"], capture_output=True, text=True).stdout)
+# "KEY (/path/to/kernel/KEY/bzImage)"
 kernel = next(c["detail"] for c in doctor["checks"] if c["name"] == "guest kernel")
-kdir = os.path.dirname(kernel.split()[0])
+kdir = os.path.dirname(kernel.split("(", 1)[1].rstrip(")"))
 dst = os.path.join(ctx, "cache", "kernel", os.path.basename(kdir))
 os.makedirs(dst)
 for f in os.listdir(kdir):
