@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub build_images: bool,
     /// Log as JSON lines (read by the binary when it installs the subscriber; see [`crate::init_tracing`]).
     pub json_logs: bool,
+    /// The Judge0-compatible API (`[judge0]`).
+    pub judge0: crate::judge0::Judge0Config,
 }
 
 impl Default for ServeConfig {
@@ -73,6 +75,7 @@ impl Default for ServeConfig {
             allow_network: false,
             build_images: true,
             json_logs: false,
+            judge0: crate::judge0::Judge0Config::default(),
         }
     }
 }
@@ -123,6 +126,7 @@ impl ServeConfig {
         if self.allow_network {
             return Err("allow_network = true is not supported yet: guests have no network device".into());
         }
+        self.judge0.validate()?;
         for name in self.pool_sizes.keys() {
             match catalog.get(name) {
                 None => return Err(format!("pool size for unknown runtime {name:?}")),
@@ -208,6 +212,9 @@ pub struct ServeArgs {
     /// Log JSON lines (the binary reads this before installing its subscriber).
     #[arg(long)]
     pub json_logs: bool,
+    /// Judge0 API settings.
+    #[command(flatten)]
+    pub judge0: crate::judge0::Judge0Args,
 }
 
 impl ServeArgs {
@@ -254,6 +261,7 @@ impl ServeArgs {
         c.queue_capacity = self.queue.unwrap_or(c.queue_capacity);
         c.build_images &= !self.no_build_images;
         c.json_logs |= self.json_logs;
+        c.judge0 = self.judge0.apply(c.judge0)?;
         Ok(c)
     }
 }

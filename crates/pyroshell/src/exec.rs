@@ -43,8 +43,19 @@ pub(crate) struct Prepared {
 /// Validates `body` and secures capacity: a warm VM, or a permit after at
 /// most the queue deadline.
 pub(crate) async fn prepare(st: &AppState, body: ExecutionBody) -> Result<Prepared, ApiError> {
+    prepare_with(st, body, |_| Ok(())).await
+}
+
+/// [`prepare`], letting `adjust` change the validated plan before capacity is
+/// sized for it (the compatibility APIs add compiler options this way).
+pub(crate) async fn prepare_with(
+    st: &AppState,
+    body: ExecutionBody,
+    adjust: impl FnOnce(&mut Plan) -> Result<(), ApiError>,
+) -> Result<Prepared, ApiError> {
     let req = body.into_request(st.vmm.catalog(), st.config.allow_network)?;
-    let plan = pyrovm::plan(st.vmm.catalog(), &req, st.vmm.settings().vm_overhead_mib)?;
+    let mut plan = pyrovm::plan(st.vmm.catalog(), &req, st.vmm.settings().vm_overhead_mib)?;
+    adjust(&mut plan)?;
     match st.images.state(&plan.runtime.id) {
         ImageState::Ready => {}
         other => {

@@ -8,7 +8,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use pyrovm::{Progress, Pyrovm};
+use pyrovm::image::RuntimeState;
+use pyrovm::{BuildCancel, Progress, Pyrovm};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -27,6 +28,17 @@ pub enum ImageState {
     Failed(String),
     /// The catalog says this runtime cannot run here.
     Unavailable(String),
+}
+
+impl From<RuntimeState> for ImageState {
+    /// The cache's view; `Building` and `Failed` are the server's own.
+    fn from(s: RuntimeState) -> Self {
+        match s {
+            RuntimeState::Ready(_) => ImageState::Ready,
+            RuntimeState::Buildable => ImageState::Missing,
+            RuntimeState::Unavailable(why) => ImageState::Unavailable(why),
+        }
+    }
 }
 
 impl ImageState {
@@ -55,14 +67,7 @@ impl Images {
     pub fn scan(vmm: Arc<Pyrovm>) -> Self {
         let mut states = BTreeMap::new();
         for r in vmm.catalog().runtimes() {
-            let s = match (&r.unavailable, &r.image) {
-                (Some(why), _) => ImageState::Unavailable(why.clone()),
-                (None, None) => ImageState::Unavailable("no image recipe".into()),
-                (None, Some(recipe)) if pyrovm::image::find_image(vmm.settings(), recipe).is_some() => {
-                    ImageState::Ready
-                }
-                (None, Some(_)) => ImageState::Missing,
-            };
+            let s = ImageState::from(pyrovm::image::runtime_state(vmm.settings(), r));
             states.insert(r.id.clone(), s);
         }
         Self { vmm, states: Mutex::new(states) }
@@ -89,8 +94,8 @@ impl Images {
     }
 
     fn present(&self, runtime_id: &str) -> bool {
-        let recipe = self.vmm.catalog().get(runtime_id).and_then(|r| r.image.clone());
-        recipe.is_some_and(|r| pyrovm::image::find_image(self.vmm.settings(), &r).is_some())
+        let runtime = self.vmm.catalog().get(runtime_id);
+        runtime.is_some_and(|r| matches!(pyrovm::image::runtime_state(self.vmm.settings(), r), RuntimeState::Ready(_)))
     }
 
     fn set(&self, runtime_id: &str, s: ImageState) {
@@ -98,7 +103,10 @@ impl Images {
     }
 
     /// Builds missing images one by one (in catalog order, so the preferred
-    /// runtimes come first) until done or `stop` turns true.
+    /// runtimes come first) until done or `stop` turns true. A build running
+    /// when `stop` turns true is cancelled, and this returns only after its
+    /// tools are dead and its scratch directory and mounts are gone, so a
+    /// draining server exits clean.
     pub async fn build_missing(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let runtimes = self.vmm.catalog().runtimes().to_vec();
         for r in runtimes {
@@ -111,13 +119,21 @@ impl Images {
             }
             self.set(&r.id, ImageState::Building);
             info!(runtime = %r.id, "building missing image");
-            let build = self.vmm.ensure_image(&r, Progress::hidden());
-            let outcome = tokio::select! {
-                res = build => res,
-                _ = stop.wait_for(|s| *s) => {
-                    self.set(&r.id, ImageState::Missing);
-                    return;
+            let cancel = BuildCancel::new();
+            let build = self.vmm.ensure_image_cancellable(&r, Progress::hidden(), cancel.clone());
+            tokio::pin!(build);
+            let finished = tokio::select! {
+                res = &mut build => Some(res),
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            let Some(outcome) = finished else {
+                info!(runtime = %r.id, "cancelling the image build: the server is stopping");
+                cancel.cancel();
+                if let Err(e) = build.await {
+                    info!(runtime = %r.id, error = %e, "image build stopped");
                 }
+                self.set(&r.id, ImageState::Missing);
+                return;
             };
             match outcome {
                 Ok(_) => {

@@ -12,12 +12,15 @@
 pub mod admission;
 pub mod api;
 pub mod client;
+mod compat;
 pub mod config;
 pub mod error;
 mod exec;
 pub mod images;
+pub mod judge0;
 pub mod metrics;
 mod openapi;
+mod piston;
 pub mod pool;
 mod routes;
 pub mod sse;

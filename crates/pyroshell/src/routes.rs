@@ -38,6 +38,8 @@ pub(crate) fn router(st: Arc<AppState>) -> Router {
         .route_layer(middleware::from_fn_with_state(st.clone(), require_api_key));
     Router::new()
         .merge(protected)
+        .merge(crate::piston::router(st.clone()))
+        .merge(crate::judge0::router(st.clone()))
         .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
