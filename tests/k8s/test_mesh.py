@@ -353,7 +353,8 @@ def run_load_with_faults(mesh: Mesh, env: dict[str, str], api_key: str, args: li
 
         by_addr = {n["addr"]: n for n in mesh.nodes}
         # SIGKILL a node while it runs work.
-        wait_for("a few results", LOAD, lambda: len([a for a in load.attempts if a["status"] == 200]) >= 4, 0.2)
+        first = max(1, min(4, REQUESTS // 6))
+        wait_for("a few results", LOAD, lambda: len([a for a in load.attempts if a["status"] == 200]) >= first, 0.2)
         victim = by_addr[wait_for("a busy node to kill", 60, lambda: busy(set()), 0.1)]
         before_kill = mesh.hosts()[victim["addr"]]["rq_active"]
         victim["proc"].send_signal(signal.SIGKILL)
