@@ -420,7 +420,7 @@ def check(mesh: Mesh, r: dict[str, Any], serve_cfg: dict[str, Any]) -> None:
     assert r["drained_exit"] == 0, f"drained node exited {r['drained_exit']}"
     assert r["t_drained"] - r["t_term"] < serve_cfg["drain_grace_ms"] / 1000 + 15
     assert drain_in_flight is not None and drain_in_flight >= 1, f"no execution in flight at SIGTERM: {drain_logs}"
-    assert in_flight_at_term and all(a["code"] == "200" for a in in_flight_at_term), in_flight_at_term
+    assert in_flight_at_term and all(int(a["code"]) == 200 for a in in_flight_at_term), in_flight_at_term
     # The killed node's restart left nothing of the dead instance.
     new_pid = r["new_pid"]
     rd = killed["runtime_dir"]
