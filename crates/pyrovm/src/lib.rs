@@ -32,6 +32,9 @@ use tvm_protocol::{JobResult, Stage, Stream};
 pub use accel::AccelDecision;
 pub use cache::{BuildCancel, CancelOnDrop};
 pub use plan::{plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile};
+pub use plan::{
+    MAX_ARGS, MAX_ARG_BYTES, MAX_FILES, MAX_FILES_BYTES, MAX_FILE_NAME_BYTES, MAX_FILE_NAME_PARTS, MAX_STDIN_BYTES,
+};
 pub use progress::Progress;
 pub use vm::{RunJobError, StartVmError, Vm, VmmHost};
 
