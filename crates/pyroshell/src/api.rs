@@ -519,7 +519,7 @@ pub struct ReadyBody {
     pub draining: bool,
     /// Runtimes whose image is not ready, with their state.
     pub images_not_ready: Vec<String>,
-    /// Runtimes whose pool is below target, as `id idle/target`.
+    /// Runtimes whose pool has not yet reached its target since startup, as `id idle/target`.
     pub pools_not_warm: Vec<String>,
 }
 

@@ -344,7 +344,9 @@ fn sigterm_drains_in_flight_work_and_refuses_new() {
     wait_until("draining", Duration::from_secs(10), || server.get("/readyz").status == 503);
     let r = server.get("/readyz");
     assert_eq!(r.json()["draining"], true);
-    server.execute(&hello("print(1)")).error(503, "draining");
+    let refused = server.execute(&hello("print(1)"));
+    refused.error(503, "draining");
+    assert_eq!(refused.header("retry-after"), Some("1"), "nothing started: retry elsewhere at once");
     let (status, _) = sse(&server.addr, "/v1/executions/stream", &[], hello("").to_string().as_bytes());
     assert_eq!(status, 503);
     assert_eq!(server.get("/healthz").status, 200, "alive while draining");
