@@ -256,6 +256,8 @@ struct RawRuntime {
     compile_limits: LimitOverrides,
     #[serde(default)]
     unavailable: Option<String>,
+    #[serde(default)]
+    warmup: Option<Vec<String>>,
 }
 
 /// One language version that TVM can run.
@@ -290,6 +292,11 @@ pub struct Runtime {
     /// Where the entry was defined last: [`BUILTIN_ORIGIN`], the catalog
     /// file, or the overlay file that added or changed it.
     pub origin: String,
+    /// argv run once (as the job user, under the run limits) while a VM
+    /// template is built, so restored VMs start with the runtime's files in
+    /// the page cache (e.g. `python3 -c pass`). Not part of the image recipe:
+    /// changing it makes new templates, never new images.
+    pub warmup: Option<Vec<String>>,
 }
 
 impl Runtime {
@@ -412,6 +419,12 @@ impl Catalog {
                     }
                 }
             }
+            if r.warmup
+                .as_ref()
+                .is_some_and(|w| w.is_empty() || w.iter().any(|a| PLACEHOLDERS.iter().any(|p| a.contains(p))))
+            {
+                return Err(fail("warmup", "warmup must be a non-empty argv without placeholders".into()));
+            }
             if r.image.is_none() && r.unavailable.is_none() {
                 return Err(fail("image", "needs an image recipe or an `unavailable` reason".into()));
             }
@@ -450,6 +463,7 @@ impl Catalog {
                 compile_limits,
                 unavailable: r.unavailable,
                 origin: origin.name,
+                warmup: r.warmup,
             });
         }
         Ok(Self { runtimes, maximum, workdir_bytes })
@@ -582,6 +596,7 @@ struct OverlayRuntime {
     run_limits: Option<Spanned<LimitOverrides>>,
     compile_limits: Option<Spanned<LimitOverrides>>,
     unavailable: Option<Spanned<String>>,
+    warmup: Option<Spanned<Vec<String>>>,
 }
 
 /// An [`ImageRecipe`] of which every field is optional.
@@ -677,6 +692,7 @@ fn apply_overlay(
         (field!(language), field!(version), field!(aliases), field!(extensions), field!(entry));
     let (compile, run, env, image) = (field!(compile), field!(run), field!(env), field!(image));
     let (run_limits, compile_limits, unavailable) = (field!(run_limits), field!(compile_limits), field!(unavailable));
+    let warmup = field!(warmup);
     let missing = |origin: &Origin, field: &str, message: &str| origin.error(&id, field, message.to_string());
 
     let index = entries.iter().position(|(r, _)| r.id == id);
@@ -700,6 +716,7 @@ fn apply_overlay(
                 run_limits: LimitOverrides::default(),
                 compile_limits: LimitOverrides::default(),
                 unavailable: None,
+                warmup: None,
             }
         }
     };
@@ -709,6 +726,7 @@ fn apply_overlay(
     r.extensions = extensions.unwrap_or(r.extensions);
     r.entry = entry.unwrap_or(r.entry);
     r.compile = compile.or(r.compile);
+    r.warmup = warmup.or(r.warmup);
     r.run = run.unwrap_or(r.run);
     r.env.extend(env.unwrap_or_default());
     r.run_limits = r.run_limits.merged(run_limits.unwrap_or_default());

@@ -50,7 +50,10 @@ struct Inner {
     pool_hits: BTreeMap<String, u64>,
     pool_misses: BTreeMap<String, u64>,
     rejections: BTreeMap<&'static str, u64>,
+    connections_closed: BTreeMap<&'static str, u64>,
     pool_boot_failures: u64,
+    starts: BTreeMap<&'static str, u64>,
+    pool_starts: BTreeMap<&'static str, u64>,
     boot: Histogram,
     execution: Histogram,
     queue_wait: Histogram,
@@ -79,6 +82,10 @@ pub struct Gauges {
     pub in_flight: usize,
     /// Whether the server is draining.
     pub draining: bool,
+    /// Open HTTP connections.
+    pub connections: usize,
+    /// Their cap.
+    pub max_connections: usize,
     /// Per runtime: idle pool VMs and the target.
     pub pools: Vec<(String, usize, usize)>,
 }
@@ -117,9 +124,25 @@ impl Metrics {
         self.with(|m| *m.rejections.entry(reason).or_default() += 1);
     }
 
+    /// The server closed or refused a connection: `idle`, `write_stalled`,
+    /// `over_limit` or `over_ip_limit`.
+    pub fn connection_closed(&self, reason: &'static str) {
+        self.with(|m| *m.connections_closed.entry(reason).or_default() += 1);
+    }
+
     /// A pool VM failed to boot.
     pub fn pool_boot_failed(&self) {
         self.with(|m| m.pool_boot_failures += 1);
+    }
+
+    /// An execution's VM started this way (`template`, `cold`, `pool`).
+    pub fn start(&self, kind: pyrovm::StartKind) {
+        self.with(|m| *m.starts.entry(kind.as_str()).or_default() += 1);
+    }
+
+    /// A pool VM reached agent-ready, restored from a template or cold booted.
+    pub fn pool_vm_started(&self, kind: pyrovm::StartKind) {
+        self.with(|m| *m.pool_starts.entry(kind.as_str()).or_default() += 1);
     }
 
     /// A VM reached agent-ready after `d`.
@@ -150,6 +173,8 @@ impl Metrics {
         gauge(&mut out, "tvm_guest_memory_budget_mib", "Guest RAM budget, MiB.", g.memory_budget_mib.to_string());
         gauge(&mut out, "tvm_executions_in_flight", "Executions in progress.", g.in_flight.to_string());
         gauge(&mut out, "tvm_draining", "1 while shutting down.", u8::from(g.draining).to_string());
+        gauge(&mut out, "tvm_http_connections", "Open HTTP connections.", g.connections.to_string());
+        gauge(&mut out, "tvm_http_connections_max", "Most open HTTP connections.", g.max_connections.to_string());
         let _ = writeln!(out, "# HELP tvm_pool_idle Warm VMs waiting at agent-ready.\n# TYPE tvm_pool_idle gauge");
         for (rt, idle, _) in &g.pools {
             let _ = writeln!(out, "tvm_pool_idle{{runtime=\"{}\"}} {idle}", escape(rt));
@@ -184,9 +209,27 @@ impl Metrics {
             for (reason, n) in &m.rejections {
                 let _ = writeln!(out, "tvm_rejections_total{{reason=\"{reason}\"}} {n}");
             }
+            let _ = writeln!(
+                out,
+                "# HELP tvm_http_connections_closed_total Connections the server closed or refused, by reason."
+            );
+            let _ = writeln!(out, "# TYPE tvm_http_connections_closed_total counter");
+            for (reason, n) in &m.connections_closed {
+                let _ = writeln!(out, "tvm_http_connections_closed_total{{reason=\"{reason}\"}} {n}");
+            }
             let _ = writeln!(out, "# HELP tvm_pool_boot_failures_total Pool VMs that failed to boot.");
             let _ = writeln!(out, "# TYPE tvm_pool_boot_failures_total counter");
             let _ = writeln!(out, "tvm_pool_boot_failures_total {}", m.pool_boot_failures);
+            let _ = writeln!(out, "# HELP tvm_vm_starts_total Executions by how their VM started (template restore, cold boot, warm pool).");
+            let _ = writeln!(out, "# TYPE tvm_vm_starts_total counter");
+            for (kind, n) in &m.starts {
+                let _ = writeln!(out, "tvm_vm_starts_total{{start=\"{kind}\"}} {n}");
+            }
+            let _ = writeln!(out, "# HELP tvm_pool_vm_starts_total Pool VMs by how they started (template restore or cold boot).");
+            let _ = writeln!(out, "# TYPE tvm_pool_vm_starts_total counter");
+            for (kind, n) in &m.pool_starts {
+                let _ = writeln!(out, "tvm_pool_vm_starts_total{{start=\"{kind}\"}} {n}");
+            }
             m.boot.render(&mut out, "tvm_vm_boot_seconds", "VM start to agent-ready.");
             m.execution.render(&mut out, "tvm_execution_seconds", "Job sent to result received.");
             m.queue_wait.render(&mut out, "tvm_queue_wait_seconds", "Time requests waited for capacity.");
