@@ -370,7 +370,13 @@ pub async fn refill_loop(ctx: RefillCtx, rp: Arc<RuntimePool>, mut stop: watch::
                     Some(Ok(vm)) => {
                         failures = 0;
                         ctx.metrics.boot(vm.boot_time());
-                        debug!(vm = vm.id(), boot_ms = vm.boot_time().as_millis() as u64, "pool VM ready");
+                        ctx.metrics.pool_vm_started(vm.start_kind());
+                        debug!(
+                            vm = vm.id(),
+                            boot_ms = vm.boot_time().as_millis() as u64,
+                            start = vm.start_kind().as_str(),
+                            "pool VM ready"
+                        );
                         rp.lock().push(PooledVm { vm, permit });
                         ctx.pool.parked.notify_waiters();
                         continue;

@@ -272,12 +272,14 @@ fn warm_pool_skips_the_boot() {
 
     let warm = server.execute(&hello("print('warm')")).json();
     assert_eq!((warm["verdict"].clone(), warm["pooled"].clone()), (json!("ok"), json!(true)), "{warm}");
+    assert_eq!(warm["start"], "pool", "{warm}");
     assert_eq!(warm["run"]["stdout"], "warm\n");
     // More memory than a pool VM has: a miss, booted on demand.
     let mut cold_req = hello("print('cold')");
     cold_req["run_limits"] = json!({"memory_bytes": 768u64 << 20});
     let cold = server.execute(&cold_req).json();
     assert_eq!((cold["verdict"].clone(), cold["pooled"].clone()), (json!("ok"), json!(false)), "{cold}");
+    assert!(["template", "cold"].contains(&cold["start"].as_str().unwrap_or_default()), "{cold}");
     let (w, c) = (warm["total_ms"].as_u64().unwrap(), cold["total_ms"].as_u64().unwrap());
     eprintln!(
         "warm total {w} ms (boot paid earlier: {} ms); cold total {c} ms (boot {} ms)",
