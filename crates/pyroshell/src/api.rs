@@ -497,6 +497,15 @@ pub struct RuntimeInfo {
     pub default_limits: DefaultLimits,
     /// Warm pool.
     pub pool: PoolInfo,
+    /// Where the catalog entry was defined: `built-in`, the catalog file, or
+    /// the overlay file (of `runtimes_dir`) that added or last changed it.
+    #[serde(default = "builtin_origin")]
+    pub source: String,
+}
+
+/// What older servers' entries were: built in.
+fn builtin_origin() -> String {
+    tvm_config::BUILTIN_ORIGIN.to_string()
 }
 
 /// `GET /v1/runtimes`.
