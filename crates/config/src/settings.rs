@@ -88,6 +88,9 @@ pub struct Settings {
     pub agent_bin: Option<PathBuf>,
     /// Optional catalog file replacing the built-in one.
     pub catalog: Option<PathBuf>,
+    /// Directory of catalog overlay files (`*.toml`) that add runtimes or
+    /// change fields of existing ones; a missing directory means none.
+    pub runtimes_dir: PathBuf,
     /// Debian mirror for image builds; mmdebstrap's default when unset.
     pub debian_mirror: Option<String>,
     /// Extra guest kernel command-line arguments, appended last (so they win):
@@ -99,6 +102,11 @@ pub struct Settings {
     /// running as the invoking user. The default range lies above the
     /// ranges systemd and container tools hand out.
     pub vmm_uid_base: u32,
+    /// Start VMs by restoring a per-runtime template (a snapshot of a booted,
+    /// prewarmed VM) instead of booting them; `false` always cold boots.
+    /// Off by default until the template path is validated on the CI host
+    /// (`TVM_TEMPLATES=1` turns it on).
+    pub templates: bool,
 }
 
 /// Largest `vmm_uid_base`: the base plus Linux's largest pid (2^22) must
@@ -129,9 +137,11 @@ impl Default for Settings {
             kernel_source: PathBuf::from("/usr/src/linux-source-6.1.tar.xz"),
             agent_bin: None,
             catalog: None,
+            runtimes_dir: PathBuf::from("/etc/tvm/runtimes.d"),
             debian_mirror: None,
             kernel_args: None,
             vmm_uid_base: 2_000_000_000,
+            templates: false,
         }
     }
 }
@@ -192,6 +202,9 @@ impl Settings {
         if let Some(v) = var("TVM_CATALOG") {
             self.catalog = Some(v.into());
         }
+        if let Some(v) = var("TVM_RUNTIMES_DIR") {
+            self.runtimes_dir = v.into();
+        }
         if let Some(v) = var("TVM_KERNEL_SOURCE") {
             self.kernel_source = v.into();
         }
@@ -206,6 +219,18 @@ impl Settings {
                 name: "TVM_VMM_UID_BASE",
                 message: format!("{v:?} is not a number from 0 to {MAX_VMM_UID_BASE}"),
             })?;
+        }
+        if let Some(v) = var("TVM_TEMPLATES") {
+            self.templates = match v.to_ascii_lowercase().as_str() {
+                "1" | "true" | "on" | "yes" => true,
+                "0" | "false" | "off" | "no" => false,
+                _ => {
+                    return Err(SettingsError::Env {
+                        name: "TVM_TEMPLATES",
+                        message: format!("{v:?} is not 0/1/true/false"),
+                    })
+                }
+            };
         }
         if let Some(v) = var("TVM_VCPUS") {
             self.vcpus = v.parse().ok().filter(|n| (1..=8).contains(n)).ok_or(SettingsError::Env {

@@ -7,6 +7,7 @@
 //! A `Vm` runs one job at most: [`Vm::execute`] consumes it.
 
 use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Stdio;
@@ -18,7 +19,7 @@ use tokio::net::UnixStream;
 use tracing::{debug, info_span, warn, Instrument};
 use tvm_protocol::{
     read_frame_async, write_frame_async, FrameDecoder, FrameError, GuestMessage, HostMessage, Job, JobResult, Stage,
-    Stream, MAX_GUEST_FRAME, PROTOCOL_VERSION,
+    Stream, Uniqueness, MAX_GUEST_FRAME, PROTOCOL_VERSION,
 };
 
 use crate::hostcg::{HostCgroups, VmCgroup, VmmLimits, VMM_PIDS};
@@ -151,16 +152,68 @@ pub struct VmmHost<'a> {
     pub uid_base: u32,
 }
 
+/// How a VM came to agent-ready (`--json`, metrics, logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartKind {
+    /// Booted the kernel from scratch.
+    Cold,
+    /// Restored from a template (a snapshot of a booted, prewarmed VM).
+    Template,
+    /// Taken from the warm pool (itself restored or booted ahead of time).
+    Pool,
+}
+
+impl StartKind {
+    /// `cold`, `template` or `pool`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartKind::Cold => "cold",
+            StartKind::Template => "template",
+            StartKind::Pool => "pool",
+        }
+    }
+}
+
+/// What a start adds to a plain cold boot (see [`crate::template`]): more
+/// inherited descriptors with the VMM arguments naming them, and for a
+/// restore the `Resume` handshake that replaces waiting for the boot's `Ready`.
+#[derive(Debug)]
+pub(crate) struct StartExtras {
+    /// Descriptors the VMM inherits; `args` names them by number.
+    pub fds: Vec<OwnedFd>,
+    /// Appended to the VMM's arguments.
+    pub args: Vec<String>,
+    /// `Some`: a restore; send `Resume` with this, then wait for `Ready`.
+    pub resume: Option<Uniqueness>,
+}
+
+impl StartExtras {
+    /// A plain cold boot.
+    pub fn cold() -> Self {
+        Self { fds: Vec::new(), args: Vec::new(), resume: None }
+    }
+
+    fn kind(&self) -> StartKind {
+        if self.resume.is_some() {
+            StartKind::Template
+        } else {
+            StartKind::Cold
+        }
+    }
+}
+
 /// A running guest whose agent is ready for its one job.
 #[derive(Debug)]
 pub struct Vm {
     id: String,
     child: std::process::Child,
-    stream: UnixStream,
+    pub(crate) stream: UnixStream,
     console: Console,
     started: Instant,
     boot: Duration,
     guest_uptime_ms: u64,
+    start: StartKind,
     // After the VMM is reaped (Drop below), anything left in its cgroup is
     // killed and the cgroup removed.
     _cgroup: Option<VmCgroup>,
@@ -173,8 +226,19 @@ impl Vm {
     /// cgroups, the VMM runs in a cgroup of its own, capped at the guest's
     /// RAM plus [`VMM_OVERHEAD_MIB`]; it is confined as [`crate::jail`] says.
     pub async fn boot(id: &str, host: &VmmHost<'_>, spec: &VmSpec, boot_timeout: Duration) -> Result<Vm, StartVmError> {
-        let span = info_span!("vm", vm = %id, accel = spec.accel.as_str());
-        Self::boot_inner(id, host, spec, boot_timeout).instrument(span).await
+        Self::launch(id, host, spec, boot_timeout, StartExtras::cold()).await
+    }
+
+    /// [`Vm::boot`] with the additions of `extras` (templates).
+    pub(crate) async fn launch(
+        id: &str,
+        host: &VmmHost<'_>,
+        spec: &VmSpec,
+        boot_timeout: Duration,
+        extras: StartExtras,
+    ) -> Result<Vm, StartVmError> {
+        let span = info_span!("vm", vm = %id, accel = spec.accel.as_str(), start = extras.kind().as_str());
+        Self::boot_inner(id, host, spec, boot_timeout, extras).instrument(span).await
     }
 
     async fn boot_inner(
@@ -182,7 +246,9 @@ impl Vm {
         host: &VmmHost<'_>,
         spec: &VmSpec,
         boot_timeout: Duration,
+        extras: StartExtras,
     ) -> Result<Vm, StartVmError> {
+        let start = extras.kind();
         let started = Instant::now();
         let dir = RunDir::create(host.runtime_dir, id).map_err(StartVmError::RunDir)?;
         let cgroup = match host.host_cgroups {
@@ -202,11 +268,13 @@ impl Vm {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartVmError::RunDir)?;
         ours.set_nonblocking(true).map_err(StartVmError::RunDir)?;
         let stream = UnixStream::from_std(ours).map_err(StartVmError::RunDir)?;
-        let files = VmmFiles::open(spec, Some(theirs.into()))?;
+        let mut files = VmmFiles::open(spec, Some(theirs.into()))?;
+        files.inherit(extras.fds);
         let confinement = Confinement::prepare(&files, host.vmm, spec.accel, host.uid_base)?;
 
         let mut cmd = std::process::Command::new(host.vmm);
         cmd.args(qemu_args(spec, &files.io()))
+            .args(&extras.args)
             .arg("-name")
             .arg(format!("tvm-{id}"))
             // Nothing of tvm's environment (API keys, tokens) reaches the
@@ -262,6 +330,21 @@ impl Vm {
 
         let deadline = tokio::time::Instant::now() + boot_timeout;
         let mut stream = stream;
+        if let Some(fresh) = extras.resume {
+            // Queued in the socket until the restored guest runs and reads it.
+            let msg = HostMessage::Resume(fresh);
+            let resume = write_frame_async(&mut stream, &msg);
+            match tokio::time::timeout_at(deadline, resume).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(StartVmError::Protocol(format!("sending resume: {e}"))),
+                Err(_) => {
+                    return Err(StartVmError::BootTimeout {
+                        ms: boot_timeout.as_millis() as u64,
+                        console: console_tail(&console),
+                    })
+                }
+            }
+        }
         let ready =
             tokio::time::timeout_at(deadline, read_frame_async::<GuestMessage, _>(&mut stream, MAX_GUEST_FRAME));
         let guest_uptime_ms = match ready.await {
@@ -300,6 +383,7 @@ impl Vm {
             started,
             boot,
             guest_uptime_ms,
+            start,
             _cgroup: cgroup,
             _dir: dir,
         })
@@ -310,9 +394,24 @@ impl Vm {
         &self.id
     }
 
-    /// Time from VMM start to agent-ready.
+    /// Time from VMM start to agent-ready (for a restore: restore-to-ready).
     pub fn boot_time(&self) -> Duration {
         self.boot
+    }
+
+    /// How this VM came to agent-ready.
+    pub fn start_kind(&self) -> StartKind {
+        self.start
+    }
+
+    /// The VMM's pid (host RSS figures in `tvm bench`).
+    pub fn vmm_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The console tail, for diagnostics.
+    pub(crate) fn console(&self) -> String {
+        console_tail(&self.console)
     }
 
     /// Guest uptime when the agent was ready (kernel boot + agent setup).
@@ -340,7 +439,11 @@ impl Vm {
             // Generous slack over the guest's own limits: under TCG the guest clock runs slow.
             let deadline_ms = wall * 2 + 15_000;
             let cap: u64 = stages.map(|c| c.limits.output_bytes * 2).sum::<u64>() + (1 << 20);
-            write_frame_async(&mut self.stream, &HostMessage::Run(job.clone())).await.map_err(RunJobError::Send)?;
+            // Fresh entropy and clock for every job: a VM restored from a
+            // template shares both with its siblings until the agent applies these.
+            let mut job = job.clone();
+            job.uniqueness = Some(crate::template::uniqueness());
+            write_frame_async(&mut self.stream, &HostMessage::Run(job)).await.map_err(RunJobError::Send)?;
             let deadline = tokio::time::Instant::now() + Duration::from_millis(deadline_ms);
             // `Done` repeats the captured output (base64), so its frame may exceed the chunk-sized
             // limit; size the limit from this job's own caps, never from anything the guest says.
@@ -360,9 +463,9 @@ impl Vm {
                         }
                         GuestMessage::Done(result) => return Ok(result),
                         GuestMessage::Failed { message } => return Err(RunJobError::AgentFailed(message)),
-                        GuestMessage::Ready { .. } => {
+                        GuestMessage::Ready { .. } | GuestMessage::Warmed { .. } => {
                             return Err(RunJobError::Protocol(FrameError::Io(std::io::Error::other(
-                                "unexpected second ready",
+                                "unexpected ready or warm-up report during a job",
                             ))))
                         }
                     }

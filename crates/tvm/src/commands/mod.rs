@@ -13,6 +13,7 @@ pub mod run;
 pub mod runtimes;
 pub mod serve;
 pub mod soak;
+pub mod template;
 
 use anyhow::{Context as _, Result};
 use tvm_config::{Accel, Catalog, Settings};
@@ -28,7 +29,7 @@ pub const EXIT_USAGE: u8 = 2;
 pub struct Context {
     /// Settings in force.
     pub settings: Settings,
-    /// The runtime catalog (built in, or the file `settings.catalog` names).
+    /// The runtime catalog (built in, or the file `settings.catalog` names) with the overlays of `settings.runtimes_dir`.
     pub catalog: Catalog,
 }
 
@@ -42,10 +43,7 @@ impl Context {
         if let Some(a) = accel {
             settings.accel = a;
         }
-        let catalog = match &settings.catalog {
-            Some(p) => Catalog::load(p)?,
-            None => Catalog::builtin(),
-        };
+        let catalog = Catalog::assemble(settings.catalog.as_deref(), &settings.runtimes_dir)?;
         Ok(Self { settings, catalog })
     }
 }
