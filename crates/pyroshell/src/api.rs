@@ -408,7 +408,8 @@ pub struct LimitsInfo {
     pub output_bytes: u64,
     /// Largest file written, bytes.
     pub file_size_bytes: u64,
-    /// Stack (`RLIMIT_STACK`), bytes: always the memory limit, so a deep
+    /// Stack, bytes: always the memory limit (there is no separate
+    /// `RLIMIT_STACK`; the stack is memory like any other), so a deep
     /// recursion may use all of it, as on the judges.
     #[serde(default)]
     pub stack_bytes: u64,

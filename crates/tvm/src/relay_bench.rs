@@ -134,6 +134,8 @@ struct Measured {
     writes_per_sec: f64,
     wall_ms: u64,
     frames: usize,
+    /// Why there is no rate (the run hit its time limit).
+    note: Option<String>,
 }
 
 async fn measure(vmm: &Pyrovm, p: &Program, lines: u64, null: bool) -> Result<Measured> {
@@ -167,6 +169,21 @@ async fn measure(vmm: &Pyrovm, p: &Program, lines: u64, null: bool) -> Result<Me
         .with_context(|| format!("{}: execution", p.name))?;
     let r = exec.result;
     let run = r.run.as_ref().with_context(|| format!("{}: no run stage (verdict {})", p.name, r.verdict))?;
+    if r.verdict == Verdict::TimeLimitExceeded {
+        // What the relay costs can be the time limit itself: say how far the output got.
+        return Ok(Measured {
+            writes_per_sec: f64::NAN,
+            wall_ms: run.wall_ms,
+            frames,
+            note: Some(format!(
+                "{} after {:.1} s, {} of {} bytes delivered",
+                r.verdict,
+                run.wall_ms as f64 / 1000.0,
+                streamed.len(),
+                if null { 0 } else { expected.len() }
+            )),
+        });
+    }
     if r.verdict != Verdict::Ok {
         bail!("{}: verdict {}; stderr: {}", p.name, r.verdict, String::from_utf8_lossy(&run.stderr));
     }
@@ -182,7 +199,7 @@ async fn measure(vmm: &Pyrovm, p: &Program, lines: u64, null: bool) -> Result<Me
         );
     }
     let secs = Duration::from_nanos(ns.max(1)).as_secs_f64();
-    Ok(Measured { writes_per_sec: lines as f64 / secs, wall_ms: run.wall_ms, frames })
+    Ok(Measured { writes_per_sec: lines as f64 / secs, wall_ms: run.wall_ms, frames, note: None })
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -199,26 +216,34 @@ fn median(mut v: Vec<f64>) -> f64 {
 pub async fn run(vmm: &Pyrovm, runs: usize, lines: u64) -> Result<()> {
     println!("accelerator: {} ({})", vmm.accel().kind().as_str(), vmm.accel().reason);
     println!("{lines} short writes per run, {runs} run(s) per cell, medians; each run boots a fresh VM\n");
-    println!("| program | relay writes/s | /dev/null writes/s | relay / null | run wall (relay) | stdout frames |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| program | relay writes/s | /dev/null writes/s | relay / null | run wall (relay) | stdout frames | note |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---|");
     for p in PROGRAMS {
-        let (mut relay, mut null, mut wall, mut frames) = (vec![], vec![], vec![], vec![]);
+        let (mut relay, mut null, mut wall, mut frames, mut notes) = (vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..runs.max(1) {
             let m = measure(vmm, p, lines, false).await?;
             relay.push(m.writes_per_sec);
             wall.push(m.wall_ms as f64);
             frames.push(m.frames as f64);
-            null.push(measure(vmm, p, lines, true).await?.writes_per_sec);
+            notes.extend(m.note);
+            let n = measure(vmm, p, lines, true).await?;
+            null.push(n.writes_per_sec);
+            notes.extend(n.note.map(|n| format!("/dev/null: {n}")));
         }
         let (relay, null) = (median(relay), median(null));
+        let rate = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.0}") };
+        let ratio = if relay.is_nan() || null.is_nan() { "-".to_string() } else { format!("{:.2}x", null / relay) };
         println!(
-            "| {} | {:.0} | {:.0} | {:.2}x | {:.0} ms | {:.0} |",
+            "| {} | {} | {} | {} | {:.0} ms | {:.0} | {} |",
             p.name,
-            relay,
-            null,
-            null / relay,
+            rate(relay),
+            rate(null),
+            ratio,
             median(wall),
-            median(frames)
+            median(frames),
+            notes.join("; ")
         );
     }
     println!("\nwrites/s: lines / the program's own write-loop time (monotonic clock in the guest);");
