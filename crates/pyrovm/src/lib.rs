@@ -2,12 +2,14 @@
 //!
 //! It owns everything between "run this job" and a result: the guest kernel
 //! ([`kernel`]), runtime images ([`image`]), the agent's initramfs
-//! ([`initrd`]), choosing KVM or TCG ([`accel`]), starting QEMU `microvm`
-//! guests ([`qemu`], [`vm`]) and cleaning up after crashes ([`reaper`]).
+//! ([`initrd`]), choosing the VMM ([`backend`]: QEMU `microvm` or
+//! Firecracker) and KVM or TCG ([`accel`]), starting guests ([`vm`]) and
+//! cleaning up after crashes ([`reaper`]).
 //! [`Pyrovm`] is the small facade the CLI and the HTTP gateway use: a fresh
 //! VM per execution, destroyed afterwards, never reused.
 
 pub mod accel;
+pub mod backend;
 pub mod cache;
 pub mod hostcg;
 pub mod image;
@@ -16,8 +18,8 @@ pub mod jail;
 pub mod kernel;
 pub mod plan;
 pub mod progress;
-pub mod qemu;
 pub mod reaper;
+pub mod spec;
 pub mod vm;
 
 use std::path::PathBuf;
@@ -29,6 +31,7 @@ use tvm_config::{Catalog, Runtime, Settings};
 use tvm_protocol::{JobResult, Stage, Stream};
 
 pub use accel::AccelDecision;
+pub use backend::{Backend, Selection, VmmKind};
 pub use plan::{plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile};
 pub use progress::Progress;
 pub use vm::{RunJobError, StartVmError, Vm, VmmHost};
@@ -45,6 +48,9 @@ pub enum PrepareError {
     /// KVM was demanded and does not work.
     #[error(transparent)]
     Accel(#[from] accel::KvmUnusable),
+    /// The configured VMM cannot run here.
+    #[error(transparent)]
+    Vmm(#[from] backend::SelectVmmError),
     /// The guest kernel is not built and building was not allowed.
     #[error("guest kernel not built; run `tvm kernel build`")]
     KernelNotBuilt,
@@ -86,6 +92,8 @@ pub struct Execution {
     pub vm_id: String,
     /// Runtime id.
     pub runtime: String,
+    /// VMM used (`qemu` or `firecracker`).
+    pub vmm: &'static str,
     /// Accelerator used.
     pub accel: &'static str,
     /// Agent's result.
@@ -104,7 +112,7 @@ pub fn isolation_checks(qemu: &std::path::Path, vmm_uid_base: u32) -> Vec<(Strin
         Ok(cgs) => format!("used: {}", cgs.describe()),
         Err(e) => format!("not used: {}", error_chain(&e)),
     };
-    let sandbox = qemu::sandbox_supported(qemu);
+    let sandbox = backend::qemu::sandbox_supported(qemu);
     let jail = jail::ConfinementReport::detect(vmm_uid_base);
     vec![
         ("vmm confinement".into(), jail.landlock_abi > 0 || jail.own_user, jail.describe()),
@@ -112,9 +120,72 @@ pub fn isolation_checks(qemu: &std::path::Path, vmm_uid_base: u32) -> Vec<(Strin
         (
             "qemu sandbox".into(),
             sandbox,
-            if sandbox { format!("-sandbox {}", qemu::SANDBOX) } else { "QEMU rejects -sandbox (no seccomp)".into() },
+            if sandbox {
+                format!("-sandbox {}", backend::qemu::SANDBOX)
+            } else {
+                "QEMU rejects -sandbox (no seccomp)".into()
+            },
         ),
     ]
+}
+
+/// `tvm doctor` lines on the VMM backend: `(name, ok, detail)`: which
+/// backend and why, binary versions, KVM state and the jailer.
+pub fn vmm_checks(settings: &Settings) -> Vec<(String, bool, String)> {
+    let sandbox = backend::qemu::sandbox_supported(&settings.qemu);
+    let fc = backend::probe_firecracker(settings);
+    let mut checks = Vec::new();
+    match backend::select(settings, sandbox) {
+        Ok(sel) => checks.push(("vmm".into(), true, format!("{}: {}", sel.backend.kind().as_str(), sel.reason))),
+        Err(e) => checks.push(("vmm".into(), false, e.to_string())),
+    }
+    let qemu_version = cache::which_path(&settings.qemu)
+        .and_then(|q| std::process::Command::new(q).arg("--version").output().ok())
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_string));
+    checks.push((
+        "qemu version".into(),
+        true,
+        qemu_version.unwrap_or_else(|| format!("{}: not found", settings.qemu.display())),
+    ));
+    let fc_detail = match (&fc.binary, &fc.version) {
+        (Some(b), Some(v)) => format!("{v} ({})", b.display()),
+        (Some(b), None) => format!("{}: does not answer --version", b.display()),
+        (None, _) => format!("{}: not found", settings.firecracker.display()),
+    };
+    checks.push(("firecracker version".into(), true, fc_detail));
+    checks.push((
+        "kvm".into(),
+        true,
+        match &fc.kvm {
+            Ok(()) => "usable: /dev/kvm opens, API 12, KVM_CREATE_VM works".into(),
+            Err(why) => format!("not usable: {why}"),
+        },
+    ));
+    if fc.binary.is_some() {
+        let f = backend::firecracker::Firecracker::new(settings, fc.standin);
+        let detail = match f.jailer() {
+            backend::firecracker::JailerUse::Jailer(j) => format!("used: {}", j.display()),
+            backend::firecracker::JailerUse::Skipped(why) => format!("skipped: {why}"),
+        };
+        checks.push(("firecracker jailer".into(), true, detail));
+    }
+    checks
+}
+
+/// The accelerator decision for the VMM `settings` select (QEMU when the
+/// configured VMM cannot run here, so `tvm doctor` still reports one).
+///
+/// # Errors
+/// [`accel::KvmUnusable`] when `accel = "kvm"` and the probe fails.
+pub fn accel_for(settings: &Settings, kernel: &kernel::Kernel) -> Result<AccelDecision, accel::KvmUnusable> {
+    let sandbox = backend::qemu::sandbox_supported(&settings.qemu);
+    let backend = backend::select(settings, sandbox)
+        .map(|s| s.backend)
+        .unwrap_or_else(|_| Backend::Qemu(backend::qemu::Qemu::new(&settings.qemu, sandbox)));
+    match &backend {
+        Backend::Qemu(q) => accel::resolve(settings.accel, q, kernel, &settings.cache_dir),
+        Backend::Firecracker(f) => accel::resolve(settings.accel, f, kernel, &settings.cache_dir),
+    }
 }
 
 /// An error and its causes on one line, for logs.
@@ -153,12 +224,15 @@ pub struct Pyrovm {
     initrd: PathBuf,
     accel: AccelDecision,
     host_cgroups: Option<hostcg::HostCgroups>,
-    qemu_sandbox: bool,
+    vmm: Selection,
 }
 
 impl Pyrovm {
-    /// Reaps leftovers of crashed predecessors, finds (or, if `build`, builds)
-    /// the kernel, packs the agent and decides the accelerator.
+    /// Reaps leftovers of crashed predecessors, picks the VMM, finds (or, if
+    /// `build`, builds) the kernel, packs the agent and decides the accelerator.
+    ///
+    /// # Errors
+    /// [`PrepareError`]: kernel, initramfs, VMM selection or demanded KVM.
     pub async fn prepare(settings: Settings, catalog: Catalog, build: bool) -> Result<Self, PrepareError> {
         let s = settings.clone();
         tokio::task::spawn_blocking(move || Self::prepare_blocking(s, catalog, build))
@@ -185,9 +259,19 @@ impl Pyrovm {
                 None
             }
         };
-        let qemu_sandbox = qemu::sandbox_supported(&settings.qemu);
-        if !qemu_sandbox {
+        let qemu_sandbox = backend::qemu::sandbox_supported(&settings.qemu);
+        let vmm = backend::select(&settings, qemu_sandbox)?;
+        info!(vmm = vmm.backend.kind().as_str(), reason = %vmm.reason, "VMM chosen");
+        if !qemu_sandbox && vmm.backend.kind() == VmmKind::Qemu {
             warn!(qemu = %settings.qemu.display(), "QEMU rejects -sandbox (built without seccomp?): VMMs run without it");
+        }
+        if let Backend::Firecracker(fc) = &vmm.backend {
+            match fc.jailer() {
+                backend::firecracker::JailerUse::Jailer(j) => {
+                    info!(jailer = %j.display(), "firecracker runs through the jailer")
+                }
+                backend::firecracker::JailerUse::Skipped(why) => info!(reason = %why, "firecracker jailer skipped"),
+            }
         }
         let jail = jail::ConfinementReport::detect(settings.vmm_uid_base);
         info!(confinement = %jail.describe(), "VMM confinement");
@@ -197,9 +281,12 @@ impl Pyrovm {
             None => return Err(PrepareError::KernelNotBuilt),
         };
         let initrd = initrd::ensure_initrd(&agent_path(&settings), &settings.cache_dir.join("initrd"))?;
-        let accel = accel::resolve(settings.accel, &settings.qemu, &kernel.bzimage, &kernel.key, &settings.cache_dir)?;
+        let accel = match &vmm.backend {
+            Backend::Qemu(q) => accel::resolve(settings.accel, q, &kernel, &settings.cache_dir)?,
+            Backend::Firecracker(f) => accel::resolve(settings.accel, f, &kernel, &settings.cache_dir)?,
+        };
         info!(accel = ?accel.kind, reason = %accel.reason, "accelerator chosen");
-        Ok(Self { settings, catalog, kernel, initrd, accel, host_cgroups, qemu_sandbox })
+        Ok(Self { settings, catalog, kernel, initrd, accel, host_cgroups, vmm })
     }
 
     /// The host cgroup parent VMMs run under, if host cgroups are usable.
@@ -207,9 +294,15 @@ impl Pyrovm {
         self.host_cgroups.as_ref()
     }
 
-    /// Whether VMMs run under QEMU's `-sandbox`.
+    /// Whether VMMs run under QEMU's `-sandbox` (false under Firecracker,
+    /// which applies its own seccomp filters).
     pub fn qemu_sandbox(&self) -> bool {
-        self.qemu_sandbox
+        matches!(&self.vmm.backend, Backend::Qemu(q) if q.sandbox())
+    }
+
+    /// The VMM backend and why it was chosen.
+    pub fn vmm(&self) -> &Selection {
+        &self.vmm
     }
 
     /// The accelerator decision.
@@ -258,26 +351,36 @@ impl Pyrovm {
             _ => Progress::hidden(),
         };
         let image = self.ensure_image(runtime, progress).await?;
-        let spec = qemu::VmSpec {
-            kernel: self.kernel.bzimage.clone(),
+        let spec = |b: &dyn Fn(&kernel::Kernel) -> PathBuf, agent| spec::VmSpec {
+            kernel: b(&self.kernel),
             initrd: Some(self.initrd.clone()),
             rootfs: Some(image.path.clone()),
             memory_mib,
             vcpus: self.settings.vcpus,
             accel: self.accel.kind(),
+            agent: Some(agent),
             debug: std::env::var_os("TVM_GUEST_DEBUG").is_some(),
-            sandbox: self.qemu_sandbox,
             extra_cmdline: self.settings.kernel_args.clone(),
         };
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let timeout = Duration::from_millis(self.settings.boot_timeout_ms);
         let host = vm::VmmHost {
-            vmm: &self.settings.qemu,
             runtime_dir: &self.settings.runtime_dir,
             host_cgroups: self.host_cgroups.as_ref(),
             uid_base: self.settings.vmm_uid_base,
         };
-        Ok(Vm::boot(&id, &host, &spec, timeout).await?)
+        use backend::Vmm as _;
+        let vm = match &self.vmm.backend {
+            Backend::Qemu(q) => {
+                let spec = spec(&|k| q.boot_image(k).to_path_buf(), q.transport());
+                Vm::boot(&id, &host, q, &spec, timeout).await?
+            }
+            Backend::Firecracker(f) => {
+                let spec = spec(&|k| f.boot_image(k).to_path_buf(), f.transport());
+                Vm::boot(&id, &host, f, &spec, timeout).await?
+            }
+        };
+        Ok(vm)
     }
 
     /// Runs one request in a fresh VM; `on_output` sees output as it streams.
@@ -295,6 +398,14 @@ impl Pyrovm {
         let result = vm.execute(&plan.job, on_output).instrument(span).await?;
         let total_ms = started.elapsed().as_millis() as u64;
         info!(vm = %vm_id, verdict = %result.verdict, boot_ms, total_ms, "execution finished");
-        Ok(Execution { vm_id, runtime: plan.runtime.id, accel: self.accel.kind().as_str(), result, boot_ms, total_ms })
+        Ok(Execution {
+            vm_id,
+            runtime: plan.runtime.id,
+            vmm: self.vmm.backend.kind().as_str(),
+            accel: self.accel.kind().as_str(),
+            result,
+            boot_ms,
+            total_ms,
+        })
     }
 }

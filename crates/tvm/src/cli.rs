@@ -679,12 +679,11 @@ async fn doctor(settings: Settings, catalog: Catalog, json: bool) -> Result<Exit
             .unwrap_or_else(|| "not built: tvm kernel build".into()),
     ));
     checks.extend(pyrovm::isolation_checks(&settings.qemu, settings.vmm_uid_base));
+    checks.extend(pyrovm::vmm_checks(&settings));
     let mut accel = None;
     if let Some(k) = &kernel {
-        let s = settings.clone();
-        let (bz, key) = (k.bzimage.clone(), k.key.clone());
-        let d = tokio::task::spawn_blocking(move || pyrovm::accel::resolve(s.accel, &s.qemu, &bz, &key, &s.cache_dir))
-            .await?;
+        let (s, k) = (settings.clone(), k.clone());
+        let d = tokio::task::spawn_blocking(move || pyrovm::accel_for(&s, &k)).await?;
         match d {
             Ok(d) => {
                 checks.push(("accelerator".into(), true, format!("{}: {}", d.kind().as_str(), d.reason)));
