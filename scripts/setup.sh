@@ -52,5 +52,5 @@ $SUDO "$TVM" doctor || true
 
 if [ $run_sample -eq 1 ]; then
   echo "==> tvm run examples/hello.py"
-  $SUDO "$TVM" run examples/hello.py
+  $SUDO "$TVM" run examples/hello.py </dev/null   # tvm forwards a non-terminal stdin to the program
 fi

@@ -362,6 +362,24 @@ impl ExecutionResult {
             pooled: false,
         }
     }
+
+    /// The document of an execution TVM itself could not complete: verdict
+    /// `internal_error`, `error` saying why, no stages.
+    pub fn internal_error(id: String, runtime: String, accel: &str, error: String) -> Self {
+        ExecutionResult {
+            id,
+            verdict: Verdict::InternalError,
+            runtime,
+            compile: None,
+            run: None,
+            error: Some(error),
+            boot_ms: 0,
+            queue_ms: 0,
+            total_ms: 0,
+            accel: accel.to_string(),
+            pooled: false,
+        }
+    }
 }
 
 /// Limits in force for one stage.

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use pyrovm::image::RuntimeState;
 use pyrovm::{Progress, Pyrovm};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -27,6 +28,17 @@ pub enum ImageState {
     Failed(String),
     /// The catalog says this runtime cannot run here.
     Unavailable(String),
+}
+
+impl From<RuntimeState> for ImageState {
+    /// The cache's view; `Building` and `Failed` are the server's own.
+    fn from(s: RuntimeState) -> Self {
+        match s {
+            RuntimeState::Ready(_) => ImageState::Ready,
+            RuntimeState::Buildable => ImageState::Missing,
+            RuntimeState::Unavailable(why) => ImageState::Unavailable(why),
+        }
+    }
 }
 
 impl ImageState {
@@ -55,14 +67,7 @@ impl Images {
     pub fn scan(vmm: Arc<Pyrovm>) -> Self {
         let mut states = BTreeMap::new();
         for r in vmm.catalog().runtimes() {
-            let s = match (&r.unavailable, &r.image) {
-                (Some(why), _) => ImageState::Unavailable(why.clone()),
-                (None, None) => ImageState::Unavailable("no image recipe".into()),
-                (None, Some(recipe)) if pyrovm::image::find_image(vmm.settings(), recipe).is_some() => {
-                    ImageState::Ready
-                }
-                (None, Some(_)) => ImageState::Missing,
-            };
+            let s = ImageState::from(pyrovm::image::runtime_state(vmm.settings(), r));
             states.insert(r.id.clone(), s);
         }
         Self { vmm, states: Mutex::new(states) }
@@ -89,8 +94,8 @@ impl Images {
     }
 
     fn present(&self, runtime_id: &str) -> bool {
-        let recipe = self.vmm.catalog().get(runtime_id).and_then(|r| r.image.clone());
-        recipe.is_some_and(|r| pyrovm::image::find_image(self.vmm.settings(), &r).is_some())
+        let runtime = self.vmm.catalog().get(runtime_id);
+        runtime.is_some_and(|r| matches!(pyrovm::image::runtime_state(self.vmm.settings(), r), RuntimeState::Ready(_)))
     }
 
     fn set(&self, runtime_id: &str, s: ImageState) {

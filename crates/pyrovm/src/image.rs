@@ -694,3 +694,56 @@ mod tests {
         assert_eq!(shell_quote("/a b/c'd"), "'/a b/c'\\''d'");
     }
 }
+
+/// A runtime's state on this machine, as `tvm runtimes`, `tvm doctor` and the
+/// server's `/v1/runtimes` report it.
+#[derive(Debug, Clone)]
+pub enum RuntimeState {
+    /// Its image is built: executions can start now.
+    Ready(Image),
+    /// Its image is not built yet; `tvm run` builds it on first use, `tvm serve`
+    /// in the background, `tvm image build` on demand.
+    Buildable,
+    /// The catalog says it cannot run here (the reason), or it has no image recipe.
+    Unavailable(String),
+}
+
+impl RuntimeState {
+    /// `ready`, `buildable` or `unavailable`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RuntimeState::Ready(_) => "ready",
+            RuntimeState::Buildable => "buildable",
+            RuntimeState::Unavailable(_) => "unavailable",
+        }
+    }
+
+    /// Why the runtime cannot run here, when it is unavailable.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            RuntimeState::Unavailable(why) => Some(why),
+            _ => None,
+        }
+    }
+
+    /// The built image, when ready.
+    pub fn image(&self) -> Option<&Image> {
+        match self {
+            RuntimeState::Ready(image) => Some(image),
+            _ => None,
+        }
+    }
+}
+
+/// The state of `runtime` here: the catalog's `unavailable` reason first, then
+/// whether the image of its recipe is in the cache. Reads the cache only.
+pub fn runtime_state(settings: &Settings, runtime: &tvm_config::Runtime) -> RuntimeState {
+    match (&runtime.unavailable, &runtime.image) {
+        (Some(why), _) => RuntimeState::Unavailable(why.clone()),
+        (None, None) => RuntimeState::Unavailable("no image recipe".into()),
+        (None, Some(recipe)) => match find_image(settings, recipe) {
+            Some(image) => RuntimeState::Ready(image),
+            None => RuntimeState::Buildable,
+        },
+    }
+}

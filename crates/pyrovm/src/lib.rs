@@ -11,6 +11,7 @@
 pub mod accel;
 pub mod backend;
 pub mod cache;
+pub mod doctor;
 pub mod hostcg;
 pub mod image;
 pub mod initrd;

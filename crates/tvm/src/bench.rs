@@ -78,6 +78,11 @@ fn native_ms(s: &Sample, dir: &Path) -> Option<f64> {
 /// Runs the benchmark and prints the table.
 pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
     let dir = tempfile::tempdir().context("temp dir for native runs")?;
+    println!("vmm: {} ({})", vmm.vmm().backend.kind().as_str(), vmm.vmm().reason);
+    if matches!(&vmm.vmm().backend, pyrovm::Backend::Firecracker(f) if f.standin()) {
+        // Honest labels: the stand-in boots QEMU under TCG, so these are not Firecracker's figures.
+        println!("NOTE: figures below are the Firecracker STAND-IN's (QEMU microvm under TCG behind Firecracker's API), not Firecracker's");
+    }
     println!("accelerator: {} ({})", vmm.accel().kind().as_str(), vmm.accel().reason);
     println!("runs per row: {runs} (each VM run boots a fresh VM)\n");
     println!(

@@ -1,10 +1,14 @@
 //! `tvm`: run untrusted code in microVMs, from the command line or as a server.
 //!
-//! This binary is deliberately thin: argument parsing, output formatting and
-//! exit codes. The work happens in `pyrovm` (VMs) and `tvm-config` (catalog).
+//! This binary is deliberately thin: [`cli`] holds the clap types and the
+//! dispatch, [`commands`] one file per subcommand that calls one library verb
+//! and formats its outcome. The work happens in `pyrovm` (VMs), `pyroshell`
+//! (HTTP API) and `tvm-config` (settings, catalog). [`bench`] and [`soak`] are
+//! the measuring harnesses behind `tvm bench` and `tvm soak`.
 
 mod bench;
 mod cli;
+mod commands;
 mod soak;
 
 fn main() -> std::process::ExitCode {

@@ -153,32 +153,6 @@ fn malformed_request(addr: &str) -> String {
     run().map(|status| format!("http_{status}")).unwrap_or_else(|e| format!("client_error: {e}"))
 }
 
-/// `tvm soak` arguments.
-#[derive(clap::Args, Debug)]
-pub struct SoakArgs {
-    /// Requests to send (executions, and every ninth a malformed body).
-    #[arg(long, default_value_t = 200)]
-    pub executions: usize,
-    /// Requests in flight at once.
-    #[arg(long, default_value_t = 2)]
-    pub concurrency: usize,
-    /// Stop sending after this long (e.g. 30m).
-    #[arg(long, default_value = "30m")]
-    pub duration: String,
-}
-
-/// `tvm soak`: prepares the VM manager and runs the soak.
-pub async fn command(
-    settings: tvm_config::Settings,
-    catalog: tvm_config::Catalog,
-    args: SoakArgs,
-) -> Result<std::process::ExitCode> {
-    let duration = Duration::from_millis(tvm_config::parse_duration_ms(&args.duration).map_err(anyhow::Error::msg)?);
-    let vmm = Pyrovm::prepare(settings, catalog, false).await?;
-    run(vmm, args.executions, args.concurrency, duration).await?;
-    Ok(std::process::ExitCode::SUCCESS)
-}
-
 /// Runs the soak and prints the tables. The server runs in this process, so
 /// the "tvm" figures include it.
 pub async fn run(vmm: Pyrovm, executions: usize, concurrency: usize, duration: Duration) -> Result<()> {

@@ -1,0 +1,16 @@
+//! `tvm bench`: cold-start latency against native runs (the harness is [`crate::bench`]).
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use pyrovm::Pyrovm;
+
+use super::Context;
+use crate::cli::BenchArgs;
+
+/// Prepares the VM manager (building the kernel if needed) and prints the bench table.
+pub async fn bench(ctx: Context, args: &BenchArgs) -> Result<ExitCode> {
+    let vmm = Pyrovm::prepare(ctx.settings, ctx.catalog, true).await?;
+    crate::bench::run(&vmm, args.runs.max(1), &args.runtimes).await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,118 @@
+//! `tvm image build|list`: runtime images ([`pyrovm::image`]).
+
+use std::collections::HashSet;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use pyrovm::Progress;
+use tvm_config::{format_bytes, Runtime};
+
+use super::{usage, Context};
+use crate::cli::ImageBuildArgs;
+
+/// The runtimes `tvm image build` was asked for.
+fn selected(ctx: &Context, args: &ImageBuildArgs) -> Result<Vec<Runtime>> {
+    let catalog = &ctx.catalog;
+    if args.all {
+        return Ok(catalog.runtimes().iter().filter(|r| r.unavailable.is_none()).cloned().collect());
+    }
+    if args.defaults {
+        return Ok(catalog.runtimes().iter().filter(|r| tvm_config::matrix::is_default(catalog, r)).cloned().collect());
+    }
+    if args.runtimes.is_empty() {
+        return Err(usage("name runtimes to build, or pass --all or --defaults"));
+    }
+    args.runtimes
+        .iter()
+        .map(|n| catalog.get(n).cloned().ok_or_else(|| usage(format!("unknown runtime {n:?} (see `tvm runtimes`)"))))
+        .collect()
+}
+
+/// Builds (or finds) the image of each selected runtime with
+/// [`pyrovm::image::ensure_image`]; exit status 1 if any failed.
+pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
+    let (mut built, mut cached_n, mut failed) = (0, 0, Vec::new());
+    let mut total_bytes = 0;
+    let mut seen = HashSet::new();
+    for r in selected(&ctx, &args)? {
+        let Some(recipe) = r.image.clone() else {
+            println!("{:<14} unavailable: {}", r.id, r.unavailable.unwrap_or_default());
+            continue;
+        };
+        let cached = pyrovm::image::find_image(&ctx.settings, &recipe).is_some();
+        let s = ctx.settings.clone();
+        let id = r.id.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            pyrovm::image::ensure_image(&s, &recipe, &Progress::spinner(&format!("image {id}")))
+        })
+        .await?;
+        match res {
+            Ok(img) => {
+                // Runtimes sharing an image (C and C++) count it once.
+                if seen.insert(img.key.clone()) {
+                    total_bytes += img.meta.size_bytes;
+                    if cached {
+                        cached_n += 1;
+                    } else {
+                        built += 1;
+                    }
+                }
+                let how = if cached { "cached" } else { "built " };
+                println!("{:<14} {how} {} ({})", r.id, img.key, format_bytes(img.meta.size_bytes))
+            }
+            Err(e) => {
+                println!("{:<14} FAILED: {e}", r.id);
+                failed.push((r.id.clone(), e.to_string()));
+            }
+        }
+    }
+    println!(
+        "images: {built} built, {cached_n} cached, {} failed; {} on disk",
+        failed.len(),
+        format_bytes(total_bytes)
+    );
+    for (id, why) in &failed {
+        println!("  {id}: {why}");
+    }
+    Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Lists built images ([`pyrovm::image::list_images`]) with the runtimes using each.
+pub fn list(ctx: &Context, json: bool) -> Result<ExitCode> {
+    let images = pyrovm::image::list_images(&ctx.settings);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let users = |key: &str| -> Vec<String> {
+        ctx.catalog
+            .runtimes()
+            .iter()
+            .filter(|r| r.image.as_ref().is_some_and(|i| i.key() == key))
+            .map(|r| r.id.clone())
+            .collect()
+    };
+    if json {
+        let v: Vec<_> = images
+            .iter()
+            .map(|i| serde_json::json!({"key": i.key, "runtimes": users(&i.key), "meta": i.meta, "path": i.path}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<26} {:<10} {:>10} {:>8}  RUNTIMES", "HASH", "SUITE", "SIZE", "AGE");
+    for i in images {
+        let age = now.saturating_sub(i.meta.created_unix);
+        let age = match age {
+            a if a < 3600 => format!("{}m", a / 60),
+            a if a < 86400 => format!("{}h", a / 3600),
+            a => format!("{}d", a / 86400),
+        };
+        println!(
+            "{:<26} {:<10} {:>10} {:>8}  {}",
+            i.key,
+            i.meta.suite,
+            format_bytes(i.meta.size_bytes),
+            age,
+            users(&i.key).join(",")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

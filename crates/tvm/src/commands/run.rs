@@ -1,0 +1,244 @@
+//! `tvm run`: one execution, in a fresh VM here ([`pyrovm::Pyrovm::execute`])
+//! or on a running server ([`pyroshell::client`]). Both end in the API's
+//! [`ExecutionResult`]: `--json` prints it, otherwise the program's output
+//! streams through and the exit status follows its verdict.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _, Result};
+use pyroshell::ExecutionResult;
+use pyrovm::plan::MAX_STDIN_BYTES;
+use pyrovm::{ExecuteError, ExecutionRequest, Pyrovm, SourceFile};
+use tvm_config::{parse_duration_ms, parse_size_bytes, Catalog};
+use tvm_protocol::{Stage, Stream, Verdict};
+
+use super::{usage, Context, EXIT_INTERNAL};
+use crate::cli::RunArgs;
+
+/// Runs `args` locally or on `--server` and reports the result.
+pub async fn run(ctx: Context, args: RunArgs) -> Result<ExitCode> {
+    let req = read_request(&ctx.catalog, &args)?;
+    let result = match &args.server {
+        Some(url) => run_remote(url, args.api_key.as_deref(), &req, args.json).await?,
+        None => match run_local(ctx, &req, args.json).await? {
+            Some(r) => r,
+            None => return Ok(ExitCode::from(130)),
+        },
+    };
+    report(&result, args.json)
+}
+
+/// The request `args` describe, validated against the catalog before any VM work.
+fn read_request(catalog: &Catalog, args: &RunArgs) -> Result<ExecutionRequest> {
+    let entry = &args.files[0];
+    let runtime = match &args.runtime {
+        Some(r) => r.clone(),
+        None => {
+            let ext = entry.extension().and_then(|e| e.to_str()).unwrap_or("");
+            catalog.for_extension(ext).map(|r| r.id.clone()).ok_or_else(|| {
+                usage(format!(
+                    "cannot tell the language of {} from its extension; pass --runtime (see `tvm runtimes`)",
+                    entry.display()
+                ))
+            })?
+        }
+    };
+    let files = read_files(&args.files)?;
+    let stdin = read_stdin(args.stdin.as_deref())?;
+    let mut req = ExecutionRequest { runtime, files, stdin, args: args.args.clone(), ..Default::default() };
+    if let Some(t) = &args.time_limit {
+        let ms = parse_duration_ms(t).map_err(usage)?;
+        req.run_limits.wall_time_ms = Some(ms);
+        req.run_limits.cpu_time_ms = Some(ms);
+    }
+    if let Some(m) = &args.memory_limit {
+        req.run_limits.memory_bytes = Some(parse_size_bytes(m).map_err(usage)?);
+    }
+    if let Some(o) = &args.output_limit {
+        req.run_limits.output_bytes = Some(parse_size_bytes(o).map_err(usage)?);
+    }
+    // Validate before any VM work so bad input fails fast with the field named.
+    pyrovm::plan(catalog, &req, 0).map_err(|e| usage(e.to_string()))?;
+    Ok(req)
+}
+
+/// Reads the source files. Files below the entry file's directory keep their
+/// relative path (a Python package, a Go module's packages, Rust modules);
+/// others their bare name.
+fn read_files(paths: &[PathBuf]) -> Result<Vec<SourceFile>> {
+    let entry = &paths[0];
+    let base = entry.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
+    let base = base.and_then(|b| b.canonicalize().ok());
+    let mut files = Vec::new();
+    for f in paths {
+        let content = std::fs::read(f).map_err(|e| usage(format!("cannot read {}: {e}", f.display())))?;
+        let relative = base.as_ref().and_then(|b| {
+            let full = f.canonicalize().ok()?;
+            Some(full.strip_prefix(b).ok()?.to_str()?.to_string())
+        });
+        let name = match relative {
+            Some(r) => r,
+            None => f
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| usage(format!("{} has no usable file name", f.display())))?
+                .to_string(),
+        };
+        files.push(SourceFile { name, content });
+    }
+    Ok(files)
+}
+
+/// The program's stdin. `--stdin FILE` wins (`-` is tvm's own stdin);
+/// without it, tvm's own stdin is forwarded when it is not a terminal (a pipe
+/// or a redirected file, read to its end before the VM starts), and the
+/// program gets an empty stdin when it is a terminal or closed. `/dev/null`
+/// (CI) reads as empty. At most [`MAX_STDIN_BYTES`] are read, so a larger
+/// input fails validation instead of filling memory.
+fn read_stdin(arg: Option<&Path>) -> Result<Vec<u8>> {
+    match arg {
+        Some(p) if p == Path::new("-") => read_own_stdin(),
+        Some(p) => std::fs::read(p).map_err(|e| usage(format!("cannot read stdin file {}: {e}", p.display()))),
+        None if std::io::stdin().is_terminal() => Ok(Vec::new()),
+        None => read_own_stdin(),
+    }
+}
+
+fn read_own_stdin() -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    match std::io::stdin().lock().take(MAX_STDIN_BYTES + 1).read_to_end(&mut buf) {
+        Ok(_) => Ok(buf),
+        // File descriptor 0 closed (`tvm run x.py <&-`): nothing to forward.
+        Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBADF as i32) => Ok(Vec::new()),
+        Err(e) => Err(e).context("reading tvm's standard input"),
+    }
+}
+
+/// Runs `req` in a fresh VM here. `None` when interrupted by Ctrl-C (the VM is destroyed).
+async fn run_local(ctx: Context, req: &ExecutionRequest, json: bool) -> Result<Option<ExecutionResult>> {
+    let vmm = Pyrovm::prepare(ctx.settings, ctx.catalog, true).await?;
+    let exec = vmm.execute(req, |stage, stream, data| {
+        // Compile output is shown only if compilation fails (from the result).
+        if json || stage == Stage::Compile {
+            return;
+        }
+        let _ = match stream {
+            Stream::Stdout => std::io::stdout().write_all(data).and_then(|_| std::io::stdout().flush()),
+            Stream::Stderr => std::io::stderr().write_all(data),
+        };
+    });
+    let outcome = tokio::select! {
+        r = exec => r,
+        _ = tokio::signal::ctrl_c() => {
+            // Dropping the execution future drops the VM guard: QEMU is killed and its run dir removed.
+            eprintln!("tvm: interrupted; VM destroyed");
+            return Ok(None);
+        }
+    };
+    match outcome {
+        Ok(exec) => Ok(Some(ExecutionResult::from_execution(&exec))),
+        Err(ExecuteError::Plan(e)) => Err(usage(e.to_string())),
+        // The same document the server returns for its own faults.
+        Err(e) if json => {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            let accel = vmm.accel().kind().as_str();
+            Ok(Some(ExecutionResult::internal_error(id, req.runtime.clone(), accel, e.to_string())))
+        }
+        Err(e) => bail!(e),
+    }
+}
+
+/// `--server URL`: the same request, executed by a running `tvm serve`.
+async fn run_remote(url: &str, key: Option<&str>, req: &ExecutionRequest, json: bool) -> Result<ExecutionResult> {
+    let outcome = if json {
+        pyroshell::client::execute(url, key, req).await
+    } else {
+        pyroshell::client::execute_streaming(url, key, req, |stage, stream, text| {
+            if stage == Stage::Run {
+                let _ = match stream {
+                    Stream::Stdout => {
+                        std::io::stdout().write_all(text.as_bytes()).and_then(|_| std::io::stdout().flush())
+                    }
+                    Stream::Stderr => std::io::stderr().write_all(text.as_bytes()),
+                };
+            }
+        })
+        .await
+    };
+    match outcome {
+        Ok(r) => Ok(r),
+        Err(e) if e.is_bad_request() => Err(usage(e.to_string())),
+        Err(e) => bail!(e),
+    }
+}
+
+/// Prints the result document (`--json`) or what a terminal user needs after
+/// the streamed output: compile errors, a verdict that is not the program's
+/// own, the signal that killed it. Returns the exit status.
+fn report(r: &ExecutionResult, json: bool) -> Result<ExitCode> {
+    let run = r.run.as_ref();
+    let (exit, signal) = (run.and_then(|s| s.exit_code), run.and_then(|s| s.signal));
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        let mut err = std::io::stderr().lock();
+        if let (Verdict::CompileError, Some(c)) = (r.verdict, &r.compile) {
+            err.write_all(&c.stdout_bytes())?;
+            err.write_all(&c.stderr_bytes())?;
+        }
+        if let Some(e) = &r.error {
+            writeln!(err, "tvm: internal error: {e}")?;
+        } else if r.verdict == Verdict::RuntimeError {
+            if let (None, Some(sig)) = (exit, signal) {
+                writeln!(err, "{}", killed_line(sig))?;
+            }
+        } else if r.verdict != Verdict::Ok {
+            writeln!(err, "tvm: {}", r.verdict)?;
+        }
+    }
+    Ok(ExitCode::from(exit_code(r.verdict, exit, signal)))
+}
+
+/// What a shell says about a program killed by signal `n`: `tvm: killed by signal 11 (SIGSEGV)`.
+fn killed_line(n: i32) -> String {
+    match nix::sys::signal::Signal::try_from(n) {
+        Ok(sig) => format!("tvm: killed by signal {n} ({})", sig.as_str()),
+        Err(_) => format!("tvm: killed by signal {n}"),
+    }
+}
+
+/// `tvm run`'s exit status for a verdict (documented in `tvm run --help`).
+fn exit_code(verdict: Verdict, exit: Option<i32>, signal: Option<i32>) -> u8 {
+    match verdict {
+        Verdict::Ok => 0,
+        Verdict::RuntimeError => exit.map(|c| c as u8).or(signal.map(|s| 128u8.wrapping_add(s as u8))).unwrap_or(1),
+        Verdict::CompileError => 1,
+        Verdict::TimeLimitExceeded => 124,
+        Verdict::MemoryLimitExceeded => 137,
+        Verdict::OutputLimitExceeded => 125,
+        Verdict::InternalError => EXIT_INTERNAL,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signal_lines_name_the_signal_like_a_shell() {
+        assert_eq!(killed_line(11), "tvm: killed by signal 11 (SIGSEGV)");
+        assert_eq!(killed_line(9), "tvm: killed by signal 9 (SIGKILL)");
+        assert_eq!(killed_line(6), "tvm: killed by signal 6 (SIGABRT)");
+        assert_eq!(killed_line(77), "tvm: killed by signal 77");
+    }
+
+    #[test]
+    fn exit_status_follows_the_verdict() {
+        assert_eq!(exit_code(Verdict::RuntimeError, None, Some(11)), 139);
+        assert_eq!(exit_code(Verdict::RuntimeError, Some(3), None), 3);
+        assert_eq!(exit_code(Verdict::TimeLimitExceeded, None, Some(9)), 124);
+        assert_eq!(exit_code(Verdict::InternalError, None, None), EXIT_INTERNAL);
+    }
+}

@@ -1,0 +1,105 @@
+//! `tvm runtimes`: the catalog with each runtime's state here
+//! ([`pyrovm::image::runtime_state`], shared with `tvm doctor` and `/v1/runtimes`).
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use pyrovm::image::runtime_state;
+use serde_json::{json, Value};
+use tvm_config::matrix;
+
+use super::Context;
+use crate::cli::RuntimesArgs;
+
+/// Prints the catalog, the compatibility matrix, or docs/compatibility.md.
+pub fn runtimes(ctx: &Context, args: &RuntimesArgs) -> Result<ExitCode> {
+    match (args.matrix, args.markdown) {
+        (true, true) => print!("{}", matrix::compatibility_markdown(&ctx.catalog)),
+        (true, false) => print_matrix(ctx, args.json)?,
+        _ => print_list(ctx, args.json)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_list(ctx: &Context, json: bool) -> Result<()> {
+    let rows: Vec<Value> = ctx
+        .catalog
+        .runtimes()
+        .iter()
+        .map(|r| {
+            let s = runtime_state(&ctx.settings, r);
+            let state = match s.reason() {
+                Some(why) => format!("{}: {why}", s.name()),
+                None => s.name().to_string(),
+            };
+            json!({
+                "id": r.id, "language": r.language, "version": r.version, "aliases": r.aliases,
+                "extensions": r.extensions, "compiled": r.compile.is_some(), "state": state,
+            })
+        })
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<14} {:<11} {:<8} {:<22} {:<12} STATE", "ID", "LANGUAGE", "VERSION", "ALIASES", "EXTENSIONS");
+    for r in rows {
+        let list = |k: &str| {
+            r[k].as_array()
+                .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(","))
+                .unwrap_or_default()
+        };
+        let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+        println!(
+            "{:<14} {:<11} {:<8} {:<22} {:<12} {}",
+            s("id"),
+            s("language"),
+            s("version"),
+            list("aliases"),
+            list("extensions"),
+            s("state")
+        );
+    }
+    Ok(())
+}
+
+/// `--matrix`: every language and version with its state here.
+fn print_matrix(ctx: &Context, json: bool) -> Result<()> {
+    let catalog = &ctx.catalog;
+    let mut rows = Vec::new();
+    for language in matrix::languages(catalog) {
+        for r in catalog.runtimes().iter().filter(|r| r.language == language) {
+            let state = runtime_state(&ctx.settings, r);
+            let image = state.image();
+            let installed: Vec<String> =
+                image.iter().flat_map(|i| i.meta.installed.iter().map(|(p, v)| format!("{p} {v}"))).collect();
+            rows.push(json!({
+                "language": r.language, "version": r.version, "id": r.id,
+                "default": matrix::is_default(catalog, r), "state": state.name(), "reason": state.reason(),
+                "source": r.image.as_ref().map(|i| i.source()), "installed": installed,
+                "image_bytes": image.map(|i| i.meta.size_bytes),
+            }));
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!("{:<11} {:<9} {:<13} {:<11} SOURCE / INSTALLED", "LANGUAGE", "VERSION", "ID", "STATE");
+    for r in &rows {
+        let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
+        let version = if r["default"] == true { format!("{}*", s("version")) } else { s("version") };
+        let detail = match (s("state").as_str(), r["installed"].as_array()) {
+            ("unavailable", _) => s("reason"),
+            ("ready", Some(i)) => format!(
+                "{}; installed: {}",
+                s("source"),
+                i.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+            _ => s("source"),
+        };
+        println!("{:<11} {:<9} {:<13} {:<11} {detail}", s("language"), version, s("id"), s("state"));
+    }
+    println!("\n* default for its file extension. Build what is buildable with `tvm image build --all`.");
+    Ok(())
+}
