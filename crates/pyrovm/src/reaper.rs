@@ -80,9 +80,9 @@ impl Drop for RunDir {
 /// The run dir file listing a VM's host paths outside the run dir.
 const LEFTOVERS: &str = "leftovers";
 
-/// Removes one recorded leftover: a directory tree (a chroot) or, for an
-/// empty directory a tree removal cannot take (a cgroup, whose files cannot
-/// be deleted), the directory alone.
+/// Removes one recorded leftover: a file (a uid claim), a directory tree (a
+/// chroot) or, for a cgroup, whose files cannot be deleted, the directory
+/// alone. `true` if it was there and is gone.
 pub fn remove_leftover(path: &Path) -> bool {
     if !path.is_absolute() || path.parent().is_none() {
         return false;
@@ -90,7 +90,11 @@ pub fn remove_leftover(path: &Path) -> bool {
     if path.starts_with("/sys/fs/cgroup") {
         return std::fs::remove_dir(path).is_ok();
     }
-    std::fs::remove_dir_all(path).is_ok()
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path).is_ok(),
+        Ok(_) => std::fs::remove_file(path).is_ok(),
+        Err(_) => false,
+    }
 }
 
 /// The environment variable that names a VMM's run dir; it is the VMM's

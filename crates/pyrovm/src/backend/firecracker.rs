@@ -580,7 +580,8 @@ impl ApiClient {
         let body = serde_json::to_vec(&req.body).map_err(|e| err(e.to_string()))?;
         let request = hyper::Request::builder()
             .method(req.method)
-            .uri(format!("http://localhost{}", req.path))
+            // Origin-form, as Firecracker's own clients send it.
+            .uri(req.path.as_str())
             .header("Host", "localhost")
             .header("Content-Type", "application/json")
             .header("Accept", "application/json")

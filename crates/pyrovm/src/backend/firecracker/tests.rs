@@ -195,7 +195,7 @@ async fn a_400_becomes_a_clean_error_with_the_fault_message() {
     assert_eq!(err.to_string(), "firecracker refused PUT /boot-source (400): Invalid kernel command line: too long");
     drop(api);
     let seen = peer.await.unwrap();
-    assert!(seen[0].starts_with("PUT /boot-source HTTP/1.1\r\n"), "{seen:?}");
+    assert!(seen[0].starts_with("PUT /boot-source HTTP/1.1\r\n"), "origin-form: {seen:?}");
     assert!(seen[0].contains("\"kernel_image_path\":\"/proc/self/fd/5\""), "{seen:?}");
 }
 
