@@ -273,7 +273,7 @@ pub fn validate_file_path(path: &str) -> Result<(), String> {
     }
     let parts: Vec<&str> = path.split('/').collect();
     if parts.len() > 8 {
-        return Err(format!("file name {path:?} is nested deeper than 8 directories"));
+        return Err(format!("file name {path:?} has more than 8 path parts (directories and the file)"));
     }
     for p in parts {
         if p.is_empty() || p == "." || p == ".." {

@@ -34,7 +34,8 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # unsafe-io: a VM being provisioned loses nothing on a crash (this reruns), and dpkg fsyncs ~600 packages.
+  apt-get install -y -qq --no-install-recommends -o DPkg::Options::=--force-unsafe-io "${missing[@]}" >/dev/null
 fi
 
 # 2. Under WSL2 the distro can start Windows programs and sees the Windows drives: untrusted
@@ -55,6 +56,14 @@ fi
 #    tvm, where tvm looks for it first.
 step 3 "TVM binaries"
 changed=0
+# Lima sets up reverse-sshfs mounts from the host while boot scripts already run: give the
+# staging mount up to 2 minutes to appear (less when a previous boot installed the binaries).
+wait_s=120
+[ -x /usr/local/bin/tvm ] && wait_s=20
+for _ in $(seq 1 "$wait_s"); do
+  [ -f "$STAGING/bin/tvm" ] && break
+  sleep 1
+done
 for bin in tvm tvm-agent; do
   src="$STAGING/bin/$bin"
   dst="/usr/local/bin/$bin"

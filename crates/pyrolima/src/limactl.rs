@@ -268,17 +268,33 @@ impl Limactl {
         let mut child = self.command(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().map_err(spawn_err)?;
         let stderr = child.stderr.take().map(BufReader::new);
         let mut last: Vec<String> = Vec::new();
-        let work = async {
-            if let Some(mut lines) = stderr.map(|r| r.lines()) {
-                while let Ok(Some(line)) = lines.next_line().await {
-                    progress(&line);
-                    last.push(line);
-                    if last.len() > STDERR_TAIL {
-                        last.remove(0);
-                    }
-                }
+        let mut keep = |line: String, progress: &mut (dyn FnMut(&str) + Send)| {
+            progress(&line);
+            last.push(line);
+            if last.len() > STDERR_TAIL {
+                last.remove(0);
             }
-            child.wait().await
+        };
+        let work = async {
+            let Some(mut lines) = stderr.map(|r| r.lines()) else { return child.wait().await };
+            // Read until limactl exits, not until EOF: a process it leaves running (Lima's host
+            // agent) could hold the pipe open. Then take what is still buffered, briefly.
+            let status = loop {
+                tokio::select! {
+                    line = lines.next_line() => match line {
+                        Ok(Some(l)) => keep(l, progress),
+                        _ => break child.wait().await,
+                    },
+                    status = child.wait() => break status,
+                }
+            };
+            let drain = async {
+                while let Ok(Some(l)) = lines.next_line().await {
+                    keep(l, progress);
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+            status
         };
         let status = match tokio::time::timeout(limit, work).await {
             Err(_) => return Err(LimactlError::TimedOut { command, secs: limit.as_secs() }),

@@ -150,6 +150,20 @@ async fn up_again_reuses_a_running_instance_and_starts_a_stopped_one() {
 }
 
 #[tokio::test]
+async fn up_returns_when_limactl_exits_even_if_a_child_holds_its_stderr() {
+    let _g = LOCK.lock().await;
+    let env = Env::new();
+    std::fs::write(env.state.path().join("linger"), "").unwrap();
+    let port = api("200 OK", READY).await;
+    pyrolima::up(&env.limactl, &env.options("tvm", port), &mut |_: &str| {}).await.unwrap();
+    // up returned while the child still holds the pipe: it did not wait for EOF.
+    let pid = std::fs::read_to_string(env.state.path().join("linger.pid")).unwrap();
+    let proc_dir = PathBuf::from(format!("/proc/{}", pid.trim()));
+    assert!(proc_dir.exists(), "the lingering child is still running");
+    std::process::Command::new("kill").arg(pid.trim()).status().unwrap();
+}
+
+#[tokio::test]
 async fn an_existing_instance_keeps_its_port() {
     let _g = LOCK.lock().await;
     let env = Env::new();

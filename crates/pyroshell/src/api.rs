@@ -16,6 +16,7 @@ use utoipa::openapi::RefOr;
 use utoipa::ToSchema;
 
 use crate::error::ApiError;
+use crate::wire;
 
 /// How a text field is encoded.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -32,7 +33,9 @@ pub enum Encoding {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileBody {
-    /// Path relative to the work dir: no `..`, no leading `/`, at most 8 levels.
+    /// Path relative to the work dir: at most 255 bytes and 8 parts separated by `/`;
+    /// no leading `/`, no empty, `.` or `..` part, no backslash or control character;
+    /// no file may be a directory of another (`x` and `x/y`).
     #[schema(example = "main.py")]
     pub name: String,
     /// Content, encoded as `encoding` says.
@@ -49,22 +52,22 @@ pub struct FileBody {
 #[serde(deny_unknown_fields)]
 pub struct LimitsBody {
     /// Wall-clock time, ms.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "wire::opt_integral")]
     pub wall_time_ms: Option<u64>,
     /// CPU time of all the stage's processes, ms.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "wire::opt_integral")]
     pub cpu_time_ms: Option<u64>,
     /// Memory, bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "wire::opt_integral")]
     pub memory_bytes: Option<u64>,
     /// Processes and threads.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "wire::opt_integral")]
     pub processes: Option<u64>,
     /// Captured bytes per output stream; more ends the stage.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "wire::opt_integral")]
     pub output_bytes: Option<u64>,
     /// Largest file the program may write, bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "wire::opt_integral")]
     pub file_size_bytes: Option<u64>,
 }
 
@@ -115,7 +118,8 @@ pub struct ExecutionBody {
     /// Version of `language`, e.g. `3.11`; the catalog's preferred one when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
-    /// Source files (at most 64, 16 MiB in total).
+    /// Source files (1 to 64, 16 MiB of content in total).
+    #[serde(deserialize_with = "wire::files")]
     pub files: Vec<FileBody>,
     /// Entry file name; the first file when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -126,14 +130,14 @@ pub struct ExecutionBody {
     /// Encoding of `stdin`.
     #[serde(default, skip_serializing_if = "is_utf8")]
     pub stdin_encoding: Encoding,
-    /// Program arguments.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Program arguments (at most 256, each at most 4096 bytes, no NUL).
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "wire::args")]
     pub args: Vec<String>,
     /// Limits of the compile stage (compiled runtimes only).
-    #[serde(default, skip_serializing_if = "LimitsBody::is_empty")]
+    #[serde(default, skip_serializing_if = "LimitsBody::is_empty", deserialize_with = "wire::object")]
     pub compile_limits: LimitsBody,
     /// Limits of the run stage.
-    #[serde(default, skip_serializing_if = "LimitsBody::is_empty")]
+    #[serde(default, skip_serializing_if = "LimitsBody::is_empty", deserialize_with = "wire::object")]
     pub run_limits: LimitsBody,
     /// Ask for network access. Refused (422) unless the operator enabled it; guests have no network yet.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -562,6 +566,41 @@ mod tests {
 
     fn body(json: serde_json::Value) -> ExecutionBody {
         serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn integers_may_be_written_as_integral_numbers_and_only_objects_are_objects() {
+        let b = wire::parse::<ExecutionBody>(
+            br#"{"runtime":"py","files":[{"name":"a","content":""}],"run_limits":{"wall_time_ms":64.0,"cpu_time_ms":1e3}}"#,
+        )
+        .unwrap();
+        assert_eq!((b.run_limits.wall_time_ms, b.run_limits.cpu_time_ms), (Some(64), Some(1000)));
+        for bad in [
+            r#"{"runtime":"py","files":[],"run_limits":{"wall_time_ms":1.5}}"#,
+            r#"{"runtime":"py","files":[],"run_limits":{"wall_time_ms":-1}}"#,
+            r#"{"runtime":"py","files":[],"run_limits":{"wall_time_ms":1e30}}"#,
+            r#"{"runtime":"py","files":[],"run_limits":[1]}"#,
+            r#"{"runtime":"py","files":[["a",""]]}"#,
+            r#"["py",[]]"#,
+        ] {
+            let e = wire::parse::<ExecutionBody>(bad.as_bytes()).unwrap_err();
+            assert_eq!(e.code(), "malformed_request", "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn counts_and_sizes_are_refused_while_parsing() {
+        let files: Vec<_> = (0..65).map(|i| serde_json::json!({"name": format!("f{i}"), "content": ""})).collect();
+        let j = serde_json::json!({"runtime": "py", "files": files}).to_string();
+        let e = wire::parse::<ExecutionBody>(j.as_bytes()).unwrap_err();
+        assert_eq!((e.status().as_u16(), e.code(), e.field().as_deref()), (422, "too_many_files", Some("files")));
+        let j = serde_json::json!({"runtime": "py", "files": [], "args": vec![""; 257]}).to_string();
+        let e = wire::parse::<ExecutionBody>(j.as_bytes()).unwrap_err();
+        assert_eq!((e.code(), e.field().as_deref()), ("bad_args", Some("args")));
+        let j = serde_json::json!({"runtime": "py", "files": [], "args": ["x".repeat(4097)]}).to_string();
+        assert_eq!(wire::parse::<ExecutionBody>(j.as_bytes()).unwrap_err().code(), "bad_args");
+        let j = serde_json::json!({"runtime": "py", "files": [], "args": vec!["y".repeat(4096); 256]}).to_string();
+        assert_eq!(wire::parse::<ExecutionBody>(j.as_bytes()).unwrap().args.len(), 256);
     }
 
     #[test]

@@ -42,6 +42,27 @@ pub struct ServeConfig {
     /// How long a client may take to send its request line and headers
     /// before the connection is closed (ms): slowloris defence.
     pub header_timeout_ms: u64,
+    /// A connection with no request in progress for this long, or whose
+    /// writes have been blocked this long, is closed (ms). Bounds every
+    /// stall: before protocol detection, in a partial request line or
+    /// HTTP/2 preface, and keep-alive idleness.
+    pub idle_timeout_ms: u64,
+    /// Most open connections; more are answered 503 and closed at once.
+    /// Also capped by the descriptor limit, keeping room for VMs.
+    pub max_connections: usize,
+    /// Most open connections from one client address.
+    pub max_connections_per_ip: usize,
+    /// Request bodies read and parsed at once; more wait (within `body_timeout_ms`).
+    pub max_concurrent_parses: usize,
+    /// Host names (or addresses) requests may name in `Host`, besides the
+    /// loopback names a loopback listener always accepts: `name`,
+    /// `.example.com` (any subdomain), or `*` (any). Empty: a loopback
+    /// listener accepts only loopback names (DNS-rebinding defence), other
+    /// listeners any host.
+    pub allowed_hosts: Vec<String>,
+    /// Origins browsers may call from (CORS); empty: no CORS headers, so
+    /// browsers keep other origins from reading answers. `*` allows any.
+    pub cors_origins: Vec<String>,
     /// After SIGTERM, how long in-flight executions may take to finish (ms).
     pub drain_grace_ms: u64,
     /// Whether executions may ask for network access. Guests have no NIC yet, so this must stay false.
@@ -50,6 +71,8 @@ pub struct ServeConfig {
     pub build_images: bool,
     /// Log as JSON lines (read by the binary when it installs the subscriber; see [`crate::init_tracing`]).
     pub json_logs: bool,
+    /// The Judge0-compatible API (`[judge0]`).
+    pub judge0: crate::judge0::Judge0Config,
 }
 
 impl Default for ServeConfig {
@@ -69,10 +92,17 @@ impl Default for ServeConfig {
             // 32 MiB at a slow 2 MB/s; a client slower than that is not worth a task.
             body_timeout_ms: 15_000,
             header_timeout_ms: 10_000,
+            idle_timeout_ms: 30_000,
+            max_connections: 4096,
+            max_connections_per_ip: 512,
+            max_concurrent_parses: 4,
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
             drain_grace_ms: 30_000,
             allow_network: false,
             build_images: true,
             json_logs: false,
+            judge0: crate::judge0::Judge0Config::default(),
         }
     }
 }
@@ -123,6 +153,7 @@ impl ServeConfig {
         if self.allow_network {
             return Err("allow_network = true is not supported yet: guests have no network device".into());
         }
+        self.judge0.validate()?;
         for name in self.pool_sizes.keys() {
             match catalog.get(name) {
                 None => return Err(format!("pool size for unknown runtime {name:?}")),
@@ -141,8 +172,19 @@ impl ServeConfig {
         if self.max_body_bytes < 1024 {
             return Err("max_body_bytes must be at least 1024".into());
         }
-        if self.header_timeout_ms < 100 || self.body_timeout_ms < 100 {
-            return Err("header and body timeouts must be at least 100ms".into());
+        if self.header_timeout_ms < 100 || self.body_timeout_ms < 100 || self.idle_timeout_ms < 100 {
+            return Err("header, body and idle timeouts must be at least 100ms".into());
+        }
+        if self.max_connections == 0 || self.max_connections_per_ip == 0 || self.max_concurrent_parses == 0 {
+            return Err("max_connections, max_connections_per_ip and max_concurrent_parses must be at least 1".into());
+        }
+        if let Some(h) = self.allowed_hosts.iter().find(|h| h.is_empty() || h.contains(['/', ':', ' '])) {
+            return Err(format!("allowed host {h:?} is not a host name (no scheme, port or path)"));
+        }
+        for o in &self.cors_origins {
+            if o != "*" && axum::http::HeaderValue::from_str(o).is_err() {
+                return Err(format!("CORS origin {o:?} is not a valid origin"));
+            }
         }
         Ok(())
     }
@@ -202,12 +244,33 @@ pub struct ServeArgs {
     /// Time a client gets to send its request headers; slower connections are closed (e.g. 10s).
     #[arg(long, value_name = "DUR")]
     pub header_timeout: Option<String>,
+    /// Close connections with no request in progress (or blocked writes) for this long (e.g. 30s).
+    #[arg(long, value_name = "DUR")]
+    pub idle_timeout: Option<String>,
+    /// Most open connections [default: 4096, less if the descriptor limit is lower].
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Most open connections from one client address [default: 512].
+    #[arg(long)]
+    pub max_connections_per_ip: Option<usize>,
+    /// Request bodies parsed at once [default: 4].
+    #[arg(long)]
+    pub max_concurrent_parses: Option<usize>,
+    /// Host names requests may use besides loopback names (comma-separated; `.example.com` for subdomains, `*` any).
+    #[arg(long, value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// Origins allowed to call the API from a browser (CORS; comma-separated; `*` any) [default: none].
+    #[arg(long, value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
     /// Do not build missing runtime images in the background.
     #[arg(long)]
     pub no_build_images: bool,
     /// Log JSON lines (the binary reads this before installing its subscriber).
     #[arg(long)]
     pub json_logs: bool,
+    /// Judge0 API settings.
+    #[command(flatten)]
+    pub judge0: crate::judge0::Judge0Args,
 }
 
 impl ServeArgs {
@@ -244,6 +307,18 @@ impl ServeArgs {
         if let Some(v) = ms(&self.header_timeout)? {
             c.header_timeout_ms = v;
         }
+        if let Some(v) = ms(&self.idle_timeout)? {
+            c.idle_timeout_ms = v;
+        }
+        c.max_connections = self.max_connections.unwrap_or(c.max_connections);
+        c.max_connections_per_ip = self.max_connections_per_ip.unwrap_or(c.max_connections_per_ip);
+        c.max_concurrent_parses = self.max_concurrent_parses.unwrap_or(c.max_concurrent_parses);
+        if !self.allowed_hosts.is_empty() {
+            c.allowed_hosts = self.allowed_hosts;
+        }
+        if !self.cors_origins.is_empty() {
+            c.cors_origins = self.cors_origins;
+        }
         if let Some(v) = bytes(&self.max_body)? {
             c.max_body_bytes = usize::try_from(v).map_err(|_| "max body is too large".to_string())?;
         }
@@ -254,6 +329,7 @@ impl ServeArgs {
         c.queue_capacity = self.queue.unwrap_or(c.queue_capacity);
         c.build_images &= !self.no_build_images;
         c.json_logs |= self.json_logs;
+        c.judge0 = self.judge0.apply(c.judge0)?;
         Ok(c)
     }
 }
@@ -366,6 +442,16 @@ mod tests {
             "2G",
             "--drain-grace",
             "2m",
+            "--idle-timeout",
+            "2s",
+            "--max-connections",
+            "100",
+            "--max-connections-per-ip",
+            "10",
+            "--allowed-hosts",
+            "tvm.example,.lab.example",
+            "--cors-origins",
+            "https://ui.example",
         ])
         .unwrap();
         let c = cli.serve.into_config().unwrap();
@@ -374,6 +460,12 @@ mod tests {
         assert_eq!((c.pool_size, c.pool_sizes["python"]), (1, 2));
         assert_eq!((c.max_vms, c.queue_capacity, c.queue_timeout_ms), (Some(3), 5, 1500));
         assert_eq!((c.max_body_bytes, c.memory_budget_mib, c.drain_grace_ms), (1 << 20, Some(2048), 120_000));
+        assert_eq!((c.idle_timeout_ms, c.max_connections, c.max_connections_per_ip), (2000, 100, 10));
+        assert_eq!(c.allowed_hosts, vec!["tvm.example", ".lab.example"]);
+        assert_eq!(c.cors_origins, vec!["https://ui.example"]);
+        assert!(c.validate(&Catalog::builtin()).is_ok());
+        let bad = ServeConfig { allowed_hosts: vec!["http://x".into()], ..Default::default() };
+        assert!(bad.validate(&Catalog::builtin()).is_err());
         let bad = Cli::try_parse_from(["tvm", "--queue-timeout", "soon"]).unwrap().serve.into_config();
         assert!(bad.unwrap_err().contains("soon"));
         assert!(Cli::try_parse_from(["tvm", "--pool-size", "python=x"]).is_err());

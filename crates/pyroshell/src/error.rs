@@ -73,6 +73,19 @@ pub enum ApiError {
         /// Why.
         reason: String,
     },
+    /// A JSON endpoint got a body that is not declared as JSON (a browser
+    /// can send text/plain or a form cross-origin without asking first).
+    #[error("the request body must be sent as `Content-Type: application/json` (got {got})")]
+    UnsupportedMediaType {
+        /// The Content-Type sent, or `none`.
+        got: String,
+    },
+    /// The `Host` is not one this server answers to (DNS-rebinding defence).
+    #[error("this server does not answer to host {host:?} (see --allowed-hosts)")]
+    HostNotAllowed {
+        /// The host named by the request.
+        host: String,
+    },
     /// No such route.
     #[error("no such endpoint: {0}")]
     NotFound(String),
@@ -112,6 +125,7 @@ fn plan_code(e: &PlanError) -> &'static str {
         PlanError::FilesTooLarge(_) => "files_too_large",
         PlanError::BadFileName(_) => "bad_file_name",
         PlanError::DuplicateFile(_) => "duplicate_file",
+        PlanError::PathConflict { .. } => "path_conflict",
         PlanError::EntryNotFound(_) => "entry_not_found",
         PlanError::StdinTooLarge(_) => "stdin_too_large",
         PlanError::BadArgs(_) => "bad_args",
@@ -138,6 +152,8 @@ impl ApiError {
             ApiError::Draining | ApiError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::HostNotAllowed { .. } => StatusCode::MISDIRECTED_REQUEST,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -158,6 +174,8 @@ impl ApiError {
             ApiError::NotReady { .. } => "runtime_not_ready",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
+            ApiError::HostNotAllowed { .. } => "host_not_allowed",
             ApiError::Internal(_) => "internal_error",
         }
     }
@@ -239,6 +257,14 @@ mod tests {
             (AdmitError::TooLarge { need_mib: 2, budget_mib: 1 }.into(), 422, "exceeds_capacity", Some("run_limits")),
             (ApiError::Draining, 503, "draining", None),
             (ApiError::NotFound("/x".into()), 404, "not_found", None),
+            (ApiError::UnsupportedMediaType { got: "text/plain".into() }, 415, "unsupported_media_type", None),
+            (ApiError::HostNotAllowed { host: "evil.example".into() }, 421, "host_not_allowed", None),
+            (
+                PlanError::PathConflict { file: "x".into(), other: "x/y".into() }.into(),
+                422,
+                "path_conflict",
+                Some("files"),
+            ),
             (ApiError::Internal("boom".into()), 500, "internal_error", None),
         ];
         for (e, status, code, field) in cases {

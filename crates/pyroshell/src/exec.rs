@@ -43,8 +43,19 @@ pub(crate) struct Prepared {
 /// Validates `body` and secures capacity: a warm VM, or a permit after at
 /// most the queue deadline.
 pub(crate) async fn prepare(st: &AppState, body: ExecutionBody) -> Result<Prepared, ApiError> {
+    prepare_with(st, body, |_| Ok(())).await
+}
+
+/// [`prepare`], letting `adjust` change the validated plan before capacity is
+/// sized for it (the compatibility APIs add compiler options this way).
+pub(crate) async fn prepare_with(
+    st: &AppState,
+    body: ExecutionBody,
+    adjust: impl FnOnce(&mut Plan) -> Result<(), ApiError>,
+) -> Result<Prepared, ApiError> {
     let req = body.into_request(st.vmm.catalog(), st.config.allow_network)?;
-    let plan = pyrovm::plan(st.vmm.catalog(), &req, st.vmm.settings().vm_overhead_mib)?;
+    let mut plan = pyrovm::plan(st.vmm.catalog(), &req, st.vmm.settings().vm_overhead_mib)?;
+    adjust(&mut plan)?;
     match st.images.state(&plan.runtime.id) {
         ImageState::Ready => {}
         other => {
@@ -53,7 +64,16 @@ pub(crate) async fn prepare(st: &AppState, body: ExecutionBody) -> Result<Prepar
         }
     }
     let started = Instant::now();
-    let lease = obtain(st, &plan).await?;
+    // Each refusal is counted once, here; a pool miss only once a VM will really boot for it.
+    let lease = obtain(st, &plan).await.inspect_err(|e| {
+        if let ApiError::Overloaded { .. } = e {
+            st.metrics.rejected(e.code());
+        }
+    })?;
+    match &lease {
+        Lease::Pooled(_) => st.metrics.pool(&plan.runtime.id, true),
+        Lease::Fresh(_) => st.metrics.pool(&plan.runtime.id, false),
+    }
     let queued = started.elapsed();
     st.metrics.queue_wait(queued);
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -64,10 +84,8 @@ async fn obtain(st: &AppState, plan: &Plan) -> Result<Lease, ApiError> {
     let runtime = &plan.runtime.id;
     let need = plan.vm_memory_mib;
     if let Some(vm) = st.pool.take(runtime, need) {
-        st.metrics.pool(runtime, true);
         return Ok(Lease::Pooled(Box::new(vm)));
     }
-    st.metrics.pool(runtime, false);
     let adm = &st.admission;
     let overloaded = |reason| ApiError::Overloaded { reason, retry_after_secs: adm.retry_after_secs() };
     if let Some(p) = adm.try_acquire(need).map_err(overloaded)? {
@@ -80,10 +98,7 @@ async fn obtain(st: &AppState, plan: &Plan) -> Result<Lease, ApiError> {
         }
     }
     st.pool.note_pressure();
-    let _slot = adm.enqueue().map_err(|e| {
-        st.metrics.rejected("queue_full");
-        overloaded(e)
-    })?;
+    let _slot = adm.enqueue().map_err(overloaded)?;
     let deadline = tokio::time::Instant::now() + adm.queue_timeout();
     // Pinned once: re-polling the same future keeps our place in the FIFO line.
     let acquire = adm.acquire(need);
@@ -92,7 +107,6 @@ async fn obtain(st: &AppState, plan: &Plan) -> Result<Lease, ApiError> {
         tokio::select! {
             p = &mut acquire => return Ok(Lease::Fresh(p.map_err(overloaded)?)),
             _ = tokio::time::sleep_until(deadline) => {
-                st.metrics.rejected("queue_timeout");
                 return Err(overloaded(crate::admission::AdmitError::Timeout(adm.queue_timeout().as_millis() as u64)));
             }
             _ = st.pool.parked() => {}

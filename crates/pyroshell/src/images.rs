@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use pyrovm::image::RuntimeState;
-use pyrovm::{Progress, Pyrovm};
+use pyrovm::{BuildCancel, Progress, Pyrovm};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -103,7 +103,10 @@ impl Images {
     }
 
     /// Builds missing images one by one (in catalog order, so the preferred
-    /// runtimes come first) until done or `stop` turns true.
+    /// runtimes come first) until done or `stop` turns true. A build running
+    /// when `stop` turns true is cancelled, and this returns only after its
+    /// tools are dead and its scratch directory and mounts are gone, so a
+    /// draining server exits clean.
     pub async fn build_missing(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let runtimes = self.vmm.catalog().runtimes().to_vec();
         for r in runtimes {
@@ -116,13 +119,21 @@ impl Images {
             }
             self.set(&r.id, ImageState::Building);
             info!(runtime = %r.id, "building missing image");
-            let build = self.vmm.ensure_image(&r, Progress::hidden());
-            let outcome = tokio::select! {
-                res = build => res,
-                _ = stop.wait_for(|s| *s) => {
-                    self.set(&r.id, ImageState::Missing);
-                    return;
+            let cancel = BuildCancel::new();
+            let build = self.vmm.ensure_image_cancellable(&r, Progress::hidden(), cancel.clone());
+            tokio::pin!(build);
+            let finished = tokio::select! {
+                res = &mut build => Some(res),
+                _ = stop.wait_for(|s| *s) => None,
+            };
+            let Some(outcome) = finished else {
+                info!(runtime = %r.id, "cancelling the image build: the server is stopping");
+                cancel.cancel();
+                if let Err(e) = build.await {
+                    info!(runtime = %r.id, error = %e, "image build stopped");
                 }
+                self.set(&r.id, ImageState::Missing);
+                return;
             };
             match outcome {
                 Ok(_) => {

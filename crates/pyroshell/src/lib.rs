@@ -12,16 +12,21 @@
 pub mod admission;
 pub mod api;
 pub mod client;
+mod compat;
 pub mod config;
+mod conn;
 pub mod error;
 mod exec;
 pub mod images;
+pub mod judge0;
 pub mod metrics;
 mod openapi;
+mod piston;
 pub mod pool;
 mod routes;
 pub mod sse;
 mod state;
+pub mod wire;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -67,9 +72,10 @@ pub enum ServeError {
     Serve(#[source] std::io::Error),
 }
 
-/// The OpenAPI document of API v1 (what `GET /v1/openapi.json` serves).
-pub fn openapi_document() -> serde_json::Value {
-    openapi::document()
+/// The OpenAPI document of API v1 for a server whose operator maximum
+/// limits are `maximum` (what `GET /v1/openapi.json` serves).
+pub fn openapi_document(maximum: &tvm_protocol::Limits) -> serde_json::Value {
+    openapi::document(maximum)
 }
 
 /// Installs a tracing subscriber writing to stderr: human-readable, or JSON
@@ -139,6 +145,19 @@ pub async fn serve_until(
         warn!(?wanted, fitted = ?targets, max_vms = cap.max_vms, "pool sizes reduced to fit capacity");
     }
     let metrics = Arc::new(Metrics::default());
+    // Connections may use the descriptors left after the server's own and the VMs'.
+    let fd_limit = conn::raise_fd_limit();
+    let fd_room = fd_limit.saturating_sub(conn::reserved_fds(cap.max_vms)).max(16) as usize;
+    if fd_room < config.max_connections {
+        warn!(fd_limit, max_connections = fd_room, "connection cap lowered to fit the descriptor limit");
+    }
+    let conns = Arc::new(conn::ConnLimits::new(
+        config.max_connections.min(fd_room),
+        config.max_connections_per_ip.min(config.max_connections),
+    ));
+    if !config.listen.ip().is_loopback() && config.allowed_hosts.is_empty() {
+        warn!(listen = %config.listen, "not on loopback and no allowed hosts: any Host header is accepted");
+    }
     let images = Arc::new(Images::scan(vmm.clone()));
     let pool = Arc::new(Pool::new(&vmm, &targets, Duration::from_millis(config.pool_max_idle_ms)));
     let life = Arc::new(Lifecycle::new());
@@ -150,6 +169,9 @@ pub async fn serve_until(
         images: images.clone(),
         metrics: metrics.clone(),
         life: life.clone(),
+        conns: conns.clone(),
+        parses: Arc::new(tokio::sync::Semaphore::new(config.max_concurrent_parses)),
+        openapi: openapi::document(vmm.catalog().maximum()),
     });
 
     // Background work stops when the drain starts.
@@ -159,7 +181,7 @@ pub async fn serve_until(
     if config.build_images {
         background.push(tokio::spawn(images.clone().build_missing(stop_rx.clone())));
     }
-    let ctx = RefillCtx { vmm: vmm.clone(), admission, images, metrics, pool: pool.clone() };
+    let ctx = RefillCtx { vmm: vmm.clone(), admission, images, metrics: metrics.clone(), pool: pool.clone() };
     for rp in pool.pools().iter().filter(|p| p.target() > 0) {
         background.push(tokio::spawn(pool::refill_loop(ctx.clone(), rp.clone(), stop_rx.clone())));
     }
@@ -193,8 +215,13 @@ pub async fn serve_until(
         }
     };
     let app = routes::router(st);
-    let header_timeout = Duration::from_millis(config.header_timeout_ms);
-    let outcome = serve_connections(listener, app, header_timeout, drain, drained_rx).await;
+    let hygiene = Hygiene {
+        header_timeout: Duration::from_millis(config.header_timeout_ms),
+        idle_timeout: Duration::from_millis(config.idle_timeout_ms),
+        conns,
+        metrics: metrics.clone(),
+    };
+    let outcome = serve_connections(listener, app, hygiene, drain, drained_rx).await;
     life.hard_stop();
     stop_tx.send_replace(true);
     for task in background {
@@ -206,24 +233,57 @@ pub async fn serve_until(
     outcome
 }
 
+/// Connection limits and timeouts (see [`conn`]).
+struct Hygiene {
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    conns: Arc<conn::ConnLimits>,
+    metrics: Arc<Metrics>,
+}
+
+/// How long HTTP/2 waits for a keep-alive ping's answer before closing.
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Accepts connections until `drain` resolves, then waits for open ones
 /// (for [`CONNECTION_LINGER`] after `drained`). hyper's own connection
 /// loop rather than `axum::serve`: only it can time out a client that
-/// never finishes its request headers (slowloris); `header_timeout`
-/// closes such connections.
+/// never finishes its request headers (slowloris), and only here can each
+/// connection get a watchdog ([`conn::watchdog`]) and a place under the
+/// connection caps.
+/// Answers a connection over the caps with a 503 in the error shape (best
+/// effort, without waiting: the socket buffer takes it or it is lost) and
+/// closes it.
+fn refuse_connection(stream: &tokio::net::TcpStream, why: conn::Refusal, metrics: &Metrics, max: usize) {
+    let (reason, message) = match why {
+        conn::Refusal::Total => ("over_limit", format!("the server has its maximum of {max} connections open")),
+        conn::Refusal::PerIp => ("over_ip_limit", "this client address has its maximum of connections open".into()),
+    };
+    metrics.connection_closed(reason);
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let _ = stream.try_write(&conn::error_response_bytes(503, "too_many_connections", &message, &id));
+    tracing::debug!(request_id = %id, reason, "connection refused");
+}
+
 async fn serve_connections(
     listener: tokio::net::TcpListener,
     app: axum::Router,
-    header_timeout: Duration,
+    hygiene: Hygiene,
     drain: impl Future<Output = ()> + Send + 'static,
     drained: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<(), ServeError> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
-    use hyper_util::service::TowerToHyperService;
 
+    let Hygiene { header_timeout, idle_timeout, conns, metrics } = hygiene;
     let mut builder = Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    // Pings find dead peers of long streams; the watchdog closes idle ones.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some((idle_timeout / 2).max(Duration::from_millis(50))))
+        .keep_alive_timeout(H2_PING_TIMEOUT)
+        .max_concurrent_streams(64);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut drain = std::pin::pin!(drain);
     loop {
@@ -239,12 +299,29 @@ async fn serve_connections(
             },
             _ = &mut drain => break,
         };
-        let service = TowerToHyperService::new(app.clone());
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let slot = match conns.try_open(peer.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                refuse_connection(&stream, why, &metrics, conns.max());
+                continue;
+            }
+        };
+        let act = conn::Activity::new();
+        let io = conn::TrackedIo::new(stream, act.clone(), metrics.clone(), peer);
+        let service = conn::Tracked::new(app.clone(), act.clone());
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service).into_owned();
         let conn = graceful.watch(conn);
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            let _slot = slot;
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                },
+                why = conn::watchdog(act, idle_timeout) => {
+                    tracing::debug!(%peer, why, "connection closed by the server");
+                    metrics.connection_closed(why);
+                }
             }
         });
     }

@@ -50,6 +50,7 @@ struct Inner {
     pool_hits: BTreeMap<String, u64>,
     pool_misses: BTreeMap<String, u64>,
     rejections: BTreeMap<&'static str, u64>,
+    connections_closed: BTreeMap<&'static str, u64>,
     pool_boot_failures: u64,
     boot: Histogram,
     execution: Histogram,
@@ -79,6 +80,10 @@ pub struct Gauges {
     pub in_flight: usize,
     /// Whether the server is draining.
     pub draining: bool,
+    /// Open HTTP connections.
+    pub connections: usize,
+    /// Their cap.
+    pub max_connections: usize,
     /// Per runtime: idle pool VMs and the target.
     pub pools: Vec<(String, usize, usize)>,
 }
@@ -117,6 +122,12 @@ impl Metrics {
         self.with(|m| *m.rejections.entry(reason).or_default() += 1);
     }
 
+    /// The server closed or refused a connection: `idle`, `write_stalled`,
+    /// `over_limit` or `over_ip_limit`.
+    pub fn connection_closed(&self, reason: &'static str) {
+        self.with(|m| *m.connections_closed.entry(reason).or_default() += 1);
+    }
+
     /// A pool VM failed to boot.
     pub fn pool_boot_failed(&self) {
         self.with(|m| m.pool_boot_failures += 1);
@@ -150,6 +161,8 @@ impl Metrics {
         gauge(&mut out, "tvm_guest_memory_budget_mib", "Guest RAM budget, MiB.", g.memory_budget_mib.to_string());
         gauge(&mut out, "tvm_executions_in_flight", "Executions in progress.", g.in_flight.to_string());
         gauge(&mut out, "tvm_draining", "1 while shutting down.", u8::from(g.draining).to_string());
+        gauge(&mut out, "tvm_http_connections", "Open HTTP connections.", g.connections.to_string());
+        gauge(&mut out, "tvm_http_connections_max", "Most open HTTP connections.", g.max_connections.to_string());
         let _ = writeln!(out, "# HELP tvm_pool_idle Warm VMs waiting at agent-ready.\n# TYPE tvm_pool_idle gauge");
         for (rt, idle, _) in &g.pools {
             let _ = writeln!(out, "tvm_pool_idle{{runtime=\"{}\"}} {idle}", escape(rt));
@@ -183,6 +196,14 @@ impl Metrics {
             let _ = writeln!(out, "# TYPE tvm_rejections_total counter");
             for (reason, n) in &m.rejections {
                 let _ = writeln!(out, "tvm_rejections_total{{reason=\"{reason}\"}} {n}");
+            }
+            let _ = writeln!(
+                out,
+                "# HELP tvm_http_connections_closed_total Connections the server closed or refused, by reason."
+            );
+            let _ = writeln!(out, "# TYPE tvm_http_connections_closed_total counter");
+            for (reason, n) in &m.connections_closed {
+                let _ = writeln!(out, "tvm_http_connections_closed_total{{reason=\"{reason}\"}} {n}");
             }
             let _ = writeln!(out, "# HELP tvm_pool_boot_failures_total Pool VMs that failed to boot.");
             let _ = writeln!(out, "# TYPE tvm_pool_boot_failures_total counter");

@@ -36,17 +36,97 @@ pub(crate) fn router(st: Arc<AppState>) -> Router {
         .route("/v1/executions/stream", post(stream_execution))
         .route("/v1/runtimes", get(list_runtimes))
         .route_layer(middleware::from_fn_with_state(st.clone(), require_api_key));
-    Router::new()
+    let mut app = Router::new()
         .merge(protected)
+        .merge(crate::piston::router(st.clone()))
+        .merge(crate::judge0::router(st.clone()))
         .route("/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(st.config.max_body_bytes))
+        .layer(DefaultBodyLimit::max(st.config.max_body_bytes));
+    if let Some(cors) = cors_layer(&st.config.cors_origins) {
+        app = app.layer(cors);
+    }
+    app.layer(middleware::from_fn_with_state(st.clone(), check_host))
         .layer(middleware::from_fn_with_state(st.clone(), request_context))
         .with_state(st)
+}
+
+/// CORS only for origins the operator named: with none, no CORS header is
+/// sent and browsers keep other origins from reading any answer.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    let layer = CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            "x-api-key".parse().unwrap(),
+            "x-request-id".parse().unwrap(),
+        ])
+        .expose_headers(["x-request-id".parse().unwrap(), header::RETRY_AFTER]);
+    Some(layer)
+}
+
+/// The host a request names (`Host`, or the HTTP/2 `:authority`), without port, lowercase.
+fn request_host(req: &Request) -> Option<String> {
+    let raw = req.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let raw = raw.or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))?;
+    let raw = raw.rsplit_once('@').map_or(raw.as_str(), |(_, h)| h).to_ascii_lowercase();
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        // [v6]:port
+        format!("[{}]", rest.split_once(']').map_or(rest, |(h, _)| h))
+    } else {
+        raw.split_once(':').map_or(raw.as_str(), |(h, _)| h).to_string()
+    };
+    Some(host.trim_end_matches('.').to_string())
+}
+
+/// Names that always mean this machine: `localhost` (and its subdomains,
+/// which browsers resolve to loopback themselves), 127.0.0.0/8 and `[::1]`.
+fn is_loopback_name(host: &str) -> bool {
+    if host == "localhost" || host.ends_with(".localhost") {
+        return true;
+    }
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Whether `host` passes: a loopback name when listening on loopback, or
+/// one of `allowed` (`name`, `.suffix`, `*`); anything when neither applies.
+pub(crate) fn host_allowed(host: &str, loopback_listener: bool, allowed: &[String]) -> bool {
+    let listed = allowed.iter().any(|a| {
+        let a = a.to_ascii_lowercase();
+        a == "*" || a == host || (a.starts_with('.') && (host.ends_with(&a) || host == &a[1..]))
+    });
+    if listed || (loopback_listener && is_loopback_name(host)) {
+        return true;
+    }
+    !loopback_listener && allowed.is_empty()
+}
+
+/// DNS-rebinding defence: a page served from another name that resolves to
+/// this server sends its own name as `Host`; such requests are refused.
+/// A request without any host (HTTP/1.0) cannot come from a browser and passes.
+async fn check_host(State(st): St, req: Request, next: Next) -> Response {
+    if let Some(host) = request_host(&req) {
+        if !host_allowed(&host, st.config.listen.ip().is_loopback(), &st.config.allowed_hosts) {
+            return ApiError::HostNotAllowed { host }.into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// A client-supplied id is kept if it is short and plain, so it can go into logs and headers verbatim.
@@ -130,36 +210,85 @@ async fn require_api_key(State(st): St, req: Request, next: Next) -> Response {
     }
 }
 
-/// JSON body extraction with API-shaped errors: 413 past the body limit,
-/// 408 when the body takes longer than `body_timeout_ms` to arrive, 400 with
-/// serde's message (line, column, field) for anything malformed (serde_json
-/// also refuses nesting deeper than 128 levels, so no body can exhaust the stack).
-/// The content type is not checked: a JSON body is a JSON body.
+/// JSON body extraction with API-shaped errors: 415 unless the body is
+/// declared JSON (`application/json` or `application/*+json`: the media
+/// types a browser cannot send cross-origin without a CORS preflight), 413
+/// past the body limit, 408 when the body (with the wait for a parse slot)
+/// takes longer than `body_timeout_ms`, 400 with serde's message (line,
+/// column, field) for anything malformed, 422 for counts and sizes over
+/// their limits (see [`crate::wire`]). serde_json also refuses nesting
+/// deeper than 128 levels, so no body can exhaust the stack.
 pub(crate) struct ApiJson<T>(pub T);
 
-impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
+/// [`ApiJson`] without the media-type check, for compatibility APIs whose
+/// clients send JSON as `text/plain` (Piston's do). Such routes are open to
+/// cross-origin browser requests: use only where the peer API requires it.
+// Used by the compatibility API routes (Piston); kept here next to ApiJson so both read bodies alike.
+#[allow(dead_code)]
+pub(crate) struct JsonAnyType<T>(pub T);
+
+/// Whether a Content-Type names JSON: `application/json` or `application/*+json`, any parameters.
+pub(crate) fn is_json_media_type(value: &str) -> bool {
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+impl<T: DeserializeOwned + Send + 'static> FromRequest<Arc<AppState>> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, st: &Arc<AppState>) -> Result<Self, ApiError> {
-        let limit = st.config.max_body_bytes;
-        // Refuse on the declared length alone, before the client spends time sending it all.
-        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit as u64) {
-            return Err(ApiError::PayloadTooLarge { limit });
+        let ct = req.headers().get(header::CONTENT_TYPE);
+        if !ct.and_then(|v| v.to_str().ok()).is_some_and(is_json_media_type) {
+            let got = ct.map_or("none".to_string(), |v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+            return Err(ApiError::UnsupportedMediaType { got });
         }
-        let ms = st.config.body_timeout_ms;
-        let read = tokio::time::timeout(std::time::Duration::from_millis(ms), Bytes::from_request(req, st));
-        let bytes = read.await.map_err(|_| ApiError::BodyTimeout { ms })?.map_err(|e| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge { limit }
-            } else {
-                ApiError::Malformed { message: e.body_text() }
-            }
-        })?;
-        serde_json::from_slice(&bytes)
-            .map(ApiJson)
-            .map_err(|e| ApiError::Malformed { message: format!("request body is not a valid execution request: {e}") })
+        read_json(req, st).await.map(ApiJson)
     }
+}
+
+impl<T: DeserializeOwned + Send + 'static> FromRequest<Arc<AppState>> for JsonAnyType<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, st: &Arc<AppState>) -> Result<Self, ApiError> {
+        read_json(req, st).await.map(JsonAnyType)
+    }
+}
+
+/// Reads a body, then parses it under a parse slot: at most
+/// `max_concurrent_parses` bodies are parsed at once, so the CPU and memory
+/// of parsing before admission are bounded by slots × what one body can
+/// cost (see [`crate::wire`]). The slot is taken only once the body is in:
+/// a slow client never holds one.
+async fn read_json<T: DeserializeOwned + Send + 'static>(req: Request, st: &Arc<AppState>) -> Result<T, ApiError> {
+    let ms = st.config.body_timeout_ms;
+    let work = async {
+        let bytes = read_body(req, st).await?;
+        let slot = st.parses.clone().acquire_owned().await.map_err(|_| ApiError::Draining)?;
+        // Parsing is CPU work of up to ~100 ms for the largest bodies: off the async workers.
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            crate::wire::parse::<T>(&bytes)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("request parsing failed: {e}")))?
+    };
+    tokio::time::timeout(std::time::Duration::from_millis(ms), work).await.map_err(|_| ApiError::BodyTimeout { ms })?
+}
+
+async fn read_body(req: Request, st: &Arc<AppState>) -> Result<Bytes, ApiError> {
+    let limit = st.config.max_body_bytes;
+    // Refuse on the declared length alone, before the client spends time sending it all.
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    Bytes::from_request(req, st).await.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::Malformed { message: e.body_text() }
+        }
+    })
 }
 
 /// Run a program and answer when it is done.
@@ -168,12 +297,14 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for ApiJson<T> {
     request_body = ExecutionBody,
     responses(
         (status = 200, description = "The execution ran (or TVM failed: verdict `internal_error`).", body = ExecutionResult),
-        (status = 400, description = "Malformed JSON or unknown fields.", body = ErrorBody),
+        (status = 400, description = "Malformed JSON, wrong types, unknown fields, or not a JSON object.", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key.", body = ErrorBody),
+        (status = 408, description = "The body (with the wait for a parse slot) took longer than the server's body timeout.", body = ErrorBody),
         (status = 413, description = "Body larger than the server's limit.", body = ErrorBody),
-        (status = 422, description = "Cannot run: unknown runtime, limit out of range, bad base64, unsafe file name, too many/large files, network refused.", body = ErrorBody),
-        (status = 429, description = "Queue full or queueing deadline passed; see Retry-After.", body = ErrorBody),
-        (status = 503, description = "Draining, or the runtime's image is not ready.", body = ErrorBody),
+        (status = 415, description = "Body not declared as JSON (`Content-Type: application/json`).", body = ErrorBody),
+        (status = 422, description = "Cannot run: unknown runtime, limit out of range, bad base64, unsafe or conflicting file names, too many/large files or arguments, network refused, more guest RAM than the server has.", body = ErrorBody),
+        (status = 429, description = "Queue full or queueing deadline passed; see Retry-After.", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait."))),
+        (status = 503, description = "Draining, or the runtime's image is not ready; see Retry-After when it is the image.", body = ErrorBody),
     ),
     security((), ("bearer" = []), ("api_key" = []))
 )]
@@ -196,13 +327,15 @@ pub(crate) async fn create_execution(
     post, path = "/v1/executions/stream", tag = "executions",
     request_body = ExecutionBody,
     responses(
-        (status = 200, description = "Event stream: `stdout`/`stderr` events carry an OutputEvent, the final `result` event an ExecutionResult.", content_type = "text/event-stream", body = String),
-        (status = 400, description = "Malformed JSON or unknown fields.", body = ErrorBody),
+        (status = 200, description = "Server-sent events (see `x-events` and the `StreamEvent` schema): `stdout`/`stderr` events whose data is an OutputEvent, then one `result` event whose data is an ExecutionResult; comment lines keep the connection alive.", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Malformed JSON, wrong types, unknown fields, or not a JSON object.", body = ErrorBody),
         (status = 401, description = "Missing or wrong API key.", body = ErrorBody),
+        (status = 408, description = "The body (with the wait for a parse slot) took longer than the server's body timeout.", body = ErrorBody),
         (status = 413, description = "Body larger than the server's limit.", body = ErrorBody),
-        (status = 422, description = "Cannot run.", body = ErrorBody),
-        (status = 429, description = "Queue full or queueing deadline passed; see Retry-After.", body = ErrorBody),
-        (status = 503, description = "Draining, or the runtime's image is not ready.", body = ErrorBody),
+        (status = 415, description = "Body not declared as JSON (`Content-Type: application/json`).", body = ErrorBody),
+        (status = 422, description = "Cannot run: unknown runtime, limit out of range, bad base64, unsafe or conflicting file names, too many/large files or arguments, network refused, more guest RAM than the server has.", body = ErrorBody),
+        (status = 429, description = "Queue full or queueing deadline passed; see Retry-After.", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait."))),
+        (status = 503, description = "Draining, or the runtime's image is not ready; see Retry-After when it is the image.", body = ErrorBody),
     ),
     security((), ("bearer" = []), ("api_key" = []))
 )]
@@ -339,8 +472,8 @@ pub(crate) async fn metrics(State(st): St) -> impl IntoResponse {
     get, path = "/v1/openapi.json", tag = "operations",
     responses((status = 200, description = "OpenAPI 3.1 description of API v1.", content_type = "application/json", body = Object))
 )]
-pub(crate) async fn openapi() -> Json<serde_json::Value> {
-    Json(crate::openapi::document())
+pub(crate) async fn openapi(State(st): St) -> Json<serde_json::Value> {
+    Json(st.openapi.clone())
 }
 
 async fn not_found(req: Request) -> ApiError {
@@ -374,6 +507,36 @@ mod tests {
         assert!(!key_accepted(&keys, &headers(&[("authorization", "Basic k1")])));
         assert!(!key_accepted(&keys, &headers(&[("authorization", "Bearer k")])));
         assert!(!key_accepted(&keys, &headers(&[("x-api-key", "k11")])));
+    }
+
+    #[test]
+    fn json_media_types() {
+        for ok in ["application/json", "Application/JSON; charset=utf-8", "application/problem+json"] {
+            assert!(is_json_media_type(ok), "{ok}");
+        }
+        for bad in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "", "json"] {
+            assert!(!is_json_media_type(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn hosts_on_loopback_and_elsewhere() {
+        for ok in ["localhost", "api.localhost", "127.0.0.1", "127.1.2.3", "[::1]"] {
+            assert!(host_allowed(ok, true, &[]), "{ok}");
+        }
+        for bad in ["evil.example", "10.0.0.1", "[::2]", "localhost.evil.example"] {
+            assert!(!host_allowed(bad, true, &[]), "{bad}");
+        }
+        let allowed = vec!["tvm.example".to_string(), ".lab.example".to_string()];
+        assert!(host_allowed("tvm.example", true, &allowed));
+        assert!(host_allowed("a.lab.example", false, &allowed) && host_allowed("lab.example", false, &allowed));
+        assert!(!host_allowed("evil.example", false, &allowed));
+        assert!(host_allowed("anything.example", false, &[]), "not loopback, nothing configured: open");
+        assert!(host_allowed("x", true, &["*".to_string()]));
+        let req = |h: &str| Request::builder().uri("/").header("host", h).body(axum::body::Body::empty()).unwrap();
+        assert_eq!(request_host(&req("LocalHost:8080")).as_deref(), Some("localhost"));
+        assert_eq!(request_host(&req("[::1]:80")).as_deref(), Some("[::1]"));
+        assert_eq!(request_host(&req("evil.example.")).as_deref(), Some("evil.example"));
     }
 
     #[test]

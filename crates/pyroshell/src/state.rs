@@ -23,6 +23,12 @@ pub(crate) struct AppState {
     pub images: Arc<Images>,
     pub metrics: Arc<Metrics>,
     pub life: Arc<Lifecycle>,
+    /// Open connections and their caps.
+    pub conns: Arc<crate::conn::ConnLimits>,
+    /// Request bodies being read and parsed (bounded before admission).
+    pub parses: Arc<tokio::sync::Semaphore>,
+    /// This server's OpenAPI document (its maximum limits included).
+    pub openapi: serde_json::Value,
 }
 
 impl AppState {
@@ -35,6 +41,8 @@ impl AppState {
             memory_budget_mib: self.admission.budget_mib(),
             in_flight: self.life.in_flight(),
             draining: self.life.draining(),
+            connections: self.conns.open(),
+            max_connections: self.conns.max(),
             pools: self.pool.pools().iter().map(|p| (p.id().to_string(), p.idle(), p.target())).collect(),
         }
     }

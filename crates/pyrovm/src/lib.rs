@@ -33,7 +33,11 @@ use tvm_protocol::{JobResult, Stage, Stream};
 
 pub use accel::AccelDecision;
 pub use backend::{Backend, Selection, VmmKind};
+pub use cache::{BuildCancel, CancelOnDrop};
 pub use plan::{plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile};
+pub use plan::{
+    MAX_ARGS, MAX_ARG_BYTES, MAX_FILES, MAX_FILES_BYTES, MAX_FILE_NAME_BYTES, MAX_FILE_NAME_PARTS, MAX_STDIN_BYTES,
+};
 pub use progress::Progress;
 pub use vm::{RunJobError, StartVmError, Vm, VmmHost};
 
@@ -326,8 +330,27 @@ impl Pyrovm {
         &self.kernel
     }
 
-    /// Finds or builds the image of `runtime`.
+    /// Finds or builds the image of `runtime`. Dropping the future mid-build
+    /// (Ctrl-C) cancels the build, which then removes its scratch directory on
+    /// its blocking thread.
     pub async fn ensure_image(&self, runtime: &Runtime, progress: Progress) -> Result<image::Image, ExecuteError> {
+        self.ensure_image_cancellable(runtime, progress, BuildCancel::new()).await
+    }
+
+    /// [`ensure_image`](Self::ensure_image) that `cancel` stops: the build's
+    /// tools are killed and its scratch directory and mounts removed before
+    /// the future resolves (to [`image::ImageBuildError::Cancelled`]), so a
+    /// caller that awaits it after cancelling knows the cleanup is done.
+    ///
+    /// # Errors
+    /// [`ExecuteError::Plan`] for a runtime without an image recipe,
+    /// [`ExecuteError::Image`] when the build fails or is cancelled.
+    pub async fn ensure_image_cancellable(
+        &self,
+        runtime: &Runtime,
+        progress: Progress,
+        cancel: BuildCancel,
+    ) -> Result<image::Image, ExecuteError> {
         let recipe = runtime.image.clone().ok_or_else(|| {
             ExecuteError::Plan(PlanError::RuntimeUnavailable {
                 id: runtime.id.clone(),
@@ -336,10 +359,15 @@ impl Pyrovm {
         })?;
         let settings = self.settings.clone();
         let id = runtime.id.clone();
-        tokio::task::spawn_blocking(move || image::ensure_image(&settings, &recipe, &progress))
-            .await
-            .map_err(|e| ExecuteError::Task(e.to_string()))?
-            .map_err(|source| ExecuteError::Image { runtime: id, source })
+        let on_drop = CancelOnDrop::new(cancel.clone());
+        let built = tokio::task::spawn_blocking(move || {
+            image::ensure_image_cancellable(&settings, &recipe, &progress, &cancel)
+        })
+        .await
+        .map_err(|e| ExecuteError::Task(e.to_string()))?
+        .map_err(|source| ExecuteError::Image { runtime: id, source });
+        on_drop.disarm();
+        built
     }
 
     /// Boots a fresh VM for `runtime` with `memory_mib` of RAM, up to agent-ready.

@@ -15,7 +15,12 @@ pub const MAX_FILES_BYTES: u64 = 16 << 20;
 pub const MAX_STDIN_BYTES: u64 = 16 << 20;
 /// Most program arguments, and bytes per argument.
 pub const MAX_ARGS: usize = 256;
-const MAX_ARG_BYTES: usize = 4096;
+/// Most bytes of one program argument.
+pub const MAX_ARG_BYTES: usize = 4096;
+/// Most bytes of a file name (the whole relative path), as the guest checks it.
+pub const MAX_FILE_NAME_BYTES: usize = 255;
+/// Most parts (directories and the file) of a file name, as the guest checks it.
+pub const MAX_FILE_NAME_PARTS: usize = 8;
 
 /// A submitted source file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +102,15 @@ pub enum PlanError {
     /// Two files share a name.
     #[error("file {0:?} is submitted twice")]
     DuplicateFile(String),
+    /// One file's name is a directory in another's path (`x` and `x/y`):
+    /// the guest cannot create both.
+    #[error("file {file:?} is also used as a directory by {other:?}")]
+    PathConflict {
+        /// The file whose name is a directory elsewhere.
+        file: String,
+        /// A file inside that directory.
+        other: String,
+    },
     /// The named entry file is not among the files.
     #[error("entry file {0:?} is not among the submitted files")]
     EntryNotFound(String),
@@ -129,7 +143,8 @@ impl PlanError {
             | PlanError::TooManyFiles(_)
             | PlanError::FilesTooLarge(_)
             | PlanError::BadFileName(_)
-            | PlanError::DuplicateFile(_) => "files",
+            | PlanError::DuplicateFile(_)
+            | PlanError::PathConflict { .. } => "files",
             PlanError::EntryNotFound(_) => "entry",
             PlanError::StdinTooLarge(_) => "stdin",
             PlanError::BadArgs(_) => "args",
@@ -173,6 +188,14 @@ pub fn plan(catalog: &Catalog, req: &ExecutionRequest, vm_overhead_mib: u64) -> 
             return Err(PlanError::DuplicateFile(f.name.clone()));
         }
     }
+    // `x` and `x/y` cannot both exist: refuse here rather than fail inside the guest.
+    for f in &req.files {
+        for (i, _) in f.name.match_indices('/') {
+            if let Some(file) = seen.get(&f.name[..i]) {
+                return Err(PlanError::PathConflict { file: file.to_string(), other: f.name.clone() });
+            }
+        }
+    }
     let entry = match &req.entry {
         Some(e) if seen.contains(e.as_str()) => e.clone(),
         Some(e) => return Err(PlanError::EntryNotFound(e.clone())),
@@ -206,12 +229,19 @@ pub fn plan(catalog: &Catalog, req: &ExecutionRequest, vm_overhead_mib: u64) -> 
         .collect();
     // Java names the main class after its file: `app/Main.java` is `app.Main`.
     let entry_class = entry.rsplit_once('.').map_or(entry.as_str(), |(stem, _)| stem).replace('/', ".");
+    if entry_class.starts_with('-') && runtime_uses(runtime, "{entry_class}") {
+        // A class name is no path, so `./` cannot protect it; no Java class starts with `-` anyway.
+        return Err(PlanError::BadFileName(format!(
+            "entry {entry:?} names the class {entry_class:?}, which would be read as an option"
+        )));
+    }
+    let entry_arg = path_arg(&entry);
     let expand = |template: &[String]| -> Vec<String> {
         let mut argv = Vec::new();
         for t in template {
             match t.as_str() {
-                "{sources}" => argv.extend(sources.iter().cloned()),
-                _ => argv.push(t.replace("{entry_class}", &entry_class).replace("{entry}", &entry)),
+                "{sources}" => argv.extend(sources.iter().map(|s| path_arg(s))),
+                _ => argv.push(t.replace("{entry_class}", &entry_class).replace("{entry}", &entry_arg)),
             }
         }
         argv
@@ -238,6 +268,21 @@ pub fn plan(catalog: &Catalog, req: &ExecutionRequest, vm_overhead_mib: u64) -> 
     };
     let vm_memory_mib = (stage_mem + job.workdir_bytes).div_ceil(1 << 20) + vm_overhead_mib;
     Ok(Plan { runtime: runtime.clone(), job, vm_memory_mib })
+}
+
+/// A submitted path as a command argument: `-V` becomes `./-V`, so no
+/// compiler or interpreter can read a file name as one of its options (the
+/// POSIX utility convention; `--` is not understood by every runtime).
+fn path_arg(path: &str) -> String {
+    if path.starts_with('-') {
+        format!("./{path}")
+    } else {
+        path.to_string()
+    }
+}
+
+fn runtime_uses(runtime: &Runtime, placeholder: &str) -> bool {
+    runtime.run.iter().chain(runtime.compile.iter().flatten()).any(|t| t.contains(placeholder))
 }
 
 fn apply_limits(stage: &'static str, base: Limits, req: &LimitRequest, max: &Limits) -> Result<Limits, PlanError> {
@@ -327,5 +372,45 @@ mod tests {
         assert!(matches!(plan(&c, &req("python", &[("a", ""), ("a", "")]), 160), Err(PlanError::DuplicateFile(_))));
         assert!(matches!(plan(&c, &req("cobol", &[("a", "")]), 160), Err(PlanError::UnknownRuntime(_))));
         assert!(matches!(plan(&c, &req("python", &[]), 160), Err(PlanError::NoFiles)));
+    }
+
+    #[test]
+    fn a_file_used_as_a_directory_is_a_conflict_in_either_order() {
+        let c = Catalog::builtin();
+        for files in [[("x", ""), ("x/y.py", "")], [("x/y.py", ""), ("x", "")]] {
+            let e = plan(&c, &req("python", &files), 160).unwrap_err();
+            assert_eq!(e, PlanError::PathConflict { file: "x".into(), other: "x/y.py".into() });
+            assert_eq!(e.field(), Some("files"));
+        }
+        let deep = [("a/b", ""), ("a/b/c/d.py", "")];
+        assert!(matches!(plan(&c, &req("python", &deep), 160), Err(PlanError::PathConflict { .. })));
+        // Siblings and shared prefixes that are not whole parts are fine.
+        let ok = [("a/b.py", ""), ("a/c.py", ""), ("ab", ""), ("a.py", "")];
+        assert!(plan(&c, &req("python", &ok), 160).is_ok());
+    }
+
+    #[test]
+    fn option_like_paths_are_passed_as_paths() {
+        let c = Catalog::builtin();
+        let p = plan(&c, &req("python", &[("-V", "print(1)")]), 160).unwrap();
+        assert_eq!(p.job.run.argv, vec!["python3.13", "./-V"]);
+        assert_eq!(p.job.files[0].path, "-V", "the file keeps its name");
+        let p = plan(&c, &req("c", &[("-o.c", ""), ("--help.c", "")]), 160).unwrap();
+        let argv = &p.job.compile.as_ref().unwrap().argv;
+        assert!(argv.contains(&"./-o.c".to_string()) && argv.contains(&"./--help.c".to_string()), "{argv:?}");
+        let p = plan(&c, &req("rust", &[("-C.rs", "")]), 160).unwrap();
+        assert_eq!(p.job.compile.as_ref().unwrap().argv.last().map(String::as_str), Some("./-C.rs"));
+        assert!(matches!(plan(&c, &req("java", &[("-X.java", "")]), 160), Err(PlanError::BadFileName(_))));
+        // Every catalog runtime: no argv element built from a name starting with `-` starts with `-`.
+        for rt in c.runtimes() {
+            let ext = rt.extensions.first().cloned().unwrap_or_default();
+            let name = format!("-x.{ext}");
+            if let Ok(p) = plan(&c, &req(&rt.id, &[(&name, "")]), 160) {
+                let argvs = p.job.compile.iter().chain([&p.job.run]).flat_map(|c| c.argv.clone());
+                for a in argvs {
+                    assert!(!a.starts_with(&name), "{}: {a:?} can be read as an option", rt.id);
+                }
+            }
+        }
     }
 }

@@ -52,7 +52,7 @@ pub enum Command {
     /// Remove VMs and run dirs left behind by a crashed tvm.
     Reap,
     /// Serve the HTTP API (pyroshell) until SIGTERM/SIGINT.
-    Serve(pyroshell::ServeArgs),
+    Serve(Box<pyroshell::ServeArgs>),
     /// Benchmark cold-start latency against native runs and print a table.
     Bench(BenchArgs),
     /// Soak bench: mixed hostile and normal executions through an in-process server; prints host figures before/after.
@@ -213,7 +213,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Image { command: ImageCommand::Build(args) } => commands::image::build(ctx, args).await,
         Command::Image { command: ImageCommand::List { json } } => commands::image::list(&ctx, json),
         Command::Reap => commands::reap::reap(&ctx),
-        Command::Serve(args) => commands::serve::serve(ctx, args).await,
+        Command::Serve(args) => commands::serve::serve(ctx, *args).await,
         Command::Bench(args) => commands::bench::bench(ctx, &args).await,
         Command::Soak(args) => commands::soak::soak(ctx, &args).await,
         Command::Lima(args) => commands::lima::lima(args).await,

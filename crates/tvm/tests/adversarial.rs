@@ -429,13 +429,13 @@ fn hostile_bodies_are_4xx(s: &Server) {
 
     // Declared 64 MiB: refused on the header alone.
     let mut c = common::server::connect(addr);
-    let head = format!("POST /v1/executions HTTP/1.1\r\nHost: {addr}\r\nContent-Length: {}\r\n\r\n{{", 64u64 << 20);
+    let head = format!("POST /v1/executions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{{", 64u64 << 20);
     c.write_all(head.as_bytes()).unwrap();
     assert_eq!(read_response(c).status, 413);
 
     // 40 MiB streamed in chunks with no declared length: cut at the limit.
     let mut c = common::server::connect(addr);
-    let head = format!("POST /v1/executions HTTP/1.1\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\n\r\n");
+    let head = format!("POST /v1/executions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n");
     c.write_all(head.as_bytes()).unwrap();
     let chunk = format!("{:x}\r\n{}\r\n", 1 << 20, " ".repeat(1 << 20));
     for _ in 0..40 {
@@ -460,7 +460,7 @@ fn slow_client_is_bounded(s: &Server) {
             std::thread::spawn(move || {
                 let mut c = common::server::connect(&addr);
                 let head =
-                    format!("POST /v1/executions HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 1000\r\n\r\n{{\"runt");
+                    format!("POST /v1/executions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"runt");
                 c.write_all(head.as_bytes()).unwrap();
                 let t = Instant::now();
                 let r = read_response(c);

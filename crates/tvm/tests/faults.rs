@@ -27,7 +27,7 @@ fn fault_mid_run(env: &Env, server: &Server, sig: Signal, wall_ms: u64) -> Value
     let mut c = common::server::connect(&server.addr);
     let body = sleeper(wall_ms).to_string();
     let head = format!(
-        "POST /v1/executions/stream HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        "POST /v1/executions/stream HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         server.addr,
         body.len()
     );

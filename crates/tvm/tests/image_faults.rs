@@ -1,6 +1,7 @@
 //! Faults in the image cache: a build killed mid-way (tvm and mmdebstrap
-//! SIGKILLed together while the chroot has /proc, /sys and /dev mounted), and
-//! a cache disk that fills up. Each uses a private cache dir; afterwards no
+//! SIGKILLed together while the chroot has /proc, /sys and /dev mounted), a
+//! server stopped (SIGTERM) during its background build, and a cache disk
+//! that fills up. Each uses a private cache dir; afterwards no
 //! build process, mount or scratch dir may remain (after the sweep the next
 //! build runs, for the killed one).
 //!
@@ -25,8 +26,12 @@ struct CacheDir {
 
 impl CacheDir {
     fn new(tmpfs_size: Option<&str>) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("tvm-image-fault-{}-{}", std::process::id(), tmpfs_size.is_some()));
+        Self::named(if tmpfs_size.is_some() { "true" } else { "false" }, tmpfs_size)
+    }
+
+    /// A cache dir of its own for each test (tests of this file run in parallel).
+    fn named(label: &str, tmpfs_size: Option<&str>) -> Self {
+        let path = std::env::temp_dir().join(format!("tvm-image-fault-{}-{label}", std::process::id()));
         std::fs::create_dir_all(&path).unwrap();
         if let Some(size) = tmpfs_size {
             let data = format!("size={size}");
@@ -151,4 +156,116 @@ fn full_cache_disk_fails_the_build_cleanly() {
     assert!(processes_mentioning(&cache.path).is_empty());
     assert_eq!(scratch_dirs(&cache.path), 0, "{err}");
     assert_eq!(mounts_under(&cache.path), 0);
+}
+
+/// Links the shared cache's guest kernel into `cache`, so a server can start
+/// there without building one (the kernel is only read).
+fn link_kernel(cache: &Path) {
+    let shared = tvm_config::Settings::load().unwrap();
+    let kernel = pyrovm::kernel::find_kernel(&shared)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no guest kernel in {}: run `tvm kernel build`", shared.cache_dir.display()));
+    let dir = kernel.bzimage.parent().unwrap();
+    std::fs::create_dir_all(cache.join("kernel")).unwrap();
+    std::os::unix::fs::symlink(dir, cache.join("kernel").join(&kernel.key)).unwrap();
+}
+
+/// Hard-links the shared cache's downloaded packages into `cache`, so a build
+/// there reaches its chroot phase without downloading (the shared files are
+/// never written: apt only adds and removes names). Nothing is linked across
+/// filesystems; the build then downloads.
+fn link_debs(cache: &Path) {
+    let shared = tvm_config::Settings::load().unwrap().cache_dir.join("debs");
+    let Ok(suites) = std::fs::read_dir(&shared) else { return };
+    for suite in suites.flatten() {
+        let to = cache.join("debs").join(suite.file_name());
+        std::fs::create_dir_all(&to).unwrap();
+        for deb in std::fs::read_dir(suite.path()).unwrap().flatten() {
+            if deb.file_type().is_ok_and(|t| t.is_file())
+                && std::fs::hard_link(deb.path(), to.join(deb.file_name())).is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+/// Starts `tvm ARGS` on a private cache holding the shared kernel and
+/// packages but no image, sends `signal` once its image build is in the
+/// chroot phase (the package cache bound in, /proc, /sys and /dev mounted in
+/// the new root), and checks that at exit no build process, scratch dir or
+/// mount is left, without any later sweep. Returns the exit status and stderr.
+fn stop_mid_build(label: &str, args: &[&str], signal: nix::sys::signal::Signal) -> (std::process::ExitStatus, String) {
+    let env = Env::new();
+    let cache = CacheDir::named(label, None);
+    link_kernel(&cache.path);
+    link_debs(&cache.path);
+    let mounts_before = mounts_under(&cache.path);
+    let mut child = env
+        .tvm()
+        .args(args)
+        .env("TVM_CACHE_DIR", &cache.path)
+        .env("TVM_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
+        text
+    });
+    let t = Instant::now();
+    while mounts_under(&cache.path) < 3 {
+        if child.try_wait().unwrap().is_some() {
+            panic!("tvm {args:?} ended before its build's chroot phase:\n{}", log.join().unwrap());
+        }
+        assert!(t.elapsed() < Duration::from_secs(300), "no chroot mounts after 5 minutes");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mounted = mounts_under(&cache.path);
+    assert_eq!(scratch_dirs(&cache.path), 1, "one build running");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "tvm {args:?} still running 60 s after {signal}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = log.join().unwrap();
+    eprintln!("tvm {args:?}: {signal} with {mounted} build mounts; exited {status}");
+    // Checked right at exit: no sweep has run since.
+    assert_eq!(processes_mentioning(&cache.path), Vec::<u32>::new(), "build processes survive");
+    assert_eq!(scratch_dirs(&cache.path), 0, "scratch dir left behind\n{log}");
+    assert_eq!(mounts_under(&cache.path), mounts_before, "mounts left behind\n{log}");
+    assert!(
+        std::fs::read_dir(cache.path.join("images")).map(|d| d.count()).unwrap_or(0) == 0,
+        "no half image published"
+    );
+    (status, log)
+}
+
+/// Fault: `tvm serve` gets SIGTERM while it builds a missing image in the
+/// background (every image is missing from its cache). Expected: the drain
+/// cancels the build and removes what it made before the process exits 0.
+#[test]
+fn serve_stopped_mid_build_cancels_it_and_leaves_nothing() {
+    let (status, log) =
+        stop_mid_build("serve", &["serve", "--listen", "127.0.0.1:0"], nix::sys::signal::Signal::SIGTERM);
+    assert!(status.success(), "a drained server exits 0: {status}\n{log}");
+    assert!(log.contains("cancelling the image build"), "{log}");
+}
+
+/// Sibling: `tvm image build` stopped by SIGTERM or SIGINT (Ctrl-C) mid-build.
+/// Expected: the build is cancelled and cleaned up the same way; exit 130.
+#[test]
+fn image_build_stopped_by_a_signal_cleans_up_before_exit() {
+    for (label, signal) in [("term", nix::sys::signal::Signal::SIGTERM), ("int", nix::sys::signal::Signal::SIGINT)] {
+        let (status, log) = stop_mid_build(label, &["image", "build", "python"], signal);
+        assert_eq!(status.code(), Some(130), "{signal}: {log}");
+        assert!(log.contains("was cancelled and cleaned up"), "{signal}: {log}");
+    }
 }

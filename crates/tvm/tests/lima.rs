@@ -128,6 +128,8 @@ fn up_status_shell_down_delete() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), format!("TVM is ready: tvm run --server http://127.0.0.1:{port} file.py\n"));
     assert!(text(&out.stderr).contains("READY"), "Lima's progress is shown: {}", text(&out.stderr));
+    // No `tvm doctor` answer from this guest: up says the accelerator is unknown rather than guess.
+    assert!(text(&out.stderr).contains("note: the accelerator inside is unknown"), "{}", text(&out.stderr));
 
     lima.instance_file(
         "tvm",

@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use pyrovm::Progress;
+use pyrovm::{BuildCancel, Progress};
 use tvm_config::{format_bytes, Runtime};
 
 use super::{usage, Context};
@@ -29,11 +29,16 @@ fn selected(ctx: &Context, args: &ImageBuildArgs) -> Result<Vec<Runtime>> {
 }
 
 /// Builds (or finds) the image of each selected runtime with
-/// [`pyrovm::image::ensure_image`]; exit status 1 if any failed.
+/// [`pyrovm::image::ensure_image_cancellable`] (SIGINT or SIGTERM cancels it
+/// and cleans up); exit status 1 if any failed, 130 when stopped.
 pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
     let (mut built, mut cached_n, mut failed) = (0, 0, Vec::new());
     let mut total_bytes = 0;
     let mut seen = HashSet::new();
+    // SIGINT (Ctrl-C) or SIGTERM: the build tools run in their own process group, so
+    // tvm stops them and waits until the scratch directory and its mounts are gone.
+    let stop = pyroshell::shutdown_signal();
+    tokio::pin!(stop);
     for r in selected(&ctx, &args)? {
         let Some(recipe) = r.image.clone() else {
             println!("{:<14} unavailable: {}", r.id, r.unavailable.unwrap_or_default());
@@ -42,10 +47,20 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
         let cached = pyrovm::image::find_image(&ctx.settings, &recipe).is_some();
         let s = ctx.settings.clone();
         let id = r.id.clone();
-        let res = tokio::task::spawn_blocking(move || {
-            pyrovm::image::ensure_image(&s, &recipe, &Progress::spinner(&format!("image {id}")))
-        })
-        .await?;
+        let cancel = BuildCancel::new();
+        let token = cancel.clone();
+        let mut task = tokio::task::spawn_blocking(move || {
+            pyrovm::image::ensure_image_cancellable(&s, &recipe, &Progress::spinner(&format!("image {id}")), &token)
+        });
+        let res = tokio::select! {
+            res = &mut task => res?,
+            _ = &mut stop => {
+                cancel.cancel();
+                let _ = task.await;
+                eprintln!("tvm: interrupted; the build of {} was cancelled and cleaned up", r.id);
+                return Ok(ExitCode::from(130));
+            }
+        };
         match res {
             Ok(img) => {
                 // Runtimes sharing an image (C and C++) count it once.

@@ -150,6 +150,7 @@ pub async fn lima(args: LimaArgs) -> Result<ExitCode> {
                 Some(d) => d,
                 None => pyrolima::default_bin_dir(&std::env::current_exe().context("locating tvm")?),
             };
+            let share = paths.share.clone();
             let opts = UpOptions {
                 name: a.name.name.clone(),
                 template: template_options(&a.vm, host, &paths),
@@ -168,6 +169,15 @@ pub async fn lima(args: LimaArgs) -> Result<ExitCode> {
             };
             if let Readiness::Serving { images_not_ready } = &report.api {
                 eprintln!("still building in the background: {}", images_not_ready.join(", "));
+            }
+            // TCG inside, or a host directory Lima's own config mounted: say so before the user relies on it.
+            if let Ok(status) = pyrolima::status(&limactl, &report.name, Some(&share)).await {
+                if let Some(a) = &status.accelerator {
+                    eprintln!("accelerator inside: {}", a.kind.to_uppercase());
+                }
+                for note in &status.notes {
+                    eprintln!("note: {note}");
+                }
             }
             println!("TVM is ready: tvm run --server {} file.py", report.url);
             Ok(ExitCode::SUCCESS)

@@ -1,0 +1,337 @@
+//! Judge0 CE compatibility against a real `tvm serve` with real VMs: every
+//! route, Judge0's error shapes (422 by attribute, 400 for fields and
+//! batches, 401 with X-Auth-Token), statuses from real programs (accepted,
+//! wrong answer, TLE, compilation error, SIGSEGV, SIGFPE, SIGABRT, NZEC,
+//! memory limit), compiler options and arguments, redirected stderr,
+//! `number_of_runs`, `additional_files` (and its zip defences), callbacks
+//! (and their SSRF defence), async tokens and batches, and token resolution
+//! across two nodes.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::time::Duration;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use common::server::{http, wait_until, Resp, Server};
+use common::Env;
+use serde_json::{json, Value};
+
+fn zip_of(entries: &[(&str, &[u8])]) -> String {
+    use zip::write::SimpleFileOptions;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, data) in entries {
+        w.start_file(*name, SimpleFileOptions::default()).unwrap();
+        w.write_all(data).unwrap();
+    }
+    B64.encode(w.finish().unwrap().into_inner())
+}
+
+fn submit(server: &Server, query: &str, body: &Value) -> Resp {
+    server.post(&format!("/submissions?{query}"), &[], body)
+}
+
+/// `wait=true`, all fields; asserts 201.
+fn run(server: &Server, body: Value) -> Value {
+    let r = submit(server, "wait=true&fields=*", &body);
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()
+}
+
+fn status(v: &Value) -> u64 {
+    v["status"]["id"].as_u64().unwrap_or_else(|| panic!("no status: {v}"))
+}
+
+fn poll(server: &Server, token: &str) -> Value {
+    let mut last = Value::Null;
+    wait_until("submission finished", Duration::from_secs(300), || {
+        last = server.get(&format!("/submissions/{token}?fields=*")).json();
+        last["status"]["id"].as_u64().is_some_and(|s| s > 2)
+    });
+    last
+}
+
+const PY: u64 = 109; // Judge0's id for Python 3.13
+const C: u64 = 103; // C (GCC 14)
+
+#[test]
+fn judge0_routes_statuses_and_options() {
+    let env = Env::new();
+    let server = Server::start(&env, &["--no-build-images"]);
+
+    // Informational routes.
+    let langs = server.get("/languages").json();
+    let langs = langs.as_array().unwrap();
+    assert!(
+        langs.iter().any(|l| l["id"] == 92 && l["name"].as_str().unwrap().starts_with("Python (3.11.")),
+        "{langs:?}"
+    );
+    assert!(langs.iter().any(|l| l["id"] == PY));
+    assert!(!langs.iter().any(|l| l["id"] == 71), "Python 3.8.1 cannot run here, so it is not listed");
+    let l = server.get("/languages/103").json();
+    assert_eq!((l["source_file"].clone(), l["is_archived"].clone()), (json!("main.c"), json!(false)), "{l}");
+    assert!(l["compile_cmd"].as_str().unwrap().contains("main.c"));
+    assert_eq!(server.get("/languages/71").status, 404);
+    let st = server.get("/statuses").json();
+    assert_eq!(st.as_array().unwrap().len(), 14);
+    assert_eq!(st[6], json!({"id": 7, "description": "Runtime Error (SIGSEGV)"}));
+    assert_eq!(server.get("/about").json()["version"], "1.14.0");
+    assert_eq!(server.get("/version").text(), "1.14.0");
+    let c = server.get("/config_info").json();
+    for k in
+        ["max_cpu_time_limit", "max_memory_limit", "max_submission_batch_size", "enable_callbacks", "wall_time_limit"]
+    {
+        assert!(!c[k].is_null(), "config_info lacks {k}: {c}");
+    }
+    assert_eq!(c["enable_callbacks"], false);
+    assert!(server.get("/system_info").json()["CPU(s)"].is_string());
+    let w = server.get("/workers").json();
+    assert!(w[0]["available"].as_u64().unwrap() >= 1, "{w}");
+
+    // Errors in Judge0's shapes.
+    let r = submit(&server, "wait=true", &json!({"language_id": 71, "cpu_time_limit": 1000, "memory_limit": "x"}));
+    assert_eq!(r.status, 422, "{}", r.text());
+    let e = r.json();
+    assert_eq!(e["source_code"], json!(["can't be blank"]));
+    assert_eq!(e["language_id"], json!(["language with id 71 doesn't exist"]));
+    assert_eq!(e["cpu_time_limit"], json!(["must be less than or equal to 120.0"]));
+    assert_eq!(e["memory_limit"], json!(["is not a number"]));
+    let r = submit(
+        &server,
+        "",
+        &json!({"source_code": "x", "language_id": PY, "enable_network": true, "callback_url": "http://example.com/"}),
+    );
+    assert_eq!(r.json()["enable_network"], json!(["this option cannot be enabled"]));
+    assert_eq!(r.json()["callback_url"], json!(["callbacks are disabled on this server"]));
+    let r = server.get("/submissions/00000000-0000-4000-8000-000000000000?fields=stdout,nope");
+    assert_eq!((r.status, r.json()["error"].clone()), (400, json!("invalid fields: [nope]")));
+    assert_eq!(server.get("/submissions/00000000-0000-4000-8000-000000000000").status, 404);
+    let r = server.post("/submissions/batch", &[], &json!({"submissions": []}));
+    assert_eq!(r.json()["error"], "there should be at least one submission in a batch");
+    let many: Vec<Value> = (0..21).map(|_| json!({"source_code": "x", "language_id": PY})).collect();
+    let r = server.post("/submissions/batch", &[], &json!({ "submissions": many }));
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (400, json!("number of submissions in a batch should be less than or equal to 20"))
+    );
+    // Zip defences: traversal and a bomb are refused before anything runs.
+    for zip in [zip_of(&[("../evil.py", b"x")]), zip_of(&[("big", &vec![0u8; 17 << 20])])] {
+        let r = submit(&server, "", &json!({"source_code": "x", "language_id": PY, "additional_files": zip}));
+        assert_eq!(r.status, 422, "{}", r.text());
+        assert!(r.json()["additional_files"][0].is_string());
+    }
+
+    // Accepted, default fields, base64 both ways.
+    let r = submit(
+        &server,
+        "wait=true&base64_encoded=true",
+        &json!({
+            "source_code": B64.encode("print(input()[::-1])"), "language_id": PY, "stdin": B64.encode("abc"),
+            "expected_output": B64.encode("cba  \n\n"),
+        }),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let v = r.json();
+    let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+    assert_eq!(keys.len(), 8, "the default fields: {v}");
+    assert_eq!(status(&v), 3, "trailing whitespace is ignored: {v}");
+    assert_eq!(B64.decode(v["stdout"].as_str().unwrap()).unwrap(), b"cba\n");
+    assert!(v["time"].as_str().unwrap().parse::<f64>().is_ok(), "seconds as a decimal string: {v}");
+    assert!(v["memory"].as_u64().unwrap() > 0, "KB: {v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    let again = server.get(&format!("/submissions/{token}?fields=*")).json();
+    assert_eq!(again["language"]["id"], PY);
+    assert_eq!(again["stdin"], "abc", "plain text without base64_encoded");
+    assert!(again["created_at"].as_str().unwrap().ends_with('Z'));
+
+    // Wrong answer; NZEC; signals; TLE; memory.
+    let v = run(&server, json!({"source_code": "print('x')", "language_id": PY, "expected_output": "y"}));
+    assert_eq!(status(&v), 4, "{v}");
+    let v =
+        run(&server, json!({"source_code": "import sys; print('e', file=sys.stderr); sys.exit(4)", "language_id": PY}));
+    assert_eq!((status(&v), v["exit_code"].clone(), v["stderr"].clone()), (11, json!(4), json!("e\n")), "{v}");
+    assert_eq!(v["message"], "Exited with error status 4");
+    let v = run(
+        &server,
+        json!({"source_code": "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "language_id": PY}),
+    );
+    assert_eq!((status(&v), v["exit_signal"].clone()), (7, json!(11)), "{v}");
+    let v = run(
+        &server,
+        json!({"source_code": "while True: pass", "language_id": PY, "cpu_time_limit": 1, "cpu_extra_time": 0.5, "wall_time_limit": 5}),
+    );
+    assert_eq!(status(&v), 5, "{v}");
+    let v = run(&server, json!({"source_code": "x = bytearray(400 << 20)", "language_id": PY, "memory_limit": 65536}));
+    assert_eq!((status(&v), v["message"].clone()), (12, json!("Memory limit exceeded")), "{v}");
+
+    // C: SIGFPE, SIGABRT, compilation error, compiler options and shell-split arguments, redirected stderr.
+    let v = run(
+        &server,
+        json!({"source_code": "int main(int c, char**v){volatile int z = c - 1; return 1 / z;}", "language_id": C}),
+    );
+    assert_eq!(status(&v), 9, "{v}");
+    let v = run(&server, json!({"source_code": "#include <stdlib.h>\nint main(){abort();}", "language_id": C}));
+    assert_eq!(status(&v), 10, "{v}");
+    let v = run(&server, json!({"source_code": "int main( {", "language_id": C}));
+    assert_eq!(status(&v), 6, "{v}");
+    assert!(v["compile_output"].as_str().unwrap().contains("error"), "{v}");
+    let src = "#include <stdio.h>\nint main(int c, char**v){fprintf(stderr, \"E\\n\"); fflush(stderr); printf(\"%d %s|%s\\n\", VALUE, v[1], v[2]); return 0;}";
+    let v = run(
+        &server,
+        json!({
+            "source_code": src, "language_id": C, "compiler_options": "-DVALUE=42 -Wall",
+            "command_line_arguments": "'a b' \"c;rm -rf /\"", "redirect_stderr_to_stdout": true,
+        }),
+    );
+    assert_eq!(status(&v), 3, "{v}");
+    assert_eq!(v["stdout"], "E\n42 a b|c;rm -rf /\n", "options reach the compiler, words are not a shell: {v}");
+    assert_eq!(v["stderr"], Value::Null);
+    let r = submit(
+        &server,
+        "",
+        &json!({"source_code": "package main\nfunc main(){}", "language_id": 106, "compiler_options": "-x"}),
+    );
+    assert_eq!(r.status, 422, "Go's build script takes no compiler options: {}", r.text());
+
+    // Additional files and number_of_runs.
+    let v = run(
+        &server,
+        json!({
+            "source_code": "print(open('data/in.txt').read().strip())", "language_id": PY,
+            "additional_files": zip_of(&[("data/in.txt", b"from the zip\n")]), "number_of_runs": 2,
+        }),
+    );
+    assert_eq!(
+        (status(&v), v["stdout"].clone(), v["number_of_runs"].clone()),
+        (3, json!("from the zip\n"), json!(2)),
+        "{v}"
+    );
+
+    // Async: a token now, the result later; batches.
+    let r = submit(&server, "", &json!({"source_code": "print(6*7)", "language_id": PY}));
+    assert_eq!(r.status, 201);
+    let token = r.json()["token"].as_str().unwrap().to_string();
+    assert_eq!(r.json().as_object().unwrap().len(), 1, "only the token");
+    assert_eq!(poll(&server, &token)["stdout"], "42\n");
+    let r = server.post(
+        "/submissions/batch?base64_encoded=true",
+        &[],
+        &json!({"submissions": [
+            {"source_code": B64.encode("print(1)"), "language_id": PY},
+            {"source_code": B64.encode("print(2)"), "language_id": 71},
+            {"source_code": B64.encode("print(3)"), "language_id": PY},
+        ]}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let out = r.json();
+    assert_eq!(out[1]["language_id"], json!(["language with id 71 doesn't exist"]));
+    let (t1, t3) = (out[0]["token"].as_str().unwrap().to_string(), out[2]["token"].as_str().unwrap().to_string());
+    poll(&server, &t1);
+    poll(&server, &t3);
+    let b = server
+        .get(&format!("/submissions/batch?tokens={t1},00000000-0000-4000-8000-000000000000,{t3}&fields=stdout,status"))
+        .json();
+    assert_eq!(b["submissions"][0], json!({"stdout": "1\n", "status": {"id": 3, "description": "Accepted"}}));
+    assert_eq!(b["submissions"][1], Value::Null);
+    assert_eq!(b["submissions"][2]["stdout"], "3\n");
+
+    server.stop();
+    env.assert_clean();
+}
+
+/// Accepts one connection and returns the request line and body.
+fn accept_one(listener: TcpListener) -> std::thread::JoinHandle<(String, Vec<u8>)> {
+    std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let mut r = BufReader::new(s.try_clone().unwrap());
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        let mut len = 0;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).unwrap();
+            if h.trim().is_empty() {
+                break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).unwrap();
+        let mut s = s;
+        s.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n").unwrap();
+        (line, body)
+    })
+}
+
+#[test]
+fn judge0_callbacks_auth_and_two_nodes() {
+    let env = Env::new();
+    let a = Server::start(&env, &["--no-build-images", "--judge0-node", "a", "--judge0-callbacks", "--api-key", "k"]);
+    let auth = [("X-Auth-Token", "k")];
+    assert_eq!(a.get("/languages").status, 401, "keys configured: X-Auth-Token required");
+    assert_eq!(http(&a.addr, "GET", "/languages", &auth, b"").status, 200);
+
+    // SSRF: a callback to loopback is refused when private targets are not allowed.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/cb", listener.local_addr().unwrap());
+    let r = a.post(
+        "/submissions?wait=true",
+        &auth,
+        &json!({"source_code": "print(1)", "language_id": PY, "callback_url": url}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    wait_until("callback refusal logged", Duration::from_secs(30), || a.log().contains("callback refused"));
+    assert!(a.log().contains("not a public address"), "{}", a.log());
+
+    // Two nodes: b forwards lookups of a's tokens to a.
+    let env_b = Env::new();
+    let b = Server::start(
+        &env_b,
+        &[
+            "--no-build-images",
+            "--judge0-node",
+            "b",
+            "--judge0-peer",
+            &format!("a=http://{}", a.addr),
+            "--api-key",
+            "k",
+            "--judge0-callbacks",
+            "--judge0-callbacks-allow-private",
+        ],
+    );
+    let r = a.post("/submissions?wait=true", &auth, &json!({"source_code": "print('on a')", "language_id": PY}));
+    let token_a = r.json()["token"].as_str().unwrap().to_string();
+    let via_b = http(&b.addr, "GET", &format!("/submissions/{token_a}?fields=stdout,token"), &auth, b"");
+    assert_eq!(via_b.status, 200, "{}", via_b.text());
+    assert_eq!(via_b.json(), json!({"stdout": "on a\n", "token": token_a}));
+
+    // A callback from b (private targets allowed there) arrives as a PUT with the result.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/cb", listener.local_addr().unwrap());
+    let got = accept_one(listener);
+    let r =
+        b.post("/submissions", &auth, &json!({"source_code": "print('on b')", "language_id": PY, "callback_url": url}));
+    let token_b = r.json()["token"].as_str().unwrap().to_string();
+    let (line, body) = got.join().unwrap();
+    assert!(line.starts_with("PUT /cb "), "{line}");
+    let cb: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(cb["token"], token_b.as_str());
+    assert_eq!(B64.decode(cb["stdout"].as_str().unwrap()).unwrap(), b"on b\n");
+
+    // A batch on b mixing both nodes' tokens; a never forwards a token back (it has no peers).
+    let batch =
+        http(&b.addr, "GET", &format!("/submissions/batch?tokens={token_a},{token_b}&fields=stdout"), &auth, b"")
+            .json();
+    assert_eq!(batch["submissions"], json!([{"stdout": "on a\n"}, {"stdout": "on b\n"}]));
+    assert_eq!(http(&a.addr, "GET", &format!("/submissions/{token_b}"), &auth, b"").status, 404);
+
+    b.stop();
+    a.stop();
+    env.assert_clean();
+    env_b.assert_clean();
+}

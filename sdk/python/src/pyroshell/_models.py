@@ -1,0 +1,216 @@
+"""Typed models of the TVM API v1 (``GET /v1/openapi.json``).
+
+Response models allow unknown fields, so a newer server never breaks an
+older client; ``tests/test_openapi.py`` fails when these models and the
+server's OpenAPI document disagree on a field.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "Verdict",
+    "StageStatus",
+    "Limits",
+    "LimitsInfo",
+    "Stage",
+    "ExecutionResult",
+    "ImageInfo",
+    "DefaultLimits",
+    "PoolInfo",
+    "Runtime",
+    "RuntimeList",
+    "OutputEvent",
+    "ResultEvent",
+    "StreamEvent",
+]
+
+#: How an execution ended. ``ok`` is the only success; the rest are data, not exceptions.
+Verdict = Literal[
+    "ok",
+    "compile_error",
+    "runtime_error",
+    "time_limit_exceeded",
+    "memory_limit_exceeded",
+    "output_limit_exceeded",
+    "internal_error",
+]
+
+#: How one stage (compile or run) ended.
+StageStatus = str
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class Limits(BaseModel):
+    """Per-stage limits for a request; unset fields keep the runtime's default.
+
+    Units are in the names: milliseconds, bytes, counts.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    wall_time_ms: Optional[int] = Field(default=None, ge=1)
+    cpu_time_ms: Optional[int] = Field(default=None, ge=1)
+    memory_bytes: Optional[int] = Field(default=None, ge=1)
+    processes: Optional[int] = Field(default=None, ge=1)
+    output_bytes: Optional[int] = Field(default=None, ge=1)
+    file_size_bytes: Optional[int] = Field(default=None, ge=1)
+
+    def to_body(self) -> Dict[str, int]:
+        return self.model_dump(exclude_none=True)
+
+
+class LimitsInfo(_Response):
+    """Limits in force for one stage (ms, bytes, counts)."""
+
+    wall_time_ms: int
+    cpu_time_ms: int
+    memory_bytes: int
+    processes: int
+    output_bytes: int
+    file_size_bytes: int
+
+
+def _exact(text: str, b64: Optional[str]) -> bytes:
+    if b64 is not None:
+        return base64.b64decode(b64)
+    return text.encode("utf-8")
+
+
+class Stage(_Response):
+    """What one stage did: output (text and exact bytes), exit, times, memory."""
+
+    status: StageStatus
+    exit_code: Optional[int] = None
+    signal: Optional[int] = None
+    stdout: str = ""
+    stderr: str = ""
+    stdout_base64: Optional[str] = None
+    stderr_base64: Optional[str] = None
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    wall_time_ms: int = 0
+    cpu_time_ms: int = 0
+    peak_memory_bytes: int = 0
+
+    @property
+    def stdout_bytes(self) -> bytes:
+        """The exact bytes the program wrote to stdout (``stdout`` replaces invalid UTF-8)."""
+        return _exact(self.stdout, self.stdout_base64)
+
+    @property
+    def stderr_bytes(self) -> bytes:
+        """The exact bytes the program wrote to stderr."""
+        return _exact(self.stderr, self.stderr_base64)
+
+
+class ExecutionResult(_Response):
+    """The outcome of one execution. A failing program is a verdict here, not an exception."""
+
+    id: str
+    verdict: Verdict
+    runtime: str
+    compile: Optional[Stage] = None
+    run: Optional[Stage] = None
+    error: Optional[str] = None
+    boot_ms: int = 0
+    queue_ms: int = 0
+    total_ms: int = 0
+    accel: str = ""
+    pooled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """Whether the program compiled (if needed), ran and exited 0 within its limits."""
+        return self.verdict == "ok"
+
+    @property
+    def stdout(self) -> str:
+        """The run stage's stdout ("" when it did not run)."""
+        return self.run.stdout if self.run else ""
+
+    @property
+    def stderr(self) -> str:
+        """The run stage's stderr, or the compiler's when compilation failed."""
+        if self.run is not None:
+            return self.run.stderr
+        return self.compile.stderr if self.compile else ""
+
+    @property
+    def exit_code(self) -> Optional[int]:
+        """The run stage's exit code, when it exited."""
+        return self.run.exit_code if self.run else None
+
+
+class ImageInfo(_Response):
+    state: str
+    reason: Optional[str] = None
+
+
+class DefaultLimits(_Response):
+    run: LimitsInfo
+    compile: Optional[LimitsInfo] = None
+
+
+class PoolInfo(_Response):
+    target: int = 0
+    idle: int = 0
+    memory_mib: int = 0
+
+
+class Runtime(_Response):
+    """One runtime of the server's catalog."""
+
+    id: str
+    language: str
+    version: str
+    aliases: List[str] = []
+    extensions: List[str] = []
+    compiled: bool = False
+    entry: str = ""
+    image: ImageInfo
+    default_limits: DefaultLimits
+    pool: PoolInfo = PoolInfo()
+
+    @property
+    def available(self) -> bool:
+        """Whether the server can run it (its image is ready or can be built)."""
+        return self.image.state != "unavailable"
+
+
+class RuntimeList(_Response):
+    runtimes: List[Runtime]
+    maximum_limits: LimitsInfo
+
+
+class OutputEvent(_Response):
+    """A chunk of output as it happened: ``stream`` is ``stdout`` or ``stderr``, ``stage`` ``compile`` or ``run``."""
+
+    stream: Literal["stdout", "stderr"]
+    stage: str
+    data: str
+
+
+class ResultEvent(_Response):
+    """The last event of a stream: the complete result (same shape as ``executions.create``)."""
+
+    result: ExecutionResult
+
+
+StreamEvent = Union[OutputEvent, ResultEvent]
+
+
+def parse_stream_event(name: str, data: Any) -> Optional[StreamEvent]:
+    """The typed event for an SSE ``event:`` name and its decoded JSON data; ``None`` for unknown events."""
+    if name in ("stdout", "stderr") and isinstance(data, dict):
+        return OutputEvent(stream=name, **data)
+    if name == "result" and isinstance(data, dict):
+        return ResultEvent(result=ExecutionResult.model_validate(data))
+    return None
