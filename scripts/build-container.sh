@@ -39,6 +39,15 @@ VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' crates/tvm/Cargo.toml | head -1)
 TAG=tvm:$VERSION
 mkdir -p "$OUT"
 log() { echo "build-container: $*" >&2; }
+# Debian's tools for the steps below (idempotent).
+need=()
+command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+command -v docker >/dev/null && docker info >/dev/null 2>&1 || command -v dockerd >/dev/null || need+=(docker.io)
+if [ "$OCI" = 1 ]; then command -v skopeo >/dev/null || need+=(skopeo); fi
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
 
 # 1. Binaries.
 if [ ! -x target/release/tvm ] || [ ! -x target/release/tvm-agent ]; then
@@ -77,8 +86,9 @@ def link_or_copy(src, dst):
     except OSError:
         shutil.copy2(src, dst)
 doctor = json.loads(subprocess.run([tvm, "doctor", "--json"], capture_output=True, text=True).stdout)
+# "KEY (/path/to/kernel/KEY/bzImage)"
 kernel = next(c["detail"] for c in doctor["checks"] if c["name"] == "guest kernel")
-kdir = os.path.dirname(kernel.split()[0])
+kdir = os.path.dirname(kernel.split("(", 1)[1].rstrip(")"))
 dst = os.path.join(ctx, "cache", "kernel", os.path.basename(kdir))
 os.makedirs(dst)
 for f in os.listdir(kdir):
@@ -98,6 +108,12 @@ for line in listing:
 if wanted:
     sys.exit(f"no built image found for {sorted(wanted)}")
 EOF
+# The kernel's cache key includes the name and length of the kernel source tarball it was built
+# from (pyrovm kernel_key), so tvm looks the tarball up even to find a built kernel. A sparse file
+# of the same name and length stands in for it: the container never builds a kernel.
+SRC=/usr/src/linux-source-6.1.tar.xz
+mkdir -p "$CTX/src"
+truncate -s "$(stat -c %s "$SRC")" "$CTX/src/$(basename "$SRC")"
 cp "$SUBSET" "$CTX/etc/runtimes.toml"
 cat >"$CTX/etc/config.toml" <<'EOF'
 cache_dir = "/var/cache/tvm"
@@ -120,7 +136,6 @@ stop_dockerd() {
   fi
 }
 if ! docker info >/dev/null 2>&1; then
-  command -v dockerd >/dev/null || { log "no Docker daemon and no dockerd (apt-get install docker.io)"; exit 1; }
   D=$OUT/docker
   mkdir -p "$D"
   export DOCKER_HOST=unix://$D/docker.sock
@@ -154,9 +169,8 @@ log "docker build $TAG (BASE=$BASE)"
 DOCKER_BUILDKIT=0 docker build -q --build-arg "BASE=$BASE" -t "$TAG" -f Dockerfile . >/dev/null
 docker image ls "$TAG"
 if [ "$OCI" = 1 ]; then
-  command -v skopeo >/dev/null || { log "--oci needs skopeo (apt-get install skopeo)"; exit 1; }
   rm -f "$OUT/tvm-$VERSION.oci.tar"
-  skopeo copy --quiet "docker-daemon:$TAG" "oci-archive:$OUT/tvm-$VERSION.oci.tar:$TAG"
+  skopeo copy --quiet ${DOCKER_HOST:+--src-daemon-host "$DOCKER_HOST"} "docker-daemon:$TAG" "oci-archive:$OUT/tvm-$VERSION.oci.tar:$TAG"
   log "OCI archive: $OUT/tvm-$VERSION.oci.tar ($(du -h "$OUT/tvm-$VERSION.oci.tar" | cut -f1))"
 fi
 

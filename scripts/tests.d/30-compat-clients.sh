@@ -34,9 +34,10 @@ if [ ! -d "$work/npm/node_modules/piston-client" ]; then
 fi
 
 # The server: its own runtime dir, images already built by test.sh, no pool.
+tvm=${TVM_BIN:-target/release/tvm}
 rundir=$(mktemp -d)
 log="$work/serve.log"
-TVM_RUNTIME_DIR="$rundir" TVM_LOG=info target/release/tvm serve --listen 127.0.0.1:0 --no-build-images 2>"$log" &
+TVM_RUNTIME_DIR="$rundir" TVM_LOG=info "$tvm" serve --listen 127.0.0.1:0 --no-build-images 2>"$log" &
 pid=$!
 cleanup() {
   kill -TERM "$pid" 2>/dev/null || true
@@ -69,15 +70,18 @@ count() { if "$@"; then passed=$((passed + 1)); else failed=$((failed + 1)); fi;
 #   test_language_executable: LanguageAlias.EXECUTABLE is id 44, a raw ELF upload, which TVM has no runtime for.
 # test_tvm_sdk.py runs the same SDK paths (run, wait, test cases, batches of more than 20) with TVM's ids.
 export JUDGE0_CE_ENDPOINT="$url" JUDGE0_CE_AUTH_HEADERS='{}'
-count timeout 600 "$work/venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$sdk" \
-  "$sdk/tests/test_submission.py" "$sdk/tests/test_api_test_cases.py" \
-  --deselect "$sdk/tests/test_submission.py::test_status_before_and_after_submission" \
-  --deselect "$sdk/tests/test_submission.py::test_is_done" \
-  --deselect "$sdk/tests/test_submission.py::test_language_before_and_after_execution" \
-  --deselect "$sdk/tests/test_submission.py::test_language_executable" \
-  --deselect "$sdk/tests/test_api_test_cases.py::test_test_cases_from_run" \
-  --deselect "$sdk/tests/test_api_test_cases.py::test_no_test_cases" \
-  --deselect "$sdk/tests/test_api_test_cases.py::test_batched_test_cases"
+sdk_tests() {
+  (cd "$sdk" && timeout 600 "$work/venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir . \
+    tests/test_submission.py tests/test_api_test_cases.py \
+    --deselect tests/test_submission.py::test_status_before_and_after_submission \
+    --deselect tests/test_submission.py::test_is_done \
+    --deselect tests/test_submission.py::test_language_before_and_after_execution \
+    --deselect tests/test_submission.py::test_language_executable \
+    --deselect tests/test_api_test_cases.py::test_test_cases_from_run \
+    --deselect tests/test_api_test_cases.py::test_no_test_cases \
+    --deselect tests/test_api_test_cases.py::test_batched_test_cases)
+}
+count sdk_tests
 cp "$here/conftest.py" "$work/conftest.py"
 cp "$here/test_tvm_sdk.py" "$work/test_tvm_sdk.py"
 count timeout 600 "$work/venv/bin/python" -m pytest -q -p no:cacheprovider --rootdir "$work" "$work/test_tvm_sdk.py"

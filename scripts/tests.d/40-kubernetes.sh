@@ -51,4 +51,4 @@ fi
 "$K/bin/helm" version --short
 export HELM=$K/bin/helm PATH="$VENV/bin:$K/bin:$PATH"
 cd tests/k8s
-exec timeout 900 python -m pytest -v -s test_chart.py
+exec timeout 900 python -m pytest -v -s test_chart.py test_mesh.py

@@ -137,6 +137,32 @@ def test_mesh_timeout_covers_queue_and_wall_time(all_on) -> None:
     assert max(compile_walls) <= lim["maxCompileWallSeconds"]
 
 
+def struct_fields(path: Path, name: str) -> set[str]:
+    """Field names of `pub struct NAME { ... }` in a Rust source file."""
+    text = path.read_text()
+    body = text[text.index(f"pub struct {name} {{"):]
+    body = body[:body.index("\n}")]
+    return set(re.findall(r"^\s*pub (\w+):", body, re.M))
+
+
+def test_config_files_use_only_fields_the_server_knows(all_on) -> None:
+    """Both structs deny unknown fields: a key the binary does not know would stop every pod."""
+    data = chart.one(all_on, "ConfigMap")["data"]
+    serve = set(tomllib.loads(data["serve.toml"]))
+    settings = set(tomllib.loads(data["config.toml"]))
+    assert serve <= struct_fields(chart.REPO / "crates/pyroshell/src/config.rs", "ServeConfig"), serve
+    assert settings <= struct_fields(chart.REPO / "crates/config/src/settings.rs", "Settings"), settings
+
+
+def test_mesh_connections_fit_the_server(all_on) -> None:
+    """The proxy ends idle connections before the server does (no request on a closing
+    connection), and its connection pool fits the server's per-address cap (one proxy address)."""
+    serve = tomllib.loads(chart.one(all_on, "ConfigMap")["data"]["serve.toml"])
+    pool = chart.one(all_on, "DestinationRule")["spec"]["trafficPolicy"]["connectionPool"]
+    assert secs(pool["http"]["idleTimeout"]) < serve["idle_timeout_ms"] / 1000
+    assert pool["tcp"]["maxConnections"] <= serve["max_connections_per_ip"] <= serve["max_connections"]
+
+
 def test_pod_lifecycle_numbers_agree(defaults) -> None:
     dep = chart.one(defaults, "Deployment")
     pod = dep["spec"]["template"]["spec"]

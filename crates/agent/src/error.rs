@@ -76,6 +76,12 @@ pub enum Error {
     /// The job's seccomp filter could not be built.
     #[error("building the seccomp filter")]
     Seccomp(#[source] seccompiler::BackendError),
+    /// Adding the host's entropy or reseeding the CRNG failed (step named).
+    #[error("reseeding the kernel's random number generator: {0}")]
+    Reseed(&'static str, #[source] std::io::Error),
+    /// Setting the wall clock to the host's failed.
+    #[error("setting the wall clock")]
+    SetClock(#[source] nix::Error),
     /// A helper thread could not be started.
     #[error("starting the {0} thread")]
     SpawnThread(&'static str, #[source] std::io::Error),

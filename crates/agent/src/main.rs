@@ -10,6 +10,7 @@
 //! second job. As PID 1 it must never exit, so every path ends in a reboot.
 
 mod boot;
+mod clone;
 mod error;
 mod harden;
 mod job;
@@ -42,6 +43,15 @@ fn main() {
     boot::power_off()
 }
 
+/// The `Ready` announcement (after boot, and again after a restore).
+fn ready() -> GuestMessage {
+    GuestMessage::Ready {
+        protocol: PROTOCOL_VERSION,
+        agent_version: env!("CARGO_PKG_VERSION").into(),
+        uptime_ms: log::uptime_ms(),
+    }
+}
+
 fn run() -> Result<(), Error> {
     boot::switch_root()?;
     boot::mount_kernel_filesystems()?;
@@ -52,14 +62,14 @@ fn run() -> Result<(), Error> {
     let setup = boot::configure();
 
     let mut link = transport::connect()?;
-    link.send(&GuestMessage::Ready {
-        protocol: PROTOCOL_VERSION,
-        agent_version: env!("CARGO_PKG_VERSION").into(),
-        uptime_ms: log::uptime_ms(),
-    })?;
+    link.send(&ready())?;
     debug!("ready sent, waiting for the job");
 
-    let job = match link.receive_job().and_then(|job| setup.map(|()| job)) {
+    // A VM restored from a template shares its RNG state and clock with its
+    // siblings until the job's fresh entropy and time are applied, before
+    // anything of the job runs.
+    let received = setup.and_then(|()| clone::await_job(&mut link));
+    let job = match received {
         Ok(job) => job,
         Err(e) => {
             // Best effort: the host may be the reason we failed.

@@ -14,7 +14,7 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr};
 use tvm_protocol::{
-    read_frame, write_frame, FrameError, GuestMessage, HostMessage, Job, MAX_HOST_FRAME, VIRTIO_PORT_NAME, VSOCK_PORT,
+    read_frame, write_frame, FrameError, GuestMessage, HostMessage, MAX_HOST_FRAME, VIRTIO_PORT_NAME, VSOCK_PORT,
 };
 
 use crate::error::Error;
@@ -79,10 +79,11 @@ impl Link {
         write_frame(&mut self.stream, msg).map_err(|e| Error::Send(describe(msg), e))
     }
 
-    /// Reads the one job this VM runs.
-    pub fn receive_job(&mut self) -> Result<Job, Error> {
+    /// Reads the next message from the host (the job, or a template
+    /// message before it: see [`crate::clone::await_job`]).
+    pub fn receive(&mut self) -> Result<HostMessage, Error> {
         match read_frame::<HostMessage, _>(&mut self.stream, MAX_HOST_FRAME) {
-            Ok(Some(HostMessage::Run(job))) => Ok(job),
+            Ok(Some(msg)) => Ok(msg),
             Ok(None) => Err(Error::HostClosed),
             Err(e) => Err(Error::ReceiveJob(e)),
         }
@@ -202,6 +203,7 @@ fn describe(msg: &GuestMessage) -> &'static str {
         GuestMessage::Output { .. } => "output",
         GuestMessage::Done(_) => "the result",
         GuestMessage::Failed { .. } => "the failure report",
+        GuestMessage::Warmed { .. } => "the warm-up report",
     }
 }
 

@@ -197,6 +197,8 @@ struct RawRuntime {
     compile_limits: LimitOverrides,
     #[serde(default)]
     unavailable: Option<String>,
+    #[serde(default)]
+    warmup: Option<Vec<String>>,
 }
 
 /// One language version that TVM can run.
@@ -228,6 +230,11 @@ pub struct Runtime {
     pub compile_limits: Limits,
     /// Why this runtime cannot be built here, if it cannot.
     pub unavailable: Option<String>,
+    /// argv run once (as the job user, under the run limits) while a VM
+    /// template is built, so restored VMs start with the runtime's files in
+    /// the page cache (e.g. `python3 -c pass`). Not part of the image recipe:
+    /// changing it makes new templates, never new images.
+    pub warmup: Option<Vec<String>>,
 }
 
 impl Runtime {
@@ -299,6 +306,12 @@ impl Catalog {
                     rest = &rest[i + j + 1..];
                 }
             }
+            if r.warmup
+                .as_ref()
+                .is_some_and(|w| w.is_empty() || w.iter().any(|a| PLACEHOLDERS.iter().any(|p| a.contains(p))))
+            {
+                return Err(inv(&r.id, "warmup must be a non-empty argv without placeholders".into()));
+            }
             if r.image.is_none() && r.unavailable.is_none() {
                 return Err(inv(&r.id, "needs an image recipe or an `unavailable` reason".into()));
             }
@@ -328,6 +341,7 @@ impl Catalog {
                 run_limits,
                 compile_limits,
                 unavailable: r.unavailable,
+                warmup: r.warmup,
             });
         }
         Ok(Self { runtimes, maximum, workdir_bytes })

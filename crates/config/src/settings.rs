@@ -141,6 +141,11 @@ pub struct Settings {
     /// running as the invoking user. The default range lies above the
     /// ranges systemd and container tools hand out.
     pub vmm_uid_base: u32,
+    /// Start VMs by restoring a per-runtime template (a snapshot of a booted,
+    /// prewarmed VM) instead of booting them; `false` always cold boots.
+    /// Off by default until the template path is validated on the CI host
+    /// (`TVM_TEMPLATES=1` turns it on).
+    pub templates: bool,
 }
 
 /// Largest `vmm_uid_base`: the base plus Linux's largest pid (2^22) must
@@ -177,6 +182,7 @@ impl Default for Settings {
             debian_mirror: None,
             kernel_args: None,
             vmm_uid_base: 2_000_000_000,
+            templates: false,
         }
     }
 }
@@ -260,6 +266,18 @@ impl Settings {
                 name: "TVM_VMM_UID_BASE",
                 message: format!("{v:?} is not a number from 0 to {MAX_VMM_UID_BASE}"),
             })?;
+        }
+        if let Some(v) = var("TVM_TEMPLATES") {
+            self.templates = match v.to_ascii_lowercase().as_str() {
+                "1" | "true" | "on" | "yes" => true,
+                "0" | "false" | "off" | "no" => false,
+                _ => {
+                    return Err(SettingsError::Env {
+                        name: "TVM_TEMPLATES",
+                        message: format!("{v:?} is not 0/1/true/false"),
+                    })
+                }
+            };
         }
         if let Some(v) = var("TVM_VCPUS") {
             self.vcpus = v.parse().ok().filter(|n| (1..=8).contains(n)).ok_or(SettingsError::Env {

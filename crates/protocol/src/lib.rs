@@ -6,6 +6,11 @@
 //! length followed by that many bytes of JSON. Every reader is given a maximum
 //! frame size: the guest runs untrusted code, so the host must never let the
 //! guest choose how much memory it allocates.
+//!
+//! Templates add two host messages: [`HostMessage::Prewarm`] while a template
+//! is built (answered by [`GuestMessage::Warmed`]), and
+//! [`HostMessage::Resume`] right after a VM is restored from one (answered by
+//! a second `Ready`).
 
 mod codec;
 mod messages;
@@ -16,7 +21,9 @@ pub use codec::{read_frame_async, write_frame_async};
 pub use messages::*;
 
 /// Bumped whenever a message changes shape; host and agent must agree.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: `Prewarm`, `Resume`, `Warmed` and the job's `uniqueness` (templates);
+/// a host must never restore clones through an agent that ignores them.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame the host accepts from the guest. Output arrives in chunks of
 /// at most [`OUTPUT_CHUNK`] bytes, so anything larger is hostile.

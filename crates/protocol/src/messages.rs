@@ -25,7 +25,39 @@ pub mod b64 {
 pub enum HostMessage {
     /// The one job this VM will ever run.
     Run(Job),
+    /// Template build only: run this warm-up command (as the job user, in a
+    /// throwaway cgroup and work dir), wipe what it left in RAM, answer
+    /// [`GuestMessage::Warmed`] and wait for the next message. The host then
+    /// pauses the VM and saves it as a template.
+    Prewarm(Command),
+    /// This VM was just restored from a template: apply the fresh entropy and
+    /// clock, then answer [`GuestMessage::Ready`] again (the restored guest's
+    /// proof of life) and wait for [`HostMessage::Run`].
+    Resume(Uniqueness),
 }
+
+/// What makes a VM restored from a shared template unique: fresh entropy for
+/// the kernel's CRNG and the host's wall clock (a restored guest's clock
+/// says when the template was saved). Follows Firecracker's guidance for
+/// clones (`docs/snapshotting/random-for-clones.md`): reseed before any
+/// user code runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Uniqueness {
+    /// Random bytes from the host (at most [`MAX_ENTROPY_BYTES`]); the agent
+    /// adds them to the input pool (`RNDADDENTROPY`) and forces a CRNG reseed
+    /// (`RNDRESEEDCRNG`).
+    #[serde(with = "b64")]
+    pub entropy: Vec<u8>,
+    /// The host's wall clock when the message was sent, nanoseconds since the
+    /// Unix epoch; the agent sets `CLOCK_REALTIME` to it.
+    pub unix_time_ns: u64,
+}
+
+/// Most entropy bytes the agent accepts in one [`Uniqueness`].
+pub const MAX_ENTROPY_BYTES: usize = 512;
+
+/// Entropy bytes the host sends with every job and resume.
+pub const ENTROPY_BYTES: usize = 64;
 
 /// Guest → host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +84,17 @@ pub enum GuestMessage {
     },
     /// The job is finished; the VM powers off next.
     Done(JobResult),
+    /// Answer to [`HostMessage::Prewarm`]: the warm-up ran and its traces
+    /// are wiped; the agent waits for the next message.
+    Warmed {
+        /// How the warm-up command ended (anything but `ok` means the
+        /// template is not warmed; the host then does not keep it).
+        status: StageStatus,
+        /// Its exit code, when it exited.
+        exit_code: Option<i32>,
+        /// Its wall time in milliseconds.
+        wall_ms: u64,
+    },
     /// The agent could not run the job at all (bad job, setup failure).
     Failed {
         /// One-line reason.
@@ -136,6 +179,11 @@ pub struct Job {
     pub stdin: Vec<u8>,
     /// Size of the tmpfs work dir in bytes.
     pub workdir_bytes: u64,
+    /// Fresh entropy and the host clock, applied before any stage runs (a VM
+    /// restored from a template shares its RNG state and clock with every
+    /// other clone until then). Absent from hosts before protocol 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uniqueness: Option<Uniqueness>,
 }
 
 /// How a stage ended, as observed by the agent.

@@ -346,6 +346,11 @@ pub struct ExecutionResult {
     pub accel: String,
     /// Whether a pre-booted VM from the warm pool ran it.
     pub pooled: bool,
+    /// How the VM that ran it started: `template` (restored from a snapshot
+    /// of a prewarmed VM), `cold` (booted; a template was missing, broken or
+    /// off) or `pool` (taken from the warm pool).
+    #[serde(default)]
+    pub start: String,
 }
 
 impl ExecutionResult {
@@ -364,6 +369,7 @@ impl ExecutionResult {
             total_ms: exec.total_ms,
             accel: exec.accel.to_string(),
             pooled: false,
+            start: exec.start.as_str().to_string(),
         }
     }
 
@@ -382,6 +388,7 @@ impl ExecutionResult {
             total_ms: 0,
             accel: accel.to_string(),
             pooled: false,
+            start: String::new(),
         }
     }
 }
@@ -512,7 +519,7 @@ pub struct ReadyBody {
     pub draining: bool,
     /// Runtimes whose image is not ready, with their state.
     pub images_not_ready: Vec<String>,
-    /// Runtimes whose pool is below target, as `id idle/target`.
+    /// Runtimes whose pool has not yet reached its target since startup, as `id idle/target`.
     pub pools_not_warm: Vec<String>,
 }
 

@@ -202,6 +202,8 @@ impl ApiError {
             ApiError::Overloaded { retry_after_secs, .. } => Some(*retry_after_secs),
             // An image build takes minutes; polling every few seconds is pointless.
             ApiError::NotReady { .. } => Some(30),
+            // Nothing was started: the client (or its load balancer) may retry at once, elsewhere.
+            ApiError::Draining => Some(1),
             _ => None,
         }
     }
@@ -283,7 +285,7 @@ mod tests {
         assert_eq!(r.headers()[header::RETRY_AFTER], "7");
         let r = ApiError::Unauthorized.into_response();
         assert_eq!(r.headers()[header::WWW_AUTHENTICATE], "Bearer");
-        assert!(ApiError::Draining.into_response().headers().get(header::RETRY_AFTER).is_none());
+        assert_eq!(ApiError::Draining.into_response().headers()[header::RETRY_AFTER], "1");
     }
 
     #[test]

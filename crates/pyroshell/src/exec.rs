@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use pyrovm::{Plan, RunJobError};
+use pyrovm::{Plan, RunJobError, StartKind};
 use tracing::{info, warn};
 use tvm_protocol::{Stage, Stream, Verdict};
 
@@ -132,7 +132,7 @@ pub(crate) async fn run(
     let started = Instant::now();
     let outcome = tokio::select! {
         r = run_job(st, &plan, lease, &mut on_output) => r,
-        _ = st.life.hard_stopped() => Err(("the server shut down before the execution finished".to_string(), false, 0)),
+        _ = st.life.hard_stopped() => Err(("the server shut down before the execution finished".to_string(), Started::none())),
     };
     let total_ms = started.elapsed().as_millis() as u64;
     let mut result = ExecutionResult {
@@ -147,21 +147,26 @@ pub(crate) async fn run(
         total_ms,
         accel: st.vmm.accel().kind().as_str().to_string(),
         pooled: false,
+        start: String::new(),
     };
-    match outcome {
-        Ok((job, pooled, boot_ms)) => {
+    let started_as = match outcome {
+        Ok((job, started)) => {
             result.verdict = job.verdict;
             result.compile = job.compile.as_ref().map(StageBody::from);
             result.run = job.run.as_ref().map(StageBody::from);
-            result.pooled = pooled;
-            result.boot_ms = boot_ms;
+            started
         }
-        Err((error, pooled, boot_ms)) => {
+        Err((error, started)) => {
             warn!(execution = %id, %runtime, %error, "execution failed inside TVM");
             result.error = Some(error);
-            result.pooled = pooled;
-            result.boot_ms = boot_ms;
+            started
         }
+    };
+    result.boot_ms = started_as.boot_ms;
+    result.pooled = started_as.pooled;
+    if let Some(kind) = started_as.kind {
+        result.start = kind.as_str().to_string();
+        st.metrics.start(kind);
     }
     st.metrics.verdict(&runtime, result.verdict.as_str());
     info!(execution = %id, %runtime, verdict = %result.verdict, pooled = result.pooled, boot_ms = result.boot_ms,
@@ -169,7 +174,21 @@ pub(crate) async fn run(
     result
 }
 
-type JobOutcome = Result<(tvm_protocol::JobResult, bool, u64), (String, bool, u64)>;
+/// How the VM of an execution started, as far as it got.
+#[derive(Debug, Clone, Copy)]
+struct Started {
+    pooled: bool,
+    boot_ms: u64,
+    kind: Option<StartKind>,
+}
+
+impl Started {
+    fn none() -> Self {
+        Self { pooled: false, boot_ms: 0, kind: None }
+    }
+}
+
+type JobOutcome = Result<(tvm_protocol::JobResult, Started), (String, Started)>;
 
 async fn run_job(
     st: &AppState,
@@ -194,10 +213,12 @@ async fn run_job(
                     pooled = false;
                     v
                 }
-                Err(e) => return Err((format!("VM failed to start: {e}"), false, 0)),
+                Err(e) => return Err((format!("VM failed to start: {e}"), Started::none())),
             },
         };
         let boot_ms = vm_now.boot_time().as_millis() as u64;
+        let kind = if pooled { StartKind::Pool } else { vm_now.start_kind() };
+        let started = Started { pooled, boot_ms, kind: Some(kind) };
         let vm_id = vm_now.id().to_string();
         let t = Instant::now();
         let mut produced = false;
@@ -211,13 +232,13 @@ async fn run_job(
         match res {
             Ok(job) => {
                 drop(permit);
-                return Ok((job, pooled, boot_ms));
+                return Ok((job, started));
             }
             Err(RunJobError::Send(e)) if pooled && attempt == 0 && !produced => {
                 warn!(vm = %vm_id, error = %e, "warm VM was dead; booting a fresh one");
             }
-            Err(e) => return Err((e.to_string(), pooled, boot_ms)),
+            Err(e) => return Err((e.to_string(), started)),
         }
     }
-    Err(("no VM could run the job".into(), pooled, 0))
+    Err(("no VM could run the job".into(), Started { pooled, ..Started::none() }))
 }

@@ -52,6 +52,8 @@ struct Inner {
     rejections: BTreeMap<&'static str, u64>,
     connections_closed: BTreeMap<&'static str, u64>,
     pool_boot_failures: u64,
+    starts: BTreeMap<&'static str, u64>,
+    pool_starts: BTreeMap<&'static str, u64>,
     boot: Histogram,
     execution: Histogram,
     queue_wait: Histogram,
@@ -133,6 +135,16 @@ impl Metrics {
         self.with(|m| m.pool_boot_failures += 1);
     }
 
+    /// An execution's VM started this way (`template`, `cold`, `pool`).
+    pub fn start(&self, kind: pyrovm::StartKind) {
+        self.with(|m| *m.starts.entry(kind.as_str()).or_default() += 1);
+    }
+
+    /// A pool VM reached agent-ready, restored from a template or cold booted.
+    pub fn pool_vm_started(&self, kind: pyrovm::StartKind) {
+        self.with(|m| *m.pool_starts.entry(kind.as_str()).or_default() += 1);
+    }
+
     /// A VM reached agent-ready after `d`.
     pub fn boot(&self, d: Duration) {
         self.with(|m| m.boot.observe(d.as_secs_f64()));
@@ -208,6 +220,16 @@ impl Metrics {
             let _ = writeln!(out, "# HELP tvm_pool_boot_failures_total Pool VMs that failed to boot.");
             let _ = writeln!(out, "# TYPE tvm_pool_boot_failures_total counter");
             let _ = writeln!(out, "tvm_pool_boot_failures_total {}", m.pool_boot_failures);
+            let _ = writeln!(out, "# HELP tvm_vm_starts_total Executions by how their VM started (template restore, cold boot, warm pool).");
+            let _ = writeln!(out, "# TYPE tvm_vm_starts_total counter");
+            for (kind, n) in &m.starts {
+                let _ = writeln!(out, "tvm_vm_starts_total{{start=\"{kind}\"}} {n}");
+            }
+            let _ = writeln!(out, "# HELP tvm_pool_vm_starts_total Pool VMs by how they started (template restore or cold boot).");
+            let _ = writeln!(out, "# TYPE tvm_pool_vm_starts_total counter");
+            for (kind, n) in &m.pool_starts {
+                let _ = writeln!(out, "tvm_pool_vm_starts_total{{start=\"{kind}\"}} {n}");
+            }
             m.boot.render(&mut out, "tvm_vm_boot_seconds", "VM start to agent-ready.");
             m.execution.render(&mut out, "tvm_execution_seconds", "Job sent to result received.");
             m.queue_wait.render(&mut out, "tvm_queue_wait_seconds", "Time requests waited for capacity.");

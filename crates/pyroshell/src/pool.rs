@@ -10,7 +10,7 @@
 //! get stale.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -183,6 +183,27 @@ pub struct Pool {
     /// Signalled when a VM is parked, so queued requests can look.
     parked: Notify,
     pressure: Mutex<Option<Instant>>,
+    warm: WarmLatch,
+}
+
+/// Readiness's view of the pools: cold until every pool has reached its
+/// target once, warm for good after that. A pool that traffic empties means
+/// a busy server, not a broken one; a readiness probe that failed under load
+/// would take the busiest servers out of their load balancer.
+#[derive(Debug, Default)]
+pub struct WarmLatch(AtomicBool);
+
+impl WarmLatch {
+    /// `cold` (pools below target now) until it is first empty; empty ever after.
+    pub fn filter(&self, cold: Vec<String>) -> Vec<String> {
+        if self.0.load(Ordering::Acquire) {
+            return Vec::new();
+        }
+        if cold.is_empty() {
+            self.0.store(true, Ordering::Release);
+        }
+        cold
+    }
 }
 
 /// Guest RAM a runtime's requests need with default limits (what `plan` computes).
@@ -214,7 +235,7 @@ impl Pool {
                 }))
             })
             .collect();
-        Self { pools, max_idle, parked: Notify::new(), pressure: Mutex::new(None) }
+        Self { pools, max_idle, parked: Notify::new(), pressure: Mutex::new(None), warm: WarmLatch::default() }
     }
 
     /// Every runtime's pool.
@@ -283,7 +304,12 @@ impl Pool {
         }
     }
 
-    /// Whether every pool holds its target.
+    /// Pools still filling for the first time (see [`WarmLatch`]), as `RUNTIME IDLE/TARGET`.
+    pub fn not_warm_yet(&self) -> Vec<String> {
+        self.warm.filter(self.not_warm())
+    }
+
+    /// Pools below their target now, as `RUNTIME IDLE/TARGET`.
     pub fn not_warm(&self) -> Vec<String> {
         self.pools
             .iter()
@@ -344,7 +370,13 @@ pub async fn refill_loop(ctx: RefillCtx, rp: Arc<RuntimePool>, mut stop: watch::
                     Some(Ok(vm)) => {
                         failures = 0;
                         ctx.metrics.boot(vm.boot_time());
-                        debug!(vm = vm.id(), boot_ms = vm.boot_time().as_millis() as u64, "pool VM ready");
+                        ctx.metrics.pool_vm_started(vm.start_kind());
+                        debug!(
+                            vm = vm.id(),
+                            boot_ms = vm.boot_time().as_millis() as u64,
+                            start = vm.start_kind().as_str(),
+                            "pool VM ready"
+                        );
                         rp.lock().push(PooledVm { vm, permit });
                         ctx.pool.parked.notify_waiters();
                         continue;
@@ -389,6 +421,14 @@ mod tests {
         fn age(&self) -> Duration {
             Duration::from_secs(self.0)
         }
+    }
+
+    #[test]
+    fn warm_latch_stays_warm_once_every_pool_was_full() {
+        let latch = WarmLatch::default();
+        assert_eq!(latch.filter(vec!["python-3.13 0/1".into()]), vec!["python-3.13 0/1".to_string()]);
+        assert!(latch.filter(Vec::new()).is_empty());
+        assert!(latch.filter(vec!["python-3.13 0/1".into()]).is_empty(), "a pool emptied by traffic is busy, not cold");
     }
 
     #[test]

@@ -430,7 +430,8 @@ pub(crate) async fn healthz() -> Json<HealthBody> {
     Json(HealthBody { status: "ok".into() })
 }
 
-/// Readiness: not draining, every available runtime's image built, every pool at its target.
+/// Readiness: not draining, every available runtime's image built, every pool filled once (a pool
+/// emptied by traffic later does not count: the server is busy, not unready).
 #[utoipa::path(
     get, path = "/readyz", tag = "operations",
     responses(
@@ -450,7 +451,7 @@ pub(crate) async fn readyz(State(st): St) -> (StatusCode, Json<ReadyBody>) {
             s => Some(format!("{} {:?}", r.id, s.info().state).to_lowercase()),
         })
         .collect();
-    let pools_not_warm = st.pool.not_warm();
+    let pools_not_warm = st.pool.not_warm_yet();
     let draining = st.life.draining();
     let ready = !draining && images_not_ready.is_empty() && pools_not_warm.is_empty();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

@@ -106,6 +106,9 @@ pub struct VmmFiles {
     initrd: Option<OwnedFd>,
     rootfs: Option<OwnedFd>,
     agent: Option<OwnedFd>,
+    /// More descriptors for backend features (templates: the QMP channel,
+    /// the incoming state file), named on the command line by number.
+    extra: Vec<OwnedFd>,
 }
 
 /// How a VMM's command line or API names the inherited descriptors.
@@ -136,7 +139,13 @@ impl VmmFiles {
                     .map_err(|source| ConfineVmmError::Open { path: p.to_path_buf(), source })
             })
             .transpose()?;
-        Ok(Self { kernel, initrd, rootfs, agent })
+        Ok(Self { kernel, initrd, rootfs, agent, extra: Vec::new() })
+    }
+
+    /// Adds descriptors the VMM inherits as they are (same numbers in the
+    /// VMM, which the caller has already written into its arguments).
+    pub fn inherit(&mut self, fds: impl IntoIterator<Item = OwnedFd>) {
+        self.extra.extend(fds);
     }
 
     /// The command-line names of the descriptors.
@@ -154,6 +163,7 @@ impl VmmFiles {
         [Some(&self.kernel), self.initrd.as_ref(), self.rootfs.as_ref(), self.agent.as_ref()]
             .into_iter()
             .flatten()
+            .chain(&self.extra)
             .map(|f| f.as_raw_fd())
             .collect()
     }

@@ -21,9 +21,11 @@ pub mod plan;
 pub mod progress;
 pub mod reaper;
 pub mod spec;
+pub mod template;
 pub mod vm;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -34,12 +36,13 @@ use tvm_protocol::{JobResult, Stage, Stream};
 pub use accel::AccelDecision;
 pub use backend::{Backend, Selection, VmmKind};
 pub use cache::{BuildCancel, CancelOnDrop};
-pub use plan::{plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile};
+pub use plan::{default_vm_memory_mib, plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile};
 pub use plan::{
     MAX_ARGS, MAX_ARG_BYTES, MAX_FILES, MAX_FILES_BYTES, MAX_FILE_NAME_BYTES, MAX_FILE_NAME_PARTS, MAX_STDIN_BYTES,
 };
 pub use progress::Progress;
-pub use vm::{RunJobError, StartVmError, Vm, VmmHost};
+pub use template::{TemplateError, Templates};
+pub use vm::{RunJobError, StartKind, StartVmError, Vm, VmmHost};
 
 /// Why the VM manager could not get ready.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +88,16 @@ pub enum ExecuteError {
     /// The VM failed while running the job.
     #[error(transparent)]
     Run(#[from] RunJobError),
+    /// A template could not be built (only where one is asked for
+    /// explicitly: executions fall back to a cold boot instead).
+    #[error("template for {runtime}")]
+    Template {
+        /// Runtime id.
+        runtime: String,
+        /// Why.
+        #[source]
+        source: TemplateError,
+    },
     /// A blocking task panicked.
     #[error("internal task failed: {0}")]
     Task(String),
@@ -104,7 +117,12 @@ pub struct Execution {
     /// Agent's result.
     #[serde(flatten)]
     pub result: JobResult,
-    /// VMM start to agent-ready.
+    /// How the VM started: `cold`, `template` or `pool`.
+    pub start: StartKind,
+    /// Why a template was not used, when templates are on and it was not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub start_note: Option<String>,
+    /// VMM start to agent-ready (for a restore: restore-to-ready).
     pub boot_ms: u64,
     /// Whole execution as seen by the host, boot included.
     pub total_ms: u64,
@@ -194,7 +212,7 @@ pub fn accel_for(settings: &Settings, kernel: &kernel::Kernel) -> Result<AccelDe
 }
 
 /// An error and its causes on one line, for logs.
-fn error_chain(err: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut cause = err.source();
     while let Some(c) = cause {
@@ -203,6 +221,21 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     out
+}
+
+/// A new VM id (run dir name, QEMU `-name`, log field).
+fn new_vm_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
+/// The warm-up of `runtime` as a job-user command: its `warmup` argv with the
+/// runtime's environment, under the compile limits if it compiles (warm-ups
+/// of compiled languages run the compiler) and the run limits otherwise, so
+/// it fits the VM sized for the runtime's jobs.
+pub fn warmup_command(runtime: &Runtime) -> Option<tvm_protocol::Command> {
+    let argv = runtime.warmup.clone()?;
+    let limits = if runtime.compile.is_some() { runtime.compile_limits } else { runtime.run_limits };
+    Some(tvm_protocol::Command { argv, env: runtime.env.clone(), limits })
 }
 
 /// Finds the guest agent binary: configured path, next to the running
@@ -230,14 +263,34 @@ pub struct Pyrovm {
     accel: AccelDecision,
     host_cgroups: Option<hostcg::HostCgroups>,
     vmm: Selection,
+    templates: Arc<Templates>,
+    template_builds: TemplateBuilds,
+}
+
+/// When a missing template is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TemplateBuilds {
+    /// Before the VM that needed it, which is then restored from it (one
+    /// slower first start; the CLI, whose process ends with its execution).
+    Inline,
+    /// In the background while the VM that needed it cold boots (a server:
+    /// no request waits for a template build).
+    Background,
+}
+
+/// A VM fresh from [`Pyrovm::start_vm`], with why it was not restored from a
+/// template if it was not.
+#[derive(Debug)]
+pub struct StartedVm {
+    /// The VM at agent-ready.
+    pub vm: Vm,
+    /// `Some(reason)` when templates are on but this VM cold booted.
+    pub note: Option<String>,
 }
 
 impl Pyrovm {
-    /// Reaps leftovers of crashed predecessors, picks the VMM, finds (or, if
-    /// `build`, builds) the kernel, packs the agent and decides the accelerator.
-    ///
-    /// # Errors
-    /// [`PrepareError`]: kernel, initramfs, VMM selection or demanded KVM.
+    /// Reaps leftovers of crashed predecessors, finds (or, if `build`, builds)
+    /// the kernel, packs the agent and decides the accelerator.
     pub async fn prepare(settings: Settings, catalog: Catalog, build: bool) -> Result<Self, PrepareError> {
         let s = settings.clone();
         tokio::task::spawn_blocking(move || Self::prepare_blocking(s, catalog, build))
@@ -291,7 +344,35 @@ impl Pyrovm {
             Backend::Firecracker(f) => accel::resolve(settings.accel, f, &kernel, &settings.cache_dir)?,
         };
         info!(accel = ?accel.kind, reason = %accel.reason, "accelerator chosen");
-        Ok(Self { settings, catalog, kernel, initrd, accel, host_cgroups, vmm })
+        let templates = Arc::new(Templates::new(&settings.cache_dir));
+        Ok(Self {
+            settings,
+            catalog,
+            kernel,
+            initrd,
+            accel,
+            host_cgroups,
+            vmm,
+            templates,
+            template_builds: TemplateBuilds::Inline,
+        })
+    }
+
+    /// Turns starting from templates on or off (`Settings::templates`).
+    pub fn with_templates(mut self, on: bool) -> Self {
+        self.settings.templates = on;
+        self
+    }
+
+    /// Chooses when missing templates are built (default: inline).
+    pub fn with_template_builds(mut self, builds: TemplateBuilds) -> Self {
+        self.template_builds = builds;
+        self
+    }
+
+    /// The template store.
+    pub fn templates(&self) -> &Templates {
+        &self.templates
     }
 
     /// The host cgroup parent VMMs run under, if host cgroups are usable.
@@ -372,6 +453,19 @@ impl Pyrovm {
 
     /// Boots a fresh VM for `runtime` with `memory_mib` of RAM, up to agent-ready.
     pub async fn boot(&self, runtime: &Runtime, memory_mib: u64) -> Result<Vm, ExecuteError> {
+        Ok(self.start_vm(runtime, memory_mib).await?.vm)
+    }
+
+    /// A fresh VM for `runtime` with `memory_mib` of RAM at agent-ready:
+    /// restored from the matching template when templates are on (building
+    /// it first, inline or in the background as configured), otherwise, or
+    /// when anything about the template fails, cold booted. A template
+    /// problem is never the caller's error: it is logged, noted in
+    /// [`StartedVm::note`], and the VM cold boots.
+    ///
+    /// # Errors
+    /// The image cannot be built, or the cold boot fails.
+    pub async fn start_vm(&self, runtime: &Runtime, memory_mib: u64) -> Result<StartedVm, ExecuteError> {
         // A spinner only when there is something to build: a cache hit prints nothing.
         let progress = match &runtime.image {
             Some(recipe) if image::find_image(&self.settings, recipe).is_none() => {
@@ -380,8 +474,177 @@ impl Pyrovm {
             _ => Progress::hidden(),
         };
         let image = self.ensure_image(runtime, progress).await?;
-        let spec = |b: &dyn Fn(&kernel::Kernel) -> PathBuf, agent| spec::VmSpec {
-            kernel: b(&self.kernel),
+        let spec = self.vm_spec(&image, memory_mib);
+        let (id, host, timeout) = (new_vm_id(), self.vmm_host(), self.boot_timeout());
+        let vm = match &self.vmm.backend {
+            Backend::Qemu(q) => {
+                let note = if self.settings.templates {
+                    match self.restore(q, runtime, &image, &spec).await {
+                        Ok(vm) => return Ok(StartedVm { vm, note: None }),
+                        Err(reason) => Some(reason),
+                    }
+                } else {
+                    None
+                };
+                return Ok(StartedVm { vm: Vm::boot(&id, &host, q, &spec, timeout).await?, note });
+            }
+            Backend::Firecracker(f) => Vm::boot(&id, &host, f, &spec, timeout).await?,
+        };
+        // Templates are QEMU snapshots (QMP + -incoming) for now.
+        let note = self.settings.templates.then(|| "templates are not implemented for the firecracker backend".into());
+        Ok(StartedVm { vm, note })
+    }
+
+    /// Restores a VM from the template for (`runtime`, `image`, `spec`), or
+    /// says why not. Missing: built inline (then restored) or in the
+    /// background (`Err`: cold boot now). Corrupt: removed and rebuilt in the
+    /// background. A failed restore removes the template (a broken one must
+    /// not fail every start) and schedules a rebuild.
+    async fn restore(
+        &self,
+        qemu: &backend::qemu::Qemu,
+        runtime: &Runtime,
+        image: &image::Image,
+        spec: &spec::VmSpec,
+    ) -> Result<Vm, String> {
+        let inputs = self.template_inputs(runtime, image, spec);
+        let key = inputs.key();
+        let template = match self.templates.find(&key) {
+            Ok(t) => t,
+            Err(TemplateError::Missing(_)) if self.template_builds == TemplateBuilds::Inline => {
+                if let Some(why) = self.templates.recent_failure(&key) {
+                    return Err(format!("template build failed recently: {why}"));
+                }
+                let req = self.build_request(qemu, runtime, inputs.clone(), spec);
+                match self.templates.build(req).await {
+                    Ok(t) => t,
+                    Err(e) => {
+                        warn!(runtime = %runtime.id, key, error = %error_chain(&e), "template build failed; cold boot");
+                        return Err(format!("template build failed: {}", error_chain(&e)));
+                    }
+                }
+            }
+            Err(e) => {
+                if matches!(e, TemplateError::Corrupt { .. }) {
+                    warn!(runtime = %runtime.id, key, error = %error_chain(&e), "template unusable; removed, cold boot");
+                    let _ = self.templates.remove(&key);
+                }
+                self.rebuild_in_background(qemu, runtime, inputs, spec);
+                return Err(error_chain(&e));
+            }
+        };
+        let restored = match self.templates.open_state(&template) {
+            Ok(state) => {
+                let launch = template::restore_launch(state);
+                Vm::launch(&new_vm_id(), &self.vmm_host(), qemu, spec, self.boot_timeout(), launch)
+                    .await
+                    .map_err(TemplateError::Vm)
+            }
+            Err(e) => Err(e),
+        };
+        restored.map_err(|e| {
+            warn!(runtime = %runtime.id, key, error = %error_chain(&e), "restore from template failed; removed, cold boot");
+            let _ = self.templates.remove(&key);
+            // Like a failed build: a template that builds but never restores
+            // must not cost every start a build and a failed restore.
+            self.templates.note_failure(&key, &format!("restore failed: {}", error_chain(&e)));
+            if self.template_builds == TemplateBuilds::Background {
+                self.rebuild_in_background(qemu, runtime, inputs, spec);
+            }
+            format!("restore failed: {}", error_chain(&e))
+        })
+    }
+
+    /// Builds the template for `runtime` at `memory_mib` unless it exists
+    /// (`tvm image build`, benchmarks).
+    ///
+    /// # Errors
+    /// The image or the template could not be built.
+    pub async fn ensure_template(
+        &self,
+        runtime: &Runtime,
+        memory_mib: u64,
+    ) -> Result<template::Template, ExecuteError> {
+        let qemu = match &self.vmm.backend {
+            Backend::Qemu(q) => q,
+            Backend::Firecracker(_) => {
+                let source = TemplateError::Unsupported("firecracker");
+                return Err(ExecuteError::Template { runtime: runtime.id.clone(), source });
+            }
+        };
+        let image = self.ensure_image(runtime, Progress::hidden()).await?;
+        let spec = self.vm_spec(&image, memory_mib);
+        let inputs = self.template_inputs(runtime, &image, &spec);
+        let req = self.build_request(qemu, runtime, inputs, &spec);
+        self.templates.build(req).await.map_err(|source| ExecuteError::Template { runtime: runtime.id.clone(), source })
+    }
+
+    /// The template key inputs of a VM for `runtime` from `spec`.
+    fn template_inputs(
+        &self,
+        runtime: &Runtime,
+        image: &image::Image,
+        spec: &spec::VmSpec,
+    ) -> template::TemplateInputs {
+        template::TemplateInputs::new(spec, &self.settings.qemu, &self.kernel.key, &image.key, warmup_command(runtime))
+    }
+
+    fn build_request(
+        &self,
+        qemu: &backend::qemu::Qemu,
+        runtime: &Runtime,
+        inputs: template::TemplateInputs,
+        spec: &spec::VmSpec,
+    ) -> template::BuildRequest<'_> {
+        template::BuildRequest {
+            runtime: runtime.id.clone(),
+            inputs,
+            spec: spec.clone(),
+            host: self.vmm_host(),
+            qemu: qemu.clone(),
+            boot_timeout: self.boot_timeout(),
+        }
+    }
+
+    /// Starts one background build of the template (none if one runs already).
+    fn rebuild_in_background(
+        &self,
+        qemu: &backend::qemu::Qemu,
+        runtime: &Runtime,
+        inputs: template::TemplateInputs,
+        spec: &spec::VmSpec,
+    ) {
+        let key = inputs.key();
+        if self.templates.recent_failure(&key).is_some() || !self.templates.claim_build(&key) {
+            return;
+        }
+        let this = self.clone();
+        let runtime = runtime.clone();
+        let spec = spec.clone();
+        let qemu = qemu.clone();
+        let span = info_span!("template", key = %key, runtime = %runtime.id);
+        tokio::spawn(
+            async move {
+                let req = this.build_request(&qemu, &runtime, inputs, &spec);
+                if let Err(e) = this.templates.build(req).await {
+                    warn!(error = %error_chain(&e), "background template build failed");
+                }
+                this.templates.release_build(&key);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// The VM a job of `image` with `memory_mib` of RAM runs in, in the
+    /// kernel format and with the agent transport of the chosen backend.
+    fn vm_spec(&self, image: &image::Image, memory_mib: u64) -> spec::VmSpec {
+        use backend::Vmm as _;
+        let (kernel, agent) = match &self.vmm.backend {
+            Backend::Qemu(q) => (q.boot_image(&self.kernel).to_path_buf(), q.transport()),
+            Backend::Firecracker(f) => (f.boot_image(&self.kernel).to_path_buf(), f.transport()),
+        };
+        spec::VmSpec {
+            kernel,
             initrd: Some(self.initrd.clone()),
             rootfs: Some(image.path.clone()),
             memory_mib,
@@ -390,26 +653,19 @@ impl Pyrovm {
             agent: Some(agent),
             debug: std::env::var_os("TVM_GUEST_DEBUG").is_some(),
             extra_cmdline: self.settings.kernel_args.clone(),
-        };
-        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
-        let timeout = Duration::from_millis(self.settings.boot_timeout_ms);
-        let host = vm::VmmHost {
+        }
+    }
+
+    fn vmm_host(&self) -> VmmHost<'_> {
+        vm::VmmHost {
             runtime_dir: &self.settings.runtime_dir,
             host_cgroups: self.host_cgroups.as_ref(),
             uid_base: self.settings.vmm_uid_base,
-        };
-        use backend::Vmm as _;
-        let vm = match &self.vmm.backend {
-            Backend::Qemu(q) => {
-                let spec = spec(&|k| q.boot_image(k).to_path_buf(), q.transport());
-                Vm::boot(&id, &host, q, &spec, timeout).await?
-            }
-            Backend::Firecracker(f) => {
-                let spec = spec(&|k| f.boot_image(k).to_path_buf(), f.transport());
-                Vm::boot(&id, &host, f, &spec, timeout).await?
-            }
-        };
-        Ok(vm)
+        }
+    }
+
+    fn boot_timeout(&self) -> Duration {
+        Duration::from_millis(self.settings.boot_timeout_ms)
     }
 
     /// Runs one request in a fresh VM; `on_output` sees output as it streams.
@@ -420,19 +676,22 @@ impl Pyrovm {
     ) -> Result<Execution, ExecuteError> {
         let plan = plan::plan(&self.catalog, req, self.settings.vm_overhead_mib)?;
         let started = Instant::now();
-        let vm = self.boot(&plan.runtime, plan.vm_memory_mib).await?;
+        let StartedVm { vm, note } = self.start_vm(&plan.runtime, plan.vm_memory_mib).await?;
         let vm_id = vm.id().to_string();
         let boot_ms = vm.boot_time().as_millis() as u64;
-        let span = info_span!("execute", vm = %vm_id, runtime = %plan.runtime.id);
+        let start = vm.start_kind();
+        let span = info_span!("execute", vm = %vm_id, runtime = %plan.runtime.id, start = start.as_str());
         let result = vm.execute(&plan.job, on_output).instrument(span).await?;
         let total_ms = started.elapsed().as_millis() as u64;
-        info!(vm = %vm_id, verdict = %result.verdict, boot_ms, total_ms, "execution finished");
+        info!(vm = %vm_id, verdict = %result.verdict, start = start.as_str(), boot_ms, total_ms, "execution finished");
         Ok(Execution {
             vm_id,
             runtime: plan.runtime.id,
             vmm: self.vmm.backend.kind().as_str(),
             accel: self.accel.kind().as_str(),
             result,
+            start,
+            start_note: note,
             boot_ms,
             total_ms,
         })

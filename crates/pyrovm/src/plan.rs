@@ -260,14 +260,27 @@ pub fn plan(catalog: &Catalog, req: &ExecutionRequest, vm_overhead_mib: u64) -> 
         run: Command { argv: run_argv, env: runtime.env.clone(), limits: run_limits },
         stdin: req.stdin.clone(),
         workdir_bytes: catalog.workdir_bytes(),
+        // Filled in by the VM right before the job is sent, so it is fresh
+        // even for a job that waited in a queue.
+        uniqueness: None,
     };
-    let stage_mem = if job.compile.is_some() {
-        run_limits.memory_bytes.max(compile_limits.memory_bytes)
-    } else {
-        run_limits.memory_bytes
-    };
-    let vm_memory_mib = (stage_mem + job.workdir_bytes).div_ceil(1 << 20) + vm_overhead_mib;
+    let compile_mem = job.compile.is_some().then_some(compile_limits.memory_bytes);
+    let vm_memory_mib = vm_memory_mib(run_limits.memory_bytes, compile_mem, job.workdir_bytes, vm_overhead_mib);
     Ok(Plan { runtime: runtime.clone(), job, vm_memory_mib })
+}
+
+/// Guest RAM, MiB, for stages with these memory limits (bytes), the work dir
+/// and `vm_overhead_mib` (kernel, agent, page cache).
+fn vm_memory_mib(run_mem: u64, compile_mem: Option<u64>, workdir_bytes: u64, vm_overhead_mib: u64) -> u64 {
+    let stage_mem = compile_mem.map_or(run_mem, |c| c.max(run_mem));
+    (stage_mem + workdir_bytes).div_ceil(1 << 20) + vm_overhead_mib
+}
+
+/// Guest RAM, MiB, of a request for `runtime` with default limits: the VM
+/// shape most executions get, so the one `tvm image build` makes a template for.
+pub fn default_vm_memory_mib(catalog: &Catalog, runtime: &Runtime, vm_overhead_mib: u64) -> u64 {
+    let compile_mem = runtime.compile.is_some().then_some(runtime.compile_limits.memory_bytes);
+    vm_memory_mib(runtime.run_limits.memory_bytes, compile_mem, catalog.workdir_bytes(), vm_overhead_mib)
 }
 
 /// A submitted path as a command argument: `-V` becomes `./-V`, so no
@@ -362,6 +375,12 @@ mod tests {
         assert_eq!(p.job.run.limits.wall_ms, 1000);
         assert_eq!(p.job.run.limits.cpu_ms, 1000, "cpu is clamped to wall");
         assert_eq!(p.vm_memory_mib, 128 + 64 + 160);
+        let python = c.get("python").unwrap();
+        let defaults = plan(&c, &req("python", &[("a.py", "")]), 160).unwrap();
+        assert_eq!(default_vm_memory_mib(&c, python, 160), defaults.vm_memory_mib);
+        let cc = c.get("c").unwrap();
+        let defaults = plan(&c, &req("c", &[("a.c", "")]), 160).unwrap();
+        assert_eq!(default_vm_memory_mib(&c, cc, 160), defaults.vm_memory_mib);
     }
 
     #[test]

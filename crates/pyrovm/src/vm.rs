@@ -6,6 +6,7 @@
 //! dies), its host cgroups, its run directory, the agent channel and the
 //! console reader. A `Vm` runs one job at most: [`Vm::execute`] consumes it.
 
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Stdio;
@@ -16,7 +17,7 @@ use tokio::net::UnixStream;
 use tracing::{debug, info_span, warn, Instrument};
 use tvm_protocol::{
     read_frame_async, write_frame_async, FrameDecoder, FrameError, GuestMessage, HostMessage, Job, JobResult, Stage,
-    Stream, MAX_GUEST_FRAME, PROTOCOL_VERSION,
+    Stream, Uniqueness, MAX_GUEST_FRAME, PROTOCOL_VERSION,
 };
 
 use crate::backend::{Console, LaunchContext, LaunchError, Vmm, VmmKind};
@@ -128,16 +129,68 @@ pub struct VmmHost<'a> {
     pub uid_base: u32,
 }
 
+/// How a VM came to agent-ready (`--json`, metrics, logs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartKind {
+    /// Booted the kernel from scratch.
+    Cold,
+    /// Restored from a template (a snapshot of a booted, prewarmed VM).
+    Template,
+    /// Taken from the warm pool (itself restored or booted ahead of time).
+    Pool,
+}
+
+impl StartKind {
+    /// `cold`, `template` or `pool`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartKind::Cold => "cold",
+            StartKind::Template => "template",
+            StartKind::Pool => "pool",
+        }
+    }
+}
+
+/// What a start adds to a plain cold boot (see [`crate::template`]): more
+/// inherited descriptors with the VMM arguments naming them, and for a
+/// restore the `Resume` handshake that replaces waiting for the boot's `Ready`.
+#[derive(Debug)]
+pub(crate) struct StartExtras {
+    /// Descriptors the VMM inherits; `args` names them by number.
+    pub fds: Vec<OwnedFd>,
+    /// Appended to the VMM's arguments.
+    pub args: Vec<String>,
+    /// `Some`: a restore; send `Resume` with this, then wait for `Ready`.
+    pub resume: Option<Uniqueness>,
+}
+
+impl StartExtras {
+    /// A plain cold boot.
+    pub fn cold() -> Self {
+        Self { fds: Vec::new(), args: Vec::new(), resume: None }
+    }
+
+    fn kind(&self) -> StartKind {
+        if self.resume.is_some() {
+            StartKind::Template
+        } else {
+            StartKind::Cold
+        }
+    }
+}
+
 /// A running guest whose agent is ready for its one job.
 #[derive(Debug)]
 pub struct Vm {
     id: String,
     child: std::process::Child,
-    stream: UnixStream,
+    pub(crate) stream: UnixStream,
     console: Console,
     started: Instant,
     boot: Duration,
     guest_uptime_ms: u64,
+    start: StartKind,
     vmm: VmmKind,
     // Backend resources that live as long as the channel (log drains).
     _keep: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
@@ -166,8 +219,21 @@ impl Vm {
         spec: &VmSpec,
         boot_timeout: Duration,
     ) -> Result<Vm, StartVmError> {
-        let span = info_span!("vm", vm = %id, vmm = backend.kind().as_str(), accel = spec.accel.as_str());
-        Self::boot_inner(id, host, backend, spec, boot_timeout).instrument(span).await
+        Self::launch(id, host, backend, spec, boot_timeout, StartExtras::cold()).await
+    }
+
+    /// [`Vm::boot`] with the additions of `extras` (templates).
+    pub(crate) async fn launch<V: Vmm>(
+        id: &str,
+        host: &VmmHost<'_>,
+        backend: &V,
+        spec: &VmSpec,
+        boot_timeout: Duration,
+        extras: StartExtras,
+    ) -> Result<Vm, StartVmError> {
+        let span = info_span!("vm", vm = %id, vmm = backend.kind().as_str(), accel = spec.accel.as_str(),
+                              start = extras.kind().as_str());
+        Self::boot_inner(id, host, backend, spec, boot_timeout, extras).instrument(span).await
     }
 
     async fn boot_inner<V: Vmm>(
@@ -176,12 +242,23 @@ impl Vm {
         backend: &V,
         spec: &VmSpec,
         boot_timeout: Duration,
+        extras: StartExtras,
     ) -> Result<Vm, StartVmError> {
+        let start = extras.kind();
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + boot_timeout;
         let dir = RunDir::create(host.runtime_dir, id).map_err(StartVmError::RunDir)?;
         let ctx = LaunchContext { id, run_dir: dir.path() };
-        let launch = backend.launch(spec, &ctx)?;
+        let mut launch = backend.launch(spec, &ctx)?;
+        if !extras.fds.is_empty() || !extras.args.is_empty() {
+            // Template additions name inherited descriptors by number.
+            let files = launch.files.as_mut().ok_or(LaunchError::Unsupported {
+                vmm: backend.kind().as_str(),
+                what: "template descriptors (the VMM inherits none)",
+            })?;
+            files.inherit(extras.fds);
+            launch.args.extend(extras.args);
+        }
         if let Err(e) = dir.record_leftovers(&launch.leftovers) {
             warn!(error = %e, "cannot record the VM's leftovers for the reaper");
         }
@@ -296,6 +373,21 @@ impl Vm {
             }
         };
         let mut stream = channel.stream;
+        if let Some(fresh) = extras.resume {
+            // Queued in the socket until the restored guest runs and reads it.
+            let msg = HostMessage::Resume(fresh);
+            let resume = write_frame_async(&mut stream, &msg);
+            match tokio::time::timeout_at(deadline, resume).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(StartVmError::Protocol(format!("sending resume: {e}"))),
+                Err(_) => {
+                    return Err(StartVmError::BootTimeout {
+                        ms: boot_timeout.as_millis() as u64,
+                        console: console.tail(),
+                    })
+                }
+            }
+        }
         let ready =
             tokio::time::timeout_at(deadline, read_frame_async::<GuestMessage, _>(&mut stream, MAX_GUEST_FRAME));
         let guest_uptime_ms = match ready.await {
@@ -331,6 +423,7 @@ impl Vm {
             started,
             boot,
             guest_uptime_ms,
+            start,
             vmm: backend.kind(),
             _keep: channel.keep,
             _cleanup: vm_guard.cleanup.take(),
@@ -349,9 +442,24 @@ impl Vm {
         self.vmm
     }
 
-    /// Time from VMM start to agent-ready.
+    /// Time from VMM start to agent-ready (for a restore: restore-to-ready).
     pub fn boot_time(&self) -> Duration {
         self.boot
+    }
+
+    /// How this VM came to agent-ready.
+    pub fn start_kind(&self) -> StartKind {
+        self.start
+    }
+
+    /// The VMM's pid (host RSS figures in `tvm bench`).
+    pub fn vmm_pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The console tail, for diagnostics.
+    pub(crate) fn console(&self) -> String {
+        self.console.tail()
     }
 
     /// Guest uptime when the agent was ready (kernel boot + agent setup).
@@ -379,7 +487,11 @@ impl Vm {
             // Generous slack over the guest's own limits: under TCG the guest clock runs slow.
             let deadline_ms = wall * 2 + 15_000;
             let cap: u64 = stages.map(|c| c.limits.output_bytes * 2).sum::<u64>() + (1 << 20);
-            write_frame_async(&mut self.stream, &HostMessage::Run(job.clone())).await.map_err(RunJobError::Send)?;
+            // Fresh entropy and clock for every job: a VM restored from a
+            // template shares both with its siblings until the agent applies these.
+            let mut job = job.clone();
+            job.uniqueness = Some(crate::template::uniqueness());
+            write_frame_async(&mut self.stream, &HostMessage::Run(job)).await.map_err(RunJobError::Send)?;
             let deadline = tokio::time::Instant::now() + Duration::from_millis(deadline_ms);
             // `Done` repeats the captured output (base64), so its frame may exceed the chunk-sized
             // limit; size the limit from this job's own caps, never from anything the guest says.
@@ -399,9 +511,9 @@ impl Vm {
                         }
                         GuestMessage::Done(result) => return Ok(result),
                         GuestMessage::Failed { message } => return Err(RunJobError::AgentFailed(message)),
-                        GuestMessage::Ready { .. } => {
+                        GuestMessage::Ready { .. } | GuestMessage::Warmed { .. } => {
                             return Err(RunJobError::Protocol(FrameError::Io(std::io::Error::other(
-                                "unexpected second ready",
+                                "unexpected ready or warm-up report during a job",
                             ))))
                         }
                     }

@@ -125,6 +125,7 @@ fn job(wall_ms: u64) -> Job {
         run: Command { argv: vec!["true".into()], env: vec![], limits },
         stdin: vec![],
         workdir_bytes: 1 << 20,
+        uniqueness: None,
     }
 }
 

@@ -1,6 +1,8 @@
-//! `tvm bench`: cold-start latency next to the same program run natively.
+//! `tvm bench`: start latency (cold boot, template restore, warm pool) next
+//! to the same program run natively, plus restore-to-ready, snapshot size and
+//! the host memory of an idle VM.
 //!
-//! Every VM run is a fresh VM (boot + job + teardown), measured from the host.
+//! Every VM run is a fresh VM (start + job + teardown), measured from the host.
 //! The native baseline runs the same source with the host's own toolchain in
 //! the same invocation, so the overhead ratio comes from one run on one machine.
 
@@ -75,29 +77,44 @@ fn native_ms(s: &Sample, dir: &Path) -> Option<f64> {
     Some(t.elapsed().as_secs_f64() * 1000.0)
 }
 
+/// Resident memory of a process in bytes (`VmRSS`), if readable.
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// How long a VM sits idle before its host RSS is read: long enough for the
+/// VMM to settle after boot or restore.
+const IDLE_SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Runs the benchmark and prints the table.
 pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
     let dir = tempfile::tempdir().context("temp dir for native runs")?;
+    let cold_vmm = vmm.clone().with_templates(false);
+    let tpl_vmm = vmm.clone().with_templates(true);
     println!("vmm: {} ({})", vmm.vmm().backend.kind().as_str(), vmm.vmm().reason);
     if matches!(&vmm.vmm().backend, pyrovm::Backend::Firecracker(f) if f.standin()) {
         // Honest labels: the stand-in boots QEMU under TCG, so these are not Firecracker's figures.
         println!("NOTE: figures below are the Firecracker STAND-IN's (QEMU microvm under TCG behind Firecracker's API), not Firecracker's");
     }
     println!("accelerator: {} ({})", vmm.accel().kind().as_str(), vmm.accel().reason);
-    println!("runs per row: {runs} (each VM run boots a fresh VM)\n");
+    println!("runs per row: {runs} (each VM run starts a fresh VM)\n");
     println!(
-        "{:<12} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>10}",
+        "{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8}",
         "runtime",
-        "native p50",
-        "cold p50",
-        "cold p95",
-        "warm p50",
-        "warm p95",
-        "ready p50",
-        "guest boot",
-        "cold ex/s",
-        "ratio",
-        "image"
+        "native",
+        "cold",
+        "template",
+        "tmpl p95",
+        "pooled",
+        "boot>rdy",
+        "rest>rdy",
+        "snapshot",
+        "RSS cold",
+        "RSS tmpl",
+        "cold/n",
+        "tmpl/n"
     );
     let selected = vmm
         .catalog()
@@ -110,66 +127,130 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
             println!("{:<12} no benchmark program for {}", rt.id, rt.language);
             continue;
         };
-        // The first VM may build the image; keep it out of the numbers.
         let req = ExecutionRequest {
             runtime: rt.id.clone(),
             files: vec![SourceFile { name: s.file.into(), content: s.source.as_bytes().to_vec() }],
             ..Default::default()
         };
-        vmm.execute(&req, |_, _, _| {}).await.with_context(|| format!("warm-up run of {}", rt.id))?;
-        let (mut native, mut cold, mut ready, mut uptime, mut exec) = (vec![], vec![], vec![], vec![], vec![]);
+        let plan = pyrovm::plan(vmm.catalog(), &req, vmm.settings().vm_overhead_mib)?;
+        // The image and the template are built first, outside the numbers.
+        // Templates are QEMU snapshots: other backends get '-' in those columns.
+        let template = if vmm.vmm().backend.kind() == pyrovm::VmmKind::Qemu {
+            let t = tpl_vmm.ensure_template(&plan.runtime, plan.vm_memory_mib).await;
+            Some(t.with_context(|| format!("template of {}", rt.id))?)
+        } else {
+            None
+        };
+        cold_vmm.execute(&req, |_, _, _| {}).await.with_context(|| format!("warm-up run of {}", rt.id))?;
+        let mut m = Samples::default();
         for _ in 0..runs {
             if let Some(ms) = native_ms(s, dir.path()) {
-                native.push(ms);
+                m.native.push(ms);
             }
+            // Cold boot, end to end (what `tvm run` paid before templates).
             let t = Instant::now();
-            let plan = pyrovm::plan(vmm.catalog(), &req, vmm.settings().vm_overhead_mib)?;
-            let vm = vmm.boot(&plan.runtime, plan.vm_memory_mib).await?;
-            ready.push(vm.boot_time().as_secs_f64() * 1000.0);
-            uptime.push(vm.guest_uptime_ms() as f64);
-            let e = Instant::now();
+            let started = cold_vmm.start_vm(&plan.runtime, plan.vm_memory_mib).await?;
+            m.boot_ready.push(started.vm.boot_time().as_secs_f64() * 1000.0);
+            let r = started.vm.execute(&plan.job, |_, _, _| {}).await?;
+            m.cold.push(t.elapsed().as_secs_f64() * 1000.0);
+            anyhow::ensure!(r.verdict == tvm_protocol::Verdict::Ok, "{}: verdict {}", rt.id, r.verdict);
+
+            if template.is_none() {
+                // Pooled without templates: a cold-booted VM idles at agent-ready.
+                let vm = cold_vmm.start_vm(&plan.runtime, plan.vm_memory_mib).await?.vm;
+                let t = Instant::now();
+                let r = vm.execute(&plan.job, |_, _, _| {}).await?;
+                m.pooled.push(t.elapsed().as_secs_f64() * 1000.0);
+                anyhow::ensure!(r.verdict == tvm_protocol::Verdict::Ok, "{}: verdict {}", rt.id, r.verdict);
+                continue;
+            }
+            // Restored from the template, end to end (what `tvm run` pays now).
+            let t = Instant::now();
+            let started = tpl_vmm.start_vm(&plan.runtime, plan.vm_memory_mib).await?;
+            anyhow::ensure!(
+                started.vm.start_kind() == pyrovm::StartKind::Template,
+                "{}: not restored from the template: {}",
+                rt.id,
+                started.note.unwrap_or_default()
+            );
+            m.restore_ready.push(started.vm.boot_time().as_secs_f64() * 1000.0);
+            let r = started.vm.execute(&plan.job, |_, _, _| {}).await?;
+            m.template.push(t.elapsed().as_secs_f64() * 1000.0);
+            anyhow::ensure!(r.verdict == tvm_protocol::Verdict::Ok, "{}: verdict {}", rt.id, r.verdict);
+
+            // Pooled: a restored VM idles at agent-ready (its host RSS is read
+            // then), and only the job is on the clock.
+            let vm = tpl_vmm.start_vm(&plan.runtime, plan.vm_memory_mib).await?.vm;
+            tokio::time::sleep(IDLE_SETTLE).await;
+            m.rss_template.extend(rss_bytes(vm.vmm_pid()).map(|b| b as f64));
+            let t = Instant::now();
             let r = vm.execute(&plan.job, |_, _, _| {}).await?;
-            exec.push(e.elapsed().as_secs_f64() * 1000.0);
-            cold.push(t.elapsed().as_secs_f64() * 1000.0);
+            m.pooled.push(t.elapsed().as_secs_f64() * 1000.0);
             anyhow::ensure!(r.verdict == tvm_protocol::Verdict::Ok, "{}: verdict {}", rt.id, r.verdict);
         }
-        let n50 = percentile(&mut native, 0.5);
-        let c50 = percentile(&mut cold, 0.5);
-        // One VM at a time: executions per second of a serial client paying the boot each time.
-        let per_sec = 1000.0 * cold.len() as f64 / cold.iter().sum::<f64>();
-        let image = rt
-            .image
-            .as_ref()
-            .and_then(|r| pyrovm::image::find_image(vmm.settings(), r))
-            .map(|i| tvm_config::format_bytes(i.meta.size_bytes))
-            .unwrap_or_default();
+        // One idle cold-booted VM for the RSS comparison.
+        let vm = cold_vmm.start_vm(&plan.runtime, plan.vm_memory_mib).await?.vm;
+        tokio::time::sleep(IDLE_SETTLE).await;
+        m.rss_cold.extend(rss_bytes(vm.vmm_pid()).map(|b| b as f64));
+        drop(vm);
+
+        let n50 = percentile(&mut m.native, 0.5);
+        let c50 = percentile(&mut m.cold, 0.5);
+        let t50 = percentile(&mut m.template, 0.5);
         // No host toolchain for this language: no baseline, no ratio (never a made-up number).
-        let (native_col, ratio_col) = if native.is_empty() {
-            ("-".to_string(), "-".to_string())
+        let (native_col, cold_ratio, mut tpl_ratio) = if m.native.is_empty() {
+            ("-".to_string(), "-".to_string(), "-".to_string())
         } else {
-            (format!("{n50:.1}ms"), format!("{:.1}x", c50 / n50))
+            (format!("{n50:.1}ms"), format!("{:.1}x", c50 / n50), format!("{:.1}x", t50 / n50))
+        };
+        if template.is_none() {
+            tpl_ratio = "-".into();
+        }
+        let ms = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{v:.0}ms") };
+        let mib = |v: &mut Vec<f64>| {
+            let p = percentile(v, 0.5);
+            if p.is_nan() {
+                "-".to_string()
+            } else {
+                tvm_config::format_bytes(p as u64)
+            }
         };
         println!(
-            "{:<12} {:>10} {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>8.0}ms {:>9.2} {:>8} {:>10}",
+            "{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8}",
             rt.id,
             native_col,
-            c50,
-            percentile(&mut cold, 0.95),
-            percentile(&mut exec, 0.5),
-            percentile(&mut exec, 0.95),
-            percentile(&mut ready, 0.5),
-            percentile(&mut uptime, 0.5),
-            per_sec,
-            ratio_col,
-            image
+            ms(c50),
+            ms(t50),
+            ms(percentile(&mut m.template, 0.95)),
+            ms(percentile(&mut m.pooled, 0.5)),
+            ms(percentile(&mut m.boot_ready, 0.5)),
+            ms(percentile(&mut m.restore_ready, 0.5)),
+            template.as_ref().map(|t| tvm_config::format_bytes(t.meta.state_bytes)).unwrap_or_else(|| "-".into()),
+            mib(&mut m.rss_cold),
+            mib(&mut m.rss_template),
+            cold_ratio,
+            tpl_ratio
         );
     }
-    println!("\ncold = VMM start to result (boot + job + teardown), what `tvm run` pays;");
-    println!(
-        "warm = job sent to result on an already booted VM, what a warm-pool request pays (`tvm serve --pool-size`);"
-    );
-    println!("ready = VMM start to agent-ready; guest boot = guest uptime at agent-ready;");
-    println!("cold ex/s = serial executions per second with a boot each; ratio = cold p50 / native p50");
-    println!("(native: the host's own toolchain, whatever version it has; '-' where the host has none).");
+    println!("\nAll columns p50 unless named. cold = VMM start to result with a kernel boot (templates off);");
+    println!("template = the same restored from the runtime's template (what `tvm run` pays now);");
+    println!("pooled = job sent to result on a restored VM already at agent-ready (a warm-pool hit);");
+    println!("boot>rdy / rest>rdy = VMM start to agent-ready, cold boot / template restore;");
+    println!("snapshot = the template's saved state; RSS = host resident memory of one idle VMM;");
+    println!("cold/n, tmpl/n = cold and template p50 over native p50 (the host's own toolchain,");
+    println!("whatever version it has; '-' where the host has none).");
     Ok(())
+}
+
+/// Measurements of one runtime, in ms (RSS in bytes).
+#[derive(Debug, Default)]
+struct Samples {
+    native: Vec<f64>,
+    cold: Vec<f64>,
+    template: Vec<f64>,
+    pooled: Vec<f64>,
+    boot_ready: Vec<f64>,
+    restore_ready: Vec<f64>,
+    rss_cold: Vec<f64>,
+    rss_template: Vec<f64>,
 }

@@ -49,6 +49,12 @@ pub enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// VM templates (snapshots of booted, prewarmed VMs that executions are
+    /// restored from with `templates = true`; a cache, rebuilt on first use).
+    Template {
+        #[command(subcommand)]
+        command: TemplateCommand,
+    },
     /// Remove VMs and run dirs left behind by a crashed tvm.
     Reap,
     /// Serve the HTTP API (pyroshell) until SIGTERM/SIGINT.
@@ -142,6 +148,25 @@ pub enum ImageCommand {
     },
 }
 
+/// `tvm template`.
+#[derive(Subcommand, Debug)]
+pub enum TemplateCommand {
+    /// List built templates.
+    List {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove templates (by key, or all); the next start rebuilds what it needs.
+    Remove {
+        /// Template keys (from `tvm template list`).
+        keys: Vec<String>,
+        /// Every template.
+        #[arg(long, conflicts_with = "keys")]
+        all: bool,
+    },
+}
+
 /// `tvm image build`.
 #[derive(Args, Debug)]
 pub struct ImageBuildArgs {
@@ -212,6 +237,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Kernel { command: KernelCommand::Build } => commands::kernel::build(ctx).await,
         Command::Image { command: ImageCommand::Build(args) } => commands::image::build(ctx, args).await,
         Command::Image { command: ImageCommand::List { json } } => commands::image::list(&ctx, json),
+        Command::Template { command } => commands::template::template(&ctx, command),
         Command::Reap => commands::reap::reap(&ctx),
         Command::Serve(args) => commands::serve::serve(ctx, *args).await,
         Command::Bench(args) => commands::bench::bench(ctx, &args).await,

@@ -272,12 +272,14 @@ fn warm_pool_skips_the_boot() {
 
     let warm = server.execute(&hello("print('warm')")).json();
     assert_eq!((warm["verdict"].clone(), warm["pooled"].clone()), (json!("ok"), json!(true)), "{warm}");
+    assert_eq!(warm["start"], "pool", "{warm}");
     assert_eq!(warm["run"]["stdout"], "warm\n");
     // More memory than a pool VM has: a miss, booted on demand.
     let mut cold_req = hello("print('cold')");
     cold_req["run_limits"] = json!({"memory_bytes": 768u64 << 20});
     let cold = server.execute(&cold_req).json();
     assert_eq!((cold["verdict"].clone(), cold["pooled"].clone()), (json!("ok"), json!(false)), "{cold}");
+    assert!(["template", "cold"].contains(&cold["start"].as_str().unwrap_or_default()), "{cold}");
     let (w, c) = (warm["total_ms"].as_u64().unwrap(), cold["total_ms"].as_u64().unwrap());
     eprintln!(
         "warm total {w} ms (boot paid earlier: {} ms); cold total {c} ms (boot {} ms)",
@@ -342,7 +344,9 @@ fn sigterm_drains_in_flight_work_and_refuses_new() {
     wait_until("draining", Duration::from_secs(10), || server.get("/readyz").status == 503);
     let r = server.get("/readyz");
     assert_eq!(r.json()["draining"], true);
-    server.execute(&hello("print(1)")).error(503, "draining");
+    let refused = server.execute(&hello("print(1)"));
+    refused.error(503, "draining");
+    assert_eq!(refused.header("retry-after"), Some("1"), "nothing started: retry elsewhere at once");
     let (status, _) = sse(&server.addr, "/v1/executions/stream", &[], hello("").to_string().as_bytes());
     assert_eq!(status, 503);
     assert_eq!(server.get("/healthz").status, 200, "alive while draining");

@@ -163,7 +163,7 @@ fn judge0_routes_statuses_and_options() {
         json!({"source_code": "while True: pass", "language_id": PY, "cpu_time_limit": 1, "cpu_extra_time": 0.5, "wall_time_limit": 5}),
     );
     assert_eq!(status(&v), 5, "{v}");
-    let v = run(&server, json!({"source_code": "x = bytearray(400 << 20)", "language_id": PY, "memory_limit": 65536}));
+    let v = run(&server, json!({"source_code": "x = 'a' * (400 << 20)", "language_id": PY, "memory_limit": 65536}));
     assert_eq!((status(&v), v["message"].clone()), (12, json!("Memory limit exceeded")), "{v}");
 
     // C: SIGFPE, SIGABRT, compilation error, compiler options and shell-split arguments, redirected stderr.

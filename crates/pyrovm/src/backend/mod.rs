@@ -156,6 +156,14 @@ pub enum LaunchError {
     /// The agent channel could not be connected.
     #[error("cannot connect to the guest agent: {0}")]
     AgentConnect(String),
+    /// A feature this backend does not offer was asked for.
+    #[error("{vmm} does not support {what}")]
+    Unsupported {
+        /// The VMM.
+        vmm: &'static str,
+        /// The feature.
+        what: &'static str,
+    },
 }
 
 /// Where a VM's files live on the host while it runs.

@@ -35,6 +35,7 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
     let (mut built, mut cached_n, mut failed) = (0, 0, Vec::new());
     let mut total_bytes = 0;
     let mut seen = HashSet::new();
+    let mut ready = Vec::new();
     // SIGINT (Ctrl-C) or SIGTERM: the build tools run in their own process group, so
     // tvm stops them and waits until the scratch directory and its mounts are gone.
     let stop = pyroshell::shutdown_signal();
@@ -63,6 +64,7 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
         };
         match res {
             Ok(img) => {
+                ready.push(r.clone());
                 // Runtimes sharing an image (C and C++) count it once.
                 if seen.insert(img.key.clone()) {
                     total_bytes += img.meta.size_bytes;
@@ -89,7 +91,31 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
     for (id, why) in &failed {
         println!("  {id}: {why}");
     }
+    if ctx.settings.templates && !ready.is_empty() {
+        templates(&ctx, &ready).await;
+    }
     Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Builds the template of each runtime for its default VM shape, so first
+/// executions restore instead of booting (with `templates = true`).
+async fn templates(ctx: &Context, ready: &[tvm_config::Runtime]) {
+    let vmm = match pyrovm::Pyrovm::prepare(ctx.settings.clone(), ctx.catalog.clone(), false).await {
+        Ok(vmm) => vmm,
+        Err(e) => {
+            println!("templates: not built ({e})");
+            return;
+        }
+    };
+    for r in ready {
+        let memory = pyrovm::default_vm_memory_mib(&ctx.catalog, r, ctx.settings.vm_overhead_mib);
+        match vmm.ensure_template(r, memory).await {
+            Ok(t) => {
+                println!("{:<14} template {} ({}, {memory} MiB)", r.id, t.key, format_bytes(t.meta.state_bytes))
+            }
+            Err(e) => println!("{:<14} template FAILED: {:#}", r.id, anyhow::Error::from(e)),
+        }
+    }
 }
 
 /// Lists built images ([`pyrovm::image::list_images`]) with the runtimes using each.

@@ -13,6 +13,7 @@ pub mod run;
 pub mod runtimes;
 pub mod serve;
 pub mod soak;
+pub mod template;
 
 use anyhow::{Context as _, Result};
 use tvm_config::{Accel, Catalog, Settings, VmmChoice};

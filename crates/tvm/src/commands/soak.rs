@@ -13,7 +13,9 @@ use crate::cli::SoakArgs;
 /// Prepares the VM manager and runs the soak for at most `--duration`.
 pub async fn soak(ctx: Context, args: &SoakArgs) -> Result<ExitCode> {
     let duration = Duration::from_millis(tvm_config::parse_duration_ms(&args.duration).map_err(usage)?);
-    let vmm = Pyrovm::prepare(ctx.settings, ctx.catalog, false).await?;
+    let vmm = Pyrovm::prepare(ctx.settings, ctx.catalog, false)
+        .await?
+        .with_template_builds(pyrovm::TemplateBuilds::Background);
     crate::soak::run(vmm, args.executions, args.concurrency, duration).await?;
     Ok(ExitCode::SUCCESS)
 }
