@@ -513,7 +513,7 @@ impl Vm {
                         GuestMessage::Failed { message } => return Err(RunJobError::AgentFailed(message)),
                         GuestMessage::Ready { .. } | GuestMessage::Warmed { .. } => {
                             return Err(RunJobError::Protocol(FrameError::Io(std::io::Error::other(
-                                "unexpected ready or warm-up report during a job",
+                                "unexpected second ready (or warm-up report) during a job",
                             ))))
                         }
                     }
