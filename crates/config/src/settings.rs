@@ -130,6 +130,9 @@ pub struct Settings {
     pub agent_bin: Option<PathBuf>,
     /// Optional catalog file replacing the built-in one.
     pub catalog: Option<PathBuf>,
+    /// Directory of catalog overlay files (`*.toml`) that add runtimes or
+    /// change fields of existing ones; a missing directory means none.
+    pub runtimes_dir: PathBuf,
     /// Debian mirror for image builds; mmdebstrap's default when unset.
     pub debian_mirror: Option<String>,
     /// Extra guest kernel command-line arguments, appended last (so they win):
@@ -179,6 +182,7 @@ impl Default for Settings {
             kernel_source: PathBuf::from("/usr/src/linux-source-6.1.tar.xz"),
             agent_bin: None,
             catalog: None,
+            runtimes_dir: PathBuf::from("/etc/tvm/runtimes.d"),
             debian_mirror: None,
             kernel_args: None,
             vmm_uid_base: 2_000_000_000,
@@ -251,6 +255,9 @@ impl Settings {
         }
         if let Some(v) = var("TVM_CATALOG") {
             self.catalog = Some(v.into());
+        }
+        if let Some(v) = var("TVM_RUNTIMES_DIR") {
+            self.runtimes_dir = v.into();
         }
         if let Some(v) = var("TVM_KERNEL_SOURCE") {
             self.kernel_source = v.into();

@@ -408,6 +408,10 @@ pub struct LimitsInfo {
     pub output_bytes: u64,
     /// Largest file written, bytes.
     pub file_size_bytes: u64,
+    /// Stack (`RLIMIT_STACK`), bytes: always the memory limit, so a deep
+    /// recursion may use all of it, as on the judges.
+    #[serde(default)]
+    pub stack_bytes: u64,
 }
 
 impl From<&Limits> for LimitsInfo {
@@ -419,6 +423,7 @@ impl From<&Limits> for LimitsInfo {
             processes: l.pids,
             output_bytes: l.output_bytes,
             file_size_bytes: l.file_size_bytes,
+            stack_bytes: l.memory_bytes,
         }
     }
 }
@@ -492,6 +497,15 @@ pub struct RuntimeInfo {
     pub default_limits: DefaultLimits,
     /// Warm pool.
     pub pool: PoolInfo,
+    /// Where the catalog entry was defined: `built-in`, the catalog file, or
+    /// the overlay file (of `runtimes_dir`) that added or last changed it.
+    #[serde(default = "builtin_origin")]
+    pub source: String,
+}
+
+/// What older servers' entries were: built in.
+fn builtin_origin() -> String {
+    tvm_config::BUILTIN_ORIGIN.to_string()
 }
 
 /// `GET /v1/runtimes`.

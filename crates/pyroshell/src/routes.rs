@@ -418,6 +418,7 @@ pub(crate) async fn list_runtimes(State(st): St) -> Json<RuntimesBody> {
                     idle: pool.map_or(0, |p| p.idle()),
                     memory_mib: pool.map_or(0, |p| p.memory_mib()),
                 },
+                source: r.origin.clone(),
             }
         })
         .collect();

@@ -295,7 +295,9 @@ fn build(
             shell_quote(&tarball.to_string_lossy())
         ));
     }
-    for (i, script) in recipe.customize.iter().enumerate() {
+    // Registry installs come before the recipe's own steps, which may use them.
+    let scripts: Vec<String> = registry_installs(recipe).into_iter().chain(recipe.customize.iter().cloned()).collect();
+    for (i, script) in scripts.iter().enumerate() {
         let file = scratch.join(format!("customize-{i}.sh"));
         std::fs::write(&file, script).map_err(io_err("writing", &file))?;
         hooks.push(format!(
@@ -489,6 +491,41 @@ fn fetch_node(range: &str, dir: &Path, cancel: &BuildCancel) -> Result<(String, 
         return Err(fail(format!("{} is missing after npm pack", tarball.display())));
     }
     Ok((p.version, tarball))
+}
+
+/// Shell steps, run in the new root like `customize`, that install the
+/// recipe's pip, npm and gem packages from their registries: at build time,
+/// as guests have no network. Each checks for its installer first, so a
+/// recipe lacking it fails with a message saying which Debian package to add.
+fn registry_installs(recipe: &ImageRecipe) -> Vec<String> {
+    let quoted = |list: &[String]| list.iter().map(|p| shell_quote(p)).collect::<Vec<_>>().join(" ");
+    let mut steps = Vec::new();
+    if !recipe.pip.is_empty() {
+        // The variables are ignored by pips too old to know them (bullseye's);
+        // Debian's pip installs into /usr/local when run as root.
+        steps.push(format!(
+            "python3 -m pip --version >/dev/null 2>&1 || {{ echo 'the recipe lists pip packages: add python3-pip to its packages' >&2; exit 1; }}\n\
+             PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+             python3 -m pip install {}\n",
+            quoted(&recipe.pip)
+        ));
+    }
+    if !recipe.npm.is_empty() {
+        steps.push(format!(
+            "command -v npm >/dev/null || {{ echo 'the recipe lists npm packages: add npm to its packages' >&2; exit 1; }}\n\
+             npm install --global --no-fund --no-audit --no-update-notifier {}\n\
+             rm -rf /root/.npm\n",
+            quoted(&recipe.npm)
+        ));
+    }
+    if !recipe.gem.is_empty() {
+        steps.push(format!(
+            "command -v gem >/dev/null || {{ echo 'the recipe lists gems: add ruby to its packages' >&2; exit 1; }}\n\
+             gem install --no-document {}\n",
+            quoted(&recipe.gem)
+        ));
+    }
+    steps
 }
 
 /// Single-quotes `s` for sh.
@@ -728,6 +765,19 @@ mod tests {
     #[test]
     fn shell_quote_survives_quotes() {
         assert_eq!(shell_quote("/a b/c'd"), "'/a b/c'\\''d'");
+    }
+
+    #[test]
+    fn registry_installs_are_quoted_build_steps() {
+        let mut recipe = ImageRecipe::debian("trixie", &["python3-pip"]);
+        assert!(registry_installs(&recipe).is_empty());
+        recipe.pip = vec!["numpy==2.2.*".into(), "it's".into()];
+        recipe.gem = vec!["rake:13.2.1".into()];
+        let steps = registry_installs(&recipe);
+        assert_eq!(steps.len(), 2);
+        assert!(steps[0].contains("python3 -m pip install 'numpy==2.2.*' 'it'\\''s'"), "{}", steps[0]);
+        assert!(steps[0].contains("add python3-pip"), "{}", steps[0]);
+        assert!(steps[1].contains("gem install --no-document 'rake:13.2.1'"), "{}", steps[1]);
     }
 }
 

@@ -29,7 +29,7 @@ pub const EXIT_USAGE: u8 = 2;
 pub struct Context {
     /// Settings in force.
     pub settings: Settings,
-    /// The runtime catalog (built in, or the file `settings.catalog` names).
+    /// The runtime catalog (built in, or the file `settings.catalog` names) with the overlays of `settings.runtimes_dir`.
     pub catalog: Catalog,
 }
 
@@ -46,10 +46,7 @@ impl Context {
         if let Some(v) = vmm {
             settings.vmm = v;
         }
-        let catalog = match &settings.catalog {
-            Some(p) => Catalog::load(p)?,
-            None => Catalog::builtin(),
-        };
+        let catalog = Catalog::assemble(settings.catalog.as_deref(), &settings.runtimes_dir)?;
         Ok(Self { settings, catalog })
     }
 }

@@ -1,5 +1,6 @@
 //! `tvm runtimes`: the catalog with each runtime's state here
-//! ([`pyrovm::image::runtime_state`], shared with `tvm doctor` and `/v1/runtimes`).
+//! ([`pyrovm::image::runtime_state`], shared with `tvm doctor` and `/v1/runtimes`)
+//! and where each entry was defined (`built-in`, the catalog file, or an overlay file).
 
 use std::process::ExitCode;
 
@@ -35,6 +36,7 @@ fn print_list(ctx: &Context, json: bool) -> Result<()> {
             json!({
                 "id": r.id, "language": r.language, "version": r.version, "aliases": r.aliases,
                 "extensions": r.extensions, "compiled": r.compile.is_some(), "state": state,
+                "source": r.origin,
             })
         })
         .collect();
@@ -42,7 +44,10 @@ fn print_list(ctx: &Context, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("{:<14} {:<11} {:<8} {:<22} {:<12} STATE", "ID", "LANGUAGE", "VERSION", "ALIASES", "EXTENSIONS");
+    println!(
+        "{:<14} {:<11} {:<8} {:<22} {:<12} {:<9} STATE",
+        "ID", "LANGUAGE", "VERSION", "ALIASES", "EXTENSIONS", "SOURCE"
+    );
     for r in rows {
         let list = |k: &str| {
             r[k].as_array()
@@ -51,12 +56,13 @@ fn print_list(ctx: &Context, json: bool) -> Result<()> {
         };
         let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
         println!(
-            "{:<14} {:<11} {:<8} {:<22} {:<12} {}",
+            "{:<14} {:<11} {:<8} {:<22} {:<12} {:<9} {}",
             s("id"),
             s("language"),
             s("version"),
             list("aliases"),
             list("extensions"),
+            s("source"),
             s("state")
         );
     }
@@ -77,7 +83,7 @@ fn print_matrix(ctx: &Context, json: bool) -> Result<()> {
                 "language": r.language, "version": r.version, "id": r.id,
                 "default": matrix::is_default(catalog, r), "state": state.name(), "reason": state.reason(),
                 "source": r.image.as_ref().map(|i| i.source()), "installed": installed,
-                "image_bytes": image.map(|i| i.meta.size_bytes),
+                "image_bytes": image.map(|i| i.meta.size_bytes), "defined_in": r.origin,
             }));
         }
     }

@@ -178,6 +178,9 @@ class Runtime(_Response):
     image: ImageInfo
     default_limits: DefaultLimits
     pool: PoolInfo = PoolInfo()
+    #: Where the server's catalog entry was defined: "built-in", the catalog
+    #: file, or the overlay file that added or last changed it.
+    source: str = "built-in"
 
     @property
     def available(self) -> bool:
