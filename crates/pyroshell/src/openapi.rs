@@ -117,19 +117,21 @@ pub fn document(maximum: &Limits) -> Value {
         limits[field]["minimum"] = json!(1);
         limits[field]["maximum"] = json!(max);
     }
+    // Each event as SSE clients (and schemathesis) see it: an `event` name and `data` text holding JSON.
+    let event = |names: &[&str], data: &str| {
+        json!({"type": "object", "required": ["event", "data"], "properties": {
+            "event": {"type": "string", "enum": names},
+            "data": {"type": "string", "contentMediaType": "application/json",
+                     "contentSchema": {"$ref": format!("#/components/schemas/{data}")}},
+            "id": {"type": "string"}, "retry": {"type": "integer"}}})
+    };
     schemas["StreamEvent"] = json!({
-        "description": "One server-sent event of `POST /v1/executions/stream`: `event: stdout|stderr` with an OutputEvent as `data`, then one `event: result` with an ExecutionResult.",
-        "oneOf": [
-            {"type": "object", "required": ["event", "data"], "properties": {
-                "event": {"type": "string", "enum": ["stdout", "stderr"]},
-                "data": {"$ref": "#/components/schemas/OutputEvent"}}},
-            {"type": "object", "required": ["event", "data"], "properties": {
-                "event": {"type": "string", "enum": ["result"]},
-                "data": {"$ref": "#/components/schemas/ExecutionResult"}}}
-        ]
+        "description": "One server-sent event of `POST /v1/executions/stream`: `event: stdout|stderr` whose data is an OutputEvent (JSON), then one `event: result` whose data is an ExecutionResult (JSON).",
+        "oneOf": [event(&["stdout", "stderr"], "OutputEvent"), event(&["result"], "ExecutionResult")]
     });
-    d["paths"]["/v1/executions/stream"]["post"]["responses"]["200"]["x-events"] =
-        json!({"$ref": "#/components/schemas/StreamEvent"});
+    let ok = &mut d["paths"]["/v1/executions/stream"]["post"]["responses"]["200"];
+    ok["content"]["text/event-stream"]["schema"] = json!({"$ref": "#/components/schemas/StreamEvent"});
+    ok["x-events"] = json!({"$ref": "#/components/schemas/StreamEvent"});
     let request_id =
         json!({"description": "The request's id (the client's, if sent and plain).", "schema": {"type": "string"}});
     let refused_host = json!({
