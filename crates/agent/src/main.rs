@@ -16,6 +16,7 @@ mod harden;
 mod job;
 mod log;
 mod output;
+mod relay;
 mod sandbox;
 mod stage;
 mod transport;

@@ -77,6 +77,20 @@ impl Cgroup {
         self.write("cgroup.kill", "1")
     }
 
+    /// Sends `signal` to every process in the cgroup. Processes that are
+    /// gone by the time it arrives are skipped; one forked meanwhile is
+    /// missed, which is why a kill through [`Cgroup::kill`] always follows.
+    pub fn signal(&self, signal: libc::c_int) -> Result<(), Error> {
+        let procs = self.read("cgroup.procs")?;
+        // Never 0 or negative: kill(2) would read those as process groups or "everyone".
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<libc::pid_t>().ok()).filter(|p| *p > 0) {
+            // SAFETY: kill with integer arguments. The pid cannot have been
+            // reused: the agent is PID 1 and reaps every exited process itself.
+            unsafe { libc::kill(pid, signal) };
+        }
+        Ok(())
+    }
+
     /// Whether any process is still in the cgroup.
     pub fn populated(&self) -> Result<bool, Error> {
         Ok(self.read_key("cgroup.events", "populated")? != 0)
@@ -174,7 +188,7 @@ pub fn cpu_rlimit_secs(cpu_ms: u64) -> (u64, u64) {
 #[derive(Debug)]
 pub struct ChildSetup {
     cgroup_procs: CString,
-    rlimits: [(Resource, u64, u64); 4],
+    rlimits: [(Resource, u64, u64); 5],
     seccomp: Vec<seccompiler::BpfProgram>,
 }
 
@@ -193,6 +207,14 @@ impl ChildSetup {
                 (Resource::RLIMIT_FSIZE, limits.file_size_bytes, limits.file_size_bytes),
                 (Resource::RLIMIT_NOFILE, files, files),
                 (Resource::RLIMIT_CORE, 0, 0),
+                // The stack may grow as far as memory does, as on the judges
+                // (Codeforces, AtCoder, DMOJ), instead of the kernel's 8 MiB:
+                // a deep recursion within the memory limit passes, one beyond
+                // it meets the cgroup's OOM killer (or this rlimit: SIGSEGV).
+                // Threads created without an explicit size reserve this much
+                // address space too (glibc and libuv default to RLIMIT_STACK):
+                // reservation, not memory, and the guest always overcommits.
+                (Resource::RLIMIT_STACK, limits.memory_bytes, limits.memory_bytes),
             ],
             seccomp: crate::harden::filters()?,
         })

@@ -2,23 +2,22 @@
 //! its output, enforce the wall and CPU limits, then kill whatever is left,
 //! reap it and classify how the stage ended.
 
-use std::io::{Read, Write};
+use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tvm_protocol::{Command, GuestMessage, Stage, StageResult, StageStatus, Stream, OUTPUT_CHUNK};
+use tvm_protocol::{Command, GuestMessage, Stage, StageResult, StageStatus, Stream};
 
 use crate::error::Error;
 use crate::log::debug;
 use crate::output::Capture;
+use crate::relay::Relay;
 use crate::sandbox::{Cgroup, ChildSetup};
 
 /// The job's working directory (a tmpfs owned by the runner).
@@ -30,6 +29,13 @@ const TICK: Duration = Duration::from_millis(5);
 /// How often `cpu.stat` is polled, so CPU burners spread over several
 /// processes are stopped near the limit rather than at the end.
 const CPU_POLL: Duration = Duration::from_millis(50);
+/// How long a stage over its time limit gets between SIGTERM and SIGKILL.
+/// Runtimes that buffer a pipe (Ruby) flush it when terminated, so the
+/// output printed before the limit is kept, as a terminal would have shown
+/// it; a program that ignores SIGTERM only gains this much, and its verdict
+/// stays `time_limit_exceeded`. The output cap kills at once (more output
+/// is what it stops) and the OOM killer is the kernel's.
+const TERM_GRACE: Duration = Duration::from_millis(500);
 /// How long killed processes get to disappear. SIGKILL cannot be caught, so
 /// only a task stuck in the kernel would take longer.
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -132,14 +138,15 @@ fn supervise(spec: StageSpec<'_>, cgroup: &Cgroup, outbox: &Sender<GuestMessage>
             })
             .map_err(|e| Error::SpawnThread("stdin", e))?;
     }
-    let stdout_pipe = child.stdout.take().expect("stdout is piped");
-    let stderr_pipe = child.stderr.take().expect("stderr is piped");
-    let stdout = Reader::start(stdout_pipe, spec.stage, Stream::Stdout, limits.output_bytes, outbox.clone())?;
-    let stderr = Reader::start(stderr_pipe, spec.stage, Stream::Stderr, limits.output_bytes, outbox.clone())?;
+    let stdout_pipe = OwnedFd::from(child.stdout.take().expect("stdout is piped"));
+    let stderr_pipe = OwnedFd::from(child.stderr.take().expect("stderr is piped"));
+    let relay = Relay::start(stdout_pipe, stderr_pipe, spec.stage, limits.output_bytes, outbox.clone())?;
 
     let wall_limit = Duration::from_millis(limits.wall_ms);
     let cpu_limit_us = limits.cpu_ms.saturating_mul(1000);
-    let mut killed: Option<(StageStatus, Instant)> = None;
+    // Why the stage is being stopped, since when, and whether SIGKILL is
+    // still to come (it got SIGTERM and its grace).
+    let mut killed: Option<(StageStatus, Instant, bool)> = None;
     let mut exit: Option<(Exit, Instant)> = None;
     let mut next_cpu_poll = started + CPU_POLL;
     loop {
@@ -150,7 +157,7 @@ fn supervise(spec: StageSpec<'_>, cgroup: &Cgroup, outbox: &Sender<GuestMessage>
         let now = Instant::now();
         match killed {
             None => {
-                let reason = if stdout.overflowed() || stderr.overflowed() {
+                let reason = if relay.overflowed() {
                     Some(StageStatus::OutputLimitExceeded)
                 } else if now.duration_since(started) >= wall_limit {
                     Some(StageStatus::TimeLimitExceeded)
@@ -161,12 +168,22 @@ fn supervise(spec: StageSpec<'_>, cgroup: &Cgroup, outbox: &Sender<GuestMessage>
                     None
                 };
                 if let Some(status) = reason {
-                    debug!("{:?} stage: killing, {status:?}", spec.stage);
-                    cgroup.kill()?;
-                    killed = Some((status, now));
+                    let graceful = status == StageStatus::TimeLimitExceeded;
+                    debug!("{:?} stage: {status:?}, {}", spec.stage, if graceful { "terminating" } else { "killing" });
+                    if graceful {
+                        cgroup.signal(libc::SIGTERM)?;
+                    } else {
+                        cgroup.kill()?;
+                    }
+                    killed = Some((status, now, graceful));
                 }
             }
-            Some((_, at)) if now.duration_since(at) > KILL_TIMEOUT => {
+            Some((status, at, true)) if now.duration_since(at) >= TERM_GRACE => {
+                debug!("{:?} stage: still running after SIGTERM, killing", spec.stage);
+                cgroup.kill()?;
+                killed = Some((status, now, false));
+            }
+            Some((_, at, false)) if now.duration_since(at) > KILL_TIMEOUT => {
                 debug!("{:?} stage: main process {main} did not die", spec.stage);
                 exit = Some((Exit::Lost, now));
                 break;
@@ -194,21 +211,20 @@ fn supervise(spec: StageSpec<'_>, cgroup: &Cgroup, outbox: &Sender<GuestMessage>
     reap(main, &mut scratch);
 
     let deadline = Instant::now() + READER_TIMEOUT;
-    while !(stdout.finished() && stderr.finished()) && Instant::now() < deadline {
+    while !relay.finished() && Instant::now() < deadline {
         std::thread::sleep(TICK);
     }
 
     let cpu_us = cgroup.cpu_usage_us()?;
     let observed = Observed {
-        killed: killed.map(|(status, _)| status),
+        killed: killed.map(|(status, _, _)| status),
         oom_kills: cgroup.oom_kills()?,
         cpu_us,
         cpu_limit_us,
         exit,
     };
     let status = classify(&observed);
-    let (stdout, stdout_truncated) = stdout.take();
-    let (stderr, stderr_truncated) = stderr.take();
+    let [(stdout, stdout_truncated), (stderr, stderr_truncated)] = relay.take();
     let result = StageResult {
         status,
         exit_code: match exit {
@@ -312,76 +328,6 @@ fn spawn_failure(spec: &StageSpec<'_>, err: &std::io::Error, outbox: &Sender<Gue
         cpu_ms: 0,
         peak_memory_bytes: 0,
     }
-}
-
-/// A thread draining one output pipe: it keeps and streams up to the cap,
-/// flags the overflow for the supervisor, and discards the rest so the
-/// writer never blocks on a full pipe before it is killed.
-struct Reader {
-    capture: Arc<Mutex<Capture>>,
-    overflowed: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
-}
-
-impl Reader {
-    fn start(
-        mut pipe: impl Read + Send + 'static,
-        stage: Stage,
-        stream: Stream,
-        cap: u64,
-        outbox: Sender<GuestMessage>,
-    ) -> Result<Self, Error> {
-        let capture = Arc::new(Mutex::new(Capture::new(cap)));
-        let overflowed = Arc::new(AtomicBool::new(false));
-        let (shared, flag) = (Arc::clone(&capture), Arc::clone(&overflowed));
-        let thread = std::thread::Builder::new()
-            .name(format!("{stream:?}"))
-            .spawn(move || {
-                let mut buf = vec![0u8; OUTPUT_CHUNK];
-                loop {
-                    let n = match pipe.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(_) => break,
-                    };
-                    let kept = {
-                        let mut capture = lock(&shared);
-                        let kept = capture.push(&buf[..n]).to_vec();
-                        if capture.truncated() {
-                            flag.store(true, Ordering::Relaxed);
-                        }
-                        kept
-                    };
-                    if !kept.is_empty() {
-                        let _ = outbox.send(GuestMessage::Output { stage, stream, data: kept });
-                    }
-                }
-            })
-            .map_err(|e| Error::SpawnThread("output reader", e))?;
-        Ok(Self { capture, overflowed, thread })
-    }
-
-    fn overflowed(&self) -> bool {
-        self.overflowed.load(Ordering::Relaxed)
-    }
-
-    fn finished(&self) -> bool {
-        self.thread.is_finished()
-    }
-
-    /// The captured bytes. Works even if the thread is still blocked on a
-    /// pipe some unkillable process holds: it is then simply abandoned.
-    fn take(self) -> (Vec<u8>, bool) {
-        let taken = lock(&self.capture).take();
-        taken
-    }
-}
-
-fn lock(capture: &Mutex<Capture>) -> MutexGuard<'_, Capture> {
-    // A poisoned lock only means a reader panicked, and the panic hook has
-    // already ended the VM; the data itself is still consistent.
-    capture.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -32,8 +32,11 @@ pub const MAX_GUEST_FRAME: usize = 1 << 20;
 /// Largest frame the agent accepts from the host (the job with its files).
 pub const MAX_HOST_FRAME: usize = 64 << 20;
 
-/// Size of the raw output chunks the agent streams (before base64).
-pub const OUTPUT_CHUNK: usize = 32 << 10;
+/// Largest raw output chunk the agent streams (before base64). The agent
+/// batches a program's writes into chunks up to this size, so relaying costs
+/// per byte rather than per write; base64 and JSON keep a chunk's frame well
+/// under [`MAX_GUEST_FRAME`].
+pub const OUTPUT_CHUNK: usize = 64 << 10;
 
 /// Name of the virtio-serial port the agent talks on (QEMU backend).
 pub const VIRTIO_PORT_NAME: &str = "tvm.agent";

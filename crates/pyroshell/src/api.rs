@@ -408,6 +408,10 @@ pub struct LimitsInfo {
     pub output_bytes: u64,
     /// Largest file written, bytes.
     pub file_size_bytes: u64,
+    /// Stack (`RLIMIT_STACK`), bytes: always the memory limit, so a deep
+    /// recursion may use all of it, as on the judges.
+    #[serde(default)]
+    pub stack_bytes: u64,
 }
 
 impl From<&Limits> for LimitsInfo {
@@ -419,6 +423,7 @@ impl From<&Limits> for LimitsInfo {
             processes: l.pids,
             output_bytes: l.output_bytes,
             file_size_bytes: l.file_size_bytes,
+            stack_bytes: l.memory_bytes,
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod hostcg;
 pub mod image;
 pub mod initrd;
 pub mod jail;
+pub mod java;
 pub mod kernel;
 pub mod plan;
 pub mod progress;

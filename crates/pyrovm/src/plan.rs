@@ -218,6 +218,18 @@ pub fn plan(catalog: &Catalog, req: &ExecutionRequest, vm_overhead_mib: u64) -> 
     let run_limits = apply_limits("run", runtime.run_limits, &req.run_limits, max)?;
     let compile_limits = apply_limits("compile", runtime.compile_limits, &req.compile_limits, max)?;
 
+    // Java wants a public class in a file of its name: rename files after it,
+    // and run the entry file's class, whatever the client called the files.
+    let java = runtime.language == "java";
+    let renames = if java {
+        crate::java::renames(req.files.iter().map(|f| (f.name.as_str(), &f.content[..])))
+    } else {
+        Default::default()
+    };
+    let name_of = |name: &str| renames.get(name).cloned().unwrap_or_else(|| name.to_string());
+    let entry_content = req.files.iter().find(|f| f.name == entry).map(|f| &f.content[..]).unwrap_or_default();
+    let entry_class = java.then(|| crate::java::main_class(entry_content)).flatten();
+    let entry = name_of(&entry);
     let sources: Vec<String> = req
         .files
         .iter()
@@ -225,10 +237,11 @@ pub fn plan(catalog: &Catalog, req: &ExecutionRequest, vm_overhead_mib: u64) -> 
             let ext = f.name.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
             runtime.extensions.iter().any(|x| x.eq_ignore_ascii_case(ext))
         })
-        .map(|f| f.name.clone())
+        .map(|f| name_of(&f.name))
         .collect();
-    // Java names the main class after its file: `app/Main.java` is `app.Main`.
-    let entry_class = entry.rsplit_once('.').map_or(entry.as_str(), |(stem, _)| stem).replace('/', ".");
+    // Otherwise the main class is named after its file: `app/Main.java` is `app.Main`.
+    let entry_class = entry_class
+        .unwrap_or_else(|| entry.rsplit_once('.').map_or(entry.as_str(), |(stem, _)| stem).replace('/', "."));
     if entry_class.starts_with('-') && runtime_uses(runtime, "{entry_class}") {
         // A class name is no path, so `./` cannot protect it; no Java class starts with `-` anyway.
         return Err(PlanError::BadFileName(format!(
@@ -254,7 +267,7 @@ pub fn plan(catalog: &Catalog, req: &ExecutionRequest, vm_overhead_mib: u64) -> 
         files: req
             .files
             .iter()
-            .map(|f| File { path: f.name.clone(), content: f.content.clone(), executable: false })
+            .map(|f| File { path: name_of(&f.name), content: f.content.clone(), executable: false })
             .collect(),
         compile,
         run: Command { argv: run_argv, env: runtime.env.clone(), limits: run_limits },
@@ -345,18 +358,30 @@ mod tests {
         let argv = &p.job.compile.as_ref().unwrap().argv;
         assert!(argv.contains(&"main.c".to_string()) && argv.contains(&"util.c".to_string()));
         assert!(!argv.contains(&"util.h".to_string()));
-        assert_eq!(p.job.run.argv, vec!["./main".to_string(), "a b".into()]);
+        assert_eq!(p.job.run.argv, ["stdbuf", "-oL", "./main", "a b"]);
     }
 
     #[test]
     fn java_main_class_follows_the_entry_file() {
         let c = Catalog::builtin();
-        let mut r = req("java", &[("app/Main.java", "class Main {}"), ("app/Util.java", "")]);
+        let mut r = req("java", &[("app/Main.java", "package app; class Main {}"), ("app/Util.java", "")]);
         r.args = vec!["x".into()];
         let p = plan(&c, &r, 160).unwrap();
         assert_eq!(p.job.run.argv[p.job.run.argv.len() - 2..], ["app.Main", "x"]);
         let compile = &p.job.compile.as_ref().unwrap().argv;
         assert!(compile.ends_with(&["app/Main.java".to_string(), "app/Util.java".to_string()]), "{compile:?}");
+    }
+
+    #[test]
+    fn a_java_file_is_named_after_its_public_class() {
+        let c = Catalog::builtin();
+        let p = plan(&c, &req("java", &[("test.java", "public class HelloWorld {}")]), 160).unwrap();
+        assert_eq!(p.job.files[0].path, "HelloWorld.java");
+        assert_eq!(p.job.compile.as_ref().unwrap().argv.last().map(String::as_str), Some("HelloWorld.java"));
+        assert_eq!(p.job.run.argv.last().map(String::as_str), Some("HelloWorld"));
+        // Other languages keep their file names whatever they contain.
+        let p = plan(&c, &req("python", &[("test.py", "public class HelloWorld {}")]), 160).unwrap();
+        assert_eq!(p.job.files[0].path, "test.py");
     }
 
     #[test]

@@ -185,6 +185,13 @@ pub struct BenchArgs {
     pub runs: usize,
     /// Runtimes to measure (prefix of the id; default all).
     pub runtimes: Vec<String>,
+    /// Instead: short writes per second through the output relay next to
+    /// the same programs writing to /dev/null in the guest.
+    #[arg(long, conflicts_with = "runtimes")]
+    pub relay: bool,
+    /// Writes per relay-bench run.
+    #[arg(long, default_value_t = 200_000, requires = "relay")]
+    pub lines: u64,
 }
 
 /// `tvm soak`.

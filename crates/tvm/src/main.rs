@@ -3,12 +3,13 @@
 //! This binary is deliberately thin: [`cli`] holds the clap types and the
 //! dispatch, [`commands`] one file per subcommand that calls one library verb
 //! and formats its outcome. The work happens in `pyrovm` (VMs), `pyroshell`
-//! (HTTP API) and `tvm-config` (settings, catalog). [`bench`] and [`soak`] are
-//! the measuring harnesses behind `tvm bench` and `tvm soak`.
+//! (HTTP API) and `tvm-config` (settings, catalog). [`bench`], [`relay_bench`] and
+//! [`soak`] are the measuring harnesses behind `tvm bench` (`--relay`) and `tvm soak`.
 
 mod bench;
 mod cli;
 mod commands;
+mod relay_bench;
 mod soak;
 
 fn main() -> std::process::ExitCode {

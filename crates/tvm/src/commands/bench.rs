@@ -1,4 +1,6 @@
-//! `tvm bench`: cold-start latency against native runs (the harness is [`crate::bench`]).
+//! `tvm bench`: cold-start latency against native runs (the harness is
+//! [`crate::bench`]); `tvm bench --relay`: the output relay's writes per second
+//! ([`crate::relay_bench`]).
 
 use std::process::ExitCode;
 
@@ -11,6 +13,10 @@ use crate::cli::BenchArgs;
 /// Prepares the VM manager (building the kernel if needed) and prints the bench table.
 pub async fn bench(ctx: Context, args: &BenchArgs) -> Result<ExitCode> {
     let vmm = Pyrovm::prepare(ctx.settings, ctx.catalog, true).await?;
-    crate::bench::run(&vmm, args.runs.max(1), &args.runtimes).await?;
+    if args.relay {
+        crate::relay_bench::run(&vmm, args.runs.max(1), args.lines.max(1)).await?;
+    } else {
+        crate::bench::run(&vmm, args.runs.max(1), &args.runtimes).await?;
+    }
     Ok(ExitCode::SUCCESS)
 }
