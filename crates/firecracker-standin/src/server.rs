@@ -427,7 +427,8 @@ fn start(ctx: &Ctx, st: &mut State) -> Result<(), String> {
             std::thread::sleep(Duration::from_millis(5));
         }
         qemu.args(["-chardev", &format!("socket,id=vsock,path={}", vhost_sock.display())]);
-        qemu.args(["-device", &format!("vhost-user-vsock-device,chardev=vsock,guest-cid={cid}")]);
+        // The guest CID comes from the vhost-user backend (--guest-cid above).
+        qemu.args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
     }
     let child = spawn_child(qemu.stdin(Stdio::null())).map_err(|e| {
         for c in &mut helpers {

@@ -461,8 +461,13 @@ fn own_dir(ctx: &LaunchContext<'_>) -> PathBuf {
     ctx.run_dir.join("fc")
 }
 
+/// A named pipe TVM reads and the VMM writes. Writable by others: the VMM
+/// runs as its own uid, and only that uid (and root) can reach the pipe,
+/// through the VMM's own 0700 directory.
 fn mkfifo(path: &Path) -> std::io::Result<()> {
-    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(std::io::Error::from)
+    use std::os::unix::fs::PermissionsExt;
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(std::io::Error::from)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o622))
 }
 
 impl Firecracker {
@@ -628,13 +633,17 @@ pub fn fault_message(body: &[u8]) -> String {
 /// [`LaunchError::AgentConnect`] with the last failure when `deadline` passes.
 pub async fn connect_vsock(uds: &Path, port: u32, deadline: tokio::time::Instant) -> Result<UnixStream, LaunchError> {
     let mut last = String::from("not tried");
+    // Backing off: every refused attempt costs the vsock device a connection
+    // request and a reset; a slow boot must not turn into a storm of them.
+    let mut pause = Duration::from_millis(20);
     while tokio::time::Instant::now() < deadline {
         match tokio::time::timeout_at(deadline, vsock_handshake(uds, port)).await {
             Ok(Ok(s)) => return Ok(s),
             Ok(Err(e)) => last = e,
             Err(_) => break,
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
     }
     Err(LaunchError::AgentConnect(format!("vsock {} port {port}: {last}", uds.display())))
 }
