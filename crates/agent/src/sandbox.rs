@@ -209,12 +209,13 @@ impl ChildSetup {
                 (Resource::RLIMIT_CORE, 0, 0),
                 // The stack may grow as far as memory does, as on the judges
                 // (Codeforces, AtCoder, DMOJ), instead of the kernel's 8 MiB:
-                // a deep recursion within the memory limit passes, one beyond
-                // it meets the cgroup's OOM killer (or this rlimit: SIGSEGV).
-                // Threads created without an explicit size reserve this much
-                // address space too (glibc and libuv default to RLIMIT_STACK):
-                // reservation, not memory, and the guest always overcommits.
-                (Resource::RLIMIT_STACK, limits.memory_bytes, limits.memory_bytes),
+                // no rlimit, so the stage's memory limit bounds it like any
+                // other memory (a deep recursion within it passes, one beyond
+                // it is `memory_limit_exceeded`). Not a finite RLIMIT_STACK of
+                // the memory size: Ruby pre-faults its whole main-thread stack
+                // up to a finite rlimit (`reserve_stack`, with stack-clash
+                // probes), which would spend the memory limit at startup.
+                (Resource::RLIMIT_STACK, libc::RLIM_INFINITY, libc::RLIM_INFINITY),
             ],
             seccomp: crate::harden::filters()?,
         })
