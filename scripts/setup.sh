@@ -34,6 +34,16 @@ cargo build --quiet --release -p tvm
 cp target/agent/x86_64-unknown-linux-gnu/release/tvm-agent target/release/tvm-agent
 TVM=target/release/tvm
 
+# The Firecracker stand-in (tests and `tvm bench --vmm firecracker` on hosts
+# without KVM) serves its vsock device with rust-vmm's vhost-device-vsock.
+# Pinned; compiles in ~4 min on 2 cores, once (then found in /usr/local/bin).
+VHOST_VSOCK_VERSION=0.3.0
+if ! /usr/local/bin/vhost-device-vsock --version 2>/dev/null | grep -q "$VHOST_VSOCK_VERSION"; then
+  echo "==> vhost-device-vsock $VHOST_VSOCK_VERSION (for the Firecracker stand-in; ~4 min to compile)"
+  cargo install --quiet --locked vhost-device-vsock --version "$VHOST_VSOCK_VERSION" --root target/tools
+  $SUDO install -m 0755 target/tools/bin/vhost-device-vsock /usr/local/bin/vhost-device-vsock
+fi
+
 echo "==> guest kernel (cached after the first build, ~5 min on 2 cores)"
 $SUDO "$TVM" kernel build
 echo "==> runtime images: the default version of each language (cached by recipe)"

@@ -146,6 +146,11 @@ class Mesh:
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
+    def assert_nodes_running(self) -> None:
+        """Fails at once when a node exited (a bad config stops a node for good)."""
+        dead = [(n["addr"], n["proc"].returncode) for n in self.nodes if n["proc"].poll() is not None]
+        assert not dead, f"node(s) exited: {dead}"
+
     # -- Envoy's view -------------------------------------------------------------------------
     def hosts(self) -> dict[str, dict[str, Any]]:
         """Envoy's upstream hosts: address → {healthy, rq_active}."""
@@ -262,7 +267,8 @@ def test_failover_through_envoy(rendered: list[dict[str, Any]], tmp_path_factory
         mesh.start_envoy(bootstrap)
         wait_for("Envoy's admin socket", 30, mesh.admin.exists)
         wait_for("every node healthy in Envoy (readyz)", STARTUP,
-                 lambda: len(h := mesh.hosts()) == NODES and all(v["healthy"] for v in h.values()))
+                 lambda: mesh.assert_nodes_running() or (len(h := mesh.hosts()) == NODES
+                                                         and all(v["healthy"] for v in h.values())))
         summarize_startup(mesh)
 
         results = run_load_with_faults(mesh, env, api_key, args)

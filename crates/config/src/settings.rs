@@ -33,6 +33,42 @@ impl std::str::FromStr for Accel {
     }
 }
 
+/// Which VMM runs the guests (`pyrovm::backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VmmChoice {
+    /// Firecracker when its binary is present and KVM works, QEMU otherwise.
+    #[default]
+    Auto,
+    /// QEMU `microvm` (KVM or TCG).
+    Qemu,
+    /// Firecracker (needs KVM); fails with the reason when it cannot run.
+    Firecracker,
+}
+
+impl VmmChoice {
+    /// `auto`, `qemu` or `firecracker`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmmChoice::Auto => "auto",
+            VmmChoice::Qemu => "qemu",
+            VmmChoice::Firecracker => "firecracker",
+        }
+    }
+}
+
+impl std::str::FromStr for VmmChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(VmmChoice::Auto),
+            "qemu" => Ok(VmmChoice::Qemu),
+            "firecracker" => Ok(VmmChoice::Firecracker),
+            _ => Err(format!("unknown VMM {s:?} (expected auto, qemu or firecracker)")),
+        }
+    }
+}
+
 /// Why settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -74,8 +110,14 @@ pub struct Settings {
     pub runtime_dir: PathBuf,
     /// Accelerator choice.
     pub accel: Accel,
+    /// VMM choice: `auto`, `qemu` or `firecracker`.
+    pub vmm: VmmChoice,
     /// QEMU binary.
     pub qemu: PathBuf,
+    /// Firecracker binary (`firecracker --api-sock`); a path or a name in PATH.
+    pub firecracker: PathBuf,
+    /// Firecracker's `jailer` binary, used when `tvm` runs as root and it exists.
+    pub jailer: PathBuf,
     /// vCPUs per guest.
     pub vcpus: u32,
     /// Guest RAM on top of what the job's limits need (kernel, agent, page cache).
@@ -130,7 +172,10 @@ impl Default for Settings {
             cache_dir,
             runtime_dir,
             accel: Accel::Auto,
+            vmm: VmmChoice::Auto,
             qemu: PathBuf::from("qemu-system-x86_64"),
+            firecracker: PathBuf::from("firecracker"),
+            jailer: PathBuf::from("jailer"),
             vcpus: 1,
             vm_overhead_mib: 160,
             boot_timeout_ms: 30_000,
@@ -196,6 +241,15 @@ impl Settings {
         if let Some(v) = var("TVM_QEMU") {
             self.qemu = v.into();
         }
+        if let Some(v) = var("TVM_VMM") {
+            self.vmm = v.parse().map_err(|message| SettingsError::Env { name: "TVM_VMM", message })?;
+        }
+        if let Some(v) = var("TVM_FIRECRACKER") {
+            self.firecracker = v.into();
+        }
+        if let Some(v) = var("TVM_JAILER") {
+            self.jailer = v.into();
+        }
         if let Some(v) = var("TVM_AGENT_BIN") {
             self.agent_bin = Some(v.into());
         }
@@ -260,6 +314,15 @@ mod tests {
         let err = Settings::from_file(&f).unwrap_err().to_string();
         assert!(err.contains("acel"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn vmm_parses() {
+        assert_eq!("Firecracker".parse::<VmmChoice>(), Ok(VmmChoice::Firecracker));
+        assert_eq!("auto".parse::<VmmChoice>(), Ok(VmmChoice::Auto));
+        let err = "cloud-hypervisor".parse::<VmmChoice>().unwrap_err();
+        assert!(err.contains("auto, qemu or firecracker"), "{err}");
+        assert_eq!(VmmChoice::Qemu.as_str(), "qemu");
     }
 
     #[test]

@@ -340,6 +340,15 @@ fn unescape_mount_path(s: &str) -> String {
 
 /// Finds an executable named `tool` on `PATH`, then in the sbin directories
 /// (which a non-root `PATH` often lacks, and where some build tools live).
+/// Resolves a program given as a path (checked to exist) or a bare name
+/// (looked up through PATH).
+pub fn which_path(p: &Path) -> Option<PathBuf> {
+    if p.components().count() > 1 {
+        return p.exists().then(|| p.to_path_buf());
+    }
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(p)).find(|c| c.is_file())
+}
+
 pub(crate) fn which(tool: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)

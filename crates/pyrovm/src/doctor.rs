@@ -26,7 +26,7 @@ impl Check {
     }
 }
 
-/// Every finding, in a fixed order: tools, kernel, agent, isolation, accelerator, runtimes.
+/// Every finding, in a fixed order: tools, kernel, agent, isolation, VMM, accelerator, runtimes.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     /// Whether every check is ok.
@@ -79,12 +79,16 @@ pub async fn diagnose(settings: &Settings, catalog: &Catalog) -> Report {
             detail,
         }),
     );
+    // The VMM backend: which, why, versions, KVM, the jailer (runs binaries: blocking).
+    let s = settings.clone();
+    match tokio::task::spawn_blocking(move || crate::vmm_checks(&s)).await {
+        Ok(v) => checks.extend(v.into_iter().map(|(name, ok, detail)| Check { name, ok, detail })),
+        Err(e) => checks.push(Check::new("vmm", false, format!("probe task failed: {e}"))),
+    }
     let mut accel = None;
     if let Some(k) = &kernel {
-        let s = settings.clone();
-        let (bz, key) = (k.bzimage.clone(), k.key.clone());
-        let decided =
-            tokio::task::spawn_blocking(move || crate::accel::resolve(s.accel, &s.qemu, &bz, &key, &s.cache_dir)).await;
+        let (s, k) = (settings.clone(), k.clone());
+        let decided = tokio::task::spawn_blocking(move || crate::accel_for(&s, &k)).await;
         match decided {
             Ok(Ok(d)) => {
                 checks.push(Check::new("accelerator", true, format!("{}: {}", d.kind().as_str(), d.reason)));

@@ -1,6 +1,6 @@
-//! Host cgroups for VMM processes: each QEMU runs in `<cgroup2>/tvm/<name>`
+//! Host cgroups for VMM processes: each VMM runs in `<cgroup2>/tvm/<name>`
 //! with its memory, process count and CPU capped, so a guest that makes its
-//! VMM misbehave (a QEMU bug, a TCG translation-cache blow-up) hurts only
+//! VMM misbehave (an emulation bug, a TCG translation-cache blow-up) hurts only
 //! its own VM, and the whole VMM process tree can be killed at once.
 //!
 //! Cgroup names carry the owning `tvm` process as `vm-<id>.<pid>.<starttime>`,
@@ -24,7 +24,7 @@ use crate::reaper::process_identity;
 /// Name of TVM's parent cgroup under the cgroup2 root.
 pub const PARENT: &str = "tvm";
 /// Processes and threads a VMM may have: vCPU threads, the main loop, RCU,
-/// and QEMU's I/O worker pool (up to 64 threads).
+/// and the VMM's I/O worker pool (up to 64 threads), or a stand-in's helpers.
 pub const VMM_PIDS: u64 = 256;
 /// How long a killed cgroup may take to empty before removal is given up.
 const EMPTY_WAIT: Duration = Duration::from_secs(5);

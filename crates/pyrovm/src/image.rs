@@ -296,7 +296,13 @@ fn build(
         ));
     }
     // Registry installs come before the recipe's own steps, which may use them.
-    let scripts: Vec<String> = registry_installs(recipe).into_iter().chain(recipe.customize.iter().cloned()).collect();
+    let installs = registry_installs(recipe);
+    if !installs.is_empty() && Path::new(HOST_CA_BUNDLE).is_file() {
+        // Downloads trust what the build host trusts (a host behind a TLS-inspecting
+        // proxy adds its CA there); the copy is removed before packing.
+        hooks.push(format!("cp {HOST_CA_BUNDLE} \"$1{BUILD_CA_BUNDLE}\""));
+    }
+    let scripts: Vec<String> = installs.iter().cloned().chain(recipe.customize.iter().cloned()).collect();
     for (i, script) in scripts.iter().enumerate() {
         let file = scratch.join(format!("customize-{i}.sh"));
         std::fs::write(&file, script).map_err(io_err("writing", &file))?;
@@ -304,6 +310,9 @@ fn build(
             "chroot \"$1\" /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin HOME=/root LC_ALL=C.UTF-8 /bin/sh -e < {}",
             shell_quote(&file.to_string_lossy())
         ));
+    }
+    if !installs.is_empty() {
+        hooks.push(format!("rm -f \"$1{BUILD_CA_BUNDLE}\""));
     }
     let mirrors = mirror_lines(recipe, settings.debian_mirror.as_deref())?;
 
@@ -499,11 +508,15 @@ fn fetch_node(range: &str, dir: &Path, cancel: &BuildCancel) -> Result<(String, 
 /// recipe lacking it fails with a message saying which Debian package to add.
 fn registry_installs(recipe: &ImageRecipe) -> Vec<String> {
     let quoted = |list: &[String]| list.iter().map(|p| shell_quote(p)).collect::<Vec<_>>().join(" ");
+    // pip, npm and gem (OpenSSL) each read their own variable for extra trust anchors.
+    let trust = format!(
+        "if [ -f {BUILD_CA_BUNDLE} ]; then export PIP_CERT={BUILD_CA_BUNDLE} NODE_EXTRA_CA_CERTS={BUILD_CA_BUNDLE} SSL_CERT_FILE={BUILD_CA_BUNDLE}; fi\n"
+    );
     let mut steps = Vec::new();
     if !recipe.pip.is_empty() {
         // The variables are ignored by pips too old to know them (bullseye's);
         // Debian's pip installs into /usr/local when run as root.
-        steps.push(format!(
+        steps.push(trust.clone() + &format!(
             "python3 -m pip --version >/dev/null 2>&1 || {{ echo 'the recipe lists pip packages: add python3-pip to its packages' >&2; exit 1; }}\n\
              PIP_BREAK_SYSTEM_PACKAGES=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
              python3 -m pip install {}\n",
@@ -511,7 +524,7 @@ fn registry_installs(recipe: &ImageRecipe) -> Vec<String> {
         ));
     }
     if !recipe.npm.is_empty() {
-        steps.push(format!(
+        steps.push(trust.clone() + &format!(
             "command -v npm >/dev/null || {{ echo 'the recipe lists npm packages: add npm to its packages' >&2; exit 1; }}\n\
              npm install --global --no-fund --no-audit --no-update-notifier {}\n\
              rm -rf /root/.npm\n",
@@ -519,14 +532,23 @@ fn registry_installs(recipe: &ImageRecipe) -> Vec<String> {
         ));
     }
     if !recipe.gem.is_empty() {
-        steps.push(format!(
+        steps.push(
+            trust.clone()
+                + &format!(
             "command -v gem >/dev/null || {{ echo 'the recipe lists gems: add ruby to its packages' >&2; exit 1; }}\n\
              gem install --no-document {}\n",
             quoted(&recipe.gem)
-        ));
+        ),
+        );
     }
     steps
 }
+
+/// The build host's CA bundle (Debian's `ca-certificates` layout).
+const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Where the host's bundle is copied in the new root during registry installs.
+const BUILD_CA_BUNDLE: &str = "/tmp/tvm-build-ca.crt";
 
 /// Single-quotes `s` for sh.
 fn shell_quote(s: &str) -> String {

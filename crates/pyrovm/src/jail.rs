@@ -1,20 +1,24 @@
-//! Least privilege for the VMM process (our answer to Firecracker's jailer).
+//! Least privilege for the VMM process, whichever backend it is (TVM's own
+//! confinement; Firecracker's jailer is used on top when present, see
+//! [`crate::backend::firecracker`]).
 //!
-//! QEMU is the one host process that parses guest-controlled data, so it
+//! The VMM is the one host process that parses guest-controlled data, so it
 //! gets as little as the guest needs:
-//! - **Files as descriptors only.** Kernel and initramfs are copied into
-//!   sealed memfds, the root image is opened read-only and the agent channel
-//!   is one end of a socketpair; QEMU inherits the four descriptors and
-//!   opens none of TVM's paths ([`VmmFiles`]). No socket file exists.
-//! - **Its own user.** When `tvm` runs as root, each QEMU runs as uid and
+//! - **Files as descriptors.** Kernel and initramfs are copied into sealed
+//!   memfds and the root image is opened read-only; the VMM inherits the
+//!   descriptors ([`VmmFiles`]). QEMU opens none of TVM's paths and gets the
+//!   agent channel as one end of a socketpair; Firecracker reopens the
+//!   descriptors through `/proc/self/fd` and creates its sockets in a
+//!   directory of its own ([`Confinement::prepare`]'s `own_dir`).
+//! - **Its own user.** When `tvm` runs as root, each VMM runs as uid and
 //!   gid `vmm_uid_base + pid`, unique among live VMs without any allocation
 //!   state, with no supplementary groups except `/dev/kvm`'s under KVM.
-//! - **Landlock.** The filesystem view is cut to what QEMU itself needs to
-//!   start (its binary, shared libraries and data, read-only; `/proc` and
-//!   `/sys` read-only; `/dev/null`, `/dev/urandom`, `/dev/kvm`), all TCP
-//!   bind/connect is denied, and it may signal no process outside itself.
-//!   Kernels without Landlock (before 5.13) start QEMU without it; `tvm
-//!   doctor` says so.
+//! - **Landlock.** The filesystem view is cut to what the VMM needs to
+//!   start (system libraries and data read-only, plus the backend's
+//!   [`HostPath`]s; `/proc` and `/sys` read-only; `/dev/null`,
+//!   `/dev/urandom`, `/dev/kvm`), all TCP bind/connect is denied, and it may
+//!   signal no process outside itself. Kernels without Landlock (before
+//!   5.13) start the VMM without it; `tvm doctor` says so.
 //!
 //! Everything run between `fork` and `exec` ([`Confinement::enter`]) is a
 //! plain system call on data prepared beforehand: async-signal-safe.
@@ -28,7 +32,7 @@ use landlock::{
     Access, AccessFs, AccessNet, PathBeneath, PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, Scope, ABI,
 };
 
-use crate::qemu::{AccelKind, VmSpec};
+use crate::spec::{AccelKind, VmSpec};
 
 /// The Landlock ABI whose rights TVM asks for (Linux 6.12: signal and
 /// abstract-socket scoping); older kernels enforce the subset they know.
@@ -57,6 +61,44 @@ pub enum ConfineVmmError {
     UidBase(u32),
 }
 
+/// A host path a backend's VMM needs beyond the system files every VMM gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPath {
+    /// File or directory (a directory covers everything beneath it).
+    pub path: PathBuf,
+    /// What the VMM may do there.
+    pub access: PathAccess,
+}
+
+/// Access a [`HostPath`] grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathAccess {
+    /// Read (and execute) files, list directories.
+    Read,
+    /// Also create, write and remove files, Unix sockets and FIFOs beneath a directory.
+    ReadWrite,
+}
+
+impl HostPath {
+    /// Read-only access to `path`.
+    pub fn read(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into(), access: PathAccess::Read }
+    }
+
+    /// Read-write access beneath the directory `path`.
+    pub fn read_write(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into(), access: PathAccess::ReadWrite }
+    }
+}
+
+/// The install prefix of `binary` (`/usr` for `/usr/bin/qemu-*`): VMMs load
+/// modules and firmware relative to their binary, so the whole prefix is
+/// readable.
+pub fn install_prefix(binary: &Path) -> Option<PathBuf> {
+    let q = crate::cache::which_path(binary).and_then(|q| std::fs::canonicalize(q).ok())?;
+    q.parent()?.parent().map(Path::to_path_buf)
+}
+
 /// The descriptors a VMM inherits instead of paths.
 #[derive(Debug)]
 pub struct VmmFiles {
@@ -69,21 +111,22 @@ pub struct VmmFiles {
     extra: Vec<OwnedFd>,
 }
 
-/// How QEMU's command line names the inherited descriptors.
+/// How a VMM's command line or API names the inherited descriptors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmmIo {
-    /// `-kernel` argument (`/proc/self/fd/N` of a memfd).
+    /// The kernel (`/proc/self/fd/N` of a memfd).
     pub kernel: String,
-    /// `-initrd` argument.
+    /// The initramfs (`/proc/self/fd/N` of a memfd).
     pub initrd: Option<String>,
-    /// Descriptor of the read-only root image (`-add-fd`).
+    /// Descriptor of the read-only root image.
     pub rootfs_fd: Option<RawFd>,
-    /// Descriptor of QEMU's end of the agent socketpair.
+    /// Descriptor of the VMM's end of the agent channel, if it is inherited.
     pub agent_fd: Option<RawFd>,
 }
 
 impl VmmFiles {
-    /// Opens what `spec` names. `agent` is QEMU's end of the agent channel.
+    /// Opens what `spec` names. `agent` is the VMM's end of the agent
+    /// channel when the backend hands it over as a descriptor.
     pub fn open(spec: &VmSpec, agent: Option<OwnedFd>) -> Result<Self, ConfineVmmError> {
         let kernel = sealed_copy(&spec.kernel, "tvm-kernel")?;
         let initrd = spec.initrd.as_deref().map(|p| sealed_copy(p, "tvm-initrd")).transpose()?;
@@ -126,7 +169,7 @@ impl VmmFiles {
     }
 }
 
-/// A read-only, sealed in-memory copy of `path`: QEMU reopens it through
+/// A read-only, sealed in-memory copy of `path`: the VMM reopens it through
 /// `/proc/self/fd` as its own user, whatever the cache's permissions, and
 /// neither it nor anyone else can change it underneath a booting guest.
 fn sealed_copy(path: &Path, name: &str) -> Result<OwnedFd, ConfineVmmError> {
@@ -157,6 +200,9 @@ fn sealed_copy(path: &Path, name: &str) -> Result<OwnedFd, ConfineVmmError> {
 #[derive(Debug)]
 pub struct Confinement {
     inherit: Vec<RawFd>,
+    /// A directory handed to the VMM's uid (`fchown` before the uid change;
+    /// also in `inherit`). Owned by the caller until the VMM is spawned.
+    own_dir: Option<RawFd>,
     /// `Some(base)`: become uid/gid `base + pid`.
     uid_base: Option<u32>,
     /// The one supplementary group kept (`/dev/kvm`'s owner group).
@@ -201,8 +247,23 @@ pub fn landlock_abi() -> i32 {
 }
 
 impl Confinement {
-    /// Prepares the confinement of a VMM that runs `qemu` with `files`.
-    pub fn prepare(files: &VmmFiles, qemu: &Path, accel: AccelKind, uid_base: u32) -> Result<Self, ConfineVmmError> {
+    /// Prepares the confinement of a VMM that holds `files` and may reach
+    /// `paths` (its [`crate::backend::Vmm::host_paths`]). `own_dir`, an open
+    /// directory, is inherited and becomes the VMM's own (its uid owns it)
+    /// so it can create its sockets there; it should be among `paths` with
+    /// [`PathAccess::ReadWrite`]. The caller keeps `files` and `own_dir`
+    /// open until the VMM is spawned.
+    ///
+    /// # Errors
+    /// [`ConfineVmmError::UidBase`] for an out-of-range `uid_base`,
+    /// [`ConfineVmmError::Landlock`] if the ruleset cannot be built.
+    pub fn prepare(
+        files: Option<&VmmFiles>,
+        paths: &[HostPath],
+        own_dir: Option<&OwnedFd>,
+        accel: AccelKind,
+        uid_base: u32,
+    ) -> Result<Self, ConfineVmmError> {
         if uid_base > tvm_config::MAX_VMM_UID_BASE {
             return Err(ConfineVmmError::UidBase(uid_base));
         }
@@ -212,7 +273,7 @@ impl Confinement {
                 use std::os::unix::fs::MetadataExt;
                 // The per-VM uid reaches /dev/kvm through its group (Debian's
                 // udev rule: 0660 root:kvm). A device only root may open
-                // leaves QEMU with the invoking uid rather than without KVM.
+                // leaves the VMM with the invoking uid rather than without KVM.
                 match std::fs::metadata("/dev/kvm") {
                     Ok(m) if m.mode() & 0o060 == 0o060 => Some(m.gid()),
                     _ => {
@@ -223,8 +284,11 @@ impl Confinement {
             }
             _ => None,
         };
-        let landlock = if landlock_abi() > 0 { landlock_ruleset(qemu, accel)? } else { None };
-        Ok(Self { inherit: files.raw_fds(), uid_base: own_user.then_some(uid_base), kvm_gid, landlock })
+        let landlock = if landlock_abi() > 0 { landlock_ruleset(paths, accel)? } else { None };
+        let own_dir = own_dir.map(|d| d.as_raw_fd());
+        let mut inherit = files.map(VmmFiles::raw_fds).unwrap_or_default();
+        inherit.extend(own_dir);
+        Ok(Self { inherit, own_dir, uid_base: own_user.then_some(uid_base), kvm_gid, landlock })
     }
 
     /// Step one in the child: keep the VMM's descriptors across `exec` and
@@ -246,6 +310,11 @@ impl Confinement {
                     Some(g) => std::slice::from_ref(g),
                     None => &[],
                 };
+                if let Some(dir) = self.own_dir {
+                    if libc::fchown(dir, id, id) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                     || libc::setresgid(id, id, id) != 0
                     || libc::setresuid(id, id, id) != 0
@@ -276,8 +345,8 @@ impl Confinement {
 }
 
 /// The Landlock ruleset of one VMM: read-only system files it needs to start,
-/// its two reopened memfds, the few devices, no TCP, no signals out.
-fn landlock_ruleset(qemu: &Path, accel: AccelKind) -> Result<Option<OwnedFd>, ConfineVmmError> {
+/// the backend's `paths`, the few devices, no TCP, no signals out.
+fn landlock_ruleset(paths: &[HostPath], accel: AccelKind) -> Result<Option<OwnedFd>, ConfineVmmError> {
     let err = |e: &dyn std::fmt::Display| ConfineVmmError::Landlock(e.to_string());
     let abi = LANDLOCK_ABI;
     let read = AccessFs::from_read(abi);
@@ -292,21 +361,30 @@ fn landlock_ruleset(qemu: &Path, accel: AccelKind) -> Result<Option<OwnedFd>, Co
         .map_err(|e| err(&e))?
         .create()
         .map_err(|e| err(&e))?;
-    // QEMU's install prefix (`/usr` for /usr/bin/qemu-*): it loads its
-    // accelerator modules and firmware (qboot) relative to its binary.
-    let prefix = crate::accel::which(qemu).and_then(|q| std::fs::canonicalize(q).ok()).and_then(|q| {
-        let bin = q.parent()?;
-        bin.parent().map(Path::to_path_buf)
-    });
     let system = ["/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache"];
-    let mut read_paths: Vec<PathBuf> = system.iter().map(PathBuf::from).collect();
-    read_paths.extend(prefix);
-    // /proc and /sys: QEMU reads its own status and the host's CPU and NUMA
-    // layout. Other processes' /proc entries stay closed by the uid.
-    read_paths.extend(["/proc", "/sys"].map(PathBuf::from));
-    for path in read_paths.iter().filter(|p| p.exists()) {
-        let fd = PathFd::new(path).map_err(|e| err(&e))?;
-        let access = if path.is_dir() { read } else { read_file.into() };
+    let mut rules: Vec<HostPath> = system.iter().map(HostPath::read).collect();
+    // /proc and /sys: the VMM reads its own status and the host's CPU and
+    // NUMA layout. Other processes' /proc entries stay closed by the uid.
+    rules.extend(["/proc", "/sys"].map(HostPath::read));
+    rules.extend(paths.iter().cloned());
+    for rule in rules.iter().filter(|r| r.path.exists()) {
+        let fd = PathFd::new(&rule.path).map_err(|e| err(&e))?;
+        let access = match (rule.access, rule.path.is_dir()) {
+            (PathAccess::Read, true) => read,
+            (PathAccess::Read, false) => read_file.into(),
+            // Sockets, FIFOs and files beneath the VMM's own directory.
+            (PathAccess::ReadWrite, true) => {
+                read | AccessFs::WriteFile
+                    | AccessFs::MakeSock
+                    | AccessFs::MakeFifo
+                    | AccessFs::MakeReg
+                    | AccessFs::MakeDir
+                    | AccessFs::RemoveFile
+                    | AccessFs::RemoveDir
+                    | AccessFs::Truncate
+            }
+            (PathAccess::ReadWrite, false) => AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate,
+        };
         ruleset = ruleset.add_rule(PathBeneath::new(fd, access)).map_err(|e| err(&e))?;
     }
     let mut devices = vec![("/dev/null", dev_rw), ("/dev/urandom", read_file.into())];
@@ -321,7 +399,7 @@ fn landlock_ruleset(qemu: &Path, accel: AccelKind) -> Result<Option<OwnedFd>, Co
     }
     // No rule for the kernel and initramfs memfds: they live on the kernel's
     // internal shmem mount, which Landlock neither restricts nor takes rules
-    // for, so QEMU's reopen through /proc/self/fd works as it is.
+    // for, so the VMM's reopen through /proc/self/fd works as it is.
     Ok(ruleset.into())
 }
 
@@ -356,8 +434,8 @@ mod tests {
             memory_mib: 64,
             vcpus: 1,
             accel: AccelKind::Tcg,
+            agent: Some(crate::spec::AgentTransport::VirtioSerial),
             debug: false,
-            sandbox: false,
             extra_cmdline: None,
         };
         let (_ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
@@ -366,11 +444,14 @@ mod tests {
         assert!(io.kernel.starts_with("/proc/self/fd/"));
         assert_eq!(files.raw_fds().len(), 4);
         assert!(io.rootfs_fd.is_some() && io.agent_fd.is_some());
-        let c = Confinement::prepare(&files, Path::new("qemu-system-x86_64"), AccelKind::Tcg, 2_000_000_000).unwrap();
-        assert_eq!(c.inherit.len(), 4);
+        let paths = [HostPath::read("/usr"), HostPath::read_write(dir.path())];
+        let own: OwnedFd = std::fs::File::open(dir.path()).unwrap().into();
+        let c = Confinement::prepare(Some(&files), &paths, Some(&own), AccelKind::Tcg, 2_000_000_000).unwrap();
+        assert_eq!(c.inherit.len(), 5, "the four files and the own dir");
+        assert_eq!(c.own_dir, Some(own.as_raw_fd()));
         assert_eq!(c.landlock.is_some(), landlock_abi() > 0);
         assert!(matches!(
-            Confinement::prepare(&files, Path::new("q"), AccelKind::Tcg, u32::MAX),
+            Confinement::prepare(Some(&files), &[], None, AccelKind::Tcg, u32::MAX),
             Err(ConfineVmmError::UidBase(_))
         ));
     }

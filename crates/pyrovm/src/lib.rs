@@ -2,12 +2,14 @@
 //!
 //! It owns everything between "run this job" and a result: the guest kernel
 //! ([`kernel`]), runtime images ([`image`]), the agent's initramfs
-//! ([`initrd`]), choosing KVM or TCG ([`accel`]), starting QEMU `microvm`
-//! guests ([`qemu`], [`vm`]) and cleaning up after crashes ([`reaper`]).
+//! ([`initrd`]), choosing the VMM ([`backend`]: QEMU `microvm` or
+//! Firecracker) and KVM or TCG ([`accel`]), starting guests ([`vm`]) and
+//! cleaning up after crashes ([`reaper`]).
 //! [`Pyrovm`] is the small facade the CLI and the HTTP gateway use: a fresh
 //! VM per execution, destroyed afterwards, never reused.
 
 pub mod accel;
+pub mod backend;
 pub mod cache;
 pub mod doctor;
 pub mod hostcg;
@@ -18,8 +20,8 @@ pub mod java;
 pub mod kernel;
 pub mod plan;
 pub mod progress;
-pub mod qemu;
 pub mod reaper;
+pub mod spec;
 pub mod template;
 pub mod vm;
 
@@ -33,6 +35,7 @@ use tvm_config::{Catalog, Runtime, Settings};
 use tvm_protocol::{JobResult, Stage, Stream};
 
 pub use accel::AccelDecision;
+pub use backend::{Backend, Selection, VmmKind};
 pub use cache::{BuildCancel, CancelOnDrop};
 pub use plan::{default_vm_memory_mib, plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile};
 pub use plan::{
@@ -54,6 +57,9 @@ pub enum PrepareError {
     /// KVM was demanded and does not work.
     #[error(transparent)]
     Accel(#[from] accel::KvmUnusable),
+    /// The configured VMM cannot run here.
+    #[error(transparent)]
+    Vmm(#[from] backend::SelectVmmError),
     /// The guest kernel is not built and building was not allowed.
     #[error("guest kernel not built; run `tvm kernel build`")]
     KernelNotBuilt,
@@ -105,6 +111,8 @@ pub struct Execution {
     pub vm_id: String,
     /// Runtime id.
     pub runtime: String,
+    /// VMM used (`qemu` or `firecracker`).
+    pub vmm: &'static str,
     /// Accelerator used.
     pub accel: &'static str,
     /// Agent's result.
@@ -128,7 +136,7 @@ pub fn isolation_checks(qemu: &std::path::Path, vmm_uid_base: u32) -> Vec<(Strin
         Ok(cgs) => format!("used: {}", cgs.describe()),
         Err(e) => format!("not used: {}", error_chain(&e)),
     };
-    let sandbox = qemu::sandbox_supported(qemu);
+    let sandbox = backend::qemu::sandbox_supported(qemu);
     let jail = jail::ConfinementReport::detect(vmm_uid_base);
     vec![
         ("vmm confinement".into(), jail.landlock_abi > 0 || jail.own_user, jail.describe()),
@@ -136,9 +144,72 @@ pub fn isolation_checks(qemu: &std::path::Path, vmm_uid_base: u32) -> Vec<(Strin
         (
             "qemu sandbox".into(),
             sandbox,
-            if sandbox { format!("-sandbox {}", qemu::SANDBOX) } else { "QEMU rejects -sandbox (no seccomp)".into() },
+            if sandbox {
+                format!("-sandbox {}", backend::qemu::SANDBOX)
+            } else {
+                "QEMU rejects -sandbox (no seccomp)".into()
+            },
         ),
     ]
+}
+
+/// `tvm doctor` lines on the VMM backend: `(name, ok, detail)`: which
+/// backend and why, binary versions, KVM state and the jailer.
+pub fn vmm_checks(settings: &Settings) -> Vec<(String, bool, String)> {
+    let sandbox = backend::qemu::sandbox_supported(&settings.qemu);
+    let fc = backend::probe_firecracker(settings);
+    let mut checks = Vec::new();
+    match backend::select(settings, sandbox) {
+        Ok(sel) => checks.push(("vmm".into(), true, format!("{}: {}", sel.backend.kind().as_str(), sel.reason))),
+        Err(e) => checks.push(("vmm".into(), false, e.to_string())),
+    }
+    let qemu_version = cache::which_path(&settings.qemu)
+        .and_then(|q| std::process::Command::new(q).arg("--version").output().ok())
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).lines().next().map(str::to_string));
+    checks.push((
+        "qemu version".into(),
+        true,
+        qemu_version.unwrap_or_else(|| format!("{}: not found", settings.qemu.display())),
+    ));
+    let fc_detail = match (&fc.binary, &fc.version) {
+        (Some(b), Some(v)) => format!("{v} ({})", b.display()),
+        (Some(b), None) => format!("{}: does not answer --version", b.display()),
+        (None, _) => format!("{}: not found", settings.firecracker.display()),
+    };
+    checks.push(("firecracker version".into(), true, fc_detail));
+    checks.push((
+        "kvm".into(),
+        true,
+        match &fc.kvm {
+            Ok(()) => "usable: /dev/kvm opens, API 12, KVM_CREATE_VM works".into(),
+            Err(why) => format!("not usable: {why}"),
+        },
+    ));
+    if fc.binary.is_some() {
+        let f = backend::firecracker::Firecracker::new(settings, fc.standin);
+        let detail = match f.jailer() {
+            backend::firecracker::JailerUse::Jailer(j) => format!("used: {}", j.display()),
+            backend::firecracker::JailerUse::Skipped(why) => format!("skipped: {why}"),
+        };
+        checks.push(("firecracker jailer".into(), true, detail));
+    }
+    checks
+}
+
+/// The accelerator decision for the VMM `settings` select (QEMU when the
+/// configured VMM cannot run here, so `tvm doctor` still reports one).
+///
+/// # Errors
+/// [`accel::KvmUnusable`] when `accel = "kvm"` and the probe fails.
+pub fn accel_for(settings: &Settings, kernel: &kernel::Kernel) -> Result<AccelDecision, accel::KvmUnusable> {
+    let sandbox = backend::qemu::sandbox_supported(&settings.qemu);
+    let backend = backend::select(settings, sandbox)
+        .map(|s| s.backend)
+        .unwrap_or_else(|_| Backend::Qemu(backend::qemu::Qemu::new(&settings.qemu, sandbox)));
+    match &backend {
+        Backend::Qemu(q) => accel::resolve(settings.accel, q, kernel, &settings.cache_dir),
+        Backend::Firecracker(f) => accel::resolve(settings.accel, f, kernel, &settings.cache_dir),
+    }
 }
 
 /// An error and its causes on one line, for logs.
@@ -192,7 +263,7 @@ pub struct Pyrovm {
     initrd: PathBuf,
     accel: AccelDecision,
     host_cgroups: Option<hostcg::HostCgroups>,
-    qemu_sandbox: bool,
+    vmm: Selection,
     templates: Arc<Templates>,
     template_builds: TemplateBuilds,
 }
@@ -247,9 +318,19 @@ impl Pyrovm {
                 None
             }
         };
-        let qemu_sandbox = qemu::sandbox_supported(&settings.qemu);
-        if !qemu_sandbox {
+        let qemu_sandbox = backend::qemu::sandbox_supported(&settings.qemu);
+        let vmm = backend::select(&settings, qemu_sandbox)?;
+        info!(vmm = vmm.backend.kind().as_str(), reason = %vmm.reason, "VMM chosen");
+        if !qemu_sandbox && vmm.backend.kind() == VmmKind::Qemu {
             warn!(qemu = %settings.qemu.display(), "QEMU rejects -sandbox (built without seccomp?): VMMs run without it");
+        }
+        if let Backend::Firecracker(fc) = &vmm.backend {
+            match fc.jailer() {
+                backend::firecracker::JailerUse::Jailer(j) => {
+                    info!(jailer = %j.display(), "firecracker runs through the jailer")
+                }
+                backend::firecracker::JailerUse::Skipped(why) => info!(reason = %why, "firecracker jailer skipped"),
+            }
         }
         let jail = jail::ConfinementReport::detect(settings.vmm_uid_base);
         info!(confinement = %jail.describe(), "VMM confinement");
@@ -259,7 +340,10 @@ impl Pyrovm {
             None => return Err(PrepareError::KernelNotBuilt),
         };
         let initrd = initrd::ensure_initrd(&agent_path(&settings), &settings.cache_dir.join("initrd"))?;
-        let accel = accel::resolve(settings.accel, &settings.qemu, &kernel.bzimage, &kernel.key, &settings.cache_dir)?;
+        let accel = match &vmm.backend {
+            Backend::Qemu(q) => accel::resolve(settings.accel, q, &kernel, &settings.cache_dir)?,
+            Backend::Firecracker(f) => accel::resolve(settings.accel, f, &kernel, &settings.cache_dir)?,
+        };
         info!(accel = ?accel.kind, reason = %accel.reason, "accelerator chosen");
         let templates = Arc::new(Templates::new(&settings.cache_dir));
         Ok(Self {
@@ -269,7 +353,7 @@ impl Pyrovm {
             initrd,
             accel,
             host_cgroups,
-            qemu_sandbox,
+            vmm,
             templates,
             template_builds: TemplateBuilds::Inline,
         })
@@ -297,9 +381,15 @@ impl Pyrovm {
         self.host_cgroups.as_ref()
     }
 
-    /// Whether VMMs run under QEMU's `-sandbox`.
+    /// Whether VMMs run under QEMU's `-sandbox` (false under Firecracker,
+    /// which applies its own seccomp filters).
     pub fn qemu_sandbox(&self) -> bool {
-        self.qemu_sandbox
+        matches!(&self.vmm.backend, Backend::Qemu(q) if q.sandbox())
+    }
+
+    /// The VMM backend and why it was chosen.
+    pub fn vmm(&self) -> &Selection {
+        &self.vmm
     }
 
     /// The accelerator decision.
@@ -386,15 +476,23 @@ impl Pyrovm {
         };
         let image = self.ensure_image(runtime, progress).await?;
         let spec = self.vm_spec(&image, memory_mib);
-        let note = if self.settings.templates {
-            match self.restore(runtime, &image, &spec).await {
-                Ok(vm) => return Ok(StartedVm { vm, note: None }),
-                Err(reason) => Some(reason),
+        let (id, host, timeout) = (new_vm_id(), self.vmm_host(), self.boot_timeout());
+        let vm = match &self.vmm.backend {
+            Backend::Qemu(q) => {
+                let note = if self.settings.templates {
+                    match self.restore(q, runtime, &image, &spec).await {
+                        Ok(vm) => return Ok(StartedVm { vm, note: None }),
+                        Err(reason) => Some(reason),
+                    }
+                } else {
+                    None
+                };
+                return Ok(StartedVm { vm: Vm::boot(&id, &host, q, &spec, timeout).await?, note });
             }
-        } else {
-            None
+            Backend::Firecracker(f) => Vm::boot(&id, &host, f, &spec, timeout).await?,
         };
-        let vm = Vm::boot(&new_vm_id(), &self.vmm_host(), &spec, self.boot_timeout()).await?;
+        // Templates are QEMU snapshots (QMP + -incoming) for now.
+        let note = self.settings.templates.then(|| "templates are not implemented for the firecracker backend".into());
         Ok(StartedVm { vm, note })
     }
 
@@ -403,7 +501,13 @@ impl Pyrovm {
     /// background (`Err`: cold boot now). Corrupt: removed and rebuilt in the
     /// background. A failed restore removes the template (a broken one must
     /// not fail every start) and schedules a rebuild.
-    async fn restore(&self, runtime: &Runtime, image: &image::Image, spec: &qemu::VmSpec) -> Result<Vm, String> {
+    async fn restore(
+        &self,
+        qemu: &backend::qemu::Qemu,
+        runtime: &Runtime,
+        image: &image::Image,
+        spec: &spec::VmSpec,
+    ) -> Result<Vm, String> {
         let inputs = self.template_inputs(runtime, image, spec);
         let key = inputs.key();
         let template = match self.templates.find(&key) {
@@ -412,7 +516,7 @@ impl Pyrovm {
                 if let Some(why) = self.templates.recent_failure(&key) {
                     return Err(format!("template build failed recently: {why}"));
                 }
-                let req = self.build_request(runtime, inputs.clone(), spec);
+                let req = self.build_request(qemu, runtime, inputs.clone(), spec);
                 match self.templates.build(req).await {
                     Ok(t) => t,
                     Err(e) => {
@@ -426,14 +530,14 @@ impl Pyrovm {
                     warn!(runtime = %runtime.id, key, error = %error_chain(&e), "template unusable; removed, cold boot");
                     let _ = self.templates.remove(&key);
                 }
-                self.rebuild_in_background(runtime, inputs, spec);
+                self.rebuild_in_background(qemu, runtime, inputs, spec);
                 return Err(error_chain(&e));
             }
         };
         let restored = match self.templates.open_state(&template) {
             Ok(state) => {
                 let launch = template::restore_launch(state);
-                Vm::launch(&new_vm_id(), &self.vmm_host(), spec, self.boot_timeout(), launch)
+                Vm::launch(&new_vm_id(), &self.vmm_host(), qemu, spec, self.boot_timeout(), launch)
                     .await
                     .map_err(TemplateError::Vm)
             }
@@ -446,7 +550,7 @@ impl Pyrovm {
             // must not cost every start a build and a failed restore.
             self.templates.note_failure(&key, &format!("restore failed: {}", error_chain(&e)));
             if self.template_builds == TemplateBuilds::Background {
-                self.rebuild_in_background(runtime, inputs, spec);
+                self.rebuild_in_background(qemu, runtime, inputs, spec);
             }
             format!("restore failed: {}", error_chain(&e))
         })
@@ -462,10 +566,17 @@ impl Pyrovm {
         runtime: &Runtime,
         memory_mib: u64,
     ) -> Result<template::Template, ExecuteError> {
+        let qemu = match &self.vmm.backend {
+            Backend::Qemu(q) => q,
+            Backend::Firecracker(_) => {
+                let source = TemplateError::Unsupported("firecracker");
+                return Err(ExecuteError::Template { runtime: runtime.id.clone(), source });
+            }
+        };
         let image = self.ensure_image(runtime, Progress::hidden()).await?;
         let spec = self.vm_spec(&image, memory_mib);
         let inputs = self.template_inputs(runtime, &image, &spec);
-        let req = self.build_request(runtime, inputs, &spec);
+        let req = self.build_request(qemu, runtime, inputs, &spec);
         self.templates.build(req).await.map_err(|source| ExecuteError::Template { runtime: runtime.id.clone(), source })
     }
 
@@ -474,28 +585,36 @@ impl Pyrovm {
         &self,
         runtime: &Runtime,
         image: &image::Image,
-        spec: &qemu::VmSpec,
+        spec: &spec::VmSpec,
     ) -> template::TemplateInputs {
         template::TemplateInputs::new(spec, &self.settings.qemu, &self.kernel.key, &image.key, warmup_command(runtime))
     }
 
     fn build_request(
         &self,
+        qemu: &backend::qemu::Qemu,
         runtime: &Runtime,
         inputs: template::TemplateInputs,
-        spec: &qemu::VmSpec,
+        spec: &spec::VmSpec,
     ) -> template::BuildRequest<'_> {
         template::BuildRequest {
             runtime: runtime.id.clone(),
             inputs,
             spec: spec.clone(),
             host: self.vmm_host(),
+            qemu: qemu.clone(),
             boot_timeout: self.boot_timeout(),
         }
     }
 
     /// Starts one background build of the template (none if one runs already).
-    fn rebuild_in_background(&self, runtime: &Runtime, inputs: template::TemplateInputs, spec: &qemu::VmSpec) {
+    fn rebuild_in_background(
+        &self,
+        qemu: &backend::qemu::Qemu,
+        runtime: &Runtime,
+        inputs: template::TemplateInputs,
+        spec: &spec::VmSpec,
+    ) {
         let key = inputs.key();
         if self.templates.recent_failure(&key).is_some() || !self.templates.claim_build(&key) {
             return;
@@ -503,10 +622,11 @@ impl Pyrovm {
         let this = self.clone();
         let runtime = runtime.clone();
         let spec = spec.clone();
+        let qemu = qemu.clone();
         let span = info_span!("template", key = %key, runtime = %runtime.id);
         tokio::spawn(
             async move {
-                let req = this.build_request(&runtime, inputs, &spec);
+                let req = this.build_request(&qemu, &runtime, inputs, &spec);
                 if let Err(e) = this.templates.build(req).await {
                     warn!(error = %error_chain(&e), "background template build failed");
                 }
@@ -516,23 +636,29 @@ impl Pyrovm {
         );
     }
 
-    fn vm_spec(&self, image: &image::Image, memory_mib: u64) -> qemu::VmSpec {
-        qemu::VmSpec {
-            kernel: self.kernel.bzimage.clone(),
+    /// The VM a job of `image` with `memory_mib` of RAM runs in, in the
+    /// kernel format and with the agent transport of the chosen backend.
+    fn vm_spec(&self, image: &image::Image, memory_mib: u64) -> spec::VmSpec {
+        use backend::Vmm as _;
+        let (kernel, agent) = match &self.vmm.backend {
+            Backend::Qemu(q) => (q.boot_image(&self.kernel).to_path_buf(), q.transport()),
+            Backend::Firecracker(f) => (f.boot_image(&self.kernel).to_path_buf(), f.transport()),
+        };
+        spec::VmSpec {
+            kernel,
             initrd: Some(self.initrd.clone()),
             rootfs: Some(image.path.clone()),
             memory_mib,
             vcpus: self.settings.vcpus,
             accel: self.accel.kind(),
+            agent: Some(agent),
             debug: std::env::var_os("TVM_GUEST_DEBUG").is_some(),
-            sandbox: self.qemu_sandbox,
             extra_cmdline: self.settings.kernel_args.clone(),
         }
     }
 
     fn vmm_host(&self) -> VmmHost<'_> {
         vm::VmmHost {
-            vmm: &self.settings.qemu,
             runtime_dir: &self.settings.runtime_dir,
             host_cgroups: self.host_cgroups.as_ref(),
             uid_base: self.settings.vmm_uid_base,
@@ -562,6 +688,7 @@ impl Pyrovm {
         Ok(Execution {
             vm_id,
             runtime: plan.runtime.id,
+            vmm: self.vmm.backend.kind().as_str(),
             accel: self.accel.kind().as_str(),
             result,
             start,

@@ -2,9 +2,11 @@
 //!
 //! Every VM gets `<runtime_dir>/vm-<id>/` holding two small files naming
 //! the owning `tvm` process and the VMM process, each as `pid starttime` so
-//! a recycled pid is never mistaken for ours. If `tvm`
-//! dies without running its destructors (SIGKILL, power loss), the next `tvm`
-//! to start kills the VMM it finds and removes the directory.
+//! a recycled pid is never mistaken for ours, and, when the backend makes
+//! any, the host paths outside it that the VM created (`leftovers`: a
+//! jailer's chroot and cgroups). If `tvm` dies without running its
+//! destructors (SIGKILL, power loss), the next `tvm` to start kills the VMM
+//! it finds and removes the leftovers and the directory.
 
 use std::path::{Path, PathBuf};
 
@@ -48,6 +50,17 @@ impl RunDir {
         &self.path
     }
 
+    /// Records host paths outside the run dir that the VM creates, one per
+    /// line, so a reaper can remove them if we cannot. Nothing to record
+    /// writes nothing.
+    pub fn record_leftovers(&self, paths: &[PathBuf]) -> std::io::Result<()> {
+        if paths.is_empty() {
+            return Ok(());
+        }
+        let lines: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        std::fs::write(self.path.join(LEFTOVERS), lines.join("\n") + "\n")
+    }
+
     /// Records the VMM process so a reaper can kill it if we cannot.
     pub fn record_vmm(&self, pid: u32) -> std::io::Result<()> {
         std::fs::write(self.path.join("vmm"), process_identity(pid).unwrap_or_else(|| format!("{pid} 0")))
@@ -61,6 +74,26 @@ impl Drop for RunDir {
                 warn!(dir = %self.path.display(), error = %e, "could not remove VM run dir");
             }
         }
+    }
+}
+
+/// The run dir file listing a VM's host paths outside the run dir.
+const LEFTOVERS: &str = "leftovers";
+
+/// Removes one recorded leftover: a file (a uid claim), a directory tree (a
+/// chroot) or, for a cgroup, whose files cannot be deleted, the directory
+/// alone. `true` if it was there and is gone.
+pub fn remove_leftover(path: &Path) -> bool {
+    if !path.is_absolute() || path.parent().is_none() {
+        return false;
+    }
+    if path.starts_with("/sys/fs/cgroup") {
+        return std::fs::remove_dir(path).is_ok();
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path).is_ok(),
+        Ok(_) => std::fs::remove_file(path).is_ok(),
+        Err(_) => false,
     }
 }
 
@@ -90,6 +123,8 @@ pub struct ReapReport {
     pub processes_killed: usize,
     /// Run directories removed.
     pub dirs_removed: usize,
+    /// Recorded leftovers (chroots, cgroups) removed.
+    pub leftovers_removed: usize,
 }
 
 /// Removes what crashed `tvm` processes left in `runtime_dir`. VMs of live
@@ -114,12 +149,26 @@ pub fn reap(runtime_dir: &Path) -> ReapReport {
                 }
             }
         }
+        if let Ok(list) = std::fs::read_to_string(path.join(LEFTOVERS)) {
+            // After the kill: a cgroup empties once its processes are gone.
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            for line in list.lines().filter(|l| !l.trim().is_empty()) {
+                if remove_leftover(Path::new(line.trim())) {
+                    report.leftovers_removed += 1;
+                }
+            }
+        }
         if std::fs::remove_dir_all(&path).is_ok() {
             report.dirs_removed += 1;
         }
     }
     if report != ReapReport::default() {
-        info!(killed = report.processes_killed, removed = report.dirs_removed, "reaped leftovers of a crashed tvm");
+        info!(
+            killed = report.processes_killed,
+            removed = report.dirs_removed,
+            leftovers = report.leftovers_removed,
+            "reaped leftovers of a crashed tvm"
+        );
     }
     report
 }
@@ -141,9 +190,17 @@ mod tests {
         std::fs::create_dir(&dead).unwrap();
         std::fs::write(dead.join("owner"), "999999999 1").unwrap();
         std::fs::write(dead.join("vmm"), process_identity(orphan.id()).unwrap()).unwrap();
+        // And a leftover outside its run dir (as a jailer's chroot would be).
+        let outside = tempfile::tempdir().unwrap();
+        let chroot = outside.path().join("firecracker/dead/root");
+        std::fs::create_dir_all(&chroot).unwrap();
+        std::fs::write(chroot.join("vmlinux"), "k").unwrap();
+        std::fs::write(dead.join(LEFTOVERS), format!("{}\n", outside.path().join("firecracker/dead").display()))
+            .unwrap();
 
         let r = reap(rt.path());
-        assert_eq!(r, ReapReport { processes_killed: 1, dirs_removed: 1 });
+        assert_eq!(r, ReapReport { processes_killed: 1, dirs_removed: 1, leftovers_removed: 1 });
+        assert!(!outside.path().join("firecracker/dead").exists(), "leftover removed");
         assert!(!orphan.wait().unwrap().success(), "orphan was killed");
         assert!(live.path().exists());
         assert!(sleeper.try_wait().unwrap().is_none(), "live owner's VMM untouched");

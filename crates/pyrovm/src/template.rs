@@ -41,8 +41,9 @@ use tvm_protocol::{
     MAX_GUEST_FRAME,
 };
 
+use crate::backend::qemu::Qemu;
 use crate::cache::Cache;
-use crate::qemu::VmSpec;
+use crate::spec::VmSpec;
 use crate::vm::{StartExtras, StartVmError, Vm, VmmHost};
 
 /// Bumped when the layout or the meaning of a template changes.
@@ -98,6 +99,9 @@ pub enum TemplateError {
     /// The template's VM did not boot (or a restored VM did not resume).
     #[error("template VM")]
     Vm(#[source] StartVmError),
+    /// The chosen VMM backend has no templates (they are QEMU snapshots).
+    #[error("templates are not implemented for the {0} backend")]
+    Unsupported(&'static str),
     /// The warm-up did not succeed in the template's VM.
     #[error("template warm-up {0}")]
     Warmup(String),
@@ -479,6 +483,8 @@ pub struct BuildRequest<'a> {
     pub spec: VmSpec,
     /// VMM host settings.
     pub host: VmmHost<'a>,
+    /// The QEMU backend the template VM runs under.
+    pub qemu: Qemu,
     /// Boot timeout.
     pub boot_timeout: Duration,
 }
@@ -523,7 +529,8 @@ async fn save_template(dir: &Path, key: &str, req: &BuildRequest<'_>) -> Result<
     let theirs = OwnedFd::from(theirs);
     let launch = StartExtras { args: save_args(theirs.as_raw_fd()), fds: vec![theirs], resume: None };
     let id = format!("tpl{}", &uuid::Uuid::new_v4().simple().to_string()[..9]);
-    let mut vm = Vm::launch(&id, &req.host, &req.spec, req.boot_timeout, launch).await.map_err(TemplateError::Vm)?;
+    let mut vm =
+        Vm::launch(&id, &req.host, &req.qemu, &req.spec, req.boot_timeout, launch).await.map_err(TemplateError::Vm)?;
     let boot_ms = vm.boot_time().as_millis() as u64;
 
     let warmup_ms = match &req.inputs.warmup {
@@ -718,7 +725,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qemu::AccelKind;
+    use crate::spec::{AccelKind, AgentTransport};
     use tvm_protocol::Limits;
 
     fn spec() -> VmSpec {
@@ -729,8 +736,8 @@ mod tests {
             memory_mib: 480,
             vcpus: 1,
             accel: AccelKind::Tcg,
+            agent: Some(AgentTransport::VirtioSerial),
             debug: false,
-            sandbox: true,
             extra_cmdline: None,
         }
     }
@@ -861,7 +868,7 @@ mod tests {
         let (ours, theirs) = StdUnixStream::pair().unwrap();
         let theirs = OwnedFd::from(theirs);
         let fd = theirs.as_raw_fd();
-        let base = ["-M", "none", "-nodefaults", "-display", "none", "-sandbox", crate::qemu::SANDBOX];
+        let base = ["-M", "none", "-nodefaults", "-display", "none", "-sandbox", crate::backend::qemu::SANDBOX];
         let mut cmd = std::process::Command::new(qemu);
         cmd.args(base).args(save_args(fd));
         // SAFETY: fcntl on an fd we own, between fork and exec.

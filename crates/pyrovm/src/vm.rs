@@ -1,17 +1,15 @@
 //! One microVM: started, driven to agent-ready, given one job, destroyed.
 //!
-//! [`Vm`] owns every resource of a guest: the VMM process (killed and reaped
+//! [`Vm`] owns every resource of a guest, whichever backend
+//! ([`crate::backend::Vmm`]) started it: the VMM process (killed and reaped
 //! on drop, and killed by the kernel via `PR_SET_PDEATHSIG` if `tvm` itself
-//! dies), its host cgroups, its run directory, the agent channel (a
-//! socketpair) and the console reader.
-//! A `Vm` runs one job at most: [`Vm::execute`] consumes it.
+//! dies), its host cgroups, its run directory, the agent channel and the
+//! console reader. A `Vm` runs one job at most: [`Vm::execute`] consumes it.
 
-use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncReadExt;
@@ -22,18 +20,16 @@ use tvm_protocol::{
     Stream, Uniqueness, MAX_GUEST_FRAME, PROTOCOL_VERSION,
 };
 
+use crate::backend::{Console, LaunchContext, LaunchError, Vmm, VmmKind};
 use crate::hostcg::{HostCgroups, VmCgroup, VmmLimits, VMM_PIDS};
-use crate::jail::{ConfineVmmError, Confinement, VmmFiles};
-use crate::qemu::{qemu_args, VmSpec};
+use crate::jail::{ConfineVmmError, Confinement};
 use crate::reaper::RunDir;
+use crate::spec::VmSpec;
 
-/// Host memory a VMM may use beyond its guest's RAM: QEMU itself, device
+/// Host memory a VMM may use beyond its guest's RAM: the VMM itself, device
 /// buffers and, under TCG, the translation cache (measured at ~100 MiB for
 /// a Python job; the rest is margin, the cap is against runaways).
 pub const VMM_OVERHEAD_MIB: u64 = 256;
-
-/// Bytes of serial console kept for diagnostics (the tail).
-const CONSOLE_KEEP: usize = 16 << 10;
 
 /// Why a VM could not be brought to agent-ready.
 #[derive(Debug, thiserror::Error)]
@@ -47,11 +43,16 @@ pub enum StartVmError {
     /// The VMM's descriptors or confinement could not be prepared.
     #[error(transparent)]
     Confine(#[from] ConfineVmmError),
+    /// The backend could not prepare, configure or reach its VMM.
+    #[error(transparent)]
+    Backend(#[from] LaunchError),
     /// The VMM binary could not be started.
-    #[error("cannot start {vmm}: {source} (install it with `apt-get install qemu-system-x86`)")]
+    #[error("cannot start {vmm} ({hint})")]
     Spawn {
         /// Binary.
         vmm: String,
+        /// How to install it.
+        hint: &'static str,
         /// Why.
         #[source]
         source: std::io::Error,
@@ -116,39 +117,15 @@ pub enum RunJobError {
     Send(#[source] FrameError),
 }
 
-type Console = Arc<Mutex<VecDeque<u8>>>;
-
-/// The guest kernel's panic line, if the console shows one. The kernel prints
-/// it at KERN_EMERG, so it appears even with `quiet loglevel=1`.
-fn kernel_panic(c: &Console) -> Option<String> {
-    let buf = c.lock().map(|b| b.iter().copied().collect::<Vec<u8>>()).ok()?;
-    let text = String::from_utf8_lossy(&buf);
-    text.lines().find(|l| l.contains("Kernel panic")).map(|l| l.trim().chars().take(300).collect())
-}
-
-fn console_tail(c: &Console) -> String {
-    let buf = c.lock().map(|b| b.iter().copied().collect::<Vec<u8>>()).unwrap_or_default();
-    let text = String::from_utf8_lossy(&buf);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let tail = lines[lines.len().saturating_sub(12)..].join(" | ");
-    if tail.is_empty() {
-        "(empty)".into()
-    } else {
-        tail
-    }
-}
-
-/// The host side of booting a VM: which VMM binary, where run dirs live,
-/// and how the VMM is contained.
+/// The host side of booting a VM: where run dirs live and how the VMM is
+/// contained (the VMM itself is the backend passed to [`Vm::boot`]).
 #[derive(Debug, Clone, Copy)]
 pub struct VmmHost<'a> {
-    /// The VMM binary (`qemu-system-x86_64`).
-    pub vmm: &'a Path,
     /// Parent of the per-VM run dirs.
     pub runtime_dir: &'a Path,
     /// Host cgroups, when usable.
     pub host_cgroups: Option<&'a HostCgroups>,
-    /// `Settings::vmm_uid_base` (0: QEMU keeps the invoking uid).
+    /// `Settings::vmm_uid_base` (0: the VMM keeps the invoking uid).
     pub uid_base: u32,
 }
 
@@ -214,6 +191,11 @@ pub struct Vm {
     boot: Duration,
     guest_uptime_ms: u64,
     start: StartKind,
+    vmm: VmmKind,
+    // Backend resources that live as long as the channel (log drains).
+    _keep: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
+    // Backend resources released after the VMM is reaped (a jailer's chroot).
+    _cleanup: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
     // After the VMM is reaped (Drop below), anything left in its cgroup is
     // killed and the cgroup removed.
     _cgroup: Option<VmCgroup>,
@@ -222,61 +204,87 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Starts a VM and waits until its agent reports ready. With host
-    /// cgroups, the VMM runs in a cgroup of its own, capped at the guest's
-    /// RAM plus [`VMM_OVERHEAD_MIB`]; it is confined as [`crate::jail`] says.
-    pub async fn boot(id: &str, host: &VmmHost<'_>, spec: &VmSpec, boot_timeout: Duration) -> Result<Vm, StartVmError> {
-        Self::launch(id, host, spec, boot_timeout, StartExtras::cold()).await
+    /// Starts a VM under `backend` and waits until its agent reports ready.
+    /// With host cgroups, the VMM runs in a cgroup of its own, capped at the
+    /// guest's RAM plus [`VMM_OVERHEAD_MIB`]; it is confined as
+    /// [`crate::jail`] says (unless the backend's jailer does it).
+    ///
+    /// # Errors
+    /// [`StartVmError`]: run dir, cgroup, backend, spawn, boot timeout,
+    /// kernel panic, early exit or a protocol mismatch.
+    pub async fn boot<V: Vmm>(
+        id: &str,
+        host: &VmmHost<'_>,
+        backend: &V,
+        spec: &VmSpec,
+        boot_timeout: Duration,
+    ) -> Result<Vm, StartVmError> {
+        Self::launch(id, host, backend, spec, boot_timeout, StartExtras::cold()).await
     }
 
     /// [`Vm::boot`] with the additions of `extras` (templates).
-    pub(crate) async fn launch(
+    pub(crate) async fn launch<V: Vmm>(
         id: &str,
         host: &VmmHost<'_>,
+        backend: &V,
         spec: &VmSpec,
         boot_timeout: Duration,
         extras: StartExtras,
     ) -> Result<Vm, StartVmError> {
-        let span = info_span!("vm", vm = %id, accel = spec.accel.as_str(), start = extras.kind().as_str());
-        Self::boot_inner(id, host, spec, boot_timeout, extras).instrument(span).await
+        let span = info_span!("vm", vm = %id, vmm = backend.kind().as_str(), accel = spec.accel.as_str(),
+                              start = extras.kind().as_str());
+        Self::boot_inner(id, host, backend, spec, boot_timeout, extras).instrument(span).await
     }
 
-    async fn boot_inner(
+    async fn boot_inner<V: Vmm>(
         id: &str,
         host: &VmmHost<'_>,
+        backend: &V,
         spec: &VmSpec,
         boot_timeout: Duration,
         extras: StartExtras,
     ) -> Result<Vm, StartVmError> {
         let start = extras.kind();
         let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + boot_timeout;
         let dir = RunDir::create(host.runtime_dir, id).map_err(StartVmError::RunDir)?;
-        let cgroup = match host.host_cgroups {
+        let ctx = LaunchContext { id, run_dir: dir.path() };
+        let mut launch = backend.launch(spec, &ctx)?;
+        if !extras.fds.is_empty() || !extras.args.is_empty() {
+            // Template additions name inherited descriptors by number.
+            let files = launch.files.as_mut().ok_or(LaunchError::Unsupported {
+                vmm: backend.kind().as_str(),
+                what: "template descriptors (the VMM inherits none)",
+            })?;
+            files.inherit(extras.fds);
+            launch.args.extend(extras.args);
+        }
+        if let Err(e) = dir.record_leftovers(&launch.leftovers) {
+            warn!(error = %e, "cannot record the VM's leftovers for the reaper");
+        }
+        let cgroup = match host.host_cgroups.filter(|_| launch.confine) {
             Some(cgs) => {
                 let limits = VmmLimits {
                     memory_bytes: (spec.memory_mib + VMM_OVERHEAD_MIB) << 20,
                     pids: VMM_PIDS,
-                    // The vCPUs plus one for QEMU's main loop and I/O.
+                    // The vCPUs plus one for the VMM's main loop and I/O.
                     cpus: Some(spec.vcpus + 1),
                 };
                 Some(cgs.create_vm(id, limits)?)
             }
             None => None,
         };
-        // The agent channel is a connected socketpair: QEMU inherits one end,
-        // so there is no socket file to race for, guess or leave behind.
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(StartVmError::RunDir)?;
-        ours.set_nonblocking(true).map_err(StartVmError::RunDir)?;
-        let stream = UnixStream::from_std(ours).map_err(StartVmError::RunDir)?;
-        let mut files = VmmFiles::open(spec, Some(theirs.into()))?;
-        files.inherit(extras.fds);
-        let confinement = Confinement::prepare(&files, host.vmm, spec.accel, host.uid_base)?;
+        let confinement = if launch.confine {
+            let paths = backend.host_paths(spec, &ctx);
+            let files = launch.files.as_ref();
+            let own = launch.own_dir.as_ref().map(|d| &d.fd);
+            Some(Confinement::prepare(files, &paths, own, spec.accel, host.uid_base)?)
+        } else {
+            None
+        };
 
-        let mut cmd = std::process::Command::new(host.vmm);
-        cmd.args(qemu_args(spec, &files.io()))
-            .args(&extras.args)
-            .arg("-name")
-            .arg(format!("tvm-{id}"))
+        let mut cmd = std::process::Command::new(&launch.program);
+        cmd.args(&launch.args)
             // Nothing of tvm's environment (API keys, tokens) reaches the
             // process a guest attacks first; only the run dir, which lets
             // operators and tests attribute a VMM (`/proc/PID/environ`).
@@ -286,35 +294,50 @@ impl Vm {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let join = cgroup.as_ref().map(|c| c.joiner());
+        let new_netns = launch.new_netns;
         // SAFETY: only async-signal-safe calls (open/write/close of the
-        // prepared cgroup path, fcntl, set*id, prctl, setpgid, getppid,
-        // landlock_restrict_self) between fork and exec.
+        // prepared cgroup path, unshare, fcntl, fchown, set*id, prctl, setpgid,
+        // getppid, landlock_restrict_self) between fork and exec.
         unsafe {
             let parent = std::process::id() as libc::pid_t;
             cmd.pre_exec(move || {
-                // Joined before exec (and while still root), so no QEMU thread ever runs outside its caps.
+                // Joined before exec (and while still root), so no VMM thread ever runs outside its caps.
                 if let Some(join) = &join {
                     join.join_self()?;
                 }
-                confinement.enter()?;
+                if new_netns && libc::unshare(libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(c) = &confinement {
+                    c.enter()?;
+                }
                 // After the uid change, which clears it. The VMM dies with us, even on SIGKILL.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() != parent {
                     return Err(std::io::Error::other("parent died before exec"));
                 }
                 // Own process group: a terminal's Ctrl-C reaches tvm, which then tears down in order.
                 libc::setpgid(0, 0);
-                confinement.lock()
+                match &confinement {
+                    Some(c) => c.lock(),
+                    None => Ok(()),
+                }
             });
         }
-        let mut child =
-            cmd.spawn().map_err(|source| StartVmError::Spawn { vmm: host.vmm.display().to_string(), source })?;
-        // QEMU holds its own copies now; ours of its end must go, so its exit reads as EOF.
+        let child = cmd.spawn().map_err(|source| StartVmError::Spawn {
+            vmm: launch.program.display().to_string(),
+            hint: backend.kind().install_hint(),
+            source,
+        })?;
+        // The VMM holds its own copies now; ours of its end must go, so its exit reads as EOF.
         drop(cmd);
-        drop(files);
+        let crate::backend::Launch { files, own_dir, cleanup, pending, .. } = launch;
+        drop((files, own_dir));
+        let mut vm_guard = PartialVm { child: Some(child), cleanup };
+        let child = vm_guard.child.as_mut().expect("child present");
         if let Err(e) = dir.record_vmm(child.id()) {
             warn!(error = %e, "cannot record VMM pid for the reaper");
         }
-        let console: Console = Arc::new(Mutex::new(VecDeque::with_capacity(CONSOLE_KEEP)));
+        let console = Console::default();
         for pipe in [
             child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
             child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
@@ -324,12 +347,32 @@ impl Vm {
         {
             let console = console.clone();
             // A thread per pipe: it ends at EOF, i.e. when the VMM is gone.
-            std::thread::spawn(move || drain_into(pipe, &console));
+            std::thread::spawn(move || console.drain(pipe));
         }
-        let mut vm_guard = PartialVm { child: Some(child) };
 
-        let deadline = tokio::time::Instant::now() + boot_timeout;
-        let mut stream = stream;
+        // The backend configures its VMM and connects the agent channel; a
+        // VMM that exits meanwhile ends the wait at once.
+        let channel = {
+            let connect = backend.agent_channel(pending, console.clone(), deadline);
+            let exited = wait_exit(vm_guard.child.as_mut().expect("child present"));
+            tokio::select! {
+                c = tokio::time::timeout_at(deadline, connect) => match c {
+                    Ok(c) => c?,
+                    Err(_) => return Err(StartVmError::BootTimeout {
+                        ms: boot_timeout.as_millis() as u64,
+                        console: console.tail(),
+                    }),
+                },
+                () = exited => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    return Err(match console.kernel_panic() {
+                        Some(line) => StartVmError::KernelPanic { line },
+                        None => StartVmError::Exited { console: console.tail() },
+                    });
+                }
+            }
+        };
+        let mut stream = channel.stream;
         if let Some(fresh) = extras.resume {
             // Queued in the socket until the restored guest runs and reads it.
             let msg = HostMessage::Resume(fresh);
@@ -340,7 +383,7 @@ impl Vm {
                 Err(_) => {
                     return Err(StartVmError::BootTimeout {
                         ms: boot_timeout.as_millis() as u64,
-                        console: console_tail(&console),
+                        console: console.tail(),
                     })
                 }
             }
@@ -349,17 +392,14 @@ impl Vm {
             tokio::time::timeout_at(deadline, read_frame_async::<GuestMessage, _>(&mut stream, MAX_GUEST_FRAME));
         let guest_uptime_ms = match ready.await {
             Err(_) => {
-                return Err(StartVmError::BootTimeout {
-                    ms: boot_timeout.as_millis() as u64,
-                    console: console_tail(&console),
-                })
+                return Err(StartVmError::BootTimeout { ms: boot_timeout.as_millis() as u64, console: console.tail() })
             }
             Ok(Ok(None)) => {
                 // Give the console reader a moment to collect the last words (a panic message).
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                return Err(match kernel_panic(&console) {
+                return Err(match console.kernel_panic() {
                     Some(line) => StartVmError::KernelPanic { line },
-                    None => StartVmError::Exited { console: console_tail(&console) },
+                    None => StartVmError::Exited { console: console.tail() },
                 });
             }
             Ok(Err(e)) => return Err(StartVmError::Protocol(e.to_string())),
@@ -384,14 +424,22 @@ impl Vm {
             boot,
             guest_uptime_ms,
             start,
+            vmm: backend.kind(),
+            _keep: channel.keep,
+            _cleanup: vm_guard.cleanup.take(),
             _cgroup: cgroup,
             _dir: dir,
         })
     }
 
-    /// The VM id (also its run dir name and QEMU `-name`).
+    /// The VM id (also its run dir name and the VMM's instance name).
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The VMM that runs this VM.
+    pub fn vmm(&self) -> VmmKind {
+        self.vmm
     }
 
     /// Time from VMM start to agent-ready (for a restore: restore-to-ready).
@@ -411,7 +459,7 @@ impl Vm {
 
     /// The console tail, for diagnostics.
     pub(crate) fn console(&self) -> String {
-        console_tail(&self.console)
+        self.console.tail()
     }
 
     /// Guest uptime when the agent was ready (kernel boot + agent setup).
@@ -465,7 +513,7 @@ impl Vm {
                         GuestMessage::Failed { message } => return Err(RunJobError::AgentFailed(message)),
                         GuestMessage::Ready { .. } | GuestMessage::Warmed { .. } => {
                             return Err(RunJobError::Protocol(FrameError::Io(std::io::Error::other(
-                                "unexpected ready or warm-up report during a job",
+                                "unexpected second ready (or warm-up report) during a job",
                             ))))
                         }
                     }
@@ -477,9 +525,9 @@ impl Vm {
                 };
                 if n == 0 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
-                    return Err(match kernel_panic(&self.console) {
+                    return Err(match self.console.kernel_panic() {
                         Some(line) => RunJobError::KernelPanic { line },
-                        None => RunJobError::Exited { console: console_tail(&self.console) },
+                        None => RunJobError::Exited { console: self.console.tail() },
                     });
                 }
                 decoder.push(&buf[..n]);
@@ -496,9 +544,11 @@ impl Drop for Vm {
     }
 }
 
-/// Holds the child during boot so every early return kills it.
+/// Holds the child during boot so every early return kills it (and then
+/// releases the backend's resources).
 struct PartialVm {
     child: Option<std::process::Child>,
+    cleanup: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
 }
 
 impl Drop for PartialVm {
@@ -515,16 +565,9 @@ fn kill_and_reap(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
-fn drain_into(mut r: Box<dyn std::io::Read + Send>, console: &Console) {
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = r.read(&mut buf) {
-        if n == 0 {
-            break;
-        }
-        if let Ok(mut c) = console.lock() {
-            c.extend(&buf[..n]);
-            let excess = c.len().saturating_sub(CONSOLE_KEEP);
-            c.drain(..excess);
-        }
+/// Resolves when `child` has exited (polled: a boot lasts seconds at most).
+async fn wait_exit(child: &mut std::process::Child) {
+    while let Ok(None) = child.try_wait() {
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }

@@ -9,8 +9,9 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use pyrovm::backend::qemu::Qemu;
 use pyrovm::hostcg::HostCgroups;
-use pyrovm::qemu::{AccelKind, VmSpec};
+use pyrovm::spec::{AccelKind, AgentTransport, VmSpec};
 use pyrovm::{RunJobError, Vm, VmmHost};
 use tvm_protocol::{Command, Job, Limits};
 
@@ -102,8 +103,8 @@ fn spec(c: &Case) -> VmSpec {
         memory_mib: 64,
         vcpus: 1,
         accel: AccelKind::Tcg,
+        agent: Some(AgentTransport::VirtioSerial),
         debug: false,
-        sandbox: false,
         extra_cmdline: None,
     }
 }
@@ -150,9 +151,10 @@ async fn attack_with(mode: &str, wall_ms: u64, fill: &[(&str, String)]) -> (RunJ
     let c = case(mode, fill);
     let cgroups = HostCgroups::detect().ok();
     let id = format!("h{}-{}", std::process::id(), mode.replace('_', ""));
-    let host =
-        VmmHost { vmm: &c.script, runtime_dir: &c.runtime_dir, host_cgroups: cgroups.as_ref(), uid_base: UID_BASE };
-    let vm = Vm::boot(&id, &host, &spec(&c), Duration::from_secs(20))
+    let host = VmmHost { runtime_dir: &c.runtime_dir, host_cgroups: cgroups.as_ref(), uid_base: UID_BASE };
+    // The fake VMM stands where QEMU's binary would, without QEMU's -sandbox.
+    let backend = Qemu::new(&c.script, false);
+    let vm = Vm::boot(&id, &host, &backend, &spec(&c), Duration::from_secs(20))
         .await
         .unwrap_or_else(|e| panic!("{mode}: fake VMM did not get ready: {e}"));
     // The run dir records the VMM as "pid starttime" for the reaper.

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use tvm_config::Accel;
+use tvm_config::{Accel, VmmChoice};
 
 use crate::commands::{self, Context};
 
@@ -17,6 +17,9 @@ pub struct Cli {
     /// Accelerator: auto (KVM if a probe boot works, else TCG), kvm or tcg.
     #[arg(long, global = true, env = "TVM_ACCEL")]
     pub accel: Option<Accel>,
+    /// VMM: auto (Firecracker if its binary exists and KVM works, else QEMU), qemu or firecracker.
+    #[arg(long, global = true, env = "TVM_VMM")]
+    pub vmm: Option<VmmChoice>,
     /// Log level filter (e.g. info, debug, pyrovm=debug).
     #[arg(long, global = true, env = "TVM_LOG", default_value = "warn")]
     pub log: String,
@@ -233,7 +236,7 @@ pub fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
-    let ctx = Context::load(cli.accel)?;
+    let ctx = Context::load(cli.accel, cli.vmm)?;
     match cli.command {
         Command::Run(args) => commands::run::run(ctx, args).await,
         Command::Runtimes(args) => commands::runtimes::runtimes(&ctx, &args),

@@ -13,5 +13,14 @@ mod relay_bench;
 mod soak;
 
 fn main() -> std::process::ExitCode {
+    // Rust ignores SIGPIPE, so `tvm runtimes | head` would panic on the closed
+    // pipe; a CLI should end quietly as `cat` does. The server keeps it ignored.
+    let subcommand = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    if subcommand.as_deref() != Some("serve") {
+        // SAFETY: called first thing in main, before any other thread exists.
+        unsafe {
+            let _ = nix::sys::signal::signal(nix::sys::signal::Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl);
+        }
+    }
     cli::main()
 }

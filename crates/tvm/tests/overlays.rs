@@ -2,6 +2,7 @@
 //! runtime (Python 3.13 with Debian's `python3-numpy`, on the python-3.13
 //! recipe's suite); `tvm runtimes` shows the file as its source, `tvm image
 //! build` builds its image and a program importing numpy runs in a real VM.
+//! A `pip` list is installed from PyPI into an image at build time.
 //! A broken overlay stops `tvm` with an error naming file, line and field.
 
 mod common;
@@ -80,4 +81,35 @@ fn a_broken_overlay_stops_tvm_naming_file_line_and_field() {
     let err = lossy(&out.stderr);
     let want = format!("{}:9: runtime python-numpy, field `run`: unknown placeholder {{entyr}}", file.display());
     assert!(err.contains(&want), "{err}");
+}
+
+/// A recipe's `pip` list is installed from PyPI at image-build time (the
+/// guest has no network), into the image's /usr/local.
+#[test]
+fn pip_packages_of_an_overlay_recipe_are_in_the_image() {
+    let env = Env::new();
+    let dir = env.work.path().join("runtimes.d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let base = Catalog::builtin();
+    let suite = &base.get("python-3.13").unwrap().image.as_ref().unwrap().suite;
+    let overlay = format!(
+        "[[runtime]]\nid = \"python-six\"\nlanguage = \"python\"\nversion = \"3.13-six\"\nextensions = [\"py\"]\n\
+         entry = \"main.py\"\nrun = [\"python3.13\", \"{{entry}}\"]\n\
+         image = {{ suite = \"{suite}\", packages = [\"python3.13\", \"python3-pip\"], pip = [\"six==1.16.0\"] }}\n"
+    );
+    std::fs::write(dir.join("50-six.toml"), overlay).unwrap();
+    let tvm = || {
+        let mut c = env.tvm();
+        c.env("TVM_RUNTIMES_DIR", &dir);
+        c
+    };
+    let out = tvm().args(["image", "build", "python-six"]).output().unwrap();
+    assert!(out.status.success(), "image build failed: {}", lossy(&out.stderr));
+    let prog = env.file("main.py", "import six\nprint(six.__version__, six.__file__)\n");
+    let out =
+        tvm().args(["run", "--json", "--runtime", "python-six", "--time-limit", "60s"]).arg(&prog).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", lossy(&out.stdout), lossy(&out.stderr)));
+    env.assert_clean();
+    assert_eq!(stdout_of(&v), "1.16.0 /usr/local/lib/python3.13/dist-packages/six.py\n", "{v}");
 }

@@ -16,7 +16,7 @@ pub mod soak;
 pub mod template;
 
 use anyhow::{Context as _, Result};
-use tvm_config::{Accel, Catalog, Settings};
+use tvm_config::{Accel, Catalog, Settings, VmmChoice};
 
 /// Exit code when TVM itself failed (sysexits' EX_SOFTWARE).
 pub const EXIT_INTERNAL: u8 = 70;
@@ -38,10 +38,13 @@ impl Context {
     ///
     /// # Errors
     /// The settings or the catalog file are unreadable or invalid.
-    pub fn load(accel: Option<Accel>) -> Result<Self> {
+    pub fn load(accel: Option<Accel>, vmm: Option<VmmChoice>) -> Result<Self> {
         let mut settings = Settings::load().context("loading settings")?;
         if let Some(a) = accel {
             settings.accel = a;
+        }
+        if let Some(v) = vmm {
+            settings.vmm = v;
         }
         let catalog = Catalog::assemble(settings.catalog.as_deref(), &settings.runtimes_dir)?;
         Ok(Self { settings, catalog })

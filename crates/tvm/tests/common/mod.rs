@@ -1,6 +1,7 @@
 //! Helpers for tests that drive the real `tvm` binary against real VMs.
 #![allow(dead_code)]
 
+pub mod langs;
 pub mod server;
 
 use std::path::{Path, PathBuf};

@@ -76,6 +76,8 @@ class LimitsInfo(_Response):
     processes: int
     output_bytes: int
     file_size_bytes: int
+    #: The stack may grow as far as memory does (as on judges); the server reports the bound it enforces.
+    stack_bytes: int = 0
 
 
 def _exact(text: str, b64: Optional[str]) -> bytes:
@@ -125,6 +127,8 @@ class ExecutionResult(_Response):
     total_ms: int = 0
     accel: str = ""
     pooled: bool = False
+    #: How the VM started: ``template`` (restored snapshot), ``pool`` (pre-booted) or ``cold`` (booted for this request).
+    start: str = ""
 
     @property
     def ok(self) -> bool:

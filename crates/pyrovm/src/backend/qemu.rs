@@ -1,0 +1,283 @@
+//! The QEMU `microvm` backend: the command line that starts one guest.
+//!
+//! No PCI, no ACPI, no network device: a virtio-blk root image (read-only),
+//! a virtio-serial port for the agent, virtio-rng for early entropy and the
+//! serial console for diagnostics. The same kernel boots under Firecracker,
+//! which also describes virtio-mmio devices on the kernel command line.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::net::UnixStream;
+use tracing::info;
+
+use super::{AgentChannel, Console, Launch, LaunchContext, LaunchError, Vmm, VmmKind};
+use crate::jail::{install_prefix, HostPath, VmmFiles, VmmIo};
+use crate::kernel::Kernel;
+use crate::spec::{kernel_cmdline, AccelKind, AgentTransport, VmSpec};
+
+/// How long a KVM probe boot may take; a working KVM needs well under a second.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The QEMU backend: a binary and whether it runs under [`SANDBOX`].
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    binary: PathBuf,
+    sandbox: bool,
+}
+
+impl Qemu {
+    /// `binary` (`qemu-system-x86_64`), run under `-sandbox` if `sandbox`.
+    pub fn new(binary: &Path, sandbox: bool) -> Self {
+        Self { binary: binary.to_path_buf(), sandbox }
+    }
+
+    /// Whether VMMs run under QEMU's `-sandbox`.
+    pub fn sandbox(&self) -> bool {
+        self.sandbox
+    }
+}
+
+/// QEMU's end of the agent channel is inherited; ours is ready at once.
+#[derive(Debug)]
+pub struct Pending(UnixStream);
+
+impl Vmm for Qemu {
+    type Pending = Pending;
+
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
+    fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    fn boot_image<'k>(&self, kernel: &'k Kernel) -> &'k Path {
+        &kernel.bzimage
+    }
+
+    fn reboot(&self) -> char {
+        // microvm has no i8042: a triple fault ends it (with -no-reboot).
+        't'
+    }
+
+    fn transport(&self) -> AgentTransport {
+        AgentTransport::VirtioSerial
+    }
+
+    fn host_paths(&self, _spec: &VmSpec, _ctx: &LaunchContext<'_>) -> Vec<HostPath> {
+        // QEMU's install prefix: it loads accelerator modules and firmware
+        // (qboot) relative to its binary. Everything else is a descriptor.
+        install_prefix(&self.binary).into_iter().map(HostPath::read).collect()
+    }
+
+    fn launch(&self, spec: &VmSpec, ctx: &LaunchContext<'_>) -> Result<Launch<Pending>, LaunchError> {
+        let prep = |source| LaunchError::Prepare { what: "the agent socketpair", source };
+        // The agent channel is a connected socketpair: QEMU inherits one end,
+        // so there is no socket file to race for, guess or leave behind.
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(prep)?;
+        ours.set_nonblocking(true).map_err(prep)?;
+        let ours = UnixStream::from_std(ours).map_err(prep)?;
+        let files = VmmFiles::open(spec, spec.agent.map(|_| theirs.into()))?;
+        let mut args = qemu_args(spec, &files.io(), self.sandbox);
+        args.extend(["-name".to_string(), format!("tvm-{}", ctx.id)]);
+        Ok(Launch {
+            program: self.binary.clone(),
+            args,
+            files: Some(files),
+            own_dir: None,
+            new_netns: false,
+            confine: true,
+            leftovers: Vec::new(),
+            cleanup: None,
+            pending: Pending(ours),
+        })
+    }
+
+    async fn agent_channel(
+        &self,
+        pending: Pending,
+        _console: Console,
+        _deadline: tokio::time::Instant,
+    ) -> Result<AgentChannel, LaunchError> {
+        Ok(AgentChannel { stream: pending.0, keep: None })
+    }
+
+    fn probe_kvm(&self, kernel: &Kernel) -> Result<u64, String> {
+        probe_kvm(&self.binary, &kernel.bzimage)
+    }
+}
+
+/// QEMU's `-sandbox` policy: its seccomp filter plus a deny of obsolete
+/// system calls, of privilege changes (set*uid), of spawning processes
+/// (fork/exec) and of resource control (scheduler, affinity). A guest that
+/// takes over QEMU through an emulation bug gets no shell, no root and no
+/// way to change its own limits.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// Whether `qemu` accepts [`SANDBOX`] (built with seccomp support): starts it
+/// with the sandbox and no machine, and asks it to quit over stdin.
+pub fn sandbox_supported(qemu: &Path) -> bool {
+    use std::io::Write;
+    let child = std::process::Command::new(qemu)
+        .args(["-sandbox", SANDBOX, "-machine", "none", "-nodefaults", "-display", "none", "-S", "-monitor", "stdio"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    let Ok(mut child) = child else { return false };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"quit\n");
+    }
+    // Bounded: a QEMU that neither quits nor fails is killed and counted as unsupported.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.success(),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
+}
+
+/// argv (without the binary) for `qemu-system-x86_64`. Every file QEMU
+/// gets is an inherited descriptor named by `io` (see [`crate::jail`]).
+pub fn qemu_args(spec: &VmSpec, io: &VmmIo, sandbox: bool) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    let machine = format!("microvm,accel={},acpi=off,x-option-roms=off,isa-serial=on,rtc=on", spec.accel.as_str());
+    let cpu = match spec.accel {
+        AccelKind::Kvm => "host",
+        AccelKind::Tcg => "max",
+    };
+    push(&["-M", &machine, "-cpu", cpu]);
+    push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.vcpus.to_string()]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio", "-monitor", "none"]);
+    push(&["-kernel", &io.kernel, "-append", &kernel_cmdline(spec.debug, 't', spec.extra_cmdline.as_deref())]);
+    if let Some(initrd) = &io.initrd {
+        push(&["-initrd", initrd]);
+    }
+    if let Some(fd) = io.rootfs_fd {
+        // An fd set: QEMU dup()s the descriptor instead of opening a path.
+        push(&["-add-fd", &format!("fd={fd},set=1")]);
+        push(&["-drive", "id=root,file=/dev/fdset/1,format=raw,if=none,readonly=on"]);
+        push(&["-device", "virtio-blk-device,drive=root"]);
+    }
+    if let Some(fd) = io.agent_fd {
+        // An already connected socket: no listening socket file anywhere.
+        push(&["-device", "virtio-serial-device,max_ports=2", "-chardev", &format!("socket,id=agent,fd={fd}")]);
+        push(&["-device", &format!("virtserialport,chardev=agent,name={}", tvm_protocol::VIRTIO_PORT_NAME)]);
+    }
+    push(&["-device", "virtio-rng-device"]);
+    if sandbox {
+        push(&["-sandbox", SANDBOX]);
+    }
+    a
+}
+
+/// Boots `kernel` under KVM with no root device; Ok(ms) if it panics cleanly in time.
+pub fn probe_kvm(qemu: &Path, kernel: &Path) -> Result<u64, String> {
+    let spec = VmSpec {
+        kernel: kernel.to_path_buf(),
+        initrd: None,
+        rootfs: None,
+        memory_mib: 128,
+        vcpus: 1,
+        accel: AccelKind::Kvm,
+        agent: None,
+        debug: false,
+        extra_cmdline: None,
+    };
+    let out = std::env::temp_dir().join(format!(
+        "tvm-kvm-probe-{}-{}.log",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ));
+    let file = std::fs::File::create(&out).map_err(|e| format!("probe log: {e}"))?;
+    let started = Instant::now();
+    // Our own kernel and no guest code: the probe needs no descriptor passing
+    // and no sandbox (it decides about KVM only).
+    let io = VmmIo { kernel: kernel.to_string_lossy().into_owned(), initrd: None, rootfs_fd: None, agent_fd: None };
+    let mut child = std::process::Command::new(qemu)
+        .args(qemu_args(&spec, &io, false))
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone().map_err(|e| e.to_string())?)
+        .stderr(file)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
+    let status = loop {
+        if let Ok(Some(st)) = child.try_wait() {
+            break Some(st);
+        }
+        if started.elapsed() > PROBE_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let ms = started.elapsed().as_millis() as u64;
+    let log = std::fs::read_to_string(&out).unwrap_or_default();
+    let _ = std::fs::remove_file(&out);
+    let result = if log.contains("KVM internal error") {
+        Err("probe boot died with a KVM internal error".to_string())
+    } else if status.is_none() {
+        Err(format!("probe boot did not finish within {} s", PROBE_TIMEOUT.as_secs()))
+    } else if log.contains("Kernel panic") && log.contains("VFS") {
+        Ok(ms)
+    } else {
+        Err(format!("probe boot ended unexpectedly: {}", log.lines().last().unwrap_or("no output")))
+    };
+    info!(ok = result.is_ok(), ms, "KVM probe (QEMU)");
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_line_has_no_network_and_a_readonly_root() {
+        let spec = VmSpec {
+            kernel: "/k".into(),
+            initrd: Some("/i".into()),
+            rootfs: Some("/img.erofs".into()),
+            memory_mib: 384,
+            vcpus: 1,
+            accel: AccelKind::Tcg,
+            agent: Some(AgentTransport::VirtioSerial),
+            debug: false,
+            extra_cmdline: None,
+        };
+        let io = VmmIo { kernel: "/proc/self/fd/5".into(), initrd: None, rootfs_fd: Some(7), agent_fd: Some(4) };
+        let a = qemu_args(&spec, &io, true).join(" ");
+        assert!(a.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"));
+        assert!(a.contains("microvm,accel=tcg,acpi=off"));
+        assert!(a.contains("-add-fd fd=7,set=1 -drive id=root,file=/dev/fdset/1,format=raw,if=none,readonly=on"));
+        assert!(a.contains("-kernel /proc/self/fd/5") && a.contains("socket,id=agent,fd=4"));
+        assert!(a.contains("-nodefaults") && !a.contains("netdev") && !a.contains("-nic"));
+        assert!(a.contains("name=tvm.agent"));
+        assert!(a.contains("-m 384M"));
+        let plain = qemu_args(&spec, &VmmIo { agent_fd: None, ..io }, false).join(" ");
+        assert!(!plain.contains("-sandbox"));
+    }
+
+    #[test]
+    fn the_installed_qemu_accepts_the_sandbox_policy() {
+        let qemu = Path::new("qemu-system-x86_64");
+        if std::process::Command::new(qemu).arg("-version").output().is_err() {
+            eprintln!("no qemu-system-x86_64 here");
+            return;
+        }
+        // Debian's QEMU is built with seccomp; a policy typo would make this false.
+        assert!(sandbox_supported(qemu));
+        assert!(!sandbox_supported(Path::new("/nonexistent/qemu")));
+    }
+}
