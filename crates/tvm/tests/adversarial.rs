@@ -274,7 +274,20 @@ print(json.dumps(r))"#;
     assert_eq!(r["hostname"], "tvm");
     assert_ne!(r["hostname"].as_str().unwrap(), host_name.trim());
     assert_ne!(r["release"].as_str().unwrap(), host_release.trim(), "the guest kernel, not the host's");
-    let allowed = ["/", "/dev", "/proc", "/sys", "/sys/fs/cgroup", "/tmp", "/work", "/dev/pts", "/dev/shm"];
+    // boot_id is the agent's own per-VM id bind-mounted over the kernel's
+    // (template clones would otherwise share one); it comes from the guest CRNG.
+    let allowed = [
+        "/",
+        "/dev",
+        "/proc",
+        "/sys",
+        "/sys/fs/cgroup",
+        "/tmp",
+        "/work",
+        "/dev/pts",
+        "/dev/shm",
+        "/proc/sys/kernel/random/boot_id",
+    ];
     for m in r["mounts"].as_array().unwrap() {
         assert!(allowed.contains(&m.as_str().unwrap()), "unexpected mount {m}: {r}");
     }
