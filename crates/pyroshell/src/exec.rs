@@ -8,7 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use pyrovm::{Plan, RunJobError, StartKind};
+use pyrovm::{Plan, RunJobError, SessionEvent, SessionInput, StartKind};
+use tokio::sync::mpsc::Receiver;
 use tracing::{info, warn};
 use tvm_protocol::{Stage, Stream, Verdict};
 
@@ -38,6 +39,13 @@ pub(crate) struct Prepared {
     plan: Plan,
     lease: Lease,
     queued: Duration,
+}
+
+impl Prepared {
+    /// The runtime id the request resolved to.
+    pub fn runtime(&self) -> &str {
+        &self.plan.runtime.id
+    }
 }
 
 /// Validates `body` and secures capacity: a warm VM, or a permit after at
@@ -127,11 +135,37 @@ pub(crate) async fn run(
     prepared: Prepared,
     mut on_output: impl FnMut(Stage, Stream, &[u8]),
 ) -> ExecutionResult {
+    let mut on_event = |ev: SessionEvent<'_>| {
+        if let SessionEvent::Output { stage, stream, data } = ev {
+            on_output(stage, stream, data)
+        }
+    };
+    run_inner(st, prepared, None, &mut on_event).await
+}
+
+/// [`run`] as an interactive session: `inputs` reach the program as they
+/// come, `on_event` sees stage starts, output and stage exits as they
+/// happen. Dropping the future destroys the VM.
+pub(crate) async fn run_session(
+    st: &AppState,
+    prepared: Prepared,
+    inputs: &mut Receiver<SessionInput>,
+    mut on_event: impl FnMut(SessionEvent<'_>),
+) -> ExecutionResult {
+    run_inner(st, prepared, Some(inputs), &mut on_event).await
+}
+
+async fn run_inner(
+    st: &AppState,
+    prepared: Prepared,
+    inputs: Option<&mut Receiver<SessionInput>>,
+    on_event: &mut impl FnMut(SessionEvent<'_>),
+) -> ExecutionResult {
     let Prepared { id, plan, lease, queued } = prepared;
     let runtime = plan.runtime.id.clone();
     let started = Instant::now();
     let outcome = tokio::select! {
-        r = run_job(st, &plan, lease, &mut on_output) => r,
+        r = run_job(st, &plan, lease, inputs, on_event) => r,
         _ = st.life.hard_stopped() => Err(("the server shut down before the execution finished".to_string(), Started::none())),
     };
     let total_ms = started.elapsed().as_millis() as u64;
@@ -194,7 +228,8 @@ async fn run_job(
     st: &AppState,
     plan: &Plan,
     lease: Lease,
-    on_output: &mut impl FnMut(Stage, Stream, &[u8]),
+    mut inputs: Option<&mut Receiver<SessionInput>>,
+    on_event: &mut impl FnMut(SessionEvent<'_>),
 ) -> JobOutcome {
     let (mut vm, permit, mut pooled) = match lease {
         Lease::Pooled(p) => {
@@ -222,12 +257,24 @@ async fn run_job(
         let vm_id = vm_now.id().to_string();
         let t = Instant::now();
         let mut produced = false;
-        let res = vm_now
-            .execute(&plan.job, |stage, stream, data| {
-                produced = true;
-                on_output(stage, stream, data)
-            })
-            .await;
+        let res = match inputs.as_deref_mut() {
+            None => {
+                vm_now
+                    .execute(&plan.job, |stage, stream, data| {
+                        produced = true;
+                        on_event(SessionEvent::Output { stage, stream, data })
+                    })
+                    .await
+            }
+            Some(rx) => {
+                vm_now
+                    .execute_interactive(&plan.job, rx, |ev| {
+                        produced = true;
+                        on_event(ev)
+                    })
+                    .await
+            }
+        };
         st.metrics.execution(t.elapsed());
         match res {
             Ok(job) => {

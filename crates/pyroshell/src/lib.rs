@@ -24,6 +24,7 @@ mod openapi;
 mod piston;
 pub mod pool;
 mod routes;
+mod session;
 pub mod sse;
 mod state;
 pub mod wire;

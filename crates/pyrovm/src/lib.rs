@@ -43,7 +43,7 @@ pub use plan::{
 };
 pub use progress::Progress;
 pub use template::{TemplateError, Templates};
-pub use vm::{RunJobError, StartKind, StartVmError, Vm, VmmHost};
+pub use vm::{RunJobError, SessionEvent, SessionInput, StartKind, StartVmError, Vm, VmmHost};
 
 /// Why the VM manager could not get ready.
 #[derive(Debug, thiserror::Error)]
