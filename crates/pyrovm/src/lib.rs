@@ -41,7 +41,7 @@ pub use plan::{default_vm_memory_mib, plan, ExecutionRequest, LimitRequest, Plan
 pub use plan::{
     MAX_ARGS, MAX_ARG_BYTES, MAX_FILES, MAX_FILES_BYTES, MAX_FILE_NAME_BYTES, MAX_FILE_NAME_PARTS, MAX_STDIN_BYTES,
 };
-pub use progress::Progress;
+pub use progress::{MultiProgress, Progress};
 pub use template::{TemplateError, Templates};
 pub use vm::{RunJobError, StartKind, StartVmError, Vm, VmmHost};
 
