@@ -7,7 +7,7 @@
 # Apple std for a Rust new enough, so std itself is compiled from Debian's
 # `rust-src` (cargo -Zbuild-std, unlocked with RUSTC_BOOTSTRAP for this check
 # only) inside a Debian 13 root made by mmdebstrap: rustc/cargo 1.85 + rust-src.
-# `cargo check` needs no linker or foreign C toolchain. The workspace's
+# `cargo check` needs no linker; std for windows-gnu needs MinGW's dlltool (raw-dylib imports). The workspace's
 # dependencies declare Rust 1.88/1.89 (uuid, zip, url's ICU crates), so the
 # check runs with --ignore-rust-version; it compiles them with 1.85 all the same.
 #
@@ -26,7 +26,7 @@ root=$work/root
 mkdir -p "$work/debs"
 if [ ! -x "$root/usr/bin/cargo" ] || [ ! -d "$root/usr/lib/rustlib/src/rust/library" ]; then
   rm -rf "$root"
-  mmdebstrap --quiet --mode=root --variant=minbase --include=rustc,cargo,rust-src,gcc,libc6-dev,ca-certificates \
+  mmdebstrap --quiet --mode=root --variant=minbase --include=rustc,cargo,rust-src,gcc,libc6-dev,ca-certificates,binutils-mingw-w64-x86-64 \
     --skip=download/empty --skip=essential/unlink \
     --setup-hook='mkdir -p "$1/var/cache/apt/archives"' \
     --setup-hook="sync-in $work/debs /var/cache/apt/archives/" \
