@@ -351,11 +351,17 @@ pub struct ExecutionResult {
     /// off) or `pool` (taken from the warm pool).
     #[serde(default)]
     pub start: String,
+    /// Why the VM cold booted although templates are on (the template was
+    /// missing, corrupt, failed to build or failed to restore); absent when
+    /// it was restored, pooled, or templates are off. Set by `tvm run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_note: Option<String>,
 }
 
 impl ExecutionResult {
     /// The API shape of a local execution (`tvm run --json` can print the
     /// same document the server returns).
+    #[cfg(target_os = "linux")]
     pub fn from_execution(exec: &pyrovm::Execution) -> Self {
         ExecutionResult {
             id: exec.vm_id.clone(),
@@ -370,6 +376,7 @@ impl ExecutionResult {
             accel: exec.accel.to_string(),
             pooled: false,
             start: exec.start.as_str().to_string(),
+            start_note: exec.start_note.clone(),
         }
     }
 
@@ -389,6 +396,7 @@ impl ExecutionResult {
             accel: accel.to_string(),
             pooled: false,
             start: String::new(),
+            start_note: None,
         }
     }
 }

@@ -148,6 +148,7 @@ pub(crate) async fn run(
         accel: st.vmm.accel().kind().as_str().to_string(),
         pooled: false,
         start: String::new(),
+        start_note: None,
     };
     let started_as = match outcome {
         Ok((job, started)) => {
