@@ -506,6 +506,11 @@ pub struct ExecutionResult {
     /// Counts over `tests`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<TestSummary>,
+    /// Why the VM cold booted although templates are on (the template was
+    /// missing, corrupt, failed to build or failed to restore); absent when
+    /// it was restored, pooled, or templates are off. Set by `tvm run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_note: Option<String>,
 }
 
 impl ExecutionResult {
@@ -527,6 +532,7 @@ impl ExecutionResult {
             start: exec.start.as_str().to_string(),
             tests: None,
             summary: None,
+            start_note: exec.start_note.clone(),
         }
     }
 
@@ -548,6 +554,7 @@ impl ExecutionResult {
             start: String::new(),
             tests: None,
             summary: None,
+            start_note: None,
         }
     }
 }

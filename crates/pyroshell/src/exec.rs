@@ -168,6 +168,7 @@ pub(crate) async fn run(
         start: String::new(),
         tests: None,
         summary: None,
+        start_note: None,
     };
     if !plan.job.tests.is_empty() {
         result.summary = Some(TestSummary::of(plan.job.tests.len(), &tests));

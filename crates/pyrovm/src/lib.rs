@@ -43,7 +43,7 @@ pub use plan::{
 pub use plan::{
     MAX_ARGS, MAX_ARG_BYTES, MAX_FILES, MAX_FILES_BYTES, MAX_FILE_NAME_BYTES, MAX_FILE_NAME_PARTS, MAX_STDIN_BYTES,
 };
-pub use progress::Progress;
+pub use progress::{MultiProgress, Progress};
 pub use template::{TemplateError, Templates};
 pub use vm::{RunJobError, StartKind, StartVmError, Vm, VmmHost};
 
@@ -500,9 +500,10 @@ impl Pyrovm {
 
     /// Restores a VM from the template for (`runtime`, `image`, `spec`), or
     /// says why not. Missing: built inline (then restored) or in the
-    /// background (`Err`: cold boot now). Corrupt: removed and rebuilt in the
-    /// background. A failed restore removes the template (a broken one must
-    /// not fail every start) and schedules a rebuild.
+    /// background (`Err`: cold boot now). Corrupt: removed, then rebuilt in
+    /// the background (server) or by the next start (CLI). A failed restore
+    /// removes the template (a broken one must not fail every start) and
+    /// schedules a rebuild.
     async fn restore(
         &self,
         qemu: &backend::qemu::Qemu,
@@ -532,7 +533,13 @@ impl Pyrovm {
                     warn!(runtime = %runtime.id, key, error = %error_chain(&e), "template unusable; removed, cold boot");
                     let _ = self.templates.remove(&key);
                 }
-                self.rebuild_in_background(qemu, runtime, inputs, spec);
+                // Inline builds (the CLI) rebuild on the next start: a task
+                // spawned here would die with the process at the end of this
+                // execution, leaving its half-booted template VM and scratch
+                // directory for the reaper and costing this run a core.
+                if self.template_builds == TemplateBuilds::Background {
+                    self.rebuild_in_background(qemu, runtime, inputs, spec);
+                }
                 return Err(error_chain(&e));
             }
         };

@@ -178,6 +178,10 @@ pub struct ImageBuildArgs {
     /// The default version of every language (what `tvm run FILE` picks).
     #[arg(long)]
     pub defaults: bool,
+    /// Images built at the same time (1-8). A build is mostly one busy core
+    /// (dpkg, then mkfs.erofs); builds from one Debian suite still take turns.
+    #[arg(long, short = 'j', default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub jobs: u8,
 }
 
 /// `tvm bench`.
