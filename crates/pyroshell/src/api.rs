@@ -516,6 +516,7 @@ pub struct ExecutionResult {
 impl ExecutionResult {
     /// The API shape of a local execution (`tvm run --json` can print the
     /// same document the server returns).
+    #[cfg(target_os = "linux")]
     pub fn from_execution(exec: &pyrovm::Execution) -> Self {
         ExecutionResult {
             id: exec.vm_id.clone(),

@@ -7,35 +7,65 @@
 //! cleaning up after crashes ([`reaper`]).
 //! [`Pyrovm`] is the small facade the CLI and the HTTP gateway use: a fresh
 //! VM per execution, destroyed afterwards, never reused.
+//!
+//! Only [`plan`] (requests, their validation and limits) and [`java`] build on
+//! every OS: the client side of `tvm` (`tvm run --server`, `tvm lima`) on
+//! macOS and Windows uses them. Everything that starts or manages VMs uses
+//! Linux-only interfaces (KVM, cgroups, namespaces, Landlock, vsock) and is
+//! compiled for `target_os = "linux"` only.
 
+#[cfg(target_os = "linux")]
 pub mod accel;
+#[cfg(target_os = "linux")]
 pub mod backend;
+#[cfg(target_os = "linux")]
 pub mod cache;
+#[cfg(target_os = "linux")]
 pub mod doctor;
+#[cfg(target_os = "linux")]
 pub mod hostcg;
+#[cfg(target_os = "linux")]
 pub mod image;
+#[cfg(target_os = "linux")]
 pub mod initrd;
+#[cfg(target_os = "linux")]
 pub mod jail;
 pub mod java;
+#[cfg(target_os = "linux")]
 pub mod kernel;
 pub mod plan;
+#[cfg(target_os = "linux")]
 pub mod progress;
+#[cfg(target_os = "linux")]
 pub mod reaper;
+#[cfg(target_os = "linux")]
 pub mod spec;
+#[cfg(target_os = "linux")]
 pub mod template;
+#[cfg(target_os = "linux")]
 pub mod vm;
 
+#[cfg(target_os = "linux")]
 use std::path::PathBuf;
+#[cfg(target_os = "linux")]
 use std::sync::Arc;
+#[cfg(target_os = "linux")]
 use std::time::{Duration, Instant};
 
+#[cfg(target_os = "linux")]
 use serde::Serialize;
+#[cfg(target_os = "linux")]
 use tracing::{info, info_span, warn, Instrument};
+#[cfg(target_os = "linux")]
 use tvm_config::{Catalog, Runtime, Settings};
+#[cfg(target_os = "linux")]
 use tvm_protocol::{JobResult, Stage, Stream};
 
+#[cfg(target_os = "linux")]
 pub use accel::AccelDecision;
+#[cfg(target_os = "linux")]
 pub use backend::{Backend, Selection, VmmKind};
+#[cfg(target_os = "linux")]
 pub use cache::{BuildCancel, CancelOnDrop};
 pub use plan::{
     add_tests, default_vm_memory_mib, plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile, TestRequest,
@@ -43,10 +73,14 @@ pub use plan::{
 pub use plan::{
     MAX_ARGS, MAX_ARG_BYTES, MAX_FILES, MAX_FILES_BYTES, MAX_FILE_NAME_BYTES, MAX_FILE_NAME_PARTS, MAX_STDIN_BYTES,
 };
+#[cfg(target_os = "linux")]
 pub use progress::{MultiProgress, Progress};
+#[cfg(target_os = "linux")]
 pub use template::{TemplateError, Templates};
+#[cfg(target_os = "linux")]
 pub use vm::{RunJobError, StartKind, StartVmError, Vm, VmmHost};
 
+#[cfg(target_os = "linux")]
 /// Why the VM manager could not get ready.
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -70,6 +104,7 @@ pub enum PrepareError {
     Task(String),
 }
 
+#[cfg(target_os = "linux")]
 /// Why an execution produced no result.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecuteError {
@@ -106,6 +141,7 @@ pub enum ExecuteError {
     Task(String),
 }
 
+#[cfg(target_os = "linux")]
 /// A finished execution with host-side measurements.
 #[derive(Debug, Clone, Serialize)]
 pub struct Execution {
@@ -131,6 +167,7 @@ pub struct Execution {
     pub total_ms: u64,
 }
 
+#[cfg(target_os = "linux")]
 /// `tvm doctor` lines on host-side isolation: `(name, ok, detail)`. Host
 /// cgroups are optional (VMs run without them), QEMU's sandbox is expected.
 pub fn isolation_checks(qemu: &std::path::Path, vmm_uid_base: u32) -> Vec<(String, bool, String)> {
@@ -155,6 +192,7 @@ pub fn isolation_checks(qemu: &std::path::Path, vmm_uid_base: u32) -> Vec<(Strin
     ]
 }
 
+#[cfg(target_os = "linux")]
 /// `tvm doctor` lines on the VMM backend: `(name, ok, detail)`: which
 /// backend and why, binary versions, KVM state and the jailer.
 pub fn vmm_checks(settings: &Settings) -> Vec<(String, bool, String)> {
@@ -198,6 +236,7 @@ pub fn vmm_checks(settings: &Settings) -> Vec<(String, bool, String)> {
     checks
 }
 
+#[cfg(target_os = "linux")]
 /// The accelerator decision for the VMM `settings` select (QEMU when the
 /// configured VMM cannot run here, so `tvm doctor` still reports one).
 ///
@@ -215,6 +254,7 @@ pub fn accel_for(settings: &Settings, kernel: &kernel::Kernel) -> Result<AccelDe
 }
 
 /// An error and its causes on one line, for logs.
+#[cfg(target_os = "linux")]
 pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut cause = err.source();
@@ -226,11 +266,13 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     out
 }
 
+#[cfg(target_os = "linux")]
 /// A new VM id (run dir name, QEMU `-name`, log field).
 fn new_vm_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
 }
 
+#[cfg(target_os = "linux")]
 /// The warm-up of `runtime` as a job-user command: its `warmup` argv with the
 /// runtime's environment, under the compile limits if it compiles (warm-ups
 /// of compiled languages run the compiler) and the run limits otherwise, so
@@ -241,6 +283,7 @@ pub fn warmup_command(runtime: &Runtime) -> Option<tvm_protocol::Command> {
     Some(tvm_protocol::Command { argv, env: runtime.env.clone(), limits })
 }
 
+#[cfg(target_os = "linux")]
 /// Finds the guest agent binary: configured path, next to the running
 /// executable, or the workspace's static build output.
 pub fn agent_path(settings: &Settings) -> PathBuf {
@@ -255,6 +298,7 @@ pub fn agent_path(settings: &Settings) -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/agent/x86_64-unknown-linux-gnu/release/tvm-agent"))
 }
 
+#[cfg(target_os = "linux")]
 /// The VM manager: kernel, agent and accelerator resolved once, then any
 /// number of executions, each in its own fresh VM.
 #[derive(Debug, Clone)]
@@ -270,6 +314,7 @@ pub struct Pyrovm {
     template_builds: TemplateBuilds,
 }
 
+#[cfg(target_os = "linux")]
 /// When a missing template is built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TemplateBuilds {
@@ -281,6 +326,7 @@ pub enum TemplateBuilds {
     Background,
 }
 
+#[cfg(target_os = "linux")]
 /// A VM fresh from [`Pyrovm::start_vm`], with why it was not restored from a
 /// template if it was not.
 #[derive(Debug)]
@@ -291,6 +337,7 @@ pub struct StartedVm {
     pub note: Option<String>,
 }
 
+#[cfg(target_os = "linux")]
 impl Pyrovm {
     /// Reaps leftovers of crashed predecessors, finds (or, if `build`, builds)
     /// the kernel, packs the agent and decides the accelerator.
