@@ -67,7 +67,9 @@ pub use accel::AccelDecision;
 pub use backend::{Backend, Selection, VmmKind};
 #[cfg(target_os = "linux")]
 pub use cache::{BuildCancel, CancelOnDrop};
-pub use plan::{default_vm_memory_mib, plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile};
+pub use plan::{
+    add_tests, default_vm_memory_mib, plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile, TestRequest,
+};
 pub use plan::{
     MAX_ARGS, MAX_ARG_BYTES, MAX_FILES, MAX_FILES_BYTES, MAX_FILE_NAME_BYTES, MAX_FILE_NAME_PARTS, MAX_STDIN_BYTES,
 };
