@@ -47,7 +47,7 @@ fi
 echo "==> guest kernel (cached after the first build, ~5 min on 2 cores)"
 $SUDO "$TVM" kernel build
 echo "==> runtime images: the default version of each language (cached by recipe)"
-$SUDO "$TVM" image build --defaults
+$SUDO "$TVM" image build --defaults --jobs 2
 $SUDO "$TVM" doctor || true
 
 if [ $run_sample -eq 1 ]; then

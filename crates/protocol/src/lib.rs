@@ -14,11 +14,13 @@
 
 mod codec;
 mod messages;
+mod signal;
 
 pub use codec::{encode, read_frame, write_frame, FrameDecoder, FrameError};
 #[cfg(feature = "tokio")]
 pub use codec::{read_frame_async, write_frame_async};
 pub use messages::*;
+pub use signal::linux_signal_name;
 
 /// Bumped whenever a message changes shape; host and agent must agree.
 /// 2: `Prewarm`, `Resume`, `Warmed` and the job's `uniqueness` (templates);

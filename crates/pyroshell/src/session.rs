@@ -417,6 +417,11 @@ async fn native(st: std::sync::Arc<AppState>, mut ws: WebSocket) {
         Ok(p) => p,
         Err(e) => return close(&mut ws, api_error_close(&e)).await,
     };
+    if prepared.has_tests() {
+        let notice = json!({"type": "error", "code": "invalid_request", "field": "tests",
+            "message": "a session runs one program interactively; send tests to POST /v1/executions"});
+        return close(&mut ws, Close { code: 4422, reason: "tests in a session".into(), notice: Some(notice) }).await;
+    }
     let started = json!({"type": "started", "id": prepared.id, "runtime": prepared.runtime()});
     if !send_json(&mut ws, &started).await {
         return;

@@ -102,6 +102,12 @@ impl Vm {
                         }
                         GuestMessage::Done(result) => return Ok(result),
                         GuestMessage::Failed { message } => return Err(RunJobError::AgentFailed(message)),
+                        // Sessions never carry tests (pyroshell refuses them).
+                        GuestMessage::TestDone { .. } => {
+                            return Err(RunJobError::Protocol(FrameError::Io(std::io::Error::other(
+                                "a test result during an interactive job",
+                            ))))
+                        }
                         GuestMessage::Ready { .. } | GuestMessage::Warmed { .. } => {
                             return Err(RunJobError::Protocol(FrameError::Io(std::io::Error::other(
                                 "unexpected second ready (or warm-up report) during a job",
