@@ -8,7 +8,7 @@
 # `rust-src` (cargo -Zbuild-std, unlocked with RUSTC_BOOTSTRAP for this check
 # only) inside a Debian 13 root made by mmdebstrap: rustc/cargo 1.85 + rust-src.
 # `cargo check` needs no linker; std for windows-gnu needs MinGW's dlltool (raw-dylib imports). The workspace's
-# dependencies declare Rust 1.88/1.89 (uuid, zip, url's ICU crates), so the
+# dependencies declare Rust 1.88/1.89 (uuid, zip, url's ICU crates); with 1.85 the check stops there
 # check runs with --ignore-rust-version; it compiles them with 1.85 all the same.
 #
 #   scripts/check-portable.sh [TARGET...]   default: x86_64-pc-windows-gnu
