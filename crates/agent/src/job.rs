@@ -41,6 +41,14 @@ pub fn execute(mut job: Job, outbox: &Sender<GuestMessage>) -> Result<JobResult,
         None => None,
     };
     let compiled = !matches!(&compile, Some(c) if c.status != StageStatus::Ok);
+    if !job.tests.is_empty() {
+        if compiled {
+            crate::runmany::run_all(&job, outbox)?;
+        }
+        // Per-test verdicts travel in `TestDone`; this one says the build went through.
+        let verdict = if compiled { Verdict::Ok } else { Verdict::CompileError };
+        return Ok(JobResult { verdict, compile, run: None });
+    }
     let run = if compiled {
         let stdin = Some(std::mem::take(&mut job.stdin));
         let spec = StageSpec { stage: Stage::Run, cgroup: "stage-2", command: &job.run, stdin };
@@ -53,7 +61,7 @@ pub fn execute(mut job: Job, outbox: &Sender<GuestMessage>) -> Result<JobResult,
 }
 
 /// A fresh tmpfs on `/work` of the job's size, owned by the runner.
-fn mount_workdir(bytes: u64) -> Result<(), Error> {
+pub(crate) fn mount_workdir(bytes: u64) -> Result<(), Error> {
     // tmpfs reads size=0 as "unlimited"; one page is the smallest real cap.
     let size = bytes.max(4096);
     let data = format!("size={size},mode=0755,uid={RUNNER_UID},gid={RUNNER_GID}");

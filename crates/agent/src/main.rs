@@ -17,6 +17,7 @@ mod job;
 mod log;
 mod output;
 mod relay;
+mod runmany;
 mod sandbox;
 mod stage;
 mod transport;

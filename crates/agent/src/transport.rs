@@ -202,6 +202,7 @@ fn describe(msg: &GuestMessage) -> &'static str {
         GuestMessage::Ready { .. } => "ready",
         GuestMessage::Output { .. } => "output",
         GuestMessage::Done(_) => "the result",
+        GuestMessage::TestDone { .. } => "a test result",
         GuestMessage::Failed { .. } => "the failure report",
         GuestMessage::Warmed { .. } => "the warm-up report",
     }

@@ -20,6 +20,8 @@ pub mod b64 {
 }
 
 /// Host → guest.
+// One `Run` per VM, serialised at once: boxing the job would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum HostMessage {
@@ -94,6 +96,14 @@ pub enum GuestMessage {
         exit_code: Option<i32>,
         /// Its wall time in milliseconds.
         wall_ms: u64,
+    },
+    /// One test of a job with [`Job::tests`] finished (sent in test order,
+    /// before `Done`). Test runs stream no `Output`: the result carries it.
+    TestDone {
+        /// The test's index in [`Job::tests`].
+        index: u32,
+        /// How its run ended.
+        result: StageResult,
     },
     /// The agent could not run the job at all (bad job, setup failure).
     Failed {
@@ -184,6 +194,28 @@ pub struct Job {
     /// other clone until then). Absent from hosts before protocol 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uniqueness: Option<Uniqueness>,
+    /// Compile once, run many: when not empty, `run` and `stdin` are not run
+    /// as such; after a successful compile each test runs `run`'s
+    /// environment and limits with its own argv and stdin, in a fresh work
+    /// dir holding a copy of the compiled work dir, once every process of
+    /// the previous test is gone. Each result comes as a
+    /// [`GuestMessage::TestDone`]; the final [`JobResult`] then has no `run`.
+    /// At most [`MAX_TESTS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<TestRun>,
+}
+
+/// Most tests in one [`Job`].
+pub const MAX_TESTS: usize = 64;
+
+/// One run of a compile-once-run-many job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestRun {
+    /// The complete argv (the runtime's run command plus the test's arguments).
+    pub argv: Vec<String>,
+    /// Fed to the run's standard input, then closed.
+    #[serde(with = "b64", default)]
+    pub stdin: Vec<u8>,
 }
 
 /// How a stage ended, as observed by the agent.
