@@ -244,9 +244,9 @@ pub fn vmm_checks(settings: &Settings) -> Vec<(String, bool, String)> {
 /// [`accel::KvmUnusable`] when `accel = "kvm"` and the probe fails.
 pub fn accel_for(settings: &Settings, kernel: &kernel::Kernel) -> Result<AccelDecision, accel::KvmUnusable> {
     let sandbox = backend::qemu::sandbox_supported(&settings.qemu);
-    let backend = backend::select(settings, sandbox)
-        .map(|s| s.backend)
-        .unwrap_or_else(|_| Backend::Qemu(backend::qemu::Qemu::new(&settings.qemu, sandbox)));
+    let backend = backend::select(settings, sandbox).map(|s| s.backend).unwrap_or_else(|_| {
+        Backend::Qemu(backend::qemu::Qemu::new(&settings.qemu, sandbox).with_arch(settings.guest_arch))
+    });
     match &backend {
         Backend::Qemu(q) => accel::resolve(settings.accel, q, kernel, &settings.cache_dir),
         Backend::Firecracker(f) => accel::resolve(settings.accel, f, kernel, &settings.cache_dir),
@@ -284,18 +284,24 @@ pub fn warmup_command(runtime: &Runtime) -> Option<tvm_protocol::Command> {
 }
 
 #[cfg(target_os = "linux")]
-/// Finds the guest agent binary: configured path, next to the running
-/// executable, or the workspace's static build output.
+/// Finds the guest agent binary for `settings.guest_arch`: configured path,
+/// next to the running executable (if built for that architecture), or the
+/// workspace's static build output (`target/agent/<rust target>/release`).
 pub fn agent_path(settings: &Settings) -> PathBuf {
     if let Some(p) = &settings.agent_bin {
         return p.clone();
     }
     if let Some(sibling) = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("tvm-agent"))) {
-        if sibling.exists() && initrd::is_static_elf(&std::fs::read(&sibling).unwrap_or_default()) {
+        let bytes = std::fs::read(&sibling).unwrap_or_default();
+        // Only an agent for the guest's architecture (an x86_64 host running
+        // aarch64 guests keeps its x86_64 agent beside `tvm` as well).
+        if initrd::is_static_elf(&bytes) && initrd::elf_arch(&bytes) == Some(settings.guest_arch) {
             return sibling;
         }
     }
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/agent/x86_64-unknown-linux-gnu/release/tvm-agent"))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/agent"))
+        .join(settings.guest_arch.rust_target())
+        .join("release/tvm-agent")
 }
 
 #[cfg(target_os = "linux")]

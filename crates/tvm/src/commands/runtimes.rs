@@ -117,6 +117,11 @@ fn print_table(rows: Vec<Value>) {
     }
 }
 
+/// The runtime `id` names (ids are unique in a catalog).
+fn r_of<'a>(catalog: &'a tvm_config::Catalog, id: &str) -> &'a tvm_config::Runtime {
+    catalog.runtimes().iter().find(|r| r.id == id).expect("ids come from this catalog")
+}
+
 /// `--matrix`: every language and version with its state here.
 #[cfg(target_os = "linux")]
 fn print_matrix(ctx: &Context, json: bool) -> Result<()> {
@@ -133,6 +138,7 @@ fn print_matrix(ctx: &Context, json: bool) -> Result<()> {
                 "default": matrix::is_default(catalog, r), "state": state.name(), "reason": state.reason(),
                 "source": r.image.as_ref().map(|i| i.source()), "installed": installed,
                 "image_bytes": image.map(|i| i.meta.size_bytes), "defined_in": r.origin,
+                "architectures": r.architectures, "guest_arch": ctx.settings.guest_arch,
             }));
         }
     }
@@ -140,7 +146,7 @@ fn print_matrix(ctx: &Context, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("{:<11} {:<9} {:<13} {:<11} SOURCE / INSTALLED", "LANGUAGE", "VERSION", "ID", "STATE");
+    println!("{:<11} {:<9} {:<13} {:<15} {:<11} SOURCE / INSTALLED", "LANGUAGE", "VERSION", "ID", "ARCH", "STATE");
     for r in &rows {
         let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
         let version = if r["default"] == true { format!("{}*", s("version")) } else { s("version") };
@@ -153,8 +159,13 @@ fn print_matrix(ctx: &Context, json: bool) -> Result<()> {
             ),
             _ => s("source"),
         };
-        println!("{:<11} {:<9} {:<13} {:<11} {detail}", s("language"), version, s("id"), s("state"));
+        let arch = matrix::architectures_of(r_of(catalog, &s("id")));
+        println!("{:<11} {:<9} {:<13} {:<15} {:<11} {detail}", s("language"), version, s("id"), arch, s("state"));
     }
-    println!("\n* default for its file extension. Build what is buildable with `tvm image build --all`.");
+    println!(
+        "\n* default for its file extension. ARCH: guest architectures the entry supports; STATE is for {} guests \
+         (TVM_GUEST_ARCH). Build what is buildable with `tvm image build --all`.",
+        ctx.settings.guest_arch
+    );
     Ok(())
 }
