@@ -147,18 +147,26 @@ fn supervise(
     let main = Pid::from_raw(child.id() as i32);
     debug!("{:?} stage started as pid {main}", spec.stage);
 
-    if let (true, Some(inbox), Some(pipe)) = (session_stdin, inbox, child.stdin.take()) {
-        inbox.attach(OwnedFd::from(pipe));
-    } else if let (Some(data), Some(mut pipe)) = (spec.stdin, child.stdin.take()) {
-        // A thread, so a program that never reads its input cannot stall the
-        // agent; dropping the pipe at the end sends EOF. Not joined: once the
-        // stage's processes are dead its write fails with EPIPE and it ends.
-        std::thread::Builder::new()
-            .name("stdin".into())
-            .spawn(move || {
-                let _ = pipe.write_all(&data);
-            })
-            .map_err(|e| Error::SpawnThread("stdin", e))?;
+    // The pipe is taken once, then given to the session's inbox or to a
+    // writer thread (a tuple pattern with `take()` in it would drop the pipe,
+    // closing stdin, whenever the pattern did not match).
+    if let Some(pipe) = child.stdin.take() {
+        match inbox.filter(|_| session_stdin) {
+            Some(inbox) => inbox.attach(OwnedFd::from(pipe)),
+            None => {
+                let data = spec.stdin.unwrap_or_default();
+                let mut pipe = pipe;
+                // A thread, so a program that never reads its input cannot stall the
+                // agent; dropping the pipe at the end sends EOF. Not joined: once the
+                // stage's processes are dead its write fails with EPIPE and it ends.
+                std::thread::Builder::new()
+                    .name("stdin".into())
+                    .spawn(move || {
+                        let _ = pipe.write_all(&data);
+                    })
+                    .map_err(|e| Error::SpawnThread("stdin", e))?;
+            }
+        }
     }
     let stdout_pipe = OwnedFd::from(child.stdout.take().expect("stdout is piped"));
     let stderr_pipe = OwnedFd::from(child.stderr.take().expect("stderr is piped"));
