@@ -14,6 +14,7 @@ pub mod cache;
 pub mod doctor;
 pub mod hostcg;
 pub mod image;
+pub mod image_oci;
 pub mod initrd;
 pub mod jail;
 pub mod java;
