@@ -12,7 +12,14 @@ cargo build --quiet --release -p tvm
 cp target/agent/x86_64-unknown-linux-gnu/release/tvm-agent target/release/tvm-agent
 target/release/tvm kernel build
 # Every available runtime version is tested; images are cached by recipe.
-target/release/tvm image build --all
+# From empty caches the image builds (packages, dpkg, mkfs.erofs) and the
+# test binaries' compilation run side by side: each leaves the other's idle time.
+target/release/tvm image build --all --jobs 2 &
+images=$!
+if ! cargo test --workspace --no-run --quiet; then
+  kill -TERM "$images" 2>/dev/null; wait "$images"; exit 1   # tvm cancels and cleans up its builds on SIGTERM
+fi
+wait "$images"
 set +e
 failed=()
 # Two test threads: each VM test boots its own guest, and this keeps two guests at most per core pair.

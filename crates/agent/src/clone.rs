@@ -28,7 +28,7 @@ const WARMUP_WORKDIR: &str = "size=16m,mode=0755";
 const WARMUP_CGROUP: &str = "warmup";
 
 /// Scratch file systems whose contents the warm-up may have left behind.
-const SCRATCH: [&str; 2] = ["/tmp", "/dev/shm"];
+pub(crate) const SCRATCH: [&str; 2] = ["/tmp", "/dev/shm"];
 
 // `<linux/random.h>`: RNDADDENTROPY = _IOW('R', 0x03, int[2]), RNDRESEEDCRNG = _IO('R', 0x07).
 nix::ioctl_write_ptr_bad!(
@@ -68,6 +68,10 @@ pub fn await_job(link: &mut Link) -> Result<tvm_protocol::Job, Error> {
             HostMessage::Prewarm(command) => {
                 let warmed = prewarm(&command)?;
                 link.send(&warmed)?;
+            }
+            // Session input belongs to a running job; before one there is nothing to feed.
+            HostMessage::Stdin { .. } | HostMessage::StdinEof | HostMessage::Signal { .. } => {
+                debug!("session input before the job, ignored");
             }
         }
     }
@@ -184,7 +188,7 @@ pub fn prewarm(command: &Command) -> Result<GuestMessage, Error> {
 
 /// Removes everything below `dir` (best effort: a leftover is logged; the
 /// directory itself stays).
-fn empty_dir(dir: &Path) {
+pub(crate) fn empty_dir(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let path = entry.path();
@@ -200,7 +204,7 @@ fn empty_dir(dir: &Path) {
 
 /// Removes System V shared memory segments, semaphore sets and message
 /// queues: they outlive the processes that made them.
-fn remove_sysv_ipc() {
+pub(crate) fn remove_sysv_ipc() {
     for (table, rm) in [
         // SAFETY (all three): IPC_RMID with an id read from the kernel's own
         // table and no buffer; a stale id only makes the call fail.

@@ -8,6 +8,12 @@ use tvm_protocol::FrameError;
 /// Why the agent could not boot the guest or run the job.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Copying the compiled work dir for a test failed (the path inside it).
+    #[error("copying the compiled work dir for a test ({0})")]
+    CopyBuilt(PathBuf, #[source] std::io::Error),
+    /// The compiled work dir holds more entries than a test copy may.
+    #[error("the compiled work dir holds more than {0} entries")]
+    BuiltTooLarge(usize),
     /// A `mount(2)` failed.
     #[error("mounting {fstype} on {target}")]
     Mount {

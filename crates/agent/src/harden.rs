@@ -64,11 +64,26 @@ pub const DENIED: &[(&str, i64)] = &[
     ("io_uring_setup", libc::SYS_io_uring_setup),
     ("io_uring_enter", libc::SYS_io_uring_enter),
     ("io_uring_register", libc::SYS_io_uring_register),
-    ("iopl", libc::SYS_iopl),
-    ("ioperm", libc::SYS_ioperm),
     ("vhangup", libc::SYS_vhangup),
     ("lookup_dcookie", libc::SYS_lookup_dcookie),
 ];
+
+/// Port I/O exists only on x86_64: denied there besides [`DENIED`] (aarch64
+/// has no such system calls).
+#[cfg(target_arch = "x86_64")]
+pub const DENIED_ARCH: &[(&str, i64)] = &[("iopl", libc::SYS_iopl), ("ioperm", libc::SYS_ioperm)];
+/// Port I/O exists only on x86_64: nothing to add on this architecture.
+#[cfg(not(target_arch = "x86_64"))]
+pub const DENIED_ARCH: &[(&str, i64)] = &[];
+
+/// The seccomp architecture of the agent's own build: a filter for another
+/// architecture would refuse every call of the job.
+#[cfg(target_arch = "x86_64")]
+const SECCOMP_ARCH: TargetArch = TargetArch::x86_64;
+/// The seccomp architecture of the agent's own build: a filter for another
+/// architecture would refuse every call of the job.
+#[cfg(target_arch = "aarch64")]
+const SECCOMP_ARCH: TargetArch = TargetArch::aarch64;
 
 /// `clone` flags that create namespaces; `clone` with any of them is refused.
 /// (CLONE_NEWTIME is left out: in `clone`'s flags that bit is part of the
@@ -89,8 +104,9 @@ pub const NAMESPACE_FLAGS: &[u64] = &[
 /// memory a filter cannot read; ENOSYS makes glibc fall back to `clone`,
 /// whose flags the first program checks).
 pub fn filters() -> Result<Vec<BpfProgram>, Error> {
-    let arch = TargetArch::x86_64;
-    let mut deny: BTreeMap<i64, Vec<SeccompRule>> = DENIED.iter().map(|&(_, nr)| (nr, Vec::new())).collect();
+    let arch = SECCOMP_ARCH;
+    let mut deny: BTreeMap<i64, Vec<SeccompRule>> =
+        DENIED.iter().chain(DENIED_ARCH).map(|&(_, nr)| (nr, Vec::new())).collect();
     let clone_rules = NAMESPACE_FLAGS
         .iter()
         .map(|&flag| {
@@ -185,7 +201,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn filters_compile_for_x86_64() {
+    fn filters_compile_for_the_build_architecture() {
         let progs = filters().unwrap();
         assert_eq!(progs.len(), 2);
         // The kernel refuses programs longer than 4096 instructions.
@@ -194,10 +210,10 @@ mod tests {
 
     #[test]
     fn deny_list_has_no_duplicates_and_spares_what_runtimes_need() {
-        let mut nrs: Vec<i64> = DENIED.iter().map(|&(_, nr)| nr).collect();
+        let mut nrs: Vec<i64> = DENIED.iter().chain(DENIED_ARCH).map(|&(_, nr)| nr).collect();
         nrs.sort_unstable();
         nrs.dedup();
-        assert_eq!(nrs.len(), DENIED.len());
+        assert_eq!(nrs.len(), DENIED.len() + DENIED_ARCH.len());
         for needed in [libc::SYS_clone, libc::SYS_clone3, libc::SYS_execve, libc::SYS_kill, libc::SYS_prctl] {
             assert!(!nrs.contains(&needed), "{needed} must stay allowed (clone/clone3 are filtered separately)");
         }

@@ -8,11 +8,17 @@
 //! pipes with large reads and sends what it found as few, large frames:
 //!
 //! - It blocks in `poll` until either pipe has data, reads everything that is
-//!   there, sends it, then sleeps [`WINDOW`] before reading again, so a
+//!   there, sends it, then sleeps a window before reading again, so a
 //!   program writing small pieces fills the (enlarged) pipe without waking
 //!   anybody, and each window's output leaves as one frame per stream run of
 //!   at most [`OUTPUT_CHUNK`] bytes. Output still streams: the first bytes
 //!   after a quiet spell are sent at once, later ones at most one window late.
+//! - The window adapts ([`Window`]): it starts at [`WINDOW`] and doubles up to
+//!   [`MAX_WINDOW`] while the stream stays busy, so a steady writer costs a
+//!   few dozen wake-ups and frames a second instead of hundreds (each frame
+//!   is a VM exit under TCG, paid on the writer's vCPU). It halves again when
+//!   a window's output filled more than half the pipe (the writer would soon
+//!   block on the sleeping relay) and starts over after a quiet spell.
 //! - Order across the two streams is what the relay observes and is never
 //!   changed afterwards: a batch is sent whenever the stream changes. While
 //!   only one stream is active the window cannot reorder anything; once both
@@ -46,6 +52,11 @@ use crate::output::Capture;
 /// at a time.
 pub const WINDOW: Duration = Duration::from_millis(2);
 
+/// The widest the window grows while a stream stays busy: the most a line
+/// is held back while a program writes without pause (a terminal reader does
+/// not notice 25 ms), and about 40 frames a second per busy stream.
+pub const MAX_WINDOW: Duration = Duration::from_millis(25);
+
 /// Once both streams produced output within this span of each other, the
 /// relay reads every write as it comes instead of batching by time, so the
 /// order of interleaved stdout and stderr is kept.
@@ -55,6 +66,10 @@ pub const SHARED_QUIET: Duration = Duration::from_millis(50);
 /// the relay sleeps one [`WINDOW`] before it blocks (128 MB/s at 2 ms).
 /// The pages are charged to the writer's cgroup only while filled.
 const PIPE_BYTES: libc::c_int = 256 << 10;
+
+/// What one window's drain may read before the window shrinks: half the pipe,
+/// so the writer of a window of this size never found it full.
+const WINDOW_FILL_BYTES: usize = PIPE_BYTES as usize / 2;
 
 /// Most bytes read from one stream per drain before the other gets its turn.
 const DRAIN_BUDGET: usize = 4 * OUTPUT_CHUNK;
@@ -185,6 +200,25 @@ impl Batch<'_> {
     }
 }
 
+/// The sleep between drains while output keeps coming: [`WINDOW`] after a
+/// quiet spell, doubled after every drain that found output but filled less
+/// than [`WINDOW_FILL_BYTES`], halved after one that filled more, never above
+/// [`MAX_WINDOW`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Window(Duration);
+
+impl Window {
+    fn new() -> Self {
+        Self(WINDOW)
+    }
+
+    /// The window after a drain that read `bytes` (both streams).
+    fn after(self, bytes: usize) -> Self {
+        let next = if bytes > WINDOW_FILL_BYTES { self.0 / 2 } else { self.0 * 2 };
+        Self(next.clamp(WINDOW, MAX_WINDOW))
+    }
+}
+
 /// What one drain found.
 #[derive(Debug, Default)]
 struct Drained {
@@ -202,6 +236,10 @@ fn pump(fds: [OwnedFd; 2], stage: Stage, shared: &Shared, outbox: &Sender<GuestM
     let mut batch = Batch { stage, stream: Stream::Stdout, data: Vec::with_capacity(OUTPUT_CHUNK), outbox };
     while open.iter().any(|o| *o) {
         wait_readable(&fds, open);
+        // After a quiet spell the first bytes leave at once and the window
+        // starts narrow, so a program that prints now and then streams promptly.
+        let mut window = Window::new();
+        let mut slept = false;
         loop {
             // The stream that was writing goes first: its bytes in the pipe
             // are the older ones if the other stream just woke up.
@@ -227,7 +265,13 @@ fn pump(fds: [OwnedFd; 2], stage: Stage, shared: &Shared, outbox: &Sender<GuestM
             if interleaving {
                 break;
             }
-            std::thread::sleep(WINDOW);
+            // Only a drain after a full window says how busy the stream is;
+            // the first one after `poll` found a single write or so.
+            if slept {
+                window = window.after(drained.bytes[0] + drained.bytes[1]);
+            }
+            std::thread::sleep(window.0);
+            slept = true;
         }
     }
     batch.flush();
@@ -399,6 +443,20 @@ mod tests {
         assert_eq!((err.as_slice(), err_cut), (&b"warning\n"[..], false));
         let streamed: usize = frames(rx).iter().filter(|(s, _)| *s == Stream::Stdout).map(|(_, d)| d.len()).sum();
         assert_eq!(streamed, 1000, "exactly the kept bytes are streamed");
+    }
+
+    #[test]
+    fn window_widens_while_busy_and_narrows_when_the_pipe_fills() {
+        let mut w = Window::new();
+        assert_eq!(w.0, WINDOW);
+        let mut widths = Vec::new();
+        for _ in 0..6 {
+            w = w.after(100);
+            widths.push(w.0.as_millis());
+        }
+        assert_eq!(widths, [4, 8, 16, 25, 25, 25]);
+        assert_eq!(w.after(WINDOW_FILL_BYTES + 1).0, MAX_WINDOW / 2);
+        assert_eq!(Window::new().after(WINDOW_FILL_BYTES + 1).0, WINDOW, "never below the narrowest window");
     }
 
     #[test]

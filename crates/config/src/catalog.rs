@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 use tvm_protocol::Limits;
 
+use crate::settings::GuestArch;
 use crate::units::{parse_duration_ms, parse_size_bytes};
 
 /// The catalog shipped with TVM.
@@ -131,6 +132,11 @@ pub struct ImageRecipe {
     /// content. Excludes `suite`, `packages` and the other build steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oci: Option<String>,
+    /// The architecture the image is built for; `None` is x86_64 (every key
+    /// made before arm64 guests existed). Never read from a catalog: set by
+    /// [`ImageRecipe::for_arch`], so the image cache is keyed by architecture.
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<GuestArch>,
 }
 
 impl ImageRecipe {
@@ -146,6 +152,7 @@ impl ImageRecipe {
             npm: Vec::new(),
             gem: Vec::new(),
             oci: None,
+            arch: None,
         }
     }
 
@@ -184,6 +191,20 @@ impl ImageRecipe {
             None if self.suite.is_empty() => Err(("suite", "needs a Debian suite or an `oci` image reference".into())),
             None => Ok(()),
         }
+    }
+
+    /// This recipe for guests of `arch`: unchanged for x86_64 (so its key is
+    /// the one it always had), marked `aarch64` otherwise (a different key,
+    /// and mmdebstrap `--architectures=arm64`).
+    pub fn for_arch(&self, arch: GuestArch) -> Self {
+        let mut r = self.clone();
+        r.arch = (arch != GuestArch::X86_64).then_some(arch);
+        r
+    }
+
+    /// The architecture this recipe builds for.
+    pub fn guest_arch(&self) -> GuestArch {
+        self.arch.unwrap_or(GuestArch::X86_64)
     }
 
     /// Content address of the image this recipe produces.
@@ -308,6 +329,14 @@ struct RawRuntime {
     unavailable: Option<String>,
     #[serde(default)]
     warmup: Option<Vec<String>>,
+    #[serde(default = "default_architectures")]
+    architectures: Vec<GuestArch>,
+}
+
+/// What an entry without `architectures` supports: x86_64, where every
+/// entry was first verified.
+fn default_architectures() -> Vec<GuestArch> {
+    vec![GuestArch::X86_64]
 }
 
 /// One language version that TVM can run.
@@ -347,6 +376,10 @@ pub struct Runtime {
     /// the page cache (e.g. `python3 -c pass`). Not part of the image recipe:
     /// changing it makes new templates, never new images.
     pub warmup: Option<Vec<String>>,
+    /// Guest architectures the entry is known to work on (`architectures`
+    /// in the catalog; `["x86_64"]` when absent). Requests for a runtime on
+    /// a guest architecture it does not list are refused.
+    pub architectures: Vec<GuestArch>,
 }
 
 impl Runtime {
@@ -517,6 +550,7 @@ impl Catalog {
                 unavailable: r.unavailable,
                 origin: origin.name,
                 warmup: r.warmup,
+                architectures: r.architectures,
             });
         }
         Ok(Self { runtimes, maximum, workdir_bytes })
@@ -650,6 +684,7 @@ struct OverlayRuntime {
     compile_limits: Option<Spanned<LimitOverrides>>,
     unavailable: Option<Spanned<String>>,
     warmup: Option<Spanned<Vec<String>>>,
+    architectures: Option<Spanned<Vec<GuestArch>>>,
 }
 
 /// An [`ImageRecipe`] of which every field is optional.
@@ -752,6 +787,7 @@ fn apply_overlay(
     let (compile, run, env, image) = (field!(compile), field!(run), field!(env), field!(image));
     let (run_limits, compile_limits, unavailable) = (field!(run_limits), field!(compile_limits), field!(unavailable));
     let warmup = field!(warmup);
+    let architectures = field!(architectures);
     let missing = |origin: &Origin, field: &str, message: &str| origin.error(&id, field, message.to_string());
 
     let index = entries.iter().position(|(r, _)| r.id == id);
@@ -776,6 +812,7 @@ fn apply_overlay(
                 compile_limits: LimitOverrides::default(),
                 unavailable: None,
                 warmup: None,
+                architectures: default_architectures(),
             }
         }
     };
@@ -786,6 +823,7 @@ fn apply_overlay(
     r.entry = entry.unwrap_or(r.entry);
     r.compile = compile.or(r.compile);
     r.warmup = warmup.or(r.warmup);
+    r.architectures = architectures.unwrap_or(r.architectures);
     r.run = run.unwrap_or(r.run);
     r.env.extend(env.unwrap_or_default());
     r.run_limits = r.run_limits.merged(run_limits.unwrap_or_default());

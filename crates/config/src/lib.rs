@@ -11,5 +11,5 @@ mod settings;
 mod units;
 
 pub use catalog::{Catalog, CatalogError, ImageRecipe, LimitOverrides, Runtime, BASE_PACKAGES, BUILTIN_ORIGIN};
-pub use settings::{Accel, Settings, SettingsError, VmmChoice, MAX_VMM_UID_BASE};
+pub use settings::{Accel, GuestArch, Settings, SettingsError, VmmChoice, MAX_VMM_UID_BASE};
 pub use units::{format_bytes, parse_duration_ms, parse_size_bytes};

@@ -21,6 +21,11 @@ pub fn source_of(r: &Runtime) -> String {
     }
 }
 
+/// The guest architectures an entry supports, comma-separated (`x86_64,aarch64`).
+pub fn architectures_of(r: &Runtime) -> String {
+    r.architectures.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(",")
+}
+
 /// Languages in catalog order, each once.
 pub fn languages(catalog: &Catalog) -> Vec<&str> {
     let mut out: Vec<&str> = Vec::new();
@@ -64,7 +69,9 @@ pub fn compatibility_markdown(catalog: &Catalog) -> String {
          named below, so versions never share packages: adding, upgrading or removing one leaves the others \
          untouched. The guest kernel and the statically linked guest agent are the same for every runtime, \
          and nothing in a runtime depends on the host's packages. A version with no package source here is \
-         listed as unavailable with the reason; no other version is substituted under its name.\n",
+         listed as unavailable with the reason; no other version is substituted under its name. \
+         Architectures are the guest architectures an entry is verified on (aarch64 under QEMU TCG \
+         emulation on x86_64; see docs/arm64.md); its image is built per architecture.\n",
         catalog.runtimes().len()
     );
     let _ = writeln!(
@@ -74,14 +81,20 @@ pub fn compatibility_markdown(catalog: &Catalog) -> String {
     );
     for language in languages(catalog) {
         let _ = writeln!(s, "## {language}\n");
-        let _ = writeln!(s, "| Version | Runtime id | Aliases | Compiled | Source |");
-        let _ = writeln!(s, "|---|---|---|---|---|");
+        let _ = writeln!(s, "| Version | Runtime id | Aliases | Compiled | Architectures | Source |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|");
         for r in sorted_versions(catalog, language) {
             let version =
                 if is_default(catalog, r) { format!("**{}** (default)", r.version) } else { r.version.clone() };
             let aliases = r.aliases.iter().map(|a| format!("`{a}`")).collect::<Vec<_>>().join(" ");
             let compiled = if r.compile.is_some() { "yes" } else { "no" };
-            let _ = writeln!(s, "| {version} | `{}` | {aliases} | {compiled} | {} |", r.id, source_of(r));
+            let _ = writeln!(
+                s,
+                "| {version} | `{}` | {aliases} | {compiled} | {} | {} |",
+                r.id,
+                architectures_of(r),
+                source_of(r)
+            );
         }
         let _ = writeln!(s);
     }

@@ -69,6 +69,89 @@ impl std::str::FromStr for VmmChoice {
     }
 }
 
+/// The guest's CPU architecture: which kernel, agent, images and QEMU
+/// machine TVM uses. Defaults to the host's; an x86_64 host can run aarch64
+/// guests under TCG (emulation), never under KVM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GuestArch {
+    /// x86_64 guests: QEMU `microvm`, `bzImage`.
+    #[serde(rename = "x86_64")]
+    X86_64,
+    /// aarch64 (arm64) guests: QEMU `virt` (GIC, PSCI, virtio-mmio), `Image`.
+    Aarch64,
+}
+
+impl Default for GuestArch {
+    fn default() -> Self {
+        Self::host()
+    }
+}
+
+impl GuestArch {
+    /// Every architecture TVM builds guests for.
+    pub const ALL: [GuestArch; 2] = [GuestArch::X86_64, GuestArch::Aarch64];
+
+    /// The architecture `tvm` itself was compiled for (aarch64 on arm64
+    /// hosts, x86_64 everywhere else TVM builds).
+    pub fn host() -> Self {
+        if cfg!(target_arch = "aarch64") {
+            Self::Aarch64
+        } else {
+            Self::X86_64
+        }
+    }
+
+    /// `x86_64` or `aarch64` (the kernel's and Rust's name).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::X86_64 => "x86_64",
+            Self::Aarch64 => "aarch64",
+        }
+    }
+
+    /// Debian's name: `amd64` or `arm64` (mmdebstrap `--architectures`).
+    pub fn debian(self) -> &'static str {
+        match self {
+            Self::X86_64 => "amd64",
+            Self::Aarch64 => "arm64",
+        }
+    }
+
+    /// The Rust target the static guest agent is built for.
+    pub fn rust_target(self) -> &'static str {
+        match self {
+            Self::X86_64 => "x86_64-unknown-linux-gnu",
+            Self::Aarch64 => "aarch64-unknown-linux-gnu",
+        }
+    }
+
+    /// The QEMU system emulator for this guest.
+    pub fn qemu_binary(self) -> &'static str {
+        match self {
+            Self::X86_64 => "qemu-system-x86_64",
+            Self::Aarch64 => "qemu-system-aarch64",
+        }
+    }
+}
+
+impl std::fmt::Display for GuestArch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for GuestArch {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "x86_64" | "amd64" | "x64" => Ok(Self::X86_64),
+            "aarch64" | "arm64" => Ok(Self::Aarch64),
+            _ => Err(format!("unknown guest architecture {s:?} (expected x86_64 or aarch64)")),
+        }
+    }
+}
+
 /// Why settings could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
@@ -112,7 +195,9 @@ pub struct Settings {
     pub accel: Accel,
     /// VMM choice: `auto`, `qemu` or `firecracker`.
     pub vmm: VmmChoice,
-    /// QEMU binary.
+    /// Guest architecture (`x86_64`, `aarch64`); the host's by default.
+    pub guest_arch: GuestArch,
+    /// QEMU binary; `qemu-system-aarch64` by default for aarch64 guests.
     pub qemu: PathBuf,
     /// Firecracker binary (`firecracker --api-sock`); a path or a name in PATH.
     pub firecracker: PathBuf,
@@ -173,7 +258,8 @@ impl Default for Settings {
             runtime_dir,
             accel: Accel::Auto,
             vmm: VmmChoice::Auto,
-            qemu: PathBuf::from("qemu-system-x86_64"),
+            guest_arch: GuestArch::host(),
+            qemu: PathBuf::from(GuestArch::host().qemu_binary()),
             firecracker: PathBuf::from("firecracker"),
             jailer: PathBuf::from("jailer"),
             vcpus: 1,
@@ -224,7 +310,19 @@ impl Settings {
     pub fn from_file(path: &Path) -> Result<Self, SettingsError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| SettingsError::Read { path: path.to_path_buf(), source })?;
-        toml::from_str(&text).map_err(|source| SettingsError::Parse { path: path.to_path_buf(), source })
+        let mut s: Self =
+            toml::from_str(&text).map_err(|source| SettingsError::Parse { path: path.to_path_buf(), source })?;
+        s.default_qemu_for_guest();
+        Ok(s)
+    }
+
+    /// An unconfigured QEMU (still the host's default emulator) follows the
+    /// guest architecture: `guest_arch = "aarch64"` alone selects
+    /// `qemu-system-aarch64`.
+    fn default_qemu_for_guest(&mut self) {
+        if GuestArch::ALL.iter().any(|a| self.qemu == Path::new(a.qemu_binary())) {
+            self.qemu = PathBuf::from(self.guest_arch.qemu_binary());
+        }
     }
 
     fn apply_env(&mut self) -> Result<(), SettingsError> {
@@ -237,6 +335,10 @@ impl Settings {
         }
         if let Some(v) = var("TVM_ACCEL") {
             self.accel = v.parse().map_err(|message| SettingsError::Env { name: "TVM_ACCEL", message })?;
+        }
+        if let Some(v) = var("TVM_GUEST_ARCH") {
+            self.guest_arch = v.parse().map_err(|message| SettingsError::Env { name: "TVM_GUEST_ARCH", message })?;
+            self.default_qemu_for_guest();
         }
         if let Some(v) = var("TVM_QEMU") {
             self.qemu = v.into();
@@ -314,6 +416,30 @@ mod tests {
         let err = Settings::from_file(&f).unwrap_err().to_string();
         assert!(err.contains("acel"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn guest_arch_parses_and_picks_its_qemu() {
+        assert_eq!("arm64".parse::<GuestArch>(), Ok(GuestArch::Aarch64));
+        assert_eq!("AMD64".parse::<GuestArch>(), Ok(GuestArch::X86_64));
+        let err = "riscv64".parse::<GuestArch>().unwrap_err();
+        assert!(err.contains("x86_64 or aarch64"), "{err}");
+        let dir = tempfile_dir("arch");
+        let f = dir.join("c.toml");
+        std::fs::write(&f, "guest_arch = \"aarch64\"\n").unwrap();
+        let s = Settings::from_file(&f).unwrap();
+        assert_eq!((s.guest_arch, s.qemu.to_str()), (GuestArch::Aarch64, Some("qemu-system-aarch64")));
+        std::fs::write(&f, "guest_arch = \"aarch64\"\nqemu = \"/opt/q/bin/qemu\"\n").unwrap();
+        assert_eq!(Settings::from_file(&f).unwrap().qemu, Path::new("/opt/q/bin/qemu"), "an explicit QEMU stays");
+        assert_eq!(GuestArch::Aarch64.debian(), "arm64");
+        assert_eq!(GuestArch::Aarch64.rust_target(), "aarch64-unknown-linux-gnu");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempfile_dir(label: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tvm-settings-{label}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use pyrovm::{ExecutionRequest, LimitRequest, SourceFile};
+use pyrovm::{ExecutionRequest, LimitRequest, SourceFile, TestRequest};
 use serde::{Deserialize, Serialize};
 use tvm_config::Catalog;
 use tvm_protocol::{Limits, StageResult, StageStatus, Verdict};
@@ -142,6 +142,136 @@ pub struct ExecutionBody {
     /// Ask for network access. Refused (422) unless the operator enabled it; guests have no network yet.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub network: bool,
+    /// Compile once, run many (1 to 64 tests): compile once, then run each
+    /// test in its own fresh work dir holding the compiled files, after every
+    /// process of the previous test is gone. With `tests`, leave the
+    /// top-level `stdin` and `args` out. Results come in `tests` and
+    /// `summary` of the result; its `run` is then absent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tests: Vec<TestBody>,
+}
+
+/// One test of a compile-once-run-many request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestBody {
+    /// Standard input of this run (all tests together: at most 16 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Encoding of `stdin`.
+    #[serde(default, skip_serializing_if = "is_utf8")]
+    pub stdin_encoding: Encoding,
+    /// Program arguments of this run (bounded as `args`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty", deserialize_with = "wire::args")]
+    pub args: Vec<String>,
+    /// When given, a run that exits 0 is `accepted` if its stdout equals this
+    /// under the rule `trailing_whitespace` (each line's trailing whitespace and
+    /// trailing blank lines ignored, as Judge0 compares), else `wrong_answer`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_output: Option<String>,
+}
+
+/// A test's expected stdout, when it has one.
+pub type Expected = Option<Vec<u8>>;
+
+/// The name of the only output comparison rule (see [`TestBody::expected_output`]).
+pub const COMPARISON_RULE: &str = "trailing_whitespace";
+
+/// Verdict of one test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TestVerdict {
+    /// Exited 0, and its stdout matched `expected_output` when one was given.
+    Accepted,
+    /// Exited 0 with an stdout that does not match `expected_output`.
+    WrongAnswer,
+    /// Non-zero exit or killed by a signal.
+    RuntimeError,
+    /// Wall or CPU limit exceeded.
+    TimeLimitExceeded,
+    /// Memory limit exceeded.
+    MemoryLimitExceeded,
+    /// Output cap exceeded.
+    OutputLimitExceeded,
+}
+
+impl TestVerdict {
+    /// The verdict of a test run, comparing stdout with `expected` when given.
+    pub fn judge(run: &StageResult, expected: Option<&[u8]>) -> Self {
+        match run.status {
+            StageStatus::Ok => match expected {
+                Some(e) if same_output(&run.stdout, e) => TestVerdict::Accepted,
+                Some(_) => TestVerdict::WrongAnswer,
+                None => TestVerdict::Accepted,
+            },
+            StageStatus::Failed => TestVerdict::RuntimeError,
+            StageStatus::TimeLimitExceeded => TestVerdict::TimeLimitExceeded,
+            StageStatus::MemoryLimitExceeded => TestVerdict::MemoryLimitExceeded,
+            StageStatus::OutputLimitExceeded => TestVerdict::OutputLimitExceeded,
+        }
+    }
+}
+
+/// [`COMPARISON_RULE`]: equal once trailing whitespace is cut from every line
+/// and trailing blank lines are dropped (Judge0's `strip_output`).
+pub fn same_output(actual: &[u8], expected: &[u8]) -> bool {
+    fn strip(b: &[u8]) -> Vec<&[u8]> {
+        let mut lines: Vec<&[u8]> = b.split(|c| *c == b'\n').map(|l| l.trim_ascii_end()).collect();
+        while lines.last().is_some_and(|l| l.is_empty()) {
+            lines.pop();
+        }
+        lines
+    }
+    strip(actual) == strip(expected)
+}
+
+/// The outcome of one test.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TestResultBody {
+    /// The test's index in the request's `tests`.
+    pub index: u32,
+    /// The test's verdict.
+    pub verdict: TestVerdict,
+    /// The comparison rule applied (`trailing_whitespace`), when the test had an `expected_output`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comparison: Option<String>,
+    /// The run, as a stage (exit code, signal, output, times, memory).
+    pub run: StageBody,
+}
+
+/// Counts over the tests of an execution.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TestSummary {
+    /// Tests requested.
+    pub total: u32,
+    /// Tests that ran (fewer than `total` after a compile error or a TVM failure).
+    pub ran: u32,
+    /// Tests `accepted`.
+    pub accepted: u32,
+    /// Tests with any other verdict.
+    pub failed: u32,
+    /// Largest wall time of a test, ms.
+    pub max_wall_time_ms: u64,
+    /// Largest CPU time of a test, ms.
+    pub max_cpu_time_ms: u64,
+    /// Largest peak memory of a test, bytes.
+    pub max_peak_memory_bytes: u64,
+}
+
+impl TestSummary {
+    /// The summary of `results` out of `total` tests.
+    pub fn of(total: usize, results: &[TestResultBody]) -> Self {
+        let accepted = results.iter().filter(|t| t.verdict == TestVerdict::Accepted).count() as u32;
+        TestSummary {
+            total: total as u32,
+            ran: results.len() as u32,
+            accepted,
+            failed: results.len() as u32 - accepted,
+            max_wall_time_ms: results.iter().map(|t| t.run.wall_time_ms).max().unwrap_or(0),
+            max_cpu_time_ms: results.iter().map(|t| t.run.cpu_time_ms).max().unwrap_or(0),
+            max_peak_memory_bytes: results.iter().map(|t| t.run.peak_memory_bytes).max().unwrap_or(0),
+        }
+    }
 }
 
 fn is_utf8(e: &Encoding) -> bool {
@@ -187,6 +317,25 @@ impl ExecutionBody {
             run_limits: self.run_limits.into(),
             compile_limits: self.compile_limits.into(),
         })
+    }
+
+    /// Takes `tests` out of the body, decoded: what each run gets, and what
+    /// its stdout is compared with.
+    ///
+    /// # Errors
+    /// Bad base64 in a test's `stdin` (422, field `tests[i].stdin`).
+    pub fn take_tests(&mut self) -> Result<(Vec<TestRequest>, Vec<Expected>), ApiError> {
+        let mut runs = Vec::with_capacity(self.tests.len());
+        let mut expected = Vec::with_capacity(self.tests.len());
+        for (i, t) in std::mem::take(&mut self.tests).into_iter().enumerate() {
+            let stdin = match &t.stdin {
+                Some(s) => decode(s, t.stdin_encoding, format!("tests[{i}].stdin"))?,
+                None => Vec::new(),
+            };
+            runs.push(TestRequest { stdin, args: t.args });
+            expected.push(t.expected_output.map(String::into_bytes));
+        }
+        Ok((runs, expected))
     }
 
     /// The body a client sends for `req` (files and stdin as base64, so any bytes survive).
@@ -351,11 +500,23 @@ pub struct ExecutionResult {
     /// off) or `pool` (taken from the warm pool).
     #[serde(default)]
     pub start: String,
+    /// Per-test outcomes of a compile-once-run-many request, in test order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tests: Option<Vec<TestResultBody>>,
+    /// Counts over `tests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<TestSummary>,
+    /// Why the VM cold booted although templates are on (the template was
+    /// missing, corrupt, failed to build or failed to restore); absent when
+    /// it was restored, pooled, or templates are off. Set by `tvm run`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_note: Option<String>,
 }
 
 impl ExecutionResult {
     /// The API shape of a local execution (`tvm run --json` can print the
     /// same document the server returns).
+    #[cfg(target_os = "linux")]
     pub fn from_execution(exec: &pyrovm::Execution) -> Self {
         ExecutionResult {
             id: exec.vm_id.clone(),
@@ -370,6 +531,9 @@ impl ExecutionResult {
             accel: exec.accel.to_string(),
             pooled: false,
             start: exec.start.as_str().to_string(),
+            tests: None,
+            summary: None,
+            start_note: exec.start_note.clone(),
         }
     }
 
@@ -389,6 +553,9 @@ impl ExecutionResult {
             accel: accel.to_string(),
             pooled: false,
             start: String::new(),
+            tests: None,
+            summary: None,
+            start_note: None,
         }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use pyrovm::ExecutionRequest;
 use tvm_protocol::{Stage, Stream};
 
-use crate::api::{ExecutionBody, ExecutionResult, OutputEvent};
+use crate::api::{ExecutionBody, ExecutionResult, OutputEvent, RuntimesBody};
 use crate::error::ErrorBody;
 use crate::sse::SseParser;
 
@@ -92,6 +92,11 @@ async fn send(
         rb = rb.bearer_auth(k);
     }
     let resp = rb.send().await.map_err(|source| ClientError::Http { url: url.into(), source })?;
+    checked(url, resp).await
+}
+
+/// `resp` if it is a success, else the API error it carries.
+async fn checked(url: &str, resp: reqwest::Response) -> Result<reqwest::Response, ClientError> {
     if resp.status().is_success() {
         return Ok(resp);
     }
@@ -109,6 +114,24 @@ async fn send(
         }),
         Err(_) => Err(ClientError::Protocol(format!("HTTP {status}: {}", text.chars().take(200).collect::<String>()))),
     }
+}
+
+/// The runtimes of the server at `base_url` (`GET /v1/runtimes`): catalog
+/// entries with their image state there, and the operator's maximum limits.
+///
+/// # Errors
+/// [`ClientError`]: a bad URL, an unreachable server, an API error, or an
+/// answer that is not a [`RuntimesBody`].
+pub async fn runtimes(base_url: &str, api_key: Option<&str>) -> Result<RuntimesBody, ClientError> {
+    let url = endpoint(base_url, "/v1/runtimes")?;
+    let mut rb = client()?.get(&url);
+    if let Some(k) = api_key {
+        rb = rb.bearer_auth(k);
+    }
+    let resp = rb.send().await.map_err(|source| ClientError::Http { url: url.clone(), source })?;
+    let bytes =
+        checked(&url, resp).await?.bytes().await.map_err(|source| ClientError::Http { url: url.clone(), source })?;
+    serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("runtimes list is not valid: {e}")))
 }
 
 /// Runs `req` on the server at `base_url` and returns the result when done.

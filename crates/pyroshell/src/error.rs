@@ -129,6 +129,7 @@ fn plan_code(e: &PlanError) -> &'static str {
         PlanError::EntryNotFound(_) => "entry_not_found",
         PlanError::StdinTooLarge(_) => "stdin_too_large",
         PlanError::BadArgs(_) => "bad_args",
+        PlanError::BadTests(_) => "bad_tests",
         PlanError::LimitOutOfRange { .. } => "limit_out_of_range",
     }
 }

@@ -8,12 +8,15 @@
 
 use std::time::{Duration, Instant};
 
-use pyrovm::{Plan, RunJobError, StartKind};
+use pyrovm::{Plan, RunJobError, SessionEvent, SessionInput, StartKind};
+use tokio::sync::mpsc::Receiver;
 use tracing::{info, warn};
 use tvm_protocol::{Stage, Stream, Verdict};
 
 use crate::admission::VmPermit;
-use crate::api::{ExecutionBody, ExecutionResult, StageBody};
+use crate::api::{
+    ExecutionBody, ExecutionResult, StageBody, TestResultBody, TestSummary, TestVerdict, COMPARISON_RULE,
+};
 use crate::error::ApiError;
 use crate::images::ImageState;
 use crate::pool::PooledVm;
@@ -38,6 +41,20 @@ pub(crate) struct Prepared {
     plan: Plan,
     lease: Lease,
     queued: Duration,
+    /// Per test of a compile-once-run-many request: its expected stdout.
+    expected: Vec<Option<Vec<u8>>>,
+}
+
+impl Prepared {
+    /// The runtime id the request resolved to.
+    pub fn runtime(&self) -> &str {
+        &self.plan.runtime.id
+    }
+
+    /// Whether the request has `tests` (compile once, run many).
+    pub fn has_tests(&self) -> bool {
+        !self.plan.job.tests.is_empty()
+    }
 }
 
 /// Validates `body` and secures capacity: a warm VM, or a permit after at
@@ -50,11 +67,15 @@ pub(crate) async fn prepare(st: &AppState, body: ExecutionBody) -> Result<Prepar
 /// sized for it (the compatibility APIs add compiler options this way).
 pub(crate) async fn prepare_with(
     st: &AppState,
-    body: ExecutionBody,
+    mut body: ExecutionBody,
     adjust: impl FnOnce(&mut Plan) -> Result<(), ApiError>,
 ) -> Result<Prepared, ApiError> {
+    let (tests, expected) = body.take_tests()?;
     let req = body.into_request(st.vmm.catalog(), st.config.allow_network)?;
     let mut plan = pyrovm::plan(st.vmm.catalog(), &req, st.vmm.settings().vm_overhead_mib)?;
+    if !tests.is_empty() {
+        pyrovm::add_tests(&mut plan, &req, &tests)?;
+    }
     adjust(&mut plan)?;
     match st.images.state(&plan.runtime.id) {
         ImageState::Ready => {}
@@ -77,7 +98,7 @@ pub(crate) async fn prepare_with(
     let queued = started.elapsed();
     st.metrics.queue_wait(queued);
     let id = uuid::Uuid::new_v4().simple().to_string();
-    Ok(Prepared { id, plan, lease, queued })
+    Ok(Prepared { id, plan, lease, queued, expected })
 }
 
 async fn obtain(st: &AppState, plan: &Plan) -> Result<Lease, ApiError> {
@@ -127,11 +148,47 @@ pub(crate) async fn run(
     prepared: Prepared,
     mut on_output: impl FnMut(Stage, Stream, &[u8]),
 ) -> ExecutionResult {
-    let Prepared { id, plan, lease, queued } = prepared;
+    let mut on_event = |ev: SessionEvent<'_>| {
+        if let SessionEvent::Output { stage, stream, data } = ev {
+            on_output(stage, stream, data)
+        }
+    };
+    run_inner(st, prepared, None, &mut on_event).await
+}
+
+/// [`run`] as an interactive session: `inputs` reach the program as they
+/// come, `on_event` sees stage starts, output and stage exits as they
+/// happen. Dropping the future destroys the VM.
+pub(crate) async fn run_session(
+    st: &AppState,
+    prepared: Prepared,
+    inputs: &mut Receiver<SessionInput>,
+    mut on_event: impl FnMut(SessionEvent<'_>),
+) -> ExecutionResult {
+    run_inner(st, prepared, Some(inputs), &mut on_event).await
+}
+
+async fn run_inner(
+    st: &AppState,
+    prepared: Prepared,
+    inputs: Option<&mut Receiver<SessionInput>>,
+    on_event: &mut impl FnMut(SessionEvent<'_>),
+) -> ExecutionResult {
+    let Prepared { id, plan, lease, queued, expected } = prepared;
     let runtime = plan.runtime.id.clone();
     let started = Instant::now();
+    let mut tests = Vec::new();
+    let on_test = |index: u32, run: tvm_protocol::StageResult| {
+        let expect = expected.get(index as usize).and_then(Option::as_deref);
+        tests.push(TestResultBody {
+            index,
+            verdict: TestVerdict::judge(&run, expect),
+            comparison: expect.map(|_| COMPARISON_RULE.to_string()),
+            run: StageBody::from(&run),
+        });
+    };
     let outcome = tokio::select! {
-        r = run_job(st, &plan, lease, &mut on_output) => r,
+        r = run_job(st, &plan, lease, inputs, on_event, on_test) => r,
         _ = st.life.hard_stopped() => Err(("the server shut down before the execution finished".to_string(), Started::none())),
     };
     let total_ms = started.elapsed().as_millis() as u64;
@@ -148,7 +205,14 @@ pub(crate) async fn run(
         accel: st.vmm.accel().kind().as_str().to_string(),
         pooled: false,
         start: String::new(),
+        tests: None,
+        summary: None,
+        start_note: None,
     };
+    if !plan.job.tests.is_empty() {
+        result.summary = Some(TestSummary::of(plan.job.tests.len(), &tests));
+        result.tests = Some(tests);
+    }
     let started_as = match outcome {
         Ok((job, started)) => {
             result.verdict = job.verdict;
@@ -194,7 +258,9 @@ async fn run_job(
     st: &AppState,
     plan: &Plan,
     lease: Lease,
-    on_output: &mut impl FnMut(Stage, Stream, &[u8]),
+    mut inputs: Option<&mut Receiver<SessionInput>>,
+    on_event: &mut impl FnMut(SessionEvent<'_>),
+    mut on_test: impl FnMut(u32, tvm_protocol::StageResult),
 ) -> JobOutcome {
     let (mut vm, permit, mut pooled) = match lease {
         Lease::Pooled(p) => {
@@ -221,20 +287,42 @@ async fn run_job(
         let started = Started { pooled, boot_ms, kind: Some(kind) };
         let vm_id = vm_now.id().to_string();
         let t = Instant::now();
-        let mut produced = false;
-        let res = vm_now
-            .execute(&plan.job, |stage, stream, data| {
-                produced = true;
-                on_output(stage, stream, data)
-            })
-            .await;
+        // Two callbacks note it (and the future must stay Send), hence an atomic.
+        let produced = std::sync::atomic::AtomicBool::new(false);
+        let res = match inputs.as_deref_mut() {
+            None => {
+                vm_now
+                    .execute_each(
+                        &plan.job,
+                        |stage, stream, data| {
+                            produced.store(true, std::sync::atomic::Ordering::Relaxed);
+                            on_event(SessionEvent::Output { stage, stream, data })
+                        },
+                        |index, run| {
+                            produced.store(true, std::sync::atomic::Ordering::Relaxed);
+                            on_test(index, run)
+                        },
+                    )
+                    .await
+            }
+            Some(rx) => {
+                vm_now
+                    .execute_interactive(&plan.job, rx, |ev| {
+                        produced.store(true, std::sync::atomic::Ordering::Relaxed);
+                        on_event(ev)
+                    })
+                    .await
+            }
+        };
         st.metrics.execution(t.elapsed());
         match res {
             Ok(job) => {
                 drop(permit);
                 return Ok((job, started));
             }
-            Err(RunJobError::Send(e)) if pooled && attempt == 0 && !produced => {
+            Err(RunJobError::Send(e))
+                if pooled && attempt == 0 && !produced.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
                 warn!(vm = %vm_id, error = %e, "warm VM was dead; booting a fresh one");
             }
             Err(e) => return Err((e.to_string(), started)),

@@ -8,50 +8,83 @@
 //! execution, destroyed afterwards. The server keeps no state; a restart
 //! loses only in-flight work, and `Pyrovm::prepare` reaps what a crashed
 //! predecessor left. [`client`] is the matching client (`tvm run --server`).
+//!
+//! The server is Linux-only (its VMs are); [`api`], [`error`], [`sse`],
+//! [`wire`], [`admission`] and [`client`] build on every OS for the client
+//! side of `tvm` on macOS and Windows.
 
 pub mod admission;
 pub mod api;
 pub mod client;
+#[cfg(target_os = "linux")]
 mod compat;
+#[cfg(target_os = "linux")]
 pub mod config;
+#[cfg(target_os = "linux")]
 mod conn;
 pub mod error;
+#[cfg(target_os = "linux")]
 mod exec;
+#[cfg(target_os = "linux")]
 pub mod images;
+#[cfg(target_os = "linux")]
 pub mod judge0;
+#[cfg(target_os = "linux")]
 pub mod metrics;
+#[cfg(target_os = "linux")]
 mod openapi;
+#[cfg(target_os = "linux")]
 mod piston;
+#[cfg(target_os = "linux")]
 pub mod pool;
+#[cfg(target_os = "linux")]
 mod routes;
+mod session;
 pub mod sse;
+#[cfg(target_os = "linux")]
 mod state;
 pub mod wire;
 
+#[cfg(target_os = "linux")]
 use std::future::Future;
+#[cfg(target_os = "linux")]
 use std::net::SocketAddr;
+#[cfg(target_os = "linux")]
 use std::sync::Arc;
+#[cfg(target_os = "linux")]
 use std::time::Duration;
 
+#[cfg(target_os = "linux")]
 use pyrovm::Pyrovm;
+#[cfg(target_os = "linux")]
 use tokio::sync::watch;
+#[cfg(target_os = "linux")]
 use tracing::{info, warn};
 
 pub use api::{ExecutionBody, ExecutionResult};
 pub use client::ClientError;
+#[cfg(target_os = "linux")]
 pub use config::{PoolArg, ServeArgs, ServeConfig};
 pub use error::ApiError;
 
+#[cfg(target_os = "linux")]
 use crate::admission::Admission;
+#[cfg(target_os = "linux")]
 use crate::config::{Capacity, Host};
+#[cfg(target_os = "linux")]
 use crate::images::Images;
+#[cfg(target_os = "linux")]
 use crate::metrics::Metrics;
+#[cfg(target_os = "linux")]
 use crate::pool::{Pool, RefillCtx};
+#[cfg(target_os = "linux")]
 use crate::state::{AppState, Lifecycle};
 
+#[cfg(target_os = "linux")]
 /// How long connections may linger after the drain before the server returns anyway.
 const CONNECTION_LINGER: Duration = Duration::from_secs(5);
 
+#[cfg(target_os = "linux")]
 /// Why the server could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -72,6 +105,7 @@ pub enum ServeError {
     Serve(#[source] std::io::Error),
 }
 
+#[cfg(target_os = "linux")]
 /// The OpenAPI document of API v1 for a server whose operator maximum
 /// limits are `maximum` (what `GET /v1/openapi.json` serves).
 pub fn openapi_document(maximum: &tvm_protocol::Limits) -> serde_json::Value {
@@ -86,6 +120,7 @@ pub fn init_tracing(filter: &str, json: bool) {
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
 }
 
+#[cfg(target_os = "linux")]
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -103,6 +138,7 @@ pub async fn shutdown_signal() {
     }
 }
 
+#[cfg(target_os = "linux")]
 /// Serves API v1 until SIGTERM or SIGINT, then drains: new executions get
 /// 503, in-flight ones get `drain_grace_ms` to finish, pool VMs are destroyed.
 /// Prints `tvm serve: listening on http://ADDR` to stderr once bound.
@@ -110,6 +146,7 @@ pub async fn serve(config: ServeConfig, vmm: Arc<Pyrovm>) -> Result<(), ServeErr
     serve_until(config, vmm, shutdown_signal()).await
 }
 
+#[cfg(target_os = "linux")]
 /// [`serve`], draining when `shutdown` resolves instead of on signals.
 pub async fn serve_until(
     config: ServeConfig,
@@ -233,6 +270,7 @@ pub async fn serve_until(
     outcome
 }
 
+#[cfg(target_os = "linux")]
 /// Connection limits and timeouts (see [`conn`]).
 struct Hygiene {
     header_timeout: Duration,
@@ -241,9 +279,11 @@ struct Hygiene {
     metrics: Arc<Metrics>,
 }
 
+#[cfg(target_os = "linux")]
 /// How long HTTP/2 waits for a keep-alive ping's answer before closing.
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
+#[cfg(target_os = "linux")]
 /// Accepts connections until `drain` resolves, then waits for open ones
 /// (for [`CONNECTION_LINGER`] after `drained`). hyper's own connection
 /// loop rather than `axum::serve`: only it can time out a client that
@@ -264,6 +304,7 @@ fn refuse_connection(stream: &tokio::net::TcpStream, why: conn::Refusal, metrics
     tracing::debug!(request_id = %id, reason, "connection refused");
 }
 
+#[cfg(target_os = "linux")]
 async fn serve_connections(
     listener: tokio::net::TcpListener,
     app: axum::Router,

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use serde::Serialize;
-use tvm_config::{format_bytes, Catalog, Settings};
+use tvm_config::{format_bytes, Catalog, GuestArch, Settings};
 
 use crate::image::{runtime_state, RuntimeState};
 use crate::AccelDecision;
@@ -47,8 +47,23 @@ fn tool(name: &str, path: &Path, package: &str) -> Check {
 /// Checks this machine against `settings` and `catalog`. Builds nothing; the
 /// accelerator probe may boot one VM (seconds), so it runs on a blocking thread.
 pub async fn diagnose(settings: &Settings, catalog: &Catalog) -> Report {
+    let arch = settings.guest_arch;
+    let host = GuestArch::host();
+    let qemu_package = match arch {
+        GuestArch::X86_64 => "qemu-system-x86",
+        GuestArch::Aarch64 => "qemu-system-arm",
+    };
     let mut checks = vec![
-        tool("qemu", &settings.qemu, "qemu-system-x86"),
+        Check::new(
+            "architecture",
+            true,
+            if arch == host {
+                format!("host {host}, guests {arch} (native; KVM if the probe proves it)")
+            } else {
+                format!("host {host}, guests {arch} (TVM_GUEST_ARCH): emulated by QEMU TCG, never KVM")
+            },
+        ),
+        tool("qemu", &settings.qemu, qemu_package),
         tool("mmdebstrap", Path::new("mmdebstrap"), "mmdebstrap"),
         tool("mkfs.erofs", Path::new("mkfs.erofs"), "erofs-utils"),
     ];
@@ -58,8 +73,16 @@ pub async fn diagnose(settings: &Settings, catalog: &Catalog) -> Report {
         Check::new("kernel source", false, "missing: apt-get install linux-source-6.1")
     });
     let agent = crate::agent_path(settings);
-    checks.push(if crate::initrd::is_static_elf(&std::fs::read(&agent).unwrap_or_default()) {
-        Check::new("guest agent", true, agent.display().to_string())
+    let agent_bytes = std::fs::read(&agent).unwrap_or_default();
+    let agent_arch = crate::initrd::elf_arch(&agent_bytes);
+    checks.push(if crate::initrd::is_static_elf(&agent_bytes) && agent_arch == Some(arch) {
+        Check::new("guest agent", true, format!("{} ({arch}, static)", agent.display()))
+    } else if let Some(other) = agent_arch.filter(|a| *a != arch) {
+        Check::new(
+            "guest agent",
+            false,
+            format!("{} is built for {other}, the guests are {arch}: see docs/arm64.md", agent.display()),
+        )
     } else {
         Check::new(
             "guest agent",
@@ -69,9 +92,36 @@ pub async fn diagnose(settings: &Settings, catalog: &Catalog) -> Report {
     });
     let kernel = crate::kernel::find_kernel(settings).ok().flatten();
     checks.push(match &kernel {
-        Some(k) => Check::new("guest kernel", true, format!("{} ({})", k.key, k.bzimage.display())),
-        None => Check::new("guest kernel", false, "not built: tvm kernel build"),
+        Some(k) => Check::new("guest kernel", true, format!("{} ({arch}, {})", k.key, k.bzimage.display())),
+        None => Check::new("guest kernel", false, format!("not built for {arch}: tvm kernel build")),
     });
+    if arch != host {
+        // Cross builds: the kernel needs Debian's cross compiler, images need
+        // qemu-user in binfmt_misc (mmdebstrap runs the packages' scripts).
+        let cc = crate::kernel::KbuildTarget::of(arch, host).cross_compile.to_string() + "gcc";
+        checks.push(match crate::accel::which(Path::new(&cc)) {
+            Some(p) => Check::new("cross compiler", true, p.display().to_string()),
+            None if kernel.is_some() => {
+                Check::new("cross compiler", true, format!("{cc} not found (kernel already built)"))
+            }
+            None => Check::new(
+                "cross compiler",
+                false,
+                format!("missing: apt-get install gcc-{}", cc.trim_end_matches("-gcc")),
+            ),
+        });
+        let handler = format!("/proc/sys/fs/binfmt_misc/qemu-{arch}");
+        let enabled = std::fs::read_to_string(&handler).is_ok_and(|s| s.starts_with("enabled"));
+        checks.push(Check::new(
+            "image emulation",
+            enabled,
+            if enabled {
+                format!("{handler} enabled ({} images can be built)", arch.debian())
+            } else {
+                format!("{handler} missing: apt-get install qemu-user-static and register it (docs/arm64.md)")
+            },
+        ));
+    }
     checks.extend(
         crate::isolation_checks(&settings.qemu, settings.vmm_uid_base).into_iter().map(|(name, ok, detail)| Check {
             name,

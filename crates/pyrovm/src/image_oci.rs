@@ -1,6 +1,7 @@
 //! Runtime images from OCI images: pulled from a registry (Distribution API
 //! v2 with [`oci_client`]: Docker Hub's token auth, HTTP Basic, manifest lists
-//! resolved to linux/amd64, every manifest and blob checked against its
+//! resolved to the guest's platform (linux/amd64, or linux/arm64 for aarch64
+//! guests), every manifest and blob checked against its
 //! digest) or imported from an OCI image layout or a `docker save` archive for
 //! hosts without a registry. The layers are applied in order into a scratch
 //! root (whiteouts and opaque directories as the OCI image spec's "Applying
@@ -15,7 +16,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use oci_client::client::{linux_amd64_resolver, ClientConfig, ClientProtocol};
+use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageIndex, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
@@ -23,7 +24,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWrite;
 use tracing::{info, warn};
-use tvm_config::{ImageRecipe, Settings};
+use tvm_config::{GuestArch, ImageRecipe, Settings};
 
 use crate::cache::{remove_tree, BuildCancel, Cache};
 use crate::image::{customize, find_image, io_err, pack_and_publish, Image, ImageBuildError, ImageMeta};
@@ -56,6 +57,7 @@ struct LocalImage {
 /// lock held.
 pub(crate) fn build(
     reference: &str,
+    arch: GuestArch,
     cache: &Cache,
     key: &str,
     label: &str,
@@ -74,7 +76,7 @@ pub(crate) fn build(
         .map_err(io_err("starting the pull runtime for", &blobs))?;
     let pulled = rt.block_on(async {
         tokio::select! {
-            r = pull(&parsed, reference, &blobs, label, progress) => r,
+            r = pull(&parsed, reference, arch, &blobs, label, progress) => r,
             () = cancelled(cancel) => Err(ImageBuildError::Cancelled),
         }
     })?;
@@ -130,11 +132,21 @@ fn credentials(reference: &Reference) -> Result<RegistryAuth, ImageBuildError> {
     }
 }
 
-/// Pulls the manifest (an index resolved to linux/amd64) and every layer into
-/// `dir`; the client checks each against its digest.
+/// The digest of the `linux/<arch>` image in an index's entries (GOARCH
+/// names, as the OCI image index spec uses: `amd64`, `arm64`).
+fn platform_image(manifests: &[ImageIndexEntry], arch: GuestArch) -> Option<String> {
+    manifests
+        .iter()
+        .find(|e| e.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == arch.debian()))
+        .map(|e| e.digest.clone())
+}
+
+/// Pulls the manifest (an index resolved to the guest's linux platform) and
+/// every layer into `dir`; the client checks each against its digest.
 async fn pull(
     reference: &Reference,
     text: &str,
+    arch: GuestArch,
     dir: &Path,
     label: &str,
     progress: &Progress,
@@ -144,7 +156,7 @@ async fn pull(
     let protocol = if is_loopback(reference.resolve_registry()) { ClientProtocol::Http } else { ClientProtocol::Https };
     let config = ClientConfig {
         protocol,
-        platform_resolver: Some(Box::new(linux_amd64_resolver)),
+        platform_resolver: Some(Box::new(move |m: &[ImageIndexEntry]| platform_image(m, arch))),
         read_timeout: Some(READ_TIMEOUT),
         connect_timeout: Some(CONNECT_TIMEOUT),
         ..ClientConfig::default()
@@ -492,6 +504,9 @@ pub fn import(
         progress.clear();
         return Ok(image);
     }
+    // Keyed by architecture as `ensure_image` keys it.
+    let arch = settings.guest_arch;
+    let recipe = &recipe.for_arch(arch);
     let started = Instant::now();
     let cache = Cache::new(&settings.cache_dir);
     let key = recipe.key();
@@ -510,9 +525,9 @@ pub fn import(
         dir
     };
     let image = if layout.join("oci-layout").is_file() {
-        from_layout(&layout, &reference)?
+        from_layout(&layout, &reference, arch)?
     } else if layout.join("manifest.json").is_file() {
-        from_docker_archive(&layout, &reference)?
+        from_docker_archive(&layout, &reference, arch)?
     } else {
         return Err(ImageBuildError::OciImage {
             problem: format!("{} is neither an OCI image layout nor a docker save archive", input.display()),
@@ -603,7 +618,7 @@ fn names(reference: &Reference, name: &str) -> bool {
 }
 
 /// Picks the image for `reference` in an OCI image layout.
-fn from_layout(layout: &Path, reference: &Reference) -> Result<LocalImage, ImageBuildError> {
+fn from_layout(layout: &Path, reference: &Reference, arch: GuestArch) -> Result<LocalImage, ImageBuildError> {
     let index: OciImageIndex = read_json(&layout.join("index.json"))?;
     let annotated = |e: &ImageIndexEntry, key: &str| e.annotations.as_ref().and_then(|a| a.get(key)).cloned();
     let chosen = match reference.digest() {
@@ -625,8 +640,8 @@ fn from_layout(layout: &Path, reference: &Reference) -> Result<LocalImage, Image
         let value: serde_json::Value = read_json(&path)?;
         if value.get("manifests").is_some() {
             let inner: OciImageIndex = read_json(&path)?;
-            let digest = linux_amd64_resolver(&inner.manifests).ok_or_else(|| ImageBuildError::OciImage {
-                problem: format!("index {} has no linux/amd64 image", entry.digest),
+            let digest = platform_image(&inner.manifests, arch).ok_or_else(|| ImageBuildError::OciImage {
+                problem: format!("index {} has no linux/{} image", entry.digest, arch.debian()),
             })?;
             entry = inner.manifests.into_iter().find(|e| e.digest == digest).unwrap_or(entry);
             continue;
@@ -653,10 +668,13 @@ struct DockerArchiveEntry {
     layers: Vec<String>,
 }
 
-/// The part of an image config that names the uncompressed layers.
+/// The part of an image config that names the uncompressed layers and the
+/// platform (GOARCH names; absent in some hand-made images).
 #[derive(Deserialize)]
 struct ImageConfig {
     rootfs: RootFs,
+    #[serde(default)]
+    architecture: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -667,7 +685,7 @@ struct RootFs {
 /// Picks the image for `reference` in a legacy `docker save` archive. Its
 /// config file is named by its digest (the image ID) and lists each layer's
 /// digest, which is checked.
-fn from_docker_archive(dir: &Path, reference: &Reference) -> Result<LocalImage, ImageBuildError> {
+fn from_docker_archive(dir: &Path, reference: &Reference, arch: GuestArch) -> Result<LocalImage, ImageBuildError> {
     let entries: Vec<DockerArchiveEntry> = read_json(&dir.join("manifest.json"))?;
     let single = entries.len() == 1;
     let entry =
@@ -697,6 +715,11 @@ fn from_docker_archive(dir: &Path, reference: &Reference) -> Result<LocalImage, 
         });
     }
     let config: ImageConfig = read_json(&config_path)?;
+    if let Some(a) = config.architecture.as_deref().filter(|a| *a != arch.debian()) {
+        return Err(ImageBuildError::OciImage {
+            problem: format!("the archive's image is for {a}, the guests are {}", arch.debian()),
+        });
+    }
     if config.rootfs.diff_ids.len() != entry.layers.len() {
         return Err(ImageBuildError::OciImage { problem: "the config's diff_ids do not match the layer list".into() });
     }

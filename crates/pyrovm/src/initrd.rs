@@ -72,6 +72,19 @@ pub fn is_static_elf(b: &[u8]) -> bool {
     })
 }
 
+/// The architecture of an ELF64 little-endian executable (`e_machine`:
+/// 62 is x86_64, 183 aarch64); `None` for anything else.
+pub fn elf_arch(b: &[u8]) -> Option<tvm_config::GuestArch> {
+    if b.len() < 20 || &b[..4] != b"\x7fELF" || b[4] != 2 || b[5] != 1 {
+        return None;
+    }
+    match u16::from_le_bytes([b[18], b[19]]) {
+        62 => Some(tvm_config::GuestArch::X86_64),
+        183 => Some(tvm_config::GuestArch::Aarch64),
+        _ => None,
+    }
+}
+
 fn newc_archive(agent: &[u8]) -> Vec<u8> {
     const DIR: u32 = 0o040755;
     let mut out = Vec::new();

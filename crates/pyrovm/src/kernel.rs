@@ -1,7 +1,10 @@
 //! The guest kernel: Debian's `linux-source-6.1` configured by `make tinyconfig`
-//! plus TVM's pinned fragment (`guest/kernel/tvm-guest-6.1.fragment`). Every
-//! fragment line is verified to survive `olddefconfig`, so the fragment is the
-//! truth about the guest. Builds are cached by a key of fragment and source.
+//! plus TVM's pinned fragment (`guest/kernel/tvm-guest-6.1.fragment` for
+//! x86_64, `tvm-guest-6.1-arm64.fragment` for aarch64, cross-compiled with
+//! Debian's `gcc-aarch64-linux-gnu` on other hosts). Every fragment line is
+//! verified to survive `olddefconfig`, so the fragment is the truth about the
+//! guest. Builds are cached by a key of fragment and source (the fragments
+//! differ, so the key names the architecture too).
 
 use std::collections::HashMap;
 use std::io;
@@ -11,13 +14,24 @@ use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 use tracing::info;
-use tvm_config::Settings;
+use tvm_config::{GuestArch, Settings};
 
 use crate::cache::{run_streaming, which, Cache};
 use crate::progress::Progress;
 
-/// The pinned configuration fragment.
+/// The pinned configuration fragment (x86_64).
 pub const FRAGMENT: &str = include_str!("../../../guest/kernel/tvm-guest-6.1.fragment");
+
+/// The pinned configuration fragment for aarch64 guests (QEMU `virt`).
+pub const FRAGMENT_AARCH64: &str = include_str!("../../../guest/kernel/tvm-guest-6.1-arm64.fragment");
+
+/// The fragment of guests of `arch`.
+pub fn fragment_for(arch: GuestArch) -> &'static str {
+    match arch {
+        GuestArch::X86_64 => FRAGMENT,
+        GuestArch::Aarch64 => FRAGMENT_AARCH64,
+    }
+}
 
 /// Bumped when the build procedure changes in a way that changes the result.
 const KERNEL_RECIPE_VERSION: u32 = 1;
@@ -25,6 +39,44 @@ const KERNEL_RECIPE_VERSION: u32 = 1;
 /// `  CC`/`  LD`/`  AR` lines printed by `make bzImage` for this configuration
 /// (measured: 1427 with Debian linux-source-6.1 6.1.192-3); the length of the progress bar.
 pub const KERNEL_BUILD_STEPS: u64 = 1427;
+
+/// The same count for `make ARCH=arm64 Image` of the aarch64 fragment.
+pub const KERNEL_BUILD_STEPS_AARCH64: u64 = 1272;
+
+/// Kbuild's settings for building a kernel for `arch` on this host: `ARCH`,
+/// `CROSS_COMPILE` (empty when native), the make target and its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KbuildTarget {
+    /// Kbuild's `ARCH`.
+    pub arch: &'static str,
+    /// Kbuild's `CROSS_COMPILE` prefix; empty for a native build.
+    pub cross_compile: &'static str,
+    /// The make target (`bzImage`, `Image`).
+    pub target: &'static str,
+    /// Where the target lands in the source tree.
+    pub output: &'static str,
+}
+
+impl KbuildTarget {
+    /// The build of guests of `arch` on a host of `host`.
+    pub fn of(arch: GuestArch, host: GuestArch) -> Self {
+        match arch {
+            GuestArch::X86_64 => Self {
+                arch: "x86",
+                cross_compile: if host == arch { "" } else { "x86_64-linux-gnu-" },
+                target: "bzImage",
+                output: "arch/x86/boot/bzImage",
+            },
+            // `Image` (uncompressed): QEMU virt and Firecracker boot it directly.
+            GuestArch::Aarch64 => Self {
+                arch: "arm64",
+                cross_compile: if host == arch { "" } else { "aarch64-linux-gnu-" },
+                target: "Image",
+                output: "arch/arm64/boot/Image",
+            },
+        }
+    }
+}
 
 /// Tools the build runs, with the Debian package that provides each.
 const TOOLS: &[(&str, &str)] = &[
@@ -45,7 +97,8 @@ const LIBELF_HEADER: &str = "/usr/include/gelf.h";
 pub struct Kernel {
     /// Cache key (see [`kernel_key`]).
     pub key: String,
-    /// Compressed, bootable image (QEMU `-kernel`).
+    /// The architecture's bootable image (QEMU `-kernel`): `bzImage` on
+    /// x86_64, the uncompressed arm64 `Image` on aarch64.
     pub bzimage: PathBuf,
     /// Uncompressed ELF (Firecracker, debugging).
     pub vmlinux: PathBuf,
@@ -54,13 +107,12 @@ pub struct Kernel {
 }
 
 impl Kernel {
-    fn in_dir(dir: &Path, key: &str) -> Self {
-        Self {
-            key: key.to_string(),
-            bzimage: dir.join("bzImage"),
-            vmlinux: dir.join("vmlinux"),
-            config: dir.join("config"),
-        }
+    fn in_dir(dir: &Path, key: &str, arch: GuestArch) -> Self {
+        let boot = match arch {
+            GuestArch::X86_64 => "bzImage",
+            GuestArch::Aarch64 => "Image",
+        };
+        Self { key: key.to_string(), bzimage: dir.join(boot), vmlinux: dir.join("vmlinux"), config: dir.join("config") }
     }
 
     fn is_complete(&self) -> bool {
@@ -141,7 +193,7 @@ pub fn kernel_key(settings: &Settings) -> Result<String, KernelBuildError> {
         _ => KernelBuildError::Io { action: "reading", path: src.clone(), source: e },
     })?;
     let name = src.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    Ok(key_of(FRAGMENT, &name, meta.len()))
+    Ok(key_of(fragment_for(settings.guest_arch), &name, meta.len()))
 }
 
 fn key_of(fragment: &str, source_name: &str, source_len: u64) -> String {
@@ -156,7 +208,7 @@ fn key_of(fragment: &str, source_name: &str, source_len: u64) -> String {
 /// The cached kernel for the current fragment and source tarball, if built.
 pub fn find_kernel(settings: &Settings) -> Result<Option<Kernel>, KernelBuildError> {
     let key = kernel_key(settings)?;
-    let k = Kernel::in_dir(&Cache::new(&settings.cache_dir).kernel_dir(&key), &key);
+    let k = Kernel::in_dir(&Cache::new(&settings.cache_dir).kernel_dir(&key), &key, settings.guest_arch);
     Ok(k.is_complete().then_some(k))
 }
 
@@ -167,7 +219,7 @@ pub fn ensure_kernel(settings: &Settings, progress: &Progress) -> Result<Kernel,
         progress.clear();
         return Ok(k);
     }
-    check_tools()?;
+    check_tools(settings.guest_arch)?;
     let key = kernel_key(settings)?;
     let cache = Cache::new(&settings.cache_dir);
     let lock_name = format!("kernel-{key}");
@@ -195,9 +247,19 @@ pub fn ensure_kernel(settings: &Settings, progress: &Progress) -> Result<Kernel,
 }
 
 /// Fails naming the first missing tool and its package.
-fn check_tools() -> Result<(), KernelBuildError> {
+fn check_tools(arch: GuestArch) -> Result<(), KernelBuildError> {
     if let Some(&(tool, package)) = TOOLS.iter().find(|(tool, _)| which(tool).is_none()) {
         return Err(KernelBuildError::ToolMissing { tool, package });
+    }
+    if arch == GuestArch::Aarch64 && KbuildTarget::of(arch, GuestArch::host()).cross_compile == "aarch64-linux-gnu-" {
+        if which("aarch64-linux-gnu-gcc").is_none() {
+            return Err(KernelBuildError::ToolMissing {
+                tool: "aarch64-linux-gnu-gcc",
+                package: "gcc-aarch64-linux-gnu",
+            });
+        }
+        // arm64 builds no objtool, so libelf is not needed.
+        return Ok(());
     }
     if !Path::new(LIBELF_HEADER).is_file() {
         return Err(KernelBuildError::ToolMissing { tool: "libelf headers (gelf.h)", package: "libelf-dev" });
@@ -211,7 +273,13 @@ fn build(settings: &Settings, cache: &Cache, key: &str, progress: &Progress) -> 
     let scratch = cache.scratch("kernel").map_err(io_err("creating a scratch directory in", &cache.tmp_dir()))?;
     let src = scratch.join("src");
     std::fs::create_dir(&src).map_err(io_err("creating", &src))?;
-    progress.set_length(KERNEL_BUILD_STEPS);
+    let arch = settings.guest_arch;
+    let kbuild = KbuildTarget::of(arch, GuestArch::host());
+    progress.set_length(match arch {
+        GuestArch::X86_64 => KERNEL_BUILD_STEPS,
+        GuestArch::Aarch64 => KERNEL_BUILD_STEPS_AARCH64,
+    });
+    let fragment_text = fragment_for(arch);
 
     let tarball = &settings.kernel_source;
     let name = tarball.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -223,18 +291,21 @@ fn build(settings: &Settings, cache: &Cache, key: &str, progress: &Progress) -> 
 
     progress.set_message("configuring the guest kernel");
     let fragment = scratch.join("tvm-guest.fragment");
-    std::fs::write(&fragment, FRAGMENT).map_err(io_err("writing", &fragment))?;
+    std::fs::write(&fragment, fragment_text).map_err(io_err("writing", &fragment))?;
     let configure = |step: &'static str, cmd: &mut Command| {
         run_streaming(cmd, |_| {}, |_| {}).map_err(|e| KernelBuildError::Configure { step, tail: e.describe() })
     };
-    configure("make tinyconfig", make(&src).arg("tinyconfig"))?;
+    configure("make tinyconfig", make(&src, kbuild).arg("tinyconfig"))?;
     let mut merge = Command::new("sh");
     merge.current_dir(&src).arg("scripts/kconfig/merge_config.sh").args(["-m", ".config"]).arg(&fragment);
+    if kbuild.arch != "x86" || !kbuild.cross_compile.is_empty() {
+        merge.env("ARCH", kbuild.arch).env("CROSS_COMPILE", kbuild.cross_compile);
+    }
     configure("merge_config.sh -m .config tvm-guest.fragment", &mut merge)?;
-    configure("make olddefconfig", make(&src).arg("olddefconfig"))?;
+    configure("make olddefconfig", make(&src, kbuild).arg("olddefconfig"))?;
     let config_path = src.join(".config");
     let config = std::fs::read_to_string(&config_path).map_err(io_err("reading", &config_path))?;
-    let options = dropped_options(FRAGMENT, &config);
+    let options = dropped_options(fragment_text, &config);
     if !options.is_empty() {
         return Err(KernelBuildError::OptionDropped { options });
     }
@@ -242,8 +313,8 @@ fn build(settings: &Settings, cache: &Cache, key: &str, progress: &Progress) -> 
     progress.set_message("compiling the guest kernel");
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut steps = 0u64;
-    let mut compile = make(&src);
-    compile.arg(format!("-j{jobs}")).arg("bzImage");
+    let mut compile = make(&src, kbuild);
+    compile.arg(format!("-j{jobs}")).arg(kbuild.target);
     run_streaming(
         &mut compile,
         |line| {
@@ -261,17 +332,20 @@ fn build(settings: &Settings, cache: &Cache, key: &str, progress: &Progress) -> 
     // `out` then becomes kernel/<key> with a single rename.
     let out = scratch.join("out");
     std::fs::create_dir(&out).map_err(io_err("creating", &out))?;
-    for (from, to) in [("arch/x86/boot/bzImage", "bzImage"), ("vmlinux", "vmlinux"), (".config", "config")] {
+    let boot = Kernel::in_dir(&out, key, arch);
+    let boot_name = boot.bzimage.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    for (from, to) in [(kbuild.output, boot_name.as_str()), ("vmlinux", "vmlinux"), (".config", "config")] {
         let from = src.join(from);
         std::fs::rename(&from, out.join(to)).map_err(io_err("moving", &from))?;
     }
     let dest = cache.kernel_dir(key);
     scratch.publish(&out, &dest).map_err(io_err("publishing", &dest))?;
-    Ok(Kernel::in_dir(&dest, key))
+    Ok(Kernel::in_dir(&dest, key, arch))
 }
 
-/// `make` in the source tree, shielded from the caller's make and kbuild settings.
-fn make(src: &Path) -> Command {
+/// `make` in the source tree for `kbuild`, shielded from the caller's make
+/// and kbuild settings.
+fn make(src: &Path, kbuild: KbuildTarget) -> Command {
     let mut c = Command::new("make");
     c.current_dir(src);
     for var in
@@ -280,6 +354,10 @@ fn make(src: &Path) -> Command {
         c.env_remove(var);
     }
     c.env("LC_ALL", "C").env("KBUILD_BUILD_USER", "tvm").env("KBUILD_BUILD_HOST", "tvm");
+    // A native x86_64 build keeps kbuild's own defaults, exactly as before arm64.
+    if kbuild.arch != "x86" || !kbuild.cross_compile.is_empty() {
+        c.env("ARCH", kbuild.arch).env("CROSS_COMPILE", kbuild.cross_compile);
+    }
     c
 }
 
@@ -383,6 +461,35 @@ mod tests {
         std::fs::write(kdir.join("vmlinux"), b"x").unwrap();
         std::fs::write(kdir.join("config"), b"x").unwrap();
         assert_eq!(find_kernel(&s).unwrap().unwrap().bzimage, kdir.join("bzImage"));
+    }
+
+    #[test]
+    fn the_arm64_fragment_is_its_own_key_and_keeps_the_agents_options() {
+        let a = key_of(FRAGMENT_AARCH64, "linux-source-6.1.tar.xz", 1);
+        assert_ne!(a, key_of(FRAGMENT, "linux-source-6.1.tar.xz", 1), "kernels are keyed by architecture");
+        let lines: Vec<_> = FRAGMENT_AARCH64.lines().filter_map(parse_config_line).collect();
+        for (name, want) in [
+            ("CONFIG_VIRTIO_MMIO", Some("y")),
+            ("CONFIG_SERIAL_AMBA_PL011_CONSOLE", Some("y")),
+            ("CONFIG_ARM_PSCI_FW", Some("y")),
+            ("CONFIG_EROFS_FS", Some("y")),
+            ("CONFIG_VIRTIO_CONSOLE", Some("y")),
+            ("CONFIG_MODULES", Some("n")),
+            ("CONFIG_PCI", Some("n")),
+        ] {
+            assert!(lines.contains(&(name, want)), "{name}");
+        }
+        // Everything the x86_64 guest has from UNIX98 ptys on is arch-neutral and shared.
+        let shared = FRAGMENT.split_once("CONFIG_UNIX98_PTYS=y").unwrap().1;
+        assert!(FRAGMENT_AARCH64.ends_with(shared), "the arch-neutral part of the fragments drifted apart");
+        let x86 = KbuildTarget::of(GuestArch::X86_64, GuestArch::X86_64);
+        assert_eq!((x86.arch, x86.cross_compile, x86.target), ("x86", "", "bzImage"));
+        let cross = KbuildTarget::of(GuestArch::Aarch64, GuestArch::X86_64);
+        assert_eq!(
+            (cross.arch, cross.cross_compile, cross.output),
+            ("arm64", "aarch64-linux-gnu-", "arch/arm64/boot/Image")
+        );
+        assert_eq!(KbuildTarget::of(GuestArch::Aarch64, GuestArch::Aarch64).cross_compile, "");
     }
 
     #[test]

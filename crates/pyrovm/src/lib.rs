@@ -7,45 +7,82 @@
 //! cleaning up after crashes ([`reaper`]).
 //! [`Pyrovm`] is the small facade the CLI and the HTTP gateway use: a fresh
 //! VM per execution, destroyed afterwards, never reused.
+//!
+//! Only [`plan`] (requests, their validation and limits) and [`java`] build on
+//! every OS: the client side of `tvm` (`tvm run --server`, `tvm lima`) on
+//! macOS and Windows uses them. Everything that starts or manages VMs uses
+//! Linux-only interfaces (KVM, cgroups, namespaces, Landlock, vsock) and is
+//! compiled for `target_os = "linux"` only.
 
+#[cfg(target_os = "linux")]
 pub mod accel;
+#[cfg(target_os = "linux")]
 pub mod backend;
+#[cfg(target_os = "linux")]
 pub mod cache;
+#[cfg(target_os = "linux")]
 pub mod doctor;
+#[cfg(target_os = "linux")]
 pub mod hostcg;
+#[cfg(target_os = "linux")]
 pub mod image;
+#[cfg(target_os = "linux")]
 pub mod image_oci;
+#[cfg(target_os = "linux")]
 pub mod initrd;
+#[cfg(target_os = "linux")]
 pub mod jail;
 pub mod java;
+#[cfg(target_os = "linux")]
 pub mod kernel;
 pub mod plan;
+#[cfg(target_os = "linux")]
 pub mod progress;
+#[cfg(target_os = "linux")]
 pub mod reaper;
+#[cfg(target_os = "linux")]
 pub mod spec;
+#[cfg(target_os = "linux")]
 pub mod template;
+#[cfg(target_os = "linux")]
 pub mod vm;
 
+#[cfg(target_os = "linux")]
 use std::path::PathBuf;
+#[cfg(target_os = "linux")]
 use std::sync::Arc;
+#[cfg(target_os = "linux")]
 use std::time::{Duration, Instant};
 
+#[cfg(target_os = "linux")]
 use serde::Serialize;
+#[cfg(target_os = "linux")]
 use tracing::{info, info_span, warn, Instrument};
+#[cfg(target_os = "linux")]
 use tvm_config::{Catalog, Runtime, Settings};
+#[cfg(target_os = "linux")]
 use tvm_protocol::{JobResult, Stage, Stream};
 
+#[cfg(target_os = "linux")]
 pub use accel::AccelDecision;
+#[cfg(target_os = "linux")]
 pub use backend::{Backend, Selection, VmmKind};
+#[cfg(target_os = "linux")]
 pub use cache::{BuildCancel, CancelOnDrop};
-pub use plan::{default_vm_memory_mib, plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile};
+pub use plan::{
+    add_tests, default_vm_memory_mib, plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile, TestRequest,
+};
 pub use plan::{
     MAX_ARGS, MAX_ARG_BYTES, MAX_FILES, MAX_FILES_BYTES, MAX_FILE_NAME_BYTES, MAX_FILE_NAME_PARTS, MAX_STDIN_BYTES,
 };
-pub use progress::Progress;
+#[cfg(target_os = "linux")]
+pub use progress::{MultiProgress, Progress};
+#[cfg(target_os = "linux")]
 pub use template::{TemplateError, Templates};
-pub use vm::{RunJobError, StartKind, StartVmError, Vm, VmmHost};
+#[cfg(target_os = "linux")]
+pub use vm::{RunJobError, SessionEvent, SessionInput, StartKind, StartVmError, Vm, VmmHost};
 
+#[cfg(target_os = "linux")]
 /// Why the VM manager could not get ready.
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -69,6 +106,7 @@ pub enum PrepareError {
     Task(String),
 }
 
+#[cfg(target_os = "linux")]
 /// Why an execution produced no result.
 #[derive(Debug, thiserror::Error)]
 pub enum ExecuteError {
@@ -105,6 +143,7 @@ pub enum ExecuteError {
     Task(String),
 }
 
+#[cfg(target_os = "linux")]
 /// A finished execution with host-side measurements.
 #[derive(Debug, Clone, Serialize)]
 pub struct Execution {
@@ -130,6 +169,7 @@ pub struct Execution {
     pub total_ms: u64,
 }
 
+#[cfg(target_os = "linux")]
 /// `tvm doctor` lines on host-side isolation: `(name, ok, detail)`. Host
 /// cgroups are optional (VMs run without them), QEMU's sandbox is expected.
 pub fn isolation_checks(qemu: &std::path::Path, vmm_uid_base: u32) -> Vec<(String, bool, String)> {
@@ -154,6 +194,7 @@ pub fn isolation_checks(qemu: &std::path::Path, vmm_uid_base: u32) -> Vec<(Strin
     ]
 }
 
+#[cfg(target_os = "linux")]
 /// `tvm doctor` lines on the VMM backend: `(name, ok, detail)`: which
 /// backend and why, binary versions, KVM state and the jailer.
 pub fn vmm_checks(settings: &Settings) -> Vec<(String, bool, String)> {
@@ -197,6 +238,7 @@ pub fn vmm_checks(settings: &Settings) -> Vec<(String, bool, String)> {
     checks
 }
 
+#[cfg(target_os = "linux")]
 /// The accelerator decision for the VMM `settings` select (QEMU when the
 /// configured VMM cannot run here, so `tvm doctor` still reports one).
 ///
@@ -204,9 +246,9 @@ pub fn vmm_checks(settings: &Settings) -> Vec<(String, bool, String)> {
 /// [`accel::KvmUnusable`] when `accel = "kvm"` and the probe fails.
 pub fn accel_for(settings: &Settings, kernel: &kernel::Kernel) -> Result<AccelDecision, accel::KvmUnusable> {
     let sandbox = backend::qemu::sandbox_supported(&settings.qemu);
-    let backend = backend::select(settings, sandbox)
-        .map(|s| s.backend)
-        .unwrap_or_else(|_| Backend::Qemu(backend::qemu::Qemu::new(&settings.qemu, sandbox)));
+    let backend = backend::select(settings, sandbox).map(|s| s.backend).unwrap_or_else(|_| {
+        Backend::Qemu(backend::qemu::Qemu::new(&settings.qemu, sandbox).with_arch(settings.guest_arch))
+    });
     match &backend {
         Backend::Qemu(q) => accel::resolve(settings.accel, q, kernel, &settings.cache_dir),
         Backend::Firecracker(f) => accel::resolve(settings.accel, f, kernel, &settings.cache_dir),
@@ -214,6 +256,7 @@ pub fn accel_for(settings: &Settings, kernel: &kernel::Kernel) -> Result<AccelDe
 }
 
 /// An error and its causes on one line, for logs.
+#[cfg(target_os = "linux")]
 pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut cause = err.source();
@@ -225,11 +268,13 @@ pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     out
 }
 
+#[cfg(target_os = "linux")]
 /// A new VM id (run dir name, QEMU `-name`, log field).
 fn new_vm_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
 }
 
+#[cfg(target_os = "linux")]
 /// The warm-up of `runtime` as a job-user command: its `warmup` argv with the
 /// runtime's environment, under the compile limits if it compiles (warm-ups
 /// of compiled languages run the compiler) and the run limits otherwise, so
@@ -240,20 +285,28 @@ pub fn warmup_command(runtime: &Runtime) -> Option<tvm_protocol::Command> {
     Some(tvm_protocol::Command { argv, env: runtime.env.clone(), limits })
 }
 
-/// Finds the guest agent binary: configured path, next to the running
-/// executable, or the workspace's static build output.
+#[cfg(target_os = "linux")]
+/// Finds the guest agent binary for `settings.guest_arch`: configured path,
+/// next to the running executable (if built for that architecture), or the
+/// workspace's static build output (`target/agent/<rust target>/release`).
 pub fn agent_path(settings: &Settings) -> PathBuf {
     if let Some(p) = &settings.agent_bin {
         return p.clone();
     }
     if let Some(sibling) = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("tvm-agent"))) {
-        if sibling.exists() && initrd::is_static_elf(&std::fs::read(&sibling).unwrap_or_default()) {
+        let bytes = std::fs::read(&sibling).unwrap_or_default();
+        // Only an agent for the guest's architecture (an x86_64 host running
+        // aarch64 guests keeps its x86_64 agent beside `tvm` as well).
+        if initrd::is_static_elf(&bytes) && initrd::elf_arch(&bytes) == Some(settings.guest_arch) {
             return sibling;
         }
     }
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/agent/x86_64-unknown-linux-gnu/release/tvm-agent"))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/agent"))
+        .join(settings.guest_arch.rust_target())
+        .join("release/tvm-agent")
 }
 
+#[cfg(target_os = "linux")]
 /// The VM manager: kernel, agent and accelerator resolved once, then any
 /// number of executions, each in its own fresh VM.
 #[derive(Debug, Clone)]
@@ -269,6 +322,7 @@ pub struct Pyrovm {
     template_builds: TemplateBuilds,
 }
 
+#[cfg(target_os = "linux")]
 /// When a missing template is built.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TemplateBuilds {
@@ -280,6 +334,7 @@ pub enum TemplateBuilds {
     Background,
 }
 
+#[cfg(target_os = "linux")]
 /// A VM fresh from [`Pyrovm::start_vm`], with why it was not restored from a
 /// template if it was not.
 #[derive(Debug)]
@@ -290,6 +345,7 @@ pub struct StartedVm {
     pub note: Option<String>,
 }
 
+#[cfg(target_os = "linux")]
 impl Pyrovm {
     /// Reaps leftovers of crashed predecessors, finds (or, if `build`, builds)
     /// the kernel, packs the agent and decides the accelerator.
@@ -499,9 +555,10 @@ impl Pyrovm {
 
     /// Restores a VM from the template for (`runtime`, `image`, `spec`), or
     /// says why not. Missing: built inline (then restored) or in the
-    /// background (`Err`: cold boot now). Corrupt: removed and rebuilt in the
-    /// background. A failed restore removes the template (a broken one must
-    /// not fail every start) and schedules a rebuild.
+    /// background (`Err`: cold boot now). Corrupt: removed, then rebuilt in
+    /// the background (server) or by the next start (CLI). A failed restore
+    /// removes the template (a broken one must not fail every start) and
+    /// schedules a rebuild.
     async fn restore(
         &self,
         qemu: &backend::qemu::Qemu,
@@ -531,7 +588,13 @@ impl Pyrovm {
                     warn!(runtime = %runtime.id, key, error = %error_chain(&e), "template unusable; removed, cold boot");
                     let _ = self.templates.remove(&key);
                 }
-                self.rebuild_in_background(qemu, runtime, inputs, spec);
+                // Inline builds (the CLI) rebuild on the next start: a task
+                // spawned here would die with the process at the end of this
+                // execution, leaving its half-booted template VM and scratch
+                // directory for the reaper and costing this run a core.
+                if self.template_builds == TemplateBuilds::Background {
+                    self.rebuild_in_background(qemu, runtime, inputs, spec);
+                }
                 return Err(error_chain(&e));
             }
         };

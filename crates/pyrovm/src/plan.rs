@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use tvm_config::{Catalog, Runtime};
-use tvm_protocol::{validate_file_path, Command, File, Job, Limits};
+use tvm_protocol::{validate_file_path, Command, File, Job, Limits, TestRun};
 
 /// Most files one submission may carry.
 pub const MAX_FILES: usize = 64;
@@ -120,6 +120,9 @@ pub enum PlanError {
     /// Too many or too long arguments.
     #[error("arguments: {0}")]
     BadArgs(String),
+    /// The tests of a compile-once-run-many request are malformed or too many.
+    #[error("tests: {0}")]
+    BadTests(String),
     /// A limit is zero or above the operator's maximum.
     #[error("{stage} limit {field} = {value} is out of range (1..={max})")]
     LimitOutOfRange {
@@ -148,6 +151,7 @@ impl PlanError {
             PlanError::EntryNotFound(_) => "entry",
             PlanError::StdinTooLarge(_) => "stdin",
             PlanError::BadArgs(_) => "args",
+            PlanError::BadTests(_) => "tests",
             PlanError::LimitOutOfRange { stage: "compile", .. } => "compile_limits",
             PlanError::LimitOutOfRange { .. } => "run_limits",
         })
@@ -276,10 +280,62 @@ pub fn plan(catalog: &Catalog, req: &ExecutionRequest, vm_overhead_mib: u64) -> 
         // Filled in by the VM right before the job is sent, so it is fresh
         // even for a job that waited in a queue.
         uniqueness: None,
+        tests: Vec::new(),
+        interactive: false,
     };
     let compile_mem = job.compile.is_some().then_some(compile_limits.memory_bytes);
     let vm_memory_mib = vm_memory_mib(run_limits.memory_bytes, compile_mem, job.workdir_bytes, vm_overhead_mib);
     Ok(Plan { runtime: runtime.clone(), job, vm_memory_mib })
+}
+
+/// One test of a compile-once-run-many request: the run stage's standard
+/// input and program arguments for that run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TestRequest {
+    /// Standard input of this run.
+    #[serde(with = "tvm_protocol::b64", default)]
+    pub stdin: Vec<u8>,
+    /// Program arguments of this run (bounded as a request's `args`).
+    #[serde(default)]
+    pub args: Vec<String>,
+}
+
+/// Turns `plan` into a compile-once-run-many job: compile once, then one run
+/// per test with the runtime's run command plus the test's arguments. The
+/// plan's own run (its `args` and `stdin`) must be empty: a request gives
+/// either those or tests. The guest keeps a copy of the compiled work dir
+/// while the tests run, so the VM gets one more work dir of RAM.
+///
+/// # Errors
+/// [`PlanError::BadTests`]: none or more than [`tvm_protocol::MAX_TESTS`]
+/// tests, a top-level `args`/`stdin` next to tests, a test argument over the
+/// `args` bounds, or more than [`MAX_STDIN_BYTES`] of stdin over all tests.
+pub fn add_tests(plan: &mut Plan, req: &ExecutionRequest, tests: &[TestRequest]) -> Result<(), PlanError> {
+    let max = tvm_protocol::MAX_TESTS;
+    if tests.is_empty() || tests.len() > max {
+        return Err(PlanError::BadTests(format!("{} given, 1 to {max} allowed", tests.len())));
+    }
+    if !req.args.is_empty() || !req.stdin.is_empty() {
+        return Err(PlanError::BadTests("give `stdin` and `args` per test, not next to `tests`".into()));
+    }
+    let stdin: u64 = tests.iter().map(|t| t.stdin.len() as u64).sum();
+    if stdin > MAX_STDIN_BYTES {
+        return Err(PlanError::BadTests(format!("{stdin} bytes of stdin in all; at most {MAX_STDIN_BYTES}")));
+    }
+    for (i, t) in tests.iter().enumerate() {
+        if t.args.len() > MAX_ARGS || t.args.iter().any(|a| a.len() > MAX_ARG_BYTES || a.contains('\0')) {
+            return Err(PlanError::BadTests(format!(
+                "tests[{i}].args: at most {MAX_ARGS} arguments of at most {MAX_ARG_BYTES} bytes, no NUL"
+            )));
+        }
+    }
+    let base = plan.job.run.argv.clone();
+    plan.job.tests = tests
+        .iter()
+        .map(|t| TestRun { argv: base.iter().chain(&t.args).cloned().collect(), stdin: t.stdin.clone() })
+        .collect();
+    plan.vm_memory_mib += plan.job.workdir_bytes.div_ceil(1 << 20);
+    Ok(())
 }
 
 /// Guest RAM, MiB, for stages with these memory limits (bytes), the work dir

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Several [`Progress`] lines drawn together (see [`Progress::spinner_in`]).
+pub use indicatif::MultiProgress;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// Minimum time between two plain progress lines when stderr is not a terminal.
@@ -40,6 +42,9 @@ pub struct Progress {
     revealed: AtomicBool,
     /// Plain mode: when the last line was printed.
     last_line: Mutex<Option<Instant>>,
+    /// Terminal mode: the group whose lines this one joins when revealed
+    /// (several builds at once), instead of drawing on stderr alone.
+    group: Option<MultiProgress>,
 }
 
 impl Progress {
@@ -58,6 +63,15 @@ impl Progress {
         Self::visible(None, style, msg)
     }
 
+    /// A spinner that is one line of `group`, for work running beside other
+    /// work of the same command (e.g. `tvm image build --jobs 2`). Without a
+    /// terminal it prints plain lines like [`Progress::spinner`].
+    pub fn spinner_in(group: &MultiProgress, msg: &str) -> Self {
+        let mut p = Self::spinner(msg);
+        p.group = Some(group.clone());
+        p
+    }
+
     /// A progress that shows nothing anywhere (tests, JSON output).
     pub fn hidden() -> Self {
         Self::with_mode(ProgressBar::hidden(), Mode::Hidden)
@@ -73,7 +87,7 @@ impl Progress {
     }
 
     fn with_mode(bar: ProgressBar, mode: Mode) -> Self {
-        Self { bar, mode, revealed: AtomicBool::new(false), last_line: Mutex::new(None) }
+        Self { bar, mode, revealed: AtomicBool::new(false), last_line: Mutex::new(None), group: None }
     }
 
     /// Replaces the message.
@@ -135,7 +149,11 @@ impl Progress {
     /// On a terminal, starts drawing (and ticking) at the first update.
     fn reveal(&self) {
         if self.mode == Mode::Terminal && !self.revealed.swap(true, Ordering::SeqCst) {
-            self.bar.set_draw_target(ProgressDrawTarget::stderr());
+            match &self.group {
+                // The group draws all its lines on stderr together.
+                Some(group) => drop(group.add(self.bar.clone())),
+                None => self.bar.set_draw_target(ProgressDrawTarget::stderr()),
+            }
             self.bar.enable_steady_tick(TICK);
         }
     }

@@ -17,7 +17,7 @@ use tokio::net::UnixStream;
 use tracing::{debug, info_span, warn, Instrument};
 use tvm_protocol::{
     read_frame_async, write_frame_async, FrameDecoder, FrameError, GuestMessage, HostMessage, Job, JobResult, Stage,
-    Stream, Uniqueness, MAX_GUEST_FRAME, PROTOCOL_VERSION,
+    StageResult, Stream, Uniqueness, MAX_GUEST_FRAME, PROTOCOL_VERSION,
 };
 
 use crate::backend::{Console, LaunchContext, LaunchError, Vmm, VmmKind};
@@ -25,6 +25,10 @@ use crate::hostcg::{HostCgroups, VmCgroup, VmmLimits, VMM_PIDS};
 use crate::jail::{ConfineVmmError, Confinement};
 use crate::reaper::RunDir;
 use crate::spec::VmSpec;
+
+#[path = "session.rs"]
+mod session;
+pub use session::{SessionEvent, SessionInput};
 
 /// Host memory a VMM may use beyond its guest's RAM: the VMM itself, device
 /// buffers and, under TCG, the translation cache (measured at ~100 MiB for
@@ -476,14 +480,33 @@ impl Vm {
     /// and destroys the VM. The host enforces its own deadline and output cap
     /// whatever the guest does.
     pub async fn execute(
+        self,
+        job: &Job,
+        on_output: impl FnMut(Stage, Stream, &[u8]),
+    ) -> Result<JobResult, RunJobError> {
+        self.execute_each(job, on_output, |_, _| {}).await
+    }
+
+    /// [`Vm::execute`] for a job with [`Job::tests`] too: `on_test` sees each
+    /// test's result (index, result) as it arrives, in order. The deadline
+    /// grows with the number of tests.
+    ///
+    /// # Errors
+    /// As [`Vm::execute`]; a test result out of order or beyond the job's
+    /// tests is a protocol error.
+    pub async fn execute_each(
         mut self,
         job: &Job,
         mut on_output: impl FnMut(Stage, Stream, &[u8]),
+        mut on_test: impl FnMut(u32, StageResult),
     ) -> Result<JobResult, RunJobError> {
         let span = info_span!("vm", vm = %self.id);
         async move {
             let stages = job.compile.iter().chain(std::iter::once(&job.run));
-            let wall: u64 = stages.clone().map(|c| c.limits.wall_ms).sum();
+            let tests_wall = job.tests.len() as u64 * job.run.limits.wall_ms;
+            let wall: u64 = stages.clone().map(|c| c.limits.wall_ms).sum::<u64>() + tests_wall;
+            let tests = job.tests.len();
+            let mut next_test: u32 = 0;
             // Generous slack over the guest's own limits: under TCG the guest clock runs slow.
             let deadline_ms = wall * 2 + 15_000;
             let cap: u64 = stages.map(|c| c.limits.output_bytes * 2).sum::<u64>() + (1 << 20);
@@ -509,8 +532,19 @@ impl Vm {
                             }
                             on_output(stage, stream, &data);
                         }
+                        GuestMessage::TestDone { index, result } => {
+                            if index != next_test || index as usize >= tests {
+                                return Err(RunJobError::Protocol(FrameError::Io(std::io::Error::other(format!(
+                                    "test result {index} out of order (expected {next_test} of {tests})"
+                                )))));
+                            }
+                            next_test += 1;
+                            on_test(index, result);
+                        }
                         GuestMessage::Done(result) => return Ok(result),
                         GuestMessage::Failed { message } => return Err(RunJobError::AgentFailed(message)),
+                        // Only interactive jobs report stages; this one is not.
+                        GuestMessage::StageStarted { .. } | GuestMessage::StageExited { .. } => {}
                         GuestMessage::Ready { .. } | GuestMessage::Warmed { .. } => {
                             return Err(RunJobError::Protocol(FrameError::Io(std::io::Error::other(
                                 "unexpected second ready (or warm-up report) during a job",

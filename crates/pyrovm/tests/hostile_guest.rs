@@ -126,6 +126,8 @@ fn job(wall_ms: u64) -> Job {
         stdin: vec![],
         workdir_bytes: 1 << 20,
         uniqueness: None,
+        tests: vec![],
+        interactive: false,
     }
 }
 

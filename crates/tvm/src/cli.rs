@@ -58,7 +58,11 @@ pub enum Command {
     /// Remove VMs and run dirs left behind by a crashed tvm.
     Reap,
     /// Serve the HTTP API (pyroshell) until SIGTERM/SIGINT.
+    #[cfg(target_os = "linux")]
     Serve(Box<pyroshell::ServeArgs>),
+    /// Serve the HTTP API (Linux only: on this host, `tvm lima up` runs it in a Lima VM).
+    #[cfg(not(target_os = "linux"))]
+    Serve(LinuxOnlyArgs),
     /// Benchmark cold-start latency against native runs and print a table.
     Bench(BenchArgs),
     /// Soak bench: mixed hostile and normal executions through an in-process server; prints host figures before/after.
@@ -107,6 +111,16 @@ pub struct RunArgs {
     pub args: Vec<String>,
 }
 
+/// The arguments of a Linux-only command on another OS: taken as they come,
+/// so the answer is the one line saying what to do instead.
+#[cfg(not(target_os = "linux"))]
+#[derive(Args, Debug)]
+pub struct LinuxOnlyArgs {
+    /// Ignored.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    pub rest: Vec<String>,
+}
+
 /// `tvm runtimes`.
 #[derive(Args, Debug)]
 pub struct RuntimesArgs {
@@ -120,6 +134,13 @@ pub struct RuntimesArgs {
     /// With --matrix: print docs/compatibility.md (generated from the catalog).
     #[arg(long, requires = "matrix")]
     pub markdown: bool,
+    /// List the runtimes of a running `tvm serve` (`GET /v1/runtimes`) instead
+    /// of this host's catalog and images.
+    #[arg(long, value_name = "URL", conflicts_with = "matrix")]
+    pub server: Option<String>,
+    /// API key for --server.
+    #[arg(long, env = "TVM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// `tvm doctor`.
@@ -192,6 +213,10 @@ pub struct ImageBuildArgs {
     /// The default version of every language (what `tvm run FILE` picks).
     #[arg(long)]
     pub defaults: bool,
+    /// Images built at the same time (1-8). A build is mostly one busy core
+    /// (dpkg, then mkfs.erofs); builds from one Debian suite still take turns.
+    #[arg(long, short = 'j', default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
+    pub jobs: u8,
 }
 
 /// `tvm bench`.
@@ -228,7 +253,10 @@ pub struct SoakArgs {
 /// Entry point: runs the CLI and turns errors into one-line messages.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    #[cfg(target_os = "linux")]
     let json_logs = matches!(&cli.command, Command::Serve(a) if a.json_logs);
+    #[cfg(not(target_os = "linux"))]
+    let json_logs = false;
     pyroshell::init_tracing(&cli.log, json_logs);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -253,17 +281,50 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let ctx = Context::load(cli.accel, cli.vmm)?;
     match cli.command {
         Command::Run(args) => commands::run::run(ctx, args).await,
-        Command::Runtimes(args) => commands::runtimes::runtimes(&ctx, &args),
-        Command::Doctor(args) => commands::doctor::doctor(&ctx, &args).await,
-        Command::Kernel { command: KernelCommand::Build } => commands::kernel::build(ctx).await,
-        Command::Image { command: ImageCommand::Build(args) } => commands::image::build(ctx, args).await,
-        Command::Image { command: ImageCommand::List { json } } => commands::image::list(&ctx, json),
-        Command::Image { command: ImageCommand::Import(args) } => commands::image::import(&ctx, &args),
-        Command::Template { command } => commands::template::template(&ctx, command),
-        Command::Reap => commands::reap::reap(&ctx),
-        Command::Serve(args) => commands::serve::serve(ctx, *args).await,
-        Command::Bench(args) => commands::bench::bench(ctx, &args).await,
-        Command::Soak(args) => commands::soak::soak(ctx, &args).await,
+        Command::Runtimes(args) => commands::runtimes::runtimes(&ctx, &args).await,
         Command::Lima(args) => commands::lima::lima(args).await,
+        // The commands that run VMs on this host.
+        #[cfg(target_os = "linux")]
+        Command::Doctor(args) => commands::doctor::doctor(&ctx, &args).await,
+        #[cfg(target_os = "linux")]
+        Command::Kernel { command: KernelCommand::Build } => commands::kernel::build(ctx).await,
+        #[cfg(target_os = "linux")]
+        Command::Image { command: ImageCommand::Build(args) } => commands::image::build(ctx, args).await,
+        #[cfg(target_os = "linux")]
+        Command::Image { command: ImageCommand::List { json } } => commands::image::list(&ctx, json),
+        #[cfg(target_os = "linux")]
+        Command::Image { command: ImageCommand::Import(args) } => commands::image::import(&ctx, &args),
+        #[cfg(target_os = "linux")]
+        Command::Template { command } => commands::template::template(&ctx, command),
+        #[cfg(target_os = "linux")]
+        Command::Reap => commands::reap::reap(&ctx),
+        #[cfg(target_os = "linux")]
+        Command::Serve(args) => commands::serve::serve(ctx, *args).await,
+        #[cfg(target_os = "linux")]
+        Command::Bench(args) => commands::bench::bench(ctx, &args).await,
+        #[cfg(target_os = "linux")]
+        Command::Soak(args) => commands::soak::soak(ctx, &args).await,
+        #[cfg(not(target_os = "linux"))]
+        command => Err(commands::linux_only(&format!("`tvm {}`", command.name()))),
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+impl Command {
+    /// The subcommand's name as typed.
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Run(_) => "run",
+            Command::Runtimes(_) => "runtimes",
+            Command::Doctor(_) => "doctor",
+            Command::Kernel { .. } => "kernel",
+            Command::Image { .. } => "image",
+            Command::Template { .. } => "template",
+            Command::Reap => "reap",
+            Command::Serve(_) => "serve",
+            Command::Bench(_) => "bench",
+            Command::Soak(_) => "soak",
+            Command::Lima(_) => "lima",
+        }
     }
 }

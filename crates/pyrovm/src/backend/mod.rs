@@ -359,10 +359,19 @@ pub fn probe_firecracker(settings: &Settings) -> FirecrackerProbe {
 /// [`SelectVmmError`] when `vmm = "firecracker"` cannot run here: one line
 /// with the reason and the fix.
 pub fn select(settings: &Settings, qemu_sandbox: bool) -> Result<Selection, SelectVmmError> {
-    let qemu = || Backend::Qemu(qemu::Qemu::new(&settings.qemu, qemu_sandbox));
+    let qemu = || Backend::Qemu(qemu::Qemu::new(&settings.qemu, qemu_sandbox).with_arch(settings.guest_arch));
     let fc = |standin: bool| Backend::Firecracker(firecracker::Firecracker::new(settings, standin));
     if settings.vmm == VmmChoice::Qemu {
         return Ok(Selection { backend: qemu(), reason: "configured (vmm = \"qemu\")".into() });
+    }
+    let host = tvm_config::GuestArch::host();
+    if settings.guest_arch != host {
+        // Only emulation runs another architecture's guests; Firecracker is KVM only.
+        let why = format!("{} guests on a {host} host need emulation (QEMU TCG)", settings.guest_arch);
+        if settings.vmm == VmmChoice::Firecracker {
+            return Err(SelectVmmError::FirecrackerNeedsKvm(why));
+        }
+        return Ok(Selection { backend: qemu(), reason: format!("auto: QEMU, because {why}") });
     }
     let p = probe_firecracker(settings);
     let missing = || format!("no firecracker binary at {} (PATH searched)", settings.firecracker.display());

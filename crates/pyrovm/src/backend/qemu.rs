@@ -1,4 +1,7 @@
-//! The QEMU `microvm` backend: the command line that starts one guest.
+//! The QEMU backend: the command line that starts one guest. x86_64 guests
+//! run on `microvm`; aarch64 guests on `virt` (GIC, PSCI power-off, PL011
+//! console, virtio-mmio transports described in its device tree, no PCI
+//! device added), chosen by the guest architecture.
 //!
 //! No PCI, no ACPI, no network device: a virtio-blk root image (read-only),
 //! a virtio-serial port for the agent, virtio-rng for early entropy and the
@@ -15,6 +18,7 @@ use super::{AgentChannel, Console, Launch, LaunchContext, LaunchError, Vmm, VmmK
 use crate::jail::{install_prefix, HostPath, VmmFiles, VmmIo};
 use crate::kernel::Kernel;
 use crate::spec::{kernel_cmdline, AccelKind, AgentTransport, VmSpec};
+use tvm_config::GuestArch;
 
 /// How long a KVM probe boot may take; a working KVM needs well under a second.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,12 +28,26 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Qemu {
     binary: PathBuf,
     sandbox: bool,
+    arch: GuestArch,
 }
 
 impl Qemu {
-    /// `binary` (`qemu-system-x86_64`), run under `-sandbox` if `sandbox`.
+    /// `binary` (`qemu-system-x86_64`), run under `-sandbox` if `sandbox`,
+    /// for x86_64 guests (`microvm`).
     pub fn new(binary: &Path, sandbox: bool) -> Self {
-        Self { binary: binary.to_path_buf(), sandbox }
+        Self { binary: binary.to_path_buf(), sandbox, arch: GuestArch::X86_64 }
+    }
+
+    /// The same QEMU for guests of `arch` (`qemu-system-aarch64` with
+    /// `virt` for aarch64).
+    pub fn with_arch(mut self, arch: GuestArch) -> Self {
+        self.arch = arch;
+        self
+    }
+
+    /// The guest architecture this QEMU emulates.
+    pub fn arch(&self) -> GuestArch {
+        self.arch
     }
 
     /// Whether VMMs run under QEMU's `-sandbox`.
@@ -59,6 +77,7 @@ impl Vmm for Qemu {
 
     fn reboot(&self) -> char {
         // microvm has no i8042: a triple fault ends it (with -no-reboot).
+        // (aarch64 ignores the letter: reboot is a PSCI call there.)
         't'
     }
 
@@ -80,7 +99,7 @@ impl Vmm for Qemu {
         ours.set_nonblocking(true).map_err(prep)?;
         let ours = UnixStream::from_std(ours).map_err(prep)?;
         let files = VmmFiles::open(spec, spec.agent.map(|_| theirs.into()))?;
-        let mut args = qemu_args(spec, &files.io(), self.sandbox);
+        let mut args = qemu_args_for(self.arch, spec, &files.io(), self.sandbox);
         args.extend(["-name".to_string(), format!("tvm-{}", ctx.id)]);
         Ok(Launch {
             program: self.binary.clone(),
@@ -105,7 +124,14 @@ impl Vmm for Qemu {
     }
 
     fn probe_kvm(&self, kernel: &Kernel) -> Result<u64, String> {
-        probe_kvm(&self.binary, &kernel.bzimage)
+        if self.arch != GuestArch::host() {
+            return Err(format!(
+                "{} guests on a {} host: KVM runs only guests of the host's architecture",
+                self.arch,
+                GuestArch::host()
+            ));
+        }
+        probe_kvm_for(self.arch, &self.binary, &kernel.bzimage)
     }
 }
 
@@ -150,17 +176,36 @@ pub fn sandbox_supported(qemu: &Path) -> bool {
 /// argv (without the binary) for `qemu-system-x86_64`. Every file QEMU
 /// gets is an inherited descriptor named by `io` (see [`crate::jail`]).
 pub fn qemu_args(spec: &VmSpec, io: &VmmIo, sandbox: bool) -> Vec<String> {
+    qemu_args_for(GuestArch::X86_64, spec, io, sandbox)
+}
+
+/// argv (without the binary) for the QEMU of `arch`: `microvm` on x86_64;
+/// on aarch64 `virt` with a GICv3, PSCI (so a guest reboot ends QEMU under
+/// `-no-reboot`), its PL011 as the console (`ttyAMA0`) and the same
+/// virtio-mmio devices (`virt` has 32 transports in its device tree).
+pub fn qemu_args_for(arch: GuestArch, spec: &VmSpec, io: &VmmIo, sandbox: bool) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-    let machine = format!("microvm,accel={},acpi=off,x-option-roms=off,isa-serial=on,rtc=on", spec.accel.as_str());
-    let cpu = match spec.accel {
-        AccelKind::Kvm => "host",
-        AccelKind::Tcg => "max",
+    let accel = spec.accel.as_str();
+    let (machine, cpu, console) = match (arch, spec.accel) {
+        (GuestArch::X86_64, kind) => (
+            format!("microvm,accel={accel},acpi=off,x-option-roms=off,isa-serial=on,rtc=on"),
+            if kind == AccelKind::Kvm { "host" } else { "max" },
+            "ttyS0",
+        ),
+        // `max` under TCG emulates pointer authentication with QARMA, which
+        // is slow; the implementation-defined algorithm is QEMU's fast one.
+        (GuestArch::Aarch64, AccelKind::Tcg) => {
+            (format!("virt,accel={accel},gic-version=3,highmem=off"), "max,pauth-impdef=on", "ttyAMA0")
+        }
+        (GuestArch::Aarch64, AccelKind::Kvm) => (format!("virt,accel={accel},gic-version=host"), "host", "ttyAMA0"),
     };
     push(&["-M", &machine, "-cpu", cpu]);
     push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.vcpus.to_string()]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio", "-monitor", "none"]);
-    push(&["-kernel", &io.kernel, "-append", &kernel_cmdline(spec.debug, 't', spec.extra_cmdline.as_deref())]);
+    let cmdline = kernel_cmdline(spec.debug, 't', spec.extra_cmdline.as_deref());
+    let cmdline = cmdline.replacen("console=ttyS0", &format!("console={console}"), 1);
+    push(&["-kernel", &io.kernel, "-append", &cmdline]);
     if let Some(initrd) = &io.initrd {
         push(&["-initrd", initrd]);
     }
@@ -184,6 +229,11 @@ pub fn qemu_args(spec: &VmSpec, io: &VmmIo, sandbox: bool) -> Vec<String> {
 
 /// Boots `kernel` under KVM with no root device; Ok(ms) if it panics cleanly in time.
 pub fn probe_kvm(qemu: &Path, kernel: &Path) -> Result<u64, String> {
+    probe_kvm_for(GuestArch::X86_64, qemu, kernel)
+}
+
+/// [`probe_kvm`] for a guest of `arch` (its machine and console).
+pub fn probe_kvm_for(arch: GuestArch, qemu: &Path, kernel: &Path) -> Result<u64, String> {
     let spec = VmSpec {
         kernel: kernel.to_path_buf(),
         initrd: None,
@@ -206,7 +256,7 @@ pub fn probe_kvm(qemu: &Path, kernel: &Path) -> Result<u64, String> {
     // and no sandbox (it decides about KVM only).
     let io = VmmIo { kernel: kernel.to_string_lossy().into_owned(), initrd: None, rootfs_fd: None, agent_fd: None };
     let mut child = std::process::Command::new(qemu)
-        .args(qemu_args(&spec, &io, false))
+        .args(qemu_args_for(arch, &spec, &io, false))
         .stdin(std::process::Stdio::null())
         .stdout(file.try_clone().map_err(|e| e.to_string())?)
         .stderr(file)
@@ -267,6 +317,36 @@ mod tests {
         assert!(a.contains("-m 384M"));
         let plain = qemu_args(&spec, &VmmIo { agent_fd: None, ..io }, false).join(" ");
         assert!(!plain.contains("-sandbox"));
+    }
+
+    #[test]
+    fn aarch64_guests_get_virt_with_gic_psci_and_the_pl011_console() {
+        let spec = VmSpec {
+            kernel: "/k".into(),
+            initrd: None,
+            rootfs: Some("/img.erofs".into()),
+            memory_mib: 256,
+            vcpus: 1,
+            accel: AccelKind::Tcg,
+            agent: Some(AgentTransport::VirtioSerial),
+            debug: false,
+            extra_cmdline: Some("x=1".into()),
+        };
+        let io = VmmIo { kernel: "/proc/self/fd/5".into(), initrd: None, rootfs_fd: Some(7), agent_fd: Some(4) };
+        let a = qemu_args_for(GuestArch::Aarch64, &spec, &io, true).join(" ");
+        assert!(a.contains("-M virt,accel=tcg,gic-version=3,highmem=off -cpu max,pauth-impdef=on"), "{a}");
+        assert!(a.contains("console=ttyAMA0 ") && !a.contains("ttyS0") && a.ends_with(&format!("-sandbox {SANDBOX}")));
+        assert!(a.contains("-no-reboot") && a.contains("virtio-blk-device,drive=root") && a.contains("virtserialport"));
+        assert!(!a.contains("microvm") && !a.contains("pci") && !a.contains("netdev"), "{a}");
+        // The x86_64 command line is what it always was.
+        assert_eq!(qemu_args(&spec, &io, true), qemu_args_for(GuestArch::X86_64, &spec, &io, true));
+        assert!(qemu_args(&spec, &io, true).join(" ").contains("console=ttyS0"));
+        let q = Qemu::new(Path::new("qemu-system-aarch64"), false).with_arch(GuestArch::Aarch64);
+        if GuestArch::host() != GuestArch::Aarch64 {
+            let k = Kernel { key: "k".into(), bzimage: "/k".into(), vmlinux: "/v".into(), config: "/c".into() };
+            let err = q.probe_kvm(&k).unwrap_err();
+            assert!(err.contains("KVM runs only guests of the host's architecture"), "{err}");
+        }
     }
 
     #[test]

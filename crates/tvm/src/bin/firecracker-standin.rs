@@ -2,6 +2,14 @@
 //! the `firecracker-standin` crate). Serves Firecracker's API on
 //! `--api-sock` and boots the configured guest with QEMU microvm under TCG.
 
+#[cfg(target_os = "linux")]
 fn main() -> std::process::ExitCode {
     firecracker_standin::server::main()
+}
+
+/// It boots QEMU guests like the VMs it stands in for: Linux only.
+#[cfg(not(target_os = "linux"))]
+fn main() -> std::process::ExitCode {
+    eprintln!("firecracker-standin: needs Linux (it boots QEMU microVMs)");
+    std::process::ExitCode::from(70)
 }

@@ -1,10 +1,11 @@
 //! `tvm image build|list`: runtime images ([`pyrovm::image`]).
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::process::ExitCode;
 
 use anyhow::Result;
-use pyrovm::{BuildCancel, Progress};
+use pyrovm::{BuildCancel, MultiProgress, Progress};
+use tokio::task::JoinSet;
 use tvm_config::{format_bytes, Runtime};
 
 use super::{usage, Context};
@@ -29,39 +30,54 @@ fn selected(ctx: &Context, args: &ImageBuildArgs) -> Result<Vec<Runtime>> {
 }
 
 /// Builds (or finds) the image of each selected runtime with
-/// [`pyrovm::image::ensure_image_cancellable`] (SIGINT or SIGTERM cancels it
-/// and cleans up); exit status 1 if any failed, 130 when stopped.
+/// [`pyrovm::image::ensure_image_cancellable`], `--jobs` at a time (SIGINT or
+/// SIGTERM cancels them all and cleans up); exit status 1 if any failed, 130
+/// when stopped. Lines are printed as builds finish.
 pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
     let (mut built, mut cached_n, mut failed) = (0, 0, Vec::new());
     let mut total_bytes = 0;
     let mut seen = HashSet::new();
     let mut ready = Vec::new();
     // SIGINT (Ctrl-C) or SIGTERM: the build tools run in their own process group, so
-    // tvm stops them and waits until the scratch directory and its mounts are gone.
+    // tvm stops them and waits until the scratch directories and their mounts are gone.
     let stop = pyroshell::shutdown_signal();
     tokio::pin!(stop);
-    for r in selected(&ctx, &args)? {
-        let Some(recipe) = r.image.clone() else {
-            println!("{:<14} unavailable: {}", r.id, r.unavailable.unwrap_or_default());
-            continue;
-        };
-        let cached = pyrovm::image::find_image(&ctx.settings, &recipe).is_some();
-        let s = ctx.settings.clone();
-        let id = r.id.clone();
-        let cancel = BuildCancel::new();
-        let token = cancel.clone();
-        let mut task = tokio::task::spawn_blocking(move || {
-            pyrovm::image::ensure_image_cancellable(&s, &recipe, &Progress::spinner(&format!("image {id}")), &token)
-        });
-        let res = tokio::select! {
-            res = &mut task => res?,
+    let mut queue = VecDeque::new();
+    for r in by_alternating_suite(selected(&ctx, &args)?) {
+        match r.image.clone() {
+            Some(recipe) => queue.push_back((r, recipe)),
+            None => println!("{:<14} unavailable: {}", r.id, r.unavailable.unwrap_or_default()),
+        }
+    }
+    let group = MultiProgress::new();
+    let cancel = BuildCancel::new();
+    let mut running = JoinSet::new();
+    // Ids of the builds in progress, for the message when interrupted.
+    let mut in_progress: Vec<String> = Vec::new();
+    loop {
+        while running.len() < usize::from(args.jobs) {
+            let Some((r, recipe)) = queue.pop_front() else { break };
+            in_progress.push(r.id.clone());
+            let (s, token, progress) =
+                (ctx.settings.clone(), cancel.clone(), Progress::spinner_in(&group, &format!("image {}", r.id)));
+            running.spawn_blocking(move || {
+                let cached = pyrovm::image::find_image(&s, &recipe).is_some();
+                let res = pyrovm::image::ensure_image_cancellable(&s, &recipe, &progress, &token);
+                (r, cached, res)
+            });
+        }
+        let done = tokio::select! {
+            done = running.join_next() => done,
             _ = &mut stop => {
                 cancel.cancel();
-                let _ = task.await;
-                eprintln!("tvm: interrupted; the build of {} was cancelled and cleaned up", r.id);
+                while running.join_next().await.is_some() {}
+                eprintln!("tvm: interrupted; the build of {} was cancelled and cleaned up", in_progress.join(", "));
                 return Ok(ExitCode::from(130));
             }
         };
+        let Some(done) = done else { break };
+        let (r, cached, res) = done?;
+        in_progress.retain(|id| *id != r.id);
         match res {
             Ok(img) => {
                 ready.push(r.clone());
@@ -75,12 +91,12 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
                     }
                 }
                 let how = if cached { "cached" } else { "built " };
-                println!("{:<14} {how} {} ({})", r.id, img.key, format_bytes(img.meta.size_bytes))
+                group.suspend(|| println!("{:<14} {how} {} ({})", r.id, img.key, format_bytes(img.meta.size_bytes)));
             }
             Err(e) => {
                 // The whole cause chain: "pulling X failed: ...: digest mismatch".
                 let why = format!("{:#}", anyhow::Error::from(e));
-                println!("{:<14} FAILED: {why}", r.id);
+                group.suspend(|| println!("{:<14} FAILED: {why}", r.id));
                 failed.push((r.id.clone(), why));
             }
         }
@@ -97,6 +113,29 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
         templates(&ctx, &ready).await;
     }
     Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Reorders runtimes so that neighbours come from different Debian suites
+/// where possible: builds from one suite share a package cache and take
+/// turns, so two parallel builds of one suite would run one after the other.
+fn by_alternating_suite(runtimes: Vec<Runtime>) -> Vec<Runtime> {
+    let mut lanes: Vec<(String, VecDeque<Runtime>)> = Vec::new();
+    for r in runtimes {
+        let suite = r.image.as_ref().map(|i| i.suite.clone()).unwrap_or_default();
+        match lanes.iter_mut().find(|(s, _)| *s == suite) {
+            Some((_, lane)) => lane.push_back(r),
+            None => lanes.push((suite, VecDeque::from([r]))),
+        }
+    }
+    // Longest lanes first, so the big suites run side by side the longest.
+    lanes.sort_by_key(|(_, lane)| std::cmp::Reverse(lane.len()));
+    let mut out = Vec::new();
+    while lanes.iter().any(|(_, lane)| !lane.is_empty()) {
+        for (_, lane) in &mut lanes {
+            out.extend(lane.pop_front());
+        }
+    }
+    out
 }
 
 /// Builds the template of each runtime for its default VM shape, so first
@@ -180,6 +219,35 @@ pub fn import(ctx: &Context, args: &ImageImportArgs) -> Result<ExitCode> {
         Err(e) => {
             println!("{:<14} FAILED: {:#}", r.id, anyhow::Error::from(e));
             Ok(ExitCode::from(1))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parallel_builds_alternate_suites_and_keep_every_runtime() {
+        let all: Vec<Runtime> =
+            tvm_config::Catalog::builtin().runtimes().iter().filter(|r| r.image.is_some()).cloned().collect();
+        let order = by_alternating_suite(all.clone());
+        let mut ids: Vec<_> = order.iter().map(|r| r.id.clone()).collect();
+        let mut want: Vec<_> = all.iter().map(|r| r.id.clone()).collect();
+        ids.sort();
+        want.sort();
+        assert_eq!(ids, want, "a permutation");
+        let suite = |r: &Runtime| r.image.as_ref().unwrap().suite.clone();
+        // The two biggest suites alternate until the smaller of them runs out.
+        let mut counts = std::collections::HashMap::<String, usize>::new();
+        for r in &all {
+            *counts.entry(suite(r)).or_default() += 1;
+        }
+        let mut sizes: Vec<usize> = counts.values().copied().collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let side_by_side = 2 * sizes[1];
+        for pair in order[..side_by_side].windows(2) {
+            assert_ne!(suite(&pair[0]), suite(&pair[1]), "{} then {}", pair[0].id, pair[1].id);
         }
     }
 }

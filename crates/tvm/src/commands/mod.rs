@@ -3,16 +3,28 @@
 //! `pyroshell`, `tvm-config`) and prints the outcome; the work itself lives in
 //! those crates.
 
+//!
+//! `lima`, `run --server` and `runtimes` build on every OS; the commands
+//! that run VMs here are Linux-only and answer [`linux_only`] elsewhere.
+
+#[cfg(target_os = "linux")]
 pub mod bench;
+#[cfg(target_os = "linux")]
 pub mod doctor;
+#[cfg(target_os = "linux")]
 pub mod image;
+#[cfg(target_os = "linux")]
 pub mod kernel;
 pub mod lima;
+#[cfg(target_os = "linux")]
 pub mod reap;
 pub mod run;
 pub mod runtimes;
+#[cfg(target_os = "linux")]
 pub mod serve;
+#[cfg(target_os = "linux")]
 pub mod soak;
+#[cfg(target_os = "linux")]
 pub mod template;
 
 use anyhow::{Context as _, Result};
@@ -59,6 +71,18 @@ pub struct UsageError(String);
 /// A [`UsageError`] as an `anyhow::Error`.
 pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     UsageError(msg.into()).into()
+}
+
+/// The one-line error of a command that runs VMs on this host, on a host
+/// that is not Linux: TVM's VMs need Linux (KVM, cgroups, vsock), which
+/// `tvm lima up` brings as a Lima VM whose API the client commands reach.
+#[cfg_attr(target_os = "linux", allow(dead_code))]
+pub fn linux_only(what: &str) -> anyhow::Error {
+    usage(format!(
+        "{what} runs microVMs and needs a Linux host; on {} start TVM in a Lima VM with `tvm lima up`, \
+         then use `tvm run --server http://127.0.0.1:8080 FILE` and `tvm runtimes --server http://127.0.0.1:8080`",
+        std::env::consts::OS
+    ))
 }
 
 /// The exit status for a command that failed with `e`: 2 for usage errors, 70 otherwise.

@@ -10,7 +10,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _, Result};
 use pyroshell::ExecutionResult;
 use pyrovm::plan::MAX_STDIN_BYTES;
-use pyrovm::{ExecuteError, ExecutionRequest, Pyrovm, SourceFile};
+#[cfg(target_os = "linux")]
+use pyrovm::{ExecuteError, Pyrovm};
+use pyrovm::{ExecutionRequest, SourceFile};
 use tvm_config::{parse_duration_ms, parse_size_bytes, Catalog};
 use tvm_protocol::{Stage, Stream, Verdict};
 
@@ -22,10 +24,14 @@ pub async fn run(ctx: Context, args: RunArgs) -> Result<ExitCode> {
     let req = read_request(&ctx.catalog, &args)?;
     let result = match &args.server {
         Some(url) => run_remote(url, args.api_key.as_deref(), &req, args.json).await?,
+        #[cfg(target_os = "linux")]
         None => match run_local(ctx, &req, args.json).await? {
             Some(r) => r,
             None => return Ok(ExitCode::from(130)),
         },
+        // No VMs here: the Lima VM's server runs them.
+        #[cfg(not(target_os = "linux"))]
+        None => return Err(super::linux_only("`tvm run` without --server")),
     };
     report(&result, args.json)
 }
@@ -111,12 +117,14 @@ fn read_own_stdin() -> Result<Vec<u8>> {
     match std::io::stdin().lock().take(MAX_STDIN_BYTES + 1).read_to_end(&mut buf) {
         Ok(_) => Ok(buf),
         // File descriptor 0 closed (`tvm run x.py <&-`): nothing to forward.
+        #[cfg(unix)]
         Err(e) if e.raw_os_error() == Some(nix::errno::Errno::EBADF as i32) => Ok(Vec::new()),
         Err(e) => Err(e).context("reading tvm's standard input"),
     }
 }
 
 /// Runs `req` in a fresh VM here. `None` when interrupted by Ctrl-C (the VM is destroyed).
+#[cfg(target_os = "linux")]
 async fn run_local(ctx: Context, req: &ExecutionRequest, json: bool) -> Result<Option<ExecutionResult>> {
     let vmm = Pyrovm::prepare(ctx.settings, ctx.catalog, true).await?;
     let exec = vmm.execute(req, |stage, stream, data| {
@@ -202,10 +210,11 @@ fn report(r: &ExecutionResult, json: bool) -> Result<ExitCode> {
 }
 
 /// What a shell says about a program killed by signal `n`: `tvm: killed by signal 11 (SIGSEGV)`.
+/// `n` is the guest's (Linux) number, named by Linux's table on every host.
 fn killed_line(n: i32) -> String {
-    match nix::sys::signal::Signal::try_from(n) {
-        Ok(sig) => format!("tvm: killed by signal {n} ({})", sig.as_str()),
-        Err(_) => format!("tvm: killed by signal {n}"),
+    match tvm_protocol::linux_signal_name(n) {
+        Some(name) => format!("tvm: killed by signal {n} ({name})"),
+        None => format!("tvm: killed by signal {n}"),
     }
 }
 

@@ -1,27 +1,70 @@
 //! `tvm runtimes`: the catalog with each runtime's state here
 //! ([`pyrovm::image::runtime_state`], shared with `tvm doctor` and `/v1/runtimes`)
 //! and where each entry was defined (`built-in`, the catalog file, or an overlay file).
+//! With `--server URL`, the same list as a running server reports it
+//! (`GET /v1/runtimes`): the way to list runtimes on macOS and Windows.
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
+#[cfg(target_os = "linux")]
 use pyrovm::image::runtime_state;
 use serde_json::{json, Value};
 use tvm_config::matrix;
 
-use super::Context;
+use super::{usage, Context};
 use crate::cli::RuntimesArgs;
 
-/// Prints the catalog, the compatibility matrix, or docs/compatibility.md.
-pub fn runtimes(ctx: &Context, args: &RuntimesArgs) -> Result<ExitCode> {
-    match (args.matrix, args.markdown) {
-        (true, true) => print!("{}", matrix::compatibility_markdown(&ctx.catalog)),
-        (true, false) => print_matrix(ctx, args.json)?,
-        _ => print_list(ctx, args.json)?,
+/// Prints the catalog, the compatibility matrix, or docs/compatibility.md;
+/// with `--server`, the server's runtimes.
+pub async fn runtimes(ctx: &Context, args: &RuntimesArgs) -> Result<ExitCode> {
+    match (&args.server, args.matrix, args.markdown) {
+        (Some(url), _, _) => print_remote(url, args.api_key.as_deref(), args.json).await?,
+        // Generated from the catalog alone: no image state involved.
+        (None, true, true) => print!("{}", matrix::compatibility_markdown(&ctx.catalog)),
+        #[cfg(target_os = "linux")]
+        (None, true, false) => print_matrix(ctx, args.json)?,
+        #[cfg(target_os = "linux")]
+        (None, false, _) => print_list(ctx, args.json)?,
+        // Image state is this host's, and images only exist on Linux.
+        #[cfg(not(target_os = "linux"))]
+        (None, _, _) => return Err(super::linux_only("`tvm runtimes` without --server")),
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--server URL`: the server's list, in the local list's columns (`--json`:
+/// the API's document as the server sent it).
+async fn print_remote(url: &str, key: Option<&str>, json: bool) -> Result<()> {
+    let body = match pyroshell::client::runtimes(url, key).await {
+        Ok(b) => b,
+        Err(e) if e.is_bad_request() => return Err(usage(e.to_string())),
+        Err(e) => bail!(e),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+        return Ok(());
+    }
+    let rows: Vec<Value> = body
+        .runtimes
+        .iter()
+        .map(|r| {
+            let state = serde_json::to_value(r.image.state)?.as_str().unwrap_or_default().to_string();
+            let state = match &r.image.reason {
+                Some(why) => format!("{state}: {why}"),
+                None => state,
+            };
+            Ok(json!({
+                "id": r.id, "language": r.language, "version": r.version, "aliases": r.aliases,
+                "extensions": r.extensions, "state": state, "source": r.source,
+            }))
+        })
+        .collect::<Result<_>>()?;
+    print_table(rows);
+    Ok(())
+}
+
+#[cfg(target_os = "linux")]
 fn print_list(ctx: &Context, json: bool) -> Result<()> {
     let rows: Vec<Value> = ctx
         .catalog
@@ -44,6 +87,12 @@ fn print_list(ctx: &Context, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
+    print_table(rows);
+    Ok(())
+}
+
+/// The list's columns, one runtime a line.
+fn print_table(rows: Vec<Value>) {
     println!(
         "{:<14} {:<11} {:<8} {:<22} {:<12} {:<9} STATE",
         "ID", "LANGUAGE", "VERSION", "ALIASES", "EXTENSIONS", "SOURCE"
@@ -66,10 +115,15 @@ fn print_list(ctx: &Context, json: bool) -> Result<()> {
             s("state")
         );
     }
-    Ok(())
+}
+
+/// The runtime `id` names (ids are unique in a catalog).
+fn r_of<'a>(catalog: &'a tvm_config::Catalog, id: &str) -> &'a tvm_config::Runtime {
+    catalog.runtimes().iter().find(|r| r.id == id).expect("ids come from this catalog")
 }
 
 /// `--matrix`: every language and version with its state here.
+#[cfg(target_os = "linux")]
 fn print_matrix(ctx: &Context, json: bool) -> Result<()> {
     let catalog = &ctx.catalog;
     let mut rows = Vec::new();
@@ -84,6 +138,7 @@ fn print_matrix(ctx: &Context, json: bool) -> Result<()> {
                 "default": matrix::is_default(catalog, r), "state": state.name(), "reason": state.reason(),
                 "source": r.image.as_ref().map(|i| i.source()), "installed": installed,
                 "image_bytes": image.map(|i| i.meta.size_bytes), "defined_in": r.origin,
+                "architectures": r.architectures, "guest_arch": ctx.settings.guest_arch,
             }));
         }
     }
@@ -91,7 +146,7 @@ fn print_matrix(ctx: &Context, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
-    println!("{:<11} {:<9} {:<13} {:<11} SOURCE / INSTALLED", "LANGUAGE", "VERSION", "ID", "STATE");
+    println!("{:<11} {:<9} {:<13} {:<15} {:<11} SOURCE / INSTALLED", "LANGUAGE", "VERSION", "ID", "ARCH", "STATE");
     for r in &rows {
         let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
         let version = if r["default"] == true { format!("{}*", s("version")) } else { s("version") };
@@ -104,8 +159,13 @@ fn print_matrix(ctx: &Context, json: bool) -> Result<()> {
             ),
             _ => s("source"),
         };
-        println!("{:<11} {:<9} {:<13} {:<11} {detail}", s("language"), version, s("id"), s("state"));
+        let arch = matrix::architectures_of(r_of(catalog, &s("id")));
+        println!("{:<11} {:<9} {:<13} {:<15} {:<11} {detail}", s("language"), version, s("id"), arch, s("state"));
     }
-    println!("\n* default for its file extension. Build what is buildable with `tvm image build --all`.");
+    println!(
+        "\n* default for its file extension. ARCH: guest architectures the entry supports; STATE is for {} guests \
+         (TVM_GUEST_ARCH). Build what is buildable with `tvm image build --all`.",
+        ctx.settings.guest_arch
+    );
     Ok(())
 }

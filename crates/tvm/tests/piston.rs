@@ -113,7 +113,9 @@ fn piston_routes_errors_and_results() {
     assert_eq!(r.status, 405);
 
     // A run: interleaved output, measurements always filled, full version, stdin gets Piston's newline.
-    let src = "import sys\nprint('out1', flush=True)\nprint('err1', file=sys.stderr, flush=True)\nprint('out2', flush=True)\nprint(repr(sys.stdin.read()), sys.argv[1:])";
+    // Arrival order across two pipes is the order the agent's readers see writes in: writes a few
+    // hundred ms apart (two readers, a loaded TCG host) are the order a client can rely on.
+    let src = "import sys, time\nprint('out1', flush=True)\ntime.sleep(0.3)\nprint('err1', file=sys.stderr, flush=True)\ntime.sleep(0.3)\nprint('out2', flush=True)\nprint(repr(sys.stdin.read()), sys.argv[1:])";
     let v = execute(
         &server,
         &json!({"language": "python", "version": "*", "files": [{"content": src}], "stdin": "in", "args": ["a b", "c"]}),
@@ -167,6 +169,14 @@ fn piston_routes_errors_and_results() {
     );
     assert_eq!(v["compile"]["code"], 0, "{v}");
     assert_eq!(v["run"]["stdout"], "hi\n");
+    // A compiled program killed by a hardware trap reports the signal through the `stdbuf` wrapper
+    // (`c / z`: GCC folds `1 / X` to a compare, which never traps).
+    let v = execute(
+        &server,
+        &json!({"language": "c", "version": "*", "files": [{"content": "int main(int c, char**v){volatile int z = c - 1; return c / z;}"}]}),
+    );
+    assert_eq!((v["run"]["status"].clone(), v["run"]["signal"].clone()), (json!("SG"), json!("SIGFPE")), "{v}");
+    assert_eq!(v["run"]["code"], Value::Null, "{v}");
     let v = execute(
         &server,
         &json!({"language": "gcc", "version": "*", "files": [{"name": "main.c", "content": "int main( { }"}]}),

@@ -55,6 +55,7 @@ fn poll(server: &Server, token: &str) -> Value {
 
 const PY: u64 = 109; // Judge0's id for Python 3.13
 const C: u64 = 103; // C (GCC 14)
+const CPP: u64 = 105; // C++ (GCC 14), the same image as C
 
 #[test]
 fn judge0_routes_statuses_and_options() {
@@ -167,11 +168,19 @@ fn judge0_routes_statuses_and_options() {
     assert_eq!((status(&v), v["message"].clone()), (12, json!("Memory limit exceeded")), "{v}");
 
     // C: SIGFPE, SIGABRT, compilation error, compiler options and shell-split arguments, redirected stderr.
+    // `c / z`, not `1 / z`: GCC folds `1 / X` into `X >= -1 && X <= 1 ? X : 0` (no division, no
+    // trap), so `1 / 0` exits 0 there; a numerator unknown at compile time keeps the `idiv`.
     let v = run(
         &server,
-        json!({"source_code": "int main(int c, char**v){volatile int z = c - 1; return 1 / z;}", "language_id": C}),
+        json!({"source_code": "int main(int c, char**v){volatile int z = c - 1; return c / z;}", "language_id": C}),
     );
-    assert_eq!(status(&v), 9, "{v}");
+    assert_eq!((status(&v), v["exit_signal"].clone()), (9, json!(8)), "{v}");
+    // C++ through the same wrapper: the signal reaches Judge0's status (SIGSEGV 7).
+    let v = run(
+        &server,
+        json!({"source_code": "#include <csignal>\nint main(){std::raise(SIGSEGV);}", "language_id": CPP}),
+    );
+    assert_eq!((status(&v), v["exit_signal"].clone()), (7, json!(11)), "{v}");
     let v = run(&server, json!({"source_code": "#include <stdlib.h>\nint main(){abort();}", "language_id": C}));
     assert_eq!(status(&v), 10, "{v}");
     let v = run(&server, json!({"source_code": "int main( {", "language_id": C}));

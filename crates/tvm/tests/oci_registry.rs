@@ -4,18 +4,20 @@
 //! default Python image, extracted with `fsck.erofs`, as a gzip layer, plus a
 //! second layer with a whiteout and an opaque directory), pushes it with the
 //! `oci-client` crate, and `tvm image build` pulls it with credentials from a
-//! Docker config file; a program then runs in it in a real VM. Also: the same
-//! image imported from an OCI layout and from a `docker save`-style tarball,
-//! a registry refusing missing credentials, a tampered blob, a layer with a
-//! path traversal, and the registry killed mid-pull: each a clean error, and
-//! nothing of theirs in the image cache.
+//! Docker config file; a program then runs in it in a real VM (the only boot
+//! of this file). Also: an image imported from an OCI layout and from a
+//! tarball of it (what `docker save` writes), a registry refusing missing
+//! credentials, a tampered blob, a layer with a path traversal, and the
+//! registry killed mid-pull: each a clean error, and nothing of theirs in the
+//! image cache (no image, no metadata, no scratch directory of the failed
+//! `tvm` process).
 
 mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -279,8 +281,17 @@ fn overlay(dir: &Path, id: &str, reference: &str) {
     .unwrap();
 }
 
-/// Nothing of `recipe` in the image cache, and no scratch directory left.
-fn assert_not_cached(settings: &Settings, reference: &str) {
+/// Runs `cmd` to the end; its output and its pid (scratch directories in the
+/// cache are named after the process that made them).
+fn run_with_pid(mut cmd: Command) -> (Output, u32) {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    (child.wait_with_output().unwrap(), pid)
+}
+
+/// Nothing of `reference` in the image cache (neither image nor metadata), and
+/// no scratch directory of the `tvm` process `pid` left in the cache's tmp dir.
+fn assert_not_cached(settings: &Settings, reference: &str, pid: u32) {
     let recipe = ImageRecipe::oci(reference);
     assert!(pyrovm::image::find_image(settings, &recipe).is_none(), "{reference} counts as built");
     let dir = settings.cache_dir.join("images");
@@ -288,6 +299,35 @@ fn assert_not_cached(settings: &Settings, reference: &str) {
         let p = dir.join(format!("{}.{ext}", recipe.key()));
         assert!(!p.exists(), "{} was left in the cache", p.display());
     }
+    let prefix = format!("{pid}-");
+    let left: Vec<_> = std::fs::read_dir(settings.cache_dir.join("tmp"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    let left: Vec<_> = left.into_iter().filter(|n: &String| n.starts_with(&prefix)).collect();
+    assert!(left.is_empty(), "scratch directories of the failed build were left: {left:?}");
+}
+
+/// The regular files under `/opt` of the cached image of `reference`, sorted
+/// (extracted with `fsck.erofs`).
+fn files_in(settings: &Settings, reference: &str, work: &Path) -> Vec<String> {
+    let image = pyrovm::image::find_image(settings, &ImageRecipe::oci(reference)).expect("imported image");
+    let root = work.join("imported-root");
+    let out =
+        Command::new("fsck.erofs").arg(format!("--extract={}", root.display())).arg(&image.path).output().unwrap();
+    assert!(out.status.success(), "fsck.erofs --extract: {}", lossy(&out.stderr));
+    let mut found = Vec::new();
+    let mut dirs = vec![root.join("opt")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                dirs.push(e.path());
+            } else {
+                found.push(e.path().strip_prefix(root.join("opt")).unwrap().display().to_string());
+            }
+        }
+    }
+    found.sort();
+    found
 }
 
 /// Removes what the test published into the shared cache.
@@ -357,7 +397,7 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     let host = registry.host();
     let runtimes = env.work.path().join("runtimes.d");
     std::fs::create_dir_all(&runtimes).unwrap();
-    let docker = docker_config(env.work.path(), &[host.clone()]);
+    let docker = docker_config(env.work.path(), std::slice::from_ref(&host));
     let tvm = |docker_dir: &Path| {
         let mut c = env.tvm();
         c.env("TVM_RUNTIMES_DIR", &runtimes).env("DOCKER_CONFIG", docker_dir);
@@ -373,10 +413,12 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     // Without credentials the registry refuses the pull.
     let nobody = env.work.path().join("no-docker-config");
     std::fs::create_dir_all(&nobody).unwrap();
-    let out = tvm(&nobody).args(["image", "build", "py-oci"]).output().unwrap();
+    let mut cmd = tvm(&nobody);
+    cmd.args(["image", "build", "py-oci"]);
+    let (out, pid) = run_with_pid(cmd);
     let text = lossy(&out.stdout);
     assert!(!out.status.success() && text.contains("pulling") && text.contains("failed"), "{text}");
-    assert_not_cached(&settings, &good);
+    assert_not_cached(&settings, &good, pid);
 
     let out = tvm(&docker).args(["image", "build", "py-oci"]).output().unwrap();
     assert!(out.status.success(), "image build: {} {}", lossy(&out.stdout), lossy(&out.stderr));
@@ -397,15 +439,18 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     assert_eq!(stdout_of(&v), "lower.txt True\nremoved.txt False\nupper.txt True\n['new.txt']\ntvm\n", "{v}");
     remove(&settings, &good);
 
-    // The same image from an OCI layout, and from a tarball of it (what `docker save` writes).
+    // An image from an OCI layout, and from a tarball of it (what `docker save`
+    // writes). A small one: the whiteouts were checked in the VM above, and
+    // a Python root would cost two more erofs packs.
     let layout = env.work.path().join("layout");
-    let imported = "tvm.invalid/tvm/python:1";
-    // Its manifest is serialised by this test, not by oci-client, so its digest differs from the pushed one.
-    let layout_digest = image.write_layout(&layout, imported);
+    let imported = "tvm.invalid/tvm/files:1";
+    let files = Image::new(&[lower_extra(), upper_layer()]);
+    let layout_digest = files.write_layout(&layout, imported);
     overlay(&runtimes, "py-import", imported);
     let out = tvm(&nobody).args(["image", "import"]).arg(&layout).arg("py-import").output().unwrap();
     assert!(out.status.success(), "import: {} {}", lossy(&out.stdout), lossy(&out.stderr));
     assert!(lossy(&out.stdout).contains(&layout_digest), "{}", lossy(&out.stdout));
+    assert_eq!(files_in(&settings, imported, env.work.path()), ["opq/new.txt", "tvm/lower.txt", "tvm/upper.txt"]);
     remove(&settings, imported);
     let tarball = env.work.path().join("saved.tar");
     let mut b = tar::Builder::new(std::fs::File::create(&tarball).unwrap());
@@ -414,7 +459,21 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     drop(b);
     let out = tvm(&nobody).args(["image", "import"]).arg(&tarball).arg("py-import").output().unwrap();
     assert!(out.status.success(), "import tar: {} {}", lossy(&out.stdout), lossy(&out.stderr));
+    assert!(lossy(&out.stdout).contains(&layout_digest), "{}", lossy(&out.stdout));
     remove(&settings, imported);
+
+    // A layout whose layer does not match its digest.
+    let hex = sha256(&files.layers[0]).strip_prefix("sha256:").unwrap().to_string();
+    let layer = layout.join("blobs/sha256").join(hex);
+    let mut data = std::fs::read(&layer).unwrap();
+    data[20] ^= 0xff;
+    std::fs::write(&layer, data).unwrap();
+    let mut cmd = tvm(&nobody);
+    cmd.args(["image", "import"]).arg(&layout).arg("py-import");
+    let (out, pid) = run_with_pid(cmd);
+    let text = lossy(&out.stdout);
+    assert!(!out.status.success() && text.contains("does not match its digest"), "{text}");
+    assert_not_cached(&settings, imported, pid);
 
     // A tampered blob: the registry serves bytes that do not match the digest.
     let small = Image::new(&[tar_of(&[("etc/", ""), ("etc/passwd", "root:x:0:0::/root:/bin/sh\n")])]);
@@ -426,21 +485,25 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     data[last] ^= 0xff;
     std::fs::write(&blob, data).unwrap();
     overlay(&runtimes, "py-tampered", &tampered);
-    let out = tvm(&docker).args(["image", "build", "py-tampered"]).output().unwrap();
+    let mut cmd = tvm(&docker);
+    cmd.args(["image", "build", "py-tampered"]);
+    let (out, pid) = run_with_pid(cmd);
     let text = lossy(&out.stdout);
     assert!(!out.status.success() && text.to_lowercase().contains("digest"), "{text}");
-    assert_not_cached(&settings, &tampered);
+    assert_not_cached(&settings, &tampered, pid);
 
     // A layer that climbs out of the root.
     let escape = Image::new(&[tar_of(&[("../../../tmp/tvm-oci-escape", "x")])]);
     let traversal = format!("{host}/tvm/escape:1");
     escape.push(&traversal);
     overlay(&runtimes, "py-escape", &traversal);
-    let out = tvm(&docker).args(["image", "build", "py-escape"]).output().unwrap();
+    let mut cmd = tvm(&docker);
+    cmd.args(["image", "build", "py-escape"]);
+    let (out, pid) = run_with_pid(cmd);
     let text = lossy(&out.stdout);
     assert!(!out.status.success() && text.contains("escape the root"), "{text}");
     assert!(!Path::new("/tmp/tvm-oci-escape").exists());
-    assert_not_cached(&settings, &traversal);
+    assert_not_cached(&settings, &traversal, pid);
 
     // The registry dies while a 4 MiB incompressible layer is being pulled.
     let mut noise = vec![0u8; 4 << 20];
@@ -457,9 +520,11 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     let dying = format!("127.0.0.1:{proxy}/tvm/big:1");
     let docker2 = docker_config(&env.work.path().join("d2"), &[format!("127.0.0.1:{proxy}")]);
     overlay(&runtimes, "py-dying", &dying);
-    let out = tvm(&docker2).args(["image", "build", "py-dying"]).output().unwrap();
+    let mut cmd = tvm(&docker2);
+    cmd.args(["image", "build", "py-dying"]);
+    let (out, pid) = run_with_pid(cmd);
     let text = lossy(&out.stdout);
     assert!(killed.load(Ordering::SeqCst), "the proxy never saw the blob: {text}");
     assert!(!out.status.success() && text.contains("pulling"), "{text}");
-    assert_not_cached(&settings, &dying);
+    assert_not_cached(&settings, &dying, pid);
 }
