@@ -391,6 +391,8 @@ fn killing_proxy(registry: &Registry) -> (u16, Arc<AtomicBool>) {
 
 #[test]
 fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing() {
+    // Each step's output and time go to stderr (shown on failure or with --nocapture).
+    let started = Instant::now();
     let env = Env::new();
     let settings = Settings::load().unwrap();
     let registry = Registry::start();
@@ -408,6 +410,7 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     let image = Image::new(&[python_root_layer(&settings, env.work.path()), lower_extra(), upper_layer()]);
     let good = format!("{host}/tvm/python:1");
     let digest = image.push(&good);
+    eprintln!("[{:5.1}s] pushed {good} {digest}", started.elapsed().as_secs_f64());
     overlay(&runtimes, "py-oci", &good);
 
     // Without credentials the registry refuses the pull.
@@ -417,6 +420,7 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     cmd.args(["image", "build", "py-oci"]);
     let (out, pid) = run_with_pid(cmd);
     let text = lossy(&out.stdout);
+    eprintln!("[{:5.1}s] {}", started.elapsed().as_secs_f64(), text.trim_end());
     assert!(!out.status.success() && text.contains("pulling") && text.contains("failed"), "{text}");
     assert_not_cached(&settings, &good, pid);
 
@@ -424,6 +428,7 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     assert!(out.status.success(), "image build: {} {}", lossy(&out.stdout), lossy(&out.stderr));
     let built = pyrovm::image::find_image(&settings, &ImageRecipe::oci(&good)).unwrap();
     assert_eq!(built.meta.manifest_digest.as_deref(), Some(digest.as_str()));
+    eprintln!("[{:5.1}s] {}", started.elapsed().as_secs_f64(), lossy(&out.stdout).trim_end());
 
     let prog = env.file(
         "main.py",
@@ -437,6 +442,7 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     env.assert_clean();
     assert_eq!(v["run"]["exit_code"], 0, "{v}");
     assert_eq!(stdout_of(&v), "lower.txt True\nremoved.txt False\nupper.txt True\n['new.txt']\ntvm\n", "{v}");
+    eprintln!("[{:5.1}s] ran: {:?}", started.elapsed().as_secs_f64(), stdout_of(&v));
     remove(&settings, &good);
 
     // An image from an OCI layout, and from a tarball of it (what `docker save`
@@ -472,6 +478,7 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     cmd.args(["image", "import"]).arg(&layout).arg("py-import");
     let (out, pid) = run_with_pid(cmd);
     let text = lossy(&out.stdout);
+    eprintln!("[{:5.1}s] {}", started.elapsed().as_secs_f64(), text.trim_end());
     assert!(!out.status.success() && text.contains("does not match its digest"), "{text}");
     assert_not_cached(&settings, imported, pid);
 
@@ -489,6 +496,7 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     cmd.args(["image", "build", "py-tampered"]);
     let (out, pid) = run_with_pid(cmd);
     let text = lossy(&out.stdout);
+    eprintln!("[{:5.1}s] {}", started.elapsed().as_secs_f64(), text.trim_end());
     assert!(!out.status.success() && text.to_lowercase().contains("digest"), "{text}");
     assert_not_cached(&settings, &tampered, pid);
 
@@ -501,6 +509,7 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     cmd.args(["image", "build", "py-escape"]);
     let (out, pid) = run_with_pid(cmd);
     let text = lossy(&out.stdout);
+    eprintln!("[{:5.1}s] {}", started.elapsed().as_secs_f64(), text.trim_end());
     assert!(!out.status.success() && text.contains("escape the root"), "{text}");
     assert!(!Path::new("/tmp/tvm-oci-escape").exists());
     assert_not_cached(&settings, &traversal, pid);
@@ -524,6 +533,7 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     cmd.args(["image", "build", "py-dying"]);
     let (out, pid) = run_with_pid(cmd);
     let text = lossy(&out.stdout);
+    eprintln!("[{:5.1}s] {}", started.elapsed().as_secs_f64(), text.trim_end());
     assert!(killed.load(Ordering::SeqCst), "the proxy never saw the blob: {text}");
     assert!(!out.status.success() && text.contains("pulling"), "{text}");
     assert_not_cached(&settings, &dying, pid);
