@@ -9,7 +9,7 @@ use tokio::task::JoinSet;
 use tvm_config::{format_bytes, Runtime};
 
 use super::{usage, Context};
-use crate::cli::ImageBuildArgs;
+use crate::cli::{ImageBuildArgs, ImageImportArgs};
 
 /// The runtimes `tvm image build` was asked for.
 fn selected(ctx: &Context, args: &ImageBuildArgs) -> Result<Vec<Runtime>> {
@@ -94,8 +94,10 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
                 group.suspend(|| println!("{:<14} {how} {} ({})", r.id, img.key, format_bytes(img.meta.size_bytes)));
             }
             Err(e) => {
-                group.suspend(|| println!("{:<14} FAILED: {e}", r.id));
-                failed.push((r.id.clone(), e.to_string()));
+                // The whole cause chain: "pulling X failed: ...: digest mismatch".
+                let why = format!("{:#}", anyhow::Error::from(e));
+                group.suspend(|| println!("{:<14} FAILED: {why}", r.id));
+                failed.push((r.id.clone(), why));
             }
         }
     }
@@ -195,6 +197,30 @@ pub fn list(ctx: &Context, json: bool) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `tvm image import PATH RUNTIME` ([`pyrovm::image_oci::import`]): the
+/// runtime's image from a local OCI layout or `docker save` tarball.
+pub fn import(ctx: &Context, args: &ImageImportArgs) -> Result<ExitCode> {
+    let r = ctx
+        .catalog
+        .get(&args.runtime)
+        .ok_or_else(|| usage(format!("unknown runtime {:?} (see `tvm runtimes`)", args.runtime)))?;
+    let Some(recipe) = &r.image else {
+        return Err(usage(format!("runtime {} has no image recipe", r.id)));
+    };
+    let progress = Progress::spinner(&format!("image {}", r.id));
+    match pyrovm::image_oci::import(&ctx.settings, recipe, &args.path, &progress) {
+        Ok(img) => {
+            let digest = img.meta.manifest_digest.as_deref().unwrap_or("-");
+            println!("{:<14} imported {} ({}) from {digest}", r.id, img.key, format_bytes(img.meta.size_bytes));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("{:<14} FAILED: {:#}", r.id, anyhow::Error::from(e));
+            Ok(ExitCode::from(1))
+        }
+    }
 }
 
 #[cfg(test)]
