@@ -27,6 +27,8 @@ pub mod hostcg;
 #[cfg(target_os = "linux")]
 pub mod image;
 #[cfg(target_os = "linux")]
+pub mod image_oci;
+#[cfg(target_os = "linux")]
 pub mod initrd;
 #[cfg(target_os = "linux")]
 pub mod jail;
