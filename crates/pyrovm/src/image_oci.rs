@@ -41,12 +41,14 @@ const READ_TIMEOUT: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// One layer on local disk, with the digest that names it.
+#[derive(Debug)]
 struct LocalLayer {
     digest: String,
     path: PathBuf,
 }
 
 /// An image whose blobs are on local disk: its manifest digest and layers in order.
+#[derive(Debug)]
 struct LocalImage {
     manifest_digest: String,
     layers: Vec<LocalLayer>,
@@ -852,6 +854,54 @@ mod tests {
             assert!(matches!(err, ImageBuildError::Layer { .. }), "{name}: {err}");
             assert!(!outside.join("x").exists(), "{name} wrote outside the root");
         }
+    }
+
+    /// A legacy `docker save` directory (`manifest.json`, `<config digest>.json`,
+    /// `<id>/layer.tar`) of one image tagged `tag`, for `architecture`.
+    fn legacy_archive(dir: &Path, tag: &str, architecture: &str) -> (String, PathBuf) {
+        let layer = layer(dir, "layer.tar", &[("etc/", T::Directory, "", ""), ("etc/hi", T::Regular, "hi", "")]);
+        let diff_id = file_digest(&layer).unwrap();
+        std::fs::create_dir_all(dir.join("abc")).unwrap();
+        std::fs::rename(&layer, dir.join("abc/layer.tar")).unwrap();
+        let config = serde_json::json!({
+            "architecture": architecture, "os": "linux",
+            "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+        })
+        .to_string();
+        let config_digest = format!("sha256:{}", hex::encode(Sha256::digest(config.as_bytes())));
+        let config_name = format!("{}.json", &config_digest["sha256:".len()..]);
+        std::fs::write(dir.join(&config_name), config).unwrap();
+        let manifest = serde_json::json!([{ "Config": config_name, "RepoTags": [tag], "Layers": ["abc/layer.tar"] }]);
+        std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+        (config_digest, dir.join("abc/layer.tar"))
+    }
+
+    #[test]
+    fn legacy_docker_save_archives_are_read_and_checked() {
+        let t = tempfile::tempdir().unwrap();
+        let (config_digest, layer_path) = legacy_archive(t.path(), "python:3.8-slim", "amd64");
+        let reference: Reference = "docker.io/library/python:3.8-slim".parse().unwrap();
+        let image = from_docker_archive(t.path(), &reference, GuestArch::X86_64).unwrap();
+        assert_eq!(image.manifest_digest, config_digest);
+        assert_eq!(image.layers.len(), 1);
+        let root = t.path().join("root");
+        unpack_all(&image, &root, "test", &Progress::hidden(), &BuildCancel::new()).unwrap();
+        assert_eq!(std::fs::read_to_string(root.join("etc/hi")).unwrap(), "hi");
+
+        // Another architecture's image, a tag the archive lacks among several
+        // images, a pinned digest it does not have: clear errors.
+        let err = from_docker_archive(t.path(), &reference, GuestArch::Aarch64).unwrap_err();
+        assert!(err.to_string().contains("for amd64, the guests are arm64"), "{err}");
+        let pinned: Reference = format!("python@sha256:{}", "0".repeat(64)).parse().unwrap();
+        let err = from_docker_archive(t.path(), &pinned, GuestArch::X86_64).unwrap_err();
+        assert!(matches!(err, ImageBuildError::DigestMismatch { .. }), "{err}");
+
+        // A layer whose content no longer matches the config's diff_id.
+        let mut data = std::fs::read(&layer_path).unwrap();
+        data[600] ^= 0xff;
+        std::fs::write(&layer_path, data).unwrap();
+        let err = from_docker_archive(t.path(), &reference, GuestArch::X86_64).unwrap_err();
+        assert!(matches!(err, ImageBuildError::DigestMismatch { .. }), "{err}");
     }
 
     #[test]

@@ -234,6 +234,11 @@ pub struct BenchArgs {
     /// Writes per relay-bench run.
     #[arg(long, default_value_t = 200_000, requires = "relay")]
     pub lines: u64,
+    /// Instead: this many tests (1-64) of a C++ solution as the `tests` of
+    /// one execution (compile once, run many) next to as many separate
+    /// executions.
+    #[arg(long, value_name = "N", conflicts_with_all = ["runtimes", "relay"])]
+    pub tests: Option<usize>,
 }
 
 /// `tvm soak`.

@@ -39,7 +39,7 @@ RESULT = {
     "id": "s1",
     "verdict": "ok",
     "runtime": "python-3.13",
-    "run": {"status": "exited", "exit_code": 0, "stdout": "echo: hi\n", "stderr": "", "wall_time_ms": 5},
+    "run": {"status": "ok", "exit_code": 0, "stdout": "echo: hi\n", "stderr": "", "wall_time_ms": 5},
 }
 
 
@@ -111,7 +111,7 @@ def echo_handler(fake, conn, start):
     send(conn, type="stdout", stage="run", data="echo: " + line.decode())
     eof = json.loads(fake.recv(conn))
     assert eof == {"type": "eof"}
-    send(conn, type="exit", stage="run", status="exited", exit_code=0, signal=None)
+    send(conn, type="exit", stage="run", status="ok", exit_code=0, signal=None)
     send(conn, type="result", **RESULT)
     conn.close(1000, "ok")
 
@@ -133,7 +133,7 @@ def test_start_stdin_eof_events_and_result():
             assert s.wait() is s.result
         assert [type(e) for e in events] == [StageEvent, OutputEvent, ExitEvent, ResultEvent]
         assert events[1].stream == "stdout" and events[1].data == "echo: hi\n" and out == ["echo: hi\n"]
-        assert events[2].exit_code == 0 and events[2].status == "exited"
+        assert events[2].exit_code == 0 and events[2].status == "ok"
         assert s.result.ok and s.result.stdout == "echo: hi\n"
         start = json.loads(fake.received[0])
         assert start == {"type": "start", "files": [{"name": "main.py", "content": "print(input())"}],

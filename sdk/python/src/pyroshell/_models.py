@@ -321,7 +321,8 @@ class StageEvent(_Response):
 
 
 class ExitEvent(_Response):
-    """Session event: a stage ended. ``status`` as in :class:`Stage` (``exited``, ``failed``, ...);
+    """Session event: a stage ended. ``status`` as in :class:`Stage` (``ok``, ``failed``,
+    ``time_limit_exceeded``, ...);
     ``exit_code`` when it exited, ``signal`` (Linux number) when a signal ended it."""
 
     stage: str
