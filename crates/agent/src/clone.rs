@@ -69,6 +69,10 @@ pub fn await_job(link: &mut Link) -> Result<tvm_protocol::Job, Error> {
                 let warmed = prewarm(&command)?;
                 link.send(&warmed)?;
             }
+            // Session input belongs to a running job; before one there is nothing to feed.
+            HostMessage::Stdin { .. } | HostMessage::StdinEof | HostMessage::Signal { .. } => {
+                debug!("session input before the job, ignored");
+            }
         }
     }
 }

@@ -8,16 +8,19 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 
 use nix::mount::{mount, MsFlags};
-use tvm_protocol::{validate_file_path, File, GuestMessage, Job, JobResult, Stage, StageStatus, Verdict};
+use tvm_protocol::{validate_file_path, File, GuestMessage, Job, JobResult, Stage, StageResult, StageStatus, Verdict};
 
 use crate::error::Error;
+use crate::inbox::Inbox;
 use crate::log::debug;
 use crate::sandbox::{self, RUNNER_GID, RUNNER_UID};
 use crate::stage::{self, StageSpec, WORKDIR};
 
 /// Runs the job and returns its result. An `Err` means the job could not be
-/// run at all (bad job, setup failure), not that the program failed.
-pub fn execute(mut job: Job, outbox: &Sender<GuestMessage>) -> Result<JobResult, Error> {
+/// run at all (bad job, setup failure), not that the program failed. For an
+/// interactive job `inbox` carries the host's stdin and signals, and each
+/// stage's start and exit are reported as they happen.
+pub fn execute_with(mut job: Job, outbox: &Sender<GuestMessage>, inbox: Option<&Inbox>) -> Result<JobResult, Error> {
     // Everything checkable is checked before anything is written or run.
     let plans =
         job.files.iter().map(|f| plan_file(&f.path).map_err(Error::InvalidJob)).collect::<Result<Vec<_>, _>>()?;
@@ -36,7 +39,7 @@ pub fn execute(mut job: Job, outbox: &Sender<GuestMessage>) -> Result<JobResult,
     let compile = match &job.compile {
         Some(command) => {
             let spec = StageSpec { stage: Stage::Compile, cgroup: "stage-1", command, stdin: None };
-            Some(stage::run(spec, outbox)?)
+            Some(run_reported(spec, outbox, inbox)?)
         }
         None => None,
     };
@@ -50,14 +53,37 @@ pub fn execute(mut job: Job, outbox: &Sender<GuestMessage>) -> Result<JobResult,
         return Ok(JobResult { verdict, compile, run: None });
     }
     let run = if compiled {
-        let stdin = Some(std::mem::take(&mut job.stdin));
+        // A session's stdin comes through the inbox (which got the job's own stdin first).
+        let stdin = inbox.is_none().then(|| std::mem::take(&mut job.stdin));
         let spec = StageSpec { stage: Stage::Run, cgroup: "stage-2", command: &job.run, stdin };
-        Some(stage::run(spec, outbox)?)
+        Some(run_reported(spec, outbox, inbox)?)
     } else {
         None
     };
     let verdict = Verdict::from_stages(compile.as_ref(), run.as_ref());
     Ok(JobResult { verdict, compile, run })
+}
+
+/// Runs a stage; in a session, announces its start and exit to the host.
+fn run_reported(
+    spec: StageSpec<'_>,
+    outbox: &Sender<GuestMessage>,
+    inbox: Option<&Inbox>,
+) -> Result<StageResult, Error> {
+    let stage = spec.stage;
+    if inbox.is_some() {
+        let _ = outbox.send(GuestMessage::StageStarted { stage });
+    }
+    let result = stage::run_attached(spec, outbox, inbox)?;
+    if inbox.is_some() {
+        let _ = outbox.send(GuestMessage::StageExited {
+            stage,
+            status: result.status,
+            exit_code: result.exit_code,
+            signal: result.signal,
+        });
+    }
+    Ok(result)
 }
 
 /// A fresh tmpfs on `/work` of the job's size, owned by the runner.

@@ -13,6 +13,7 @@ mod boot;
 mod clone;
 mod error;
 mod harden;
+mod inbox;
 mod job;
 mod log;
 mod output;
@@ -71,7 +72,7 @@ fn run() -> Result<(), Error> {
     // siblings until the job's fresh entropy and time are applied, before
     // anything of the job runs.
     let received = setup.and_then(|()| clone::await_job(&mut link));
-    let job = match received {
+    let mut job = match received {
         Ok(job) => job,
         Err(e) => {
             // Best effort: the host may be the reason we failed.
@@ -83,8 +84,16 @@ fn run() -> Result<(), Error> {
     };
     debug!("job received");
 
+    // A session's input arrives while the job runs, on a second descriptor
+    // of the link (the writer thread owns the first).
+    let inbox = if job.interactive {
+        let stdin = std::mem::take(&mut job.stdin);
+        Some(inbox::Inbox::start(link.reader()?, stdin)?)
+    } else {
+        None
+    };
     let outbox = link.into_outbox()?;
-    let last = match job::execute(job, &outbox.sender()) {
+    let last = match job::execute_with(job, &outbox.sender(), inbox.as_ref()) {
         Ok(result) => {
             debug!("job done: {}", result.verdict);
             GuestMessage::Done(result)

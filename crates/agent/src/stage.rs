@@ -15,6 +15,7 @@ use nix::unistd::Pid;
 use tvm_protocol::{Command, GuestMessage, Stage, StageResult, StageStatus, Stream};
 
 use crate::error::Error;
+use crate::inbox::Inbox;
 use crate::log::debug;
 use crate::output::Capture;
 use crate::relay::Relay;
@@ -87,9 +88,22 @@ pub fn check_command(command: &Command) -> Result<(), Error> {
 /// Runs one stage to completion. Output chunks go to `outbox` as they are
 /// produced; the returned result carries the capped output.
 pub fn run(spec: StageSpec<'_>, outbox: &Sender<GuestMessage>) -> Result<StageResult, Error> {
+    run_attached(spec, outbox, None)
+}
+
+/// [`run`] for an interactive job: the stage takes the host's signals from
+/// `inbox`, and a run stage's stdin is the pipe the inbox feeds.
+pub fn run_attached(
+    spec: StageSpec<'_>,
+    outbox: &Sender<GuestMessage>,
+    inbox: Option<&Inbox>,
+) -> Result<StageResult, Error> {
     check_command(spec.command)?;
     let cgroup = Cgroup::create(spec.cgroup, &spec.command.limits)?;
-    let result = supervise(spec, &cgroup, outbox);
+    let result = supervise(spec, &cgroup, outbox, inbox);
+    if let Some(inbox) = inbox {
+        inbox.detach();
+    }
     if result.is_err() {
         // Do not leave a job running behind an agent error.
         let _ = cgroup.kill();
@@ -99,8 +113,14 @@ pub fn run(spec: StageSpec<'_>, outbox: &Sender<GuestMessage>) -> Result<StageRe
     result
 }
 
-fn supervise(spec: StageSpec<'_>, cgroup: &Cgroup, outbox: &Sender<GuestMessage>) -> Result<StageResult, Error> {
+fn supervise(
+    spec: StageSpec<'_>,
+    cgroup: &Cgroup,
+    outbox: &Sender<GuestMessage>,
+    inbox: Option<&Inbox>,
+) -> Result<StageResult, Error> {
     let limits = spec.command.limits;
+    let session_stdin = inbox.is_some() && spec.stage == Stage::Run;
     let setup = ChildSetup::new(cgroup, &limits)?;
     let mut command = std::process::Command::new(&spec.command.argv[0]);
     command
@@ -108,7 +128,7 @@ fn supervise(spec: StageSpec<'_>, cgroup: &Cgroup, outbox: &Sender<GuestMessage>
         .env_clear()
         .envs(spec.command.env.iter().map(|(k, v)| (k, v)))
         .current_dir(WORKDIR)
-        .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if spec.stdin.is_some() || session_stdin { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // Not Command::uid/gid: std applies those before pre_exec, and an
@@ -127,16 +147,26 @@ fn supervise(spec: StageSpec<'_>, cgroup: &Cgroup, outbox: &Sender<GuestMessage>
     let main = Pid::from_raw(child.id() as i32);
     debug!("{:?} stage started as pid {main}", spec.stage);
 
-    if let (Some(data), Some(mut pipe)) = (spec.stdin, child.stdin.take()) {
-        // A thread, so a program that never reads its input cannot stall the
-        // agent; dropping the pipe at the end sends EOF. Not joined: once the
-        // stage's processes are dead its write fails with EPIPE and it ends.
-        std::thread::Builder::new()
-            .name("stdin".into())
-            .spawn(move || {
-                let _ = pipe.write_all(&data);
-            })
-            .map_err(|e| Error::SpawnThread("stdin", e))?;
+    // The pipe is taken once, then given to the session's inbox or to a
+    // writer thread (a tuple pattern with `take()` in it would drop the pipe,
+    // closing stdin, whenever the pattern did not match).
+    if let Some(pipe) = child.stdin.take() {
+        match inbox.filter(|_| session_stdin) {
+            Some(inbox) => inbox.attach(OwnedFd::from(pipe)),
+            None => {
+                let data = spec.stdin.unwrap_or_default();
+                let mut pipe = pipe;
+                // A thread, so a program that never reads its input cannot stall the
+                // agent; dropping the pipe at the end sends EOF. Not joined: once the
+                // stage's processes are dead its write fails with EPIPE and it ends.
+                std::thread::Builder::new()
+                    .name("stdin".into())
+                    .spawn(move || {
+                        let _ = pipe.write_all(&data);
+                    })
+                    .map_err(|e| Error::SpawnThread("stdin", e))?;
+            }
+        }
     }
     let stdout_pipe = OwnedFd::from(child.stdout.take().expect("stdout is piped"));
     let stderr_pipe = OwnedFd::from(child.stderr.take().expect("stderr is piped"));
@@ -153,6 +183,12 @@ fn supervise(spec: StageSpec<'_>, cgroup: &Cgroup, outbox: &Sender<GuestMessage>
         reap(main, &mut exit);
         if exit.is_some() {
             break;
+        }
+        if let Some(inbox) = inbox {
+            for signal in inbox.take_signals() {
+                debug!("{:?} stage: host sent signal {signal}", spec.stage);
+                cgroup.signal(signal)?;
+            }
         }
         let now = Instant::now();
         match killed {

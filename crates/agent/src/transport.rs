@@ -95,6 +95,15 @@ impl Link {
         wait_for_hangup(&self.stream, HANGUP_WAIT);
     }
 
+    /// A second descriptor of the link for reading what the host sends
+    /// while the job runs (interactive jobs).
+    ///
+    /// # Errors
+    /// [`Error::SpawnThread`] (for the host reader) if it cannot be duplicated.
+    pub fn reader(&self) -> Result<File, Error> {
+        self.stream.try_clone().map_err(|e| Error::SpawnThread("host reader", e))
+    }
+
     /// Hands the link to a writer thread. Output chunks come from several
     /// reader threads; funnelling them through one owner keeps frames whole
     /// and lets readers never block on a slow host.
@@ -205,6 +214,8 @@ fn describe(msg: &GuestMessage) -> &'static str {
         GuestMessage::TestDone { .. } => "a test result",
         GuestMessage::Failed { .. } => "the failure report",
         GuestMessage::Warmed { .. } => "the warm-up report",
+        GuestMessage::StageStarted { .. } => "a stage start",
+        GuestMessage::StageExited { .. } => "a stage exit",
     }
 }
 

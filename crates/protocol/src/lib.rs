@@ -25,7 +25,10 @@ pub use signal::linux_signal_name;
 /// Bumped whenever a message changes shape; host and agent must agree.
 /// 2: `Prewarm`, `Resume`, `Warmed` and the job's `uniqueness` (templates);
 /// a host must never restore clones through an agent that ignores them.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: interactive jobs (`Job::interactive`, `Stdin`, `StdinEof`, `Signal`,
+/// `StageStarted`, `StageExited`); an older agent would leave a session's
+/// program waiting for input forever.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame the host accepts from the guest. Output arrives in chunks of
 /// at most [`OUTPUT_CHUNK`] bytes, so anything larger is hostile.

@@ -36,7 +36,38 @@ pub enum HostMessage {
     /// clock, then answer [`GuestMessage::Ready`] again (the restored guest's
     /// proof of life) and wait for [`HostMessage::Run`].
     Resume(Uniqueness),
+    /// Interactive jobs only ([`Job::interactive`]): bytes for the run
+    /// stage's standard input (at most [`STDIN_CHUNK`]). Sent any time after
+    /// `Run`; what arrives before the run stage starts (or faster than it
+    /// reads) is buffered by the agent up to [`MAX_STDIN_PENDING`] bytes.
+    Stdin {
+        /// Raw bytes.
+        #[serde(with = "b64")]
+        data: Vec<u8>,
+    },
+    /// Interactive jobs only: close the run stage's standard input once
+    /// everything sent before it is written.
+    StdinEof,
+    /// Interactive jobs only: deliver this signal number (1 to 31) to every
+    /// process of the stage that is running (as a terminal's Ctrl-C reaches
+    /// the foreground process group). Ignored between stages.
+    Signal {
+        /// Signal number, e.g. 2 for SIGINT.
+        signal: i32,
+    },
 }
+
+/// Largest stdin chunk in one [`HostMessage::Stdin`] (before base64).
+pub const STDIN_CHUNK: usize = 64 << 10;
+
+/// Most stdin bytes the agent holds for a program that has not read them
+/// yet; a host that sends more loses the excess (the host bounds a
+/// session's stdin well below this, so only a broken host hits it).
+pub const MAX_STDIN_PENDING: usize = 4 << 20;
+
+/// Largest host frame the agent accepts while an interactive job runs: a
+/// [`STDIN_CHUNK`] in base64 plus the JSON around it.
+pub const MAX_SESSION_FRAME: usize = STDIN_CHUNK * 4 / 3 + 1024;
 
 /// What makes a VM restored from a shared template unique: fresh entropy for
 /// the kernel's CRNG and the host's wall clock (a restored guest's clock
@@ -96,6 +127,24 @@ pub enum GuestMessage {
         exit_code: Option<i32>,
         /// Its wall time in milliseconds.
         wall_ms: u64,
+    },
+    /// Interactive jobs only: a stage is about to start (output of that
+    /// stage follows).
+    StageStarted {
+        /// Which stage.
+        stage: Stage,
+    },
+    /// Interactive jobs only: a stage ended (its full result follows in
+    /// `Done`); sent after the stage's last output chunk.
+    StageExited {
+        /// Which stage.
+        stage: Stage,
+        /// How it ended.
+        status: StageStatus,
+        /// Its exit code, when it exited.
+        exit_code: Option<i32>,
+        /// The signal that ended it, when one did.
+        signal: Option<i32>,
     },
     /// One test of a job with [`Job::tests`] finished (sent in test order,
     /// before `Done`). Test runs stream no `Output`: the result carries it.
@@ -194,6 +243,12 @@ pub struct Job {
     /// other clone until then). Absent from hosts before protocol 2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uniqueness: Option<Uniqueness>,
+    /// An interactive session (protocol 3): the run stage's stdin is a pipe
+    /// fed by [`HostMessage::Stdin`] (after `stdin` above) until
+    /// [`HostMessage::StdinEof`]; the agent accepts [`HostMessage::Signal`]
+    /// and reports stage starts and exits as they happen.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interactive: bool,
     /// Compile once, run many: when not empty, `run` and `stdin` are not run
     /// as such; after a successful compile each test runs `run`'s
     /// environment and limits with its own argv and stdin, in a fresh work

@@ -8,7 +8,8 @@
 
 use std::time::{Duration, Instant};
 
-use pyrovm::{Plan, RunJobError, StartKind};
+use pyrovm::{Plan, RunJobError, SessionEvent, SessionInput, StartKind};
+use tokio::sync::mpsc::Receiver;
 use tracing::{info, warn};
 use tvm_protocol::{Stage, Stream, Verdict};
 
@@ -42,6 +43,18 @@ pub(crate) struct Prepared {
     queued: Duration,
     /// Per test of a compile-once-run-many request: its expected stdout.
     expected: Vec<Option<Vec<u8>>>,
+}
+
+impl Prepared {
+    /// The runtime id the request resolved to.
+    pub fn runtime(&self) -> &str {
+        &self.plan.runtime.id
+    }
+
+    /// Whether the request has `tests` (compile once, run many).
+    pub fn has_tests(&self) -> bool {
+        !self.plan.job.tests.is_empty()
+    }
 }
 
 /// Validates `body` and secures capacity: a warm VM, or a permit after at
@@ -135,6 +148,32 @@ pub(crate) async fn run(
     prepared: Prepared,
     mut on_output: impl FnMut(Stage, Stream, &[u8]),
 ) -> ExecutionResult {
+    let mut on_event = |ev: SessionEvent<'_>| {
+        if let SessionEvent::Output { stage, stream, data } = ev {
+            on_output(stage, stream, data)
+        }
+    };
+    run_inner(st, prepared, None, &mut on_event).await
+}
+
+/// [`run`] as an interactive session: `inputs` reach the program as they
+/// come, `on_event` sees stage starts, output and stage exits as they
+/// happen. Dropping the future destroys the VM.
+pub(crate) async fn run_session(
+    st: &AppState,
+    prepared: Prepared,
+    inputs: &mut Receiver<SessionInput>,
+    mut on_event: impl FnMut(SessionEvent<'_>),
+) -> ExecutionResult {
+    run_inner(st, prepared, Some(inputs), &mut on_event).await
+}
+
+async fn run_inner(
+    st: &AppState,
+    prepared: Prepared,
+    inputs: Option<&mut Receiver<SessionInput>>,
+    on_event: &mut impl FnMut(SessionEvent<'_>),
+) -> ExecutionResult {
     let Prepared { id, plan, lease, queued, expected } = prepared;
     let runtime = plan.runtime.id.clone();
     let started = Instant::now();
@@ -149,7 +188,7 @@ pub(crate) async fn run(
         });
     };
     let outcome = tokio::select! {
-        r = run_job(st, &plan, lease, &mut on_output, on_test) => r,
+        r = run_job(st, &plan, lease, inputs, on_event, on_test) => r,
         _ = st.life.hard_stopped() => Err(("the server shut down before the execution finished".to_string(), Started::none())),
     };
     let total_ms = started.elapsed().as_millis() as u64;
@@ -219,7 +258,8 @@ async fn run_job(
     st: &AppState,
     plan: &Plan,
     lease: Lease,
-    on_output: &mut impl FnMut(Stage, Stream, &[u8]),
+    mut inputs: Option<&mut Receiver<SessionInput>>,
+    on_event: &mut impl FnMut(SessionEvent<'_>),
     mut on_test: impl FnMut(u32, tvm_protocol::StageResult),
 ) -> JobOutcome {
     let (mut vm, permit, mut pooled) = match lease {
@@ -249,19 +289,31 @@ async fn run_job(
         let t = Instant::now();
         // Two callbacks note it (and the future must stay Send), hence an atomic.
         let produced = std::sync::atomic::AtomicBool::new(false);
-        let res = vm_now
-            .execute_each(
-                &plan.job,
-                |stage, stream, data| {
-                    produced.store(true, std::sync::atomic::Ordering::Relaxed);
-                    on_output(stage, stream, data)
-                },
-                |index, run| {
-                    produced.store(true, std::sync::atomic::Ordering::Relaxed);
-                    on_test(index, run)
-                },
-            )
-            .await;
+        let res = match inputs.as_deref_mut() {
+            None => {
+                vm_now
+                    .execute_each(
+                        &plan.job,
+                        |stage, stream, data| {
+                            produced.store(true, std::sync::atomic::Ordering::Relaxed);
+                            on_event(SessionEvent::Output { stage, stream, data })
+                        },
+                        |index, run| {
+                            produced.store(true, std::sync::atomic::Ordering::Relaxed);
+                            on_test(index, run)
+                        },
+                    )
+                    .await
+            }
+            Some(rx) => {
+                vm_now
+                    .execute_interactive(&plan.job, rx, |ev| {
+                        produced.store(true, std::sync::atomic::Ordering::Relaxed);
+                        on_event(ev)
+                    })
+                    .await
+            }
+        };
         st.metrics.execution(t.elapsed());
         match res {
             Ok(job) => {

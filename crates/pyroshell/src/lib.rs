@@ -39,6 +39,7 @@ mod piston;
 pub mod pool;
 #[cfg(target_os = "linux")]
 mod routes;
+mod session;
 pub mod sse;
 #[cfg(target_os = "linux")]
 mod state;

@@ -35,6 +35,7 @@ pub(crate) fn router(st: Arc<AppState>) -> Router {
         .route("/v1/executions", post(create_execution))
         .route("/v1/executions/stream", post(stream_execution))
         .route("/v1/runtimes", get(list_runtimes))
+        .route("/v1/sessions", get(crate::session::native_route))
         .route_layer(middleware::from_fn_with_state(st.clone(), require_api_key));
     let mut app = Router::new()
         .merge(protected)

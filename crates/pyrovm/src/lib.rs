@@ -78,7 +78,7 @@ pub use progress::{MultiProgress, Progress};
 #[cfg(target_os = "linux")]
 pub use template::{TemplateError, Templates};
 #[cfg(target_os = "linux")]
-pub use vm::{RunJobError, StartKind, StartVmError, Vm, VmmHost};
+pub use vm::{RunJobError, SessionEvent, SessionInput, StartKind, StartVmError, Vm, VmmHost};
 
 #[cfg(target_os = "linux")]
 /// Why the VM manager could not get ready.

@@ -281,6 +281,7 @@ pub fn plan(catalog: &Catalog, req: &ExecutionRequest, vm_overhead_mib: u64) -> 
         // even for a job that waited in a queue.
         uniqueness: None,
         tests: Vec::new(),
+        interactive: false,
     };
     let compile_mem = job.compile.is_some().then_some(compile_limits.memory_bytes);
     let vm_memory_mib = vm_memory_mib(run_limits.memory_bytes, compile_mem, job.workdir_bytes, vm_overhead_mib);

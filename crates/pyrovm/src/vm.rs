@@ -26,6 +26,10 @@ use crate::jail::{ConfineVmmError, Confinement};
 use crate::reaper::RunDir;
 use crate::spec::VmSpec;
 
+#[path = "session.rs"]
+mod session;
+pub use session::{SessionEvent, SessionInput};
+
 /// Host memory a VMM may use beyond its guest's RAM: the VMM itself, device
 /// buffers and, under TCG, the translation cache (measured at ~100 MiB for
 /// a Python job; the rest is margin, the cap is against runaways).
@@ -539,6 +543,8 @@ impl Vm {
                         }
                         GuestMessage::Done(result) => return Ok(result),
                         GuestMessage::Failed { message } => return Err(RunJobError::AgentFailed(message)),
+                        // Only interactive jobs report stages; this one is not.
+                        GuestMessage::StageStarted { .. } | GuestMessage::StageExited { .. } => {}
                         GuestMessage::Ready { .. } | GuestMessage::Warmed { .. } => {
                             return Err(RunJobError::Protocol(FrameError::Io(std::io::Error::other(
                                 "unexpected second ready (or warm-up report) during a job",

@@ -127,6 +127,7 @@ fn job(wall_ms: u64) -> Job {
         workdir_bytes: 1 << 20,
         uniqueness: None,
         tests: vec![],
+        interactive: false,
     }
 }
 

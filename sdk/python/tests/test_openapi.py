@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from pyroshell import ExecutionResult, Limits, LimitsInfo, Runtime, RuntimeList, Stage
-from pyroshell._models import DefaultLimits, ImageInfo, PoolInfo
+from pyroshell._models import DefaultLimits, ImageInfo, PoolInfo, TestResult, TestSummary
 from pyroshell._client import _execution_body
 
 pytestmark = pytest.mark.integration
@@ -25,6 +25,8 @@ PAIRS = [
     (ImageInfo, "ImageInfo"),
     (DefaultLimits, "DefaultLimits"),
     (PoolInfo, "PoolInfo"),
+    (TestResult, "TestResultBody"),
+    (TestSummary, "TestSummary"),
 ]
 
 JSON_TYPES = {int: "integer", bool: "boolean", str: "string", float: "number"}

@@ -10,6 +10,7 @@
 //! `Retry-After` when TVM is at capacity, draining or building the image.
 //! Field by field behaviour and the deliberate differences: docs/compat.md.
 
+mod connect;
 mod names;
 mod wire;
 
@@ -44,6 +45,8 @@ pub(crate) fn router(st: Arc<AppState>) -> Router<Arc<AppState>> {
         .route("/api/v2/execute/", post(execute))
         .route("/api/v2/runtimes", get(runtimes))
         .route("/api/v2/runtimes/", get(runtimes))
+        .route("/api/v2/connect", get(connect::route))
+        .route("/api/v2/connect/", get(connect::route))
         .route_layer(middleware::from_fn_with_state(st, require_api_key))
 }
 

@@ -200,14 +200,16 @@ fn status_and_message(s: &StageBody) -> (Option<&'static str>, Option<String>) {
 /// One stage in Piston's shape; `output` is both streams in arrival order.
 pub(crate) fn stage_json(s: &StageBody, output: &[u8]) -> Value {
     let (status, message) = status_and_message(s);
-    // A stage TVM ended itself (limits) was SIGKILLed, as Piston reports for TO/OL/EL.
+    // A stage TVM ended for a limit reads SIGKILL, as Piston (isolate) reports TO/OL/EL, whatever
+    // ended it here: the agent stops a time limit with SIGTERM and a grace before SIGKILL, so the
+    // real signal (in the native API) is often SIGTERM.
     let killed = matches!(
         s.status,
         StageStatus::TimeLimitExceeded | StageStatus::MemoryLimitExceeded | StageStatus::OutputLimitExceeded
     );
     let signal = match s.signal {
+        _ if killed => Some("SIGKILL".to_string()),
         Some(n) => signal_name(n).map(str::to_string),
-        None if killed => Some("SIGKILL".to_string()),
         None => None,
     };
     json!({
@@ -353,6 +355,8 @@ mod tests {
         );
         let to = stage_json(&stage(StageStatus::TimeLimitExceeded, None, Some(9)), b"");
         assert_eq!((to["status"].clone(), to["signal"].clone()), (json!("TO"), json!("SIGKILL")));
+        let term = stage_json(&stage(StageStatus::TimeLimitExceeded, None, Some(15)), b"");
+        assert_eq!(term["signal"], "SIGKILL", "the agent's SIGTERM grace is not Piston's business");
         let el = stage_json(&stage(StageStatus::OutputLimitExceeded, None, None), b"");
         assert_eq!((el["status"].clone(), el["signal"].clone()), (json!("EL"), json!("SIGKILL")));
         let me = stage_json(&stage(StageStatus::MemoryLimitExceeded, None, Some(9)), b"");

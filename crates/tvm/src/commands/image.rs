@@ -52,9 +52,12 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
     let group = MultiProgress::new();
     let cancel = BuildCancel::new();
     let mut running = JoinSet::new();
+    // Ids of the builds in progress, for the message when interrupted.
+    let mut in_progress: Vec<String> = Vec::new();
     loop {
         while running.len() < usize::from(args.jobs) {
             let Some((r, recipe)) = queue.pop_front() else { break };
+            in_progress.push(r.id.clone());
             let (s, token, progress) =
                 (ctx.settings.clone(), cancel.clone(), Progress::spinner_in(&group, &format!("image {}", r.id)));
             running.spawn_blocking(move || {
@@ -68,12 +71,13 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
             _ = &mut stop => {
                 cancel.cancel();
                 while running.join_next().await.is_some() {}
-                eprintln!("tvm: interrupted; the image builds in progress were cancelled and cleaned up");
+                eprintln!("tvm: interrupted; the build of {} was cancelled and cleaned up", in_progress.join(", "));
                 return Ok(ExitCode::from(130));
             }
         };
         let Some(done) = done else { break };
         let (r, cached, res) = done?;
+        in_progress.retain(|id| *id != r.id);
         match res {
             Ok(img) => {
                 ready.push(r.clone());

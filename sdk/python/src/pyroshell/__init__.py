@@ -46,6 +46,9 @@ from ._models import (
     Stage,
     StreamEvent,
     Verdict,
+    TestResult,
+    TestSummary,
+    TestVerdict,
 )
 from ._version import __version__
 
@@ -67,6 +70,9 @@ __all__ = [
     "ImageInfo",
     "DefaultLimits",
     "PoolInfo",
+    "TestResult",
+    "TestSummary",
+    "TestVerdict",
     "OutputEvent",
     "ResultEvent",
     "StreamEvent",

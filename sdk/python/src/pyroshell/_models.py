@@ -113,6 +113,42 @@ class Stage(_Response):
         return _exact(self.stderr, self.stderr_base64)
 
 
+TestVerdict = Literal[
+    "accepted",
+    "wrong_answer",
+    "runtime_error",
+    "time_limit_exceeded",
+    "memory_limit_exceeded",
+    "output_limit_exceeded",
+]
+
+
+class TestResult(_Response):
+    """One test of a compile-once-run-many execution (server schema ``TestResultBody``)."""
+
+    __test__ = False  # not a pytest class
+
+    index: int
+    verdict: TestVerdict
+    #: The comparison rule used when ``expected_output`` was given (``trailing_whitespace``).
+    comparison: Optional[str] = None
+    run: Stage
+
+
+class TestSummary(_Response):
+    """Counts over the tests of a compile-once-run-many execution; times in ms, memory in bytes."""
+
+    __test__ = False  # not a pytest class
+
+    total: int
+    ran: int
+    accepted: int
+    failed: int
+    max_wall_time_ms: int
+    max_cpu_time_ms: int
+    max_peak_memory_bytes: int
+
+
 class ExecutionResult(_Response):
     """The outcome of one execution. A failing program is a verdict here, not an exception."""
 
@@ -129,6 +165,12 @@ class ExecutionResult(_Response):
     pooled: bool = False
     #: How the VM started: ``template`` (restored snapshot), ``pool`` (pre-booted) or ``cold`` (booted for this request).
     start: str = ""
+    #: Per-test outcomes when the request had ``tests`` (then ``run`` is absent).
+    tests: Optional[List[TestResult]] = None
+    #: Counts over ``tests``.
+    summary: Optional[TestSummary] = None
+    #: Why the VM booted cold although templates are on; absent otherwise.
+    start_note: Optional[str] = None
 
     @property
     def ok(self) -> bool:
