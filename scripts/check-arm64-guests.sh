@@ -9,7 +9,7 @@
 # TVM's cache dir, keyed by its inputs; from empty caches on 2 cores it costs
 # what docs/arm64.md says (too much for CI's budget, so it lives outside CI).
 set -uo pipefail
-cd "$(dirname "$0")/../.."
+cd "$(dirname "$0")/.."
 ws=$(pwd)
 tvm=${TVM_BIN:-$ws/target/release/tvm}
 started=$(date +%s)
