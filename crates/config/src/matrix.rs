@@ -14,6 +14,7 @@ pub fn is_default(catalog: &Catalog, r: &Runtime) -> bool {
 /// Where a runtime comes from, or why it is unavailable.
 pub fn source_of(r: &Runtime) -> String {
     match (&r.unavailable, &r.image) {
+        (Some(why), Some(recipe)) if recipe.oci.is_some() => format!("unavailable: {why}; {}", recipe.source()),
         (Some(why), _) => format!("unavailable: {why}"),
         (None, Some(recipe)) => recipe.source(),
         (None, None) => "no recipe".into(),

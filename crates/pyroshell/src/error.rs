@@ -86,6 +86,22 @@ pub enum ApiError {
         /// The host named by the request.
         host: String,
     },
+    /// A WebSocket endpoint got a plain HTTP request (or a handshake of a
+    /// WebSocket version other than 13): answered 426 with `Upgrade:
+    /// websocket` and `Sec-WebSocket-Version: 13`, as RFC 7231 §6.5.15 and
+    /// RFC 6455 §4.4 ask.
+    #[error("this endpoint speaks WebSocket only (RFC 6455, version 13): {missing}")]
+    UpgradeRequired {
+        /// What the request lacks, e.g. "the Upgrade header does not name websocket".
+        missing: &'static str,
+    },
+    /// A WebSocket handshake that cannot be accepted even so (no
+    /// `Sec-WebSocket-Key`, a bad HTTP/2 `:protocol`).
+    #[error("malformed WebSocket handshake: {problem}")]
+    BadHandshake {
+        /// What is wrong with it.
+        problem: &'static str,
+    },
     /// No such route.
     #[error("no such endpoint: {0}")]
     NotFound(String),
@@ -143,7 +159,8 @@ impl ApiError {
     /// HTTP status.
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::Malformed { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Malformed { .. } | ApiError::BadHandshake { .. } => StatusCode::BAD_REQUEST,
+            ApiError::UpgradeRequired { .. } => StatusCode::UPGRADE_REQUIRED,
             ApiError::Plan(_) | ApiError::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -163,6 +180,8 @@ impl ApiError {
     pub fn code(&self) -> &'static str {
         match self {
             ApiError::Malformed { .. } => "malformed_request",
+            ApiError::UpgradeRequired { .. } => "upgrade_required",
+            ApiError::BadHandshake { .. } => "bad_websocket_handshake",
             ApiError::Plan(e) => plan_code(e),
             ApiError::Invalid { code, .. } => code,
             ApiError::Unauthorized => "unauthorized",
@@ -226,6 +245,11 @@ impl IntoResponse for ApiError {
         if matches!(self, ApiError::Unauthorized) {
             headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if matches!(self, ApiError::UpgradeRequired { .. }) {
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        }
         // The rest of a timed-out body may never come: do not wait for it
         // to reuse the connection.
         if matches!(self, ApiError::BodyTimeout { .. }) {
@@ -269,6 +293,8 @@ mod tests {
                 Some("files"),
             ),
             (ApiError::Internal("boom".into()), 500, "internal_error", None),
+            (ApiError::UpgradeRequired { missing: "x" }, 426, "upgrade_required", None),
+            (ApiError::BadHandshake { problem: "x" }, 400, "bad_websocket_handshake", None),
         ];
         for (e, status, code, field) in cases {
             assert_eq!(e.status().as_u16(), status, "{e:?}");

@@ -26,7 +26,9 @@
 
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use axum::response::IntoResponse;
 use pyrovm::{SessionEvent, SessionInput};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -35,6 +37,7 @@ use tracing::info;
 use tvm_protocol::{Stage, StageStatus, Stream, MAX_STDIN_PENDING};
 
 use crate::api::ExecutionResult;
+use crate::error::ApiError;
 use crate::exec::{self, Prepared};
 use crate::sse::Utf8Chunks;
 use crate::state::AppState;
@@ -386,12 +389,44 @@ pub(crate) fn bounded(ws: axum::extract::ws::WebSocketUpgrade) -> axum::extract:
     ws.max_message_size(MAX_MESSAGE_BYTES).max_frame_size(MAX_MESSAGE_BYTES)
 }
 
-/// `GET /v1/sessions` (WebSocket): an interactive execution.
+/// Why a request to a session route is not a WebSocket handshake TVM can
+/// accept, as an API error: 426 when it is not a (version 13) handshake at
+/// all, 400 when it is a broken one.
+pub(crate) fn not_a_handshake(r: &WebSocketUpgradeRejection) -> ApiError {
+    use WebSocketUpgradeRejection as R;
+    match r {
+        R::InvalidConnectionHeader(_) => {
+            ApiError::UpgradeRequired { missing: "the Connection header does not name Upgrade" }
+        }
+        R::InvalidUpgradeHeader(_) => {
+            ApiError::UpgradeRequired { missing: "the Upgrade header does not name websocket" }
+        }
+        R::InvalidWebSocketVersionHeader(_) => ApiError::UpgradeRequired { missing: "Sec-WebSocket-Version is not 13" },
+        R::ConnectionNotUpgradable(_) => {
+            ApiError::UpgradeRequired { missing: "this connection cannot be upgraded (HTTP/1.1 is needed)" }
+        }
+        R::WebSocketKeyHeaderMissing(_) => {
+            ApiError::BadHandshake { problem: "the Sec-WebSocket-Key header is missing" }
+        }
+        R::InvalidProtocolPseudoheader(_) => {
+            ApiError::BadHandshake { problem: "the :protocol pseudo-header is not websocket" }
+        }
+        R::MethodNotGet(_) | R::MethodNotConnect(_) => ApiError::MethodNotAllowed,
+        // The enum is non-exhaustive: a rejection added later is still not an upgrade.
+        _ => ApiError::UpgradeRequired { missing: "not a WebSocket handshake" },
+    }
+}
+
+/// `GET /v1/sessions` (WebSocket): an interactive execution. A request that
+/// is not a WebSocket handshake gets the API's error shape (426 `upgrade_required`).
 pub(crate) async fn native_route(
     axum::extract::State(st): axum::extract::State<std::sync::Arc<AppState>>,
-    ws: axum::extract::ws::WebSocketUpgrade,
+    ws: Result<axum::extract::ws::WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> axum::response::Response {
-    bounded(ws).on_upgrade(move |socket| native(st, socket))
+    match ws {
+        Ok(ws) => bounded(ws).on_upgrade(move |socket| native(st, socket)),
+        Err(r) => not_a_handshake(&r).into_response(),
+    }
 }
 
 async fn native(st: std::sync::Arc<AppState>, mut ws: WebSocket) {
@@ -453,6 +488,61 @@ fn parse_start(msg: &Message) -> Result<crate::api::ExecutionBody, Close> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    async fn rejection(headers: &[(&str, &str)]) -> WebSocketUpgradeRejection {
+        use axum::extract::FromRequestParts;
+        let mut b = axum::http::Request::get("/v1/sessions");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let (mut parts, ()) = b.body(()).unwrap().into_parts();
+        axum::extract::ws::WebSocketUpgrade::from_request_parts(&mut parts, &()).await.err().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_request_that_is_no_handshake_is_426_with_upgrade_headers() {
+        type Headers = &'static [(&'static str, &'static str)];
+        const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+        let cases: [(Headers, u16, &str); 5] = [
+            (&[], 426, "upgrade_required"),
+            (&[("connection", "upgrade")], 426, "upgrade_required"),
+            (
+                &[
+                    ("connection", "upgrade"),
+                    ("upgrade", "websocket"),
+                    ("sec-websocket-key", KEY),
+                    ("sec-websocket-version", "8"),
+                ],
+                426,
+                "upgrade_required",
+            ),
+            // A well-formed handshake on a connection hyper cannot upgrade (none here).
+            (
+                &[
+                    ("connection", "upgrade"),
+                    ("upgrade", "websocket"),
+                    ("sec-websocket-key", KEY),
+                    ("sec-websocket-version", "13"),
+                ],
+                426,
+                "upgrade_required",
+            ),
+            (
+                &[("connection", "upgrade"), ("upgrade", "websocket"), ("sec-websocket-version", "13")],
+                400,
+                "bad_websocket_handshake",
+            ),
+        ];
+        for (headers, status, code) in cases {
+            let e = not_a_handshake(&rejection(headers).await);
+            assert_eq!((e.status().as_u16(), e.code()), (status, code), "{headers:?}: {e}");
+            let r = e.into_response();
+            if status == 426 {
+                assert_eq!(r.headers()["upgrade"], "websocket");
+                assert_eq!(r.headers()["sec-websocket-version"], "13");
+            }
+        }
+    }
 
     #[test]
     fn signals_by_name_or_number_standard_only() {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 use tvm_config::{format_bytes, ImageRecipe, Settings};
 
-use crate::cache::{remove_tree, run_cancellable, run_streaming, which, BuildCancel, Cache, RunError};
+use crate::cache::{remove_tree, run_cancellable, run_streaming, which, BuildCancel, Cache, RunError, ScratchDir};
 use crate::progress::Progress;
 
 /// Paths dpkg never unpacks into an image: documentation, translations, lintian data.
@@ -69,6 +69,9 @@ pub struct ImageMeta {
     pub build_seconds: f64,
     /// Installed version of each requested package, in recipe order.
     pub installed: Vec<(String, String)>,
+    /// The OCI image manifest the root came from (`sha256:...`), for OCI recipes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_digest: Option<String>,
 }
 
 /// A built runtime image.
@@ -142,6 +145,63 @@ pub enum ImageBuildError {
         /// Exit status and the last lines of its output.
         tail: String,
     },
+    /// An OCI image reference that does not parse (`[registry/]repo[:tag][@digest]`).
+    #[error("{reference:?} is not an OCI image reference")]
+    OciReference {
+        /// The reference as written in the recipe.
+        reference: String,
+        /// Why it does not parse.
+        #[source]
+        source: oci_client::ParseError,
+    },
+    /// Talking to the registry failed: unreachable, authentication refused,
+    /// no such image or no linux/amd64 variant, a blob or manifest whose
+    /// digest does not match, the connection lost mid-pull.
+    #[error("pulling {reference} from its registry failed")]
+    Pull {
+        /// The image reference.
+        reference: String,
+        /// What the OCI client reported.
+        #[source]
+        source: oci_client::errors::OciDistributionError,
+    },
+    /// The Docker config file names credentials for the registry but they could
+    /// not be read (a credential helper failed, an undecodable `auth`).
+    #[error("reading the credentials for {registry} from the Docker config file failed: {problem}")]
+    Credentials {
+        /// The registry.
+        registry: String,
+        /// What docker_credential reported (its error type has no `Display`).
+        problem: String,
+    },
+    /// A blob's content does not match its digest (an imported layout or archive).
+    #[error("{what} does not match its digest: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// The blob (a layer, a manifest, a config).
+        what: String,
+        /// The digest that named it.
+        expected: String,
+        /// The digest of what was read.
+        actual: String,
+    },
+    /// The image's manifest, index or layout is unusable (no linux/amd64
+    /// variant, an unsupported layer format, no image matching the recipe).
+    #[error("the OCI image is unusable: {problem}")]
+    OciImage {
+        /// What is wrong.
+        problem: String,
+    },
+    /// A layer entry is refused: a path escaping the root (`..`, through a
+    /// symlink), a hard link out of the root, or the size caps exceeded.
+    #[error("layer {layer}: entry {entry:?} refused: {problem}")]
+    Layer {
+        /// The layer's digest.
+        layer: String,
+        /// The entry's path as stored in the tarball.
+        entry: String,
+        /// Why it is refused.
+        problem: String,
+    },
     /// The build was cancelled ([`BuildCancel`]): its tools were killed and
     /// its scratch directory removed.
     #[error("the image build was cancelled")]
@@ -159,7 +219,7 @@ pub enum ImageBuildError {
     },
 }
 
-fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageBuildError {
+pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ImageBuildError {
     let path = path.to_path_buf();
     move |source| ImageBuildError::Io { action, path, source }
 }
@@ -239,10 +299,16 @@ pub fn ensure_image_cancellable(
     if !nix::unistd::geteuid().is_root() {
         return Err(ImageBuildError::NotRoot);
     }
-    if let Some(handler) = missing_emulation(recipe.guest_arch()) {
-        return Err(ImageBuildError::NoEmulation { arch: recipe.guest_arch(), handler });
-    }
-    for (tool, package) in [("mmdebstrap", "mmdebstrap"), ("mkfs.erofs", "erofs-utils"), ("dpkg-query", "dpkg")] {
+    let tools: &[(&'static str, &'static str)] = if recipe.oci.is_some() {
+        // An OCI root is unpacked, never executed at build time: no emulation needed.
+        &[("mkfs.erofs", "erofs-utils")]
+    } else {
+        if let Some(handler) = missing_emulation(recipe.guest_arch()) {
+            return Err(ImageBuildError::NoEmulation { arch: recipe.guest_arch(), handler });
+        }
+        &[("mmdebstrap", "mmdebstrap"), ("mkfs.erofs", "erofs-utils"), ("dpkg-query", "dpkg")]
+    };
+    for &(tool, package) in tools {
         if which(tool).is_none() {
             return Err(ImageBuildError::ToolMissing { tool, package });
         }
@@ -259,7 +325,13 @@ pub fn ensure_image_cancellable(
         return Ok(image);
     }
     cache.sweep_stale_scratch();
-    match build(settings, recipe, &cache, &key, &label, progress, cancel) {
+    let built = match &recipe.oci {
+        Some(reference) => {
+            crate::image_oci::build(reference, recipe.guest_arch(), &cache, &key, &label, progress, cancel)
+        }
+        None => build(settings, recipe, &cache, &key, &label, progress, cancel),
+    };
+    match built {
         Ok(image) => {
             let m = &image.meta;
             info!(key, size_bytes = m.size_bytes, seconds = m.build_seconds, "image built");
@@ -364,6 +436,33 @@ fn build(
     let mut installed = installed_versions(&root, &recipe.packages)?;
     installed.extend(installed_extra);
 
+    let meta = ImageMeta {
+        key: key.to_string(),
+        suite: recipe.suite.clone(),
+        packages: recipe.packages.clone(),
+        created_unix: 0,
+        size_bytes: 0,
+        build_seconds: 0.0,
+        installed,
+        manifest_digest: None,
+    };
+    pack_and_publish(&scratch, &root, cache, meta, started, label, progress, cancel)
+}
+
+/// Packs the finished `root` into erofs inside `scratch` and publishes it under
+/// `meta.key`: the image first, then its metadata (size, times filled in), so
+/// a build that fails or is cancelled leaves nothing that counts as built.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn pack_and_publish(
+    scratch: &ScratchDir,
+    root: &Path,
+    cache: &Cache,
+    mut meta: ImageMeta,
+    started: Instant,
+    label: &str,
+    progress: &Progress,
+    cancel: &BuildCancel,
+) -> Result<Image, ImageBuildError> {
     progress.set_message(format!("{label}: packing erofs"));
     let erofs = scratch.join("image.erofs");
     let mut mkfs = Command::new("mkfs.erofs");
@@ -372,32 +471,26 @@ fn build(
     } else {
         warn!("mkfs.erofs lacks lz4hc; building an uncompressed image");
     }
-    mkfs.arg(&erofs).arg(&root);
+    mkfs.arg(&erofs).arg(root);
     run_cancellable(&mut mkfs, Some(cancel), |_| {}, |_| {})
         .map_err(|e| tool_failed(e, |tail| ImageBuildError::MakeFs { tail }))?;
     if cancel.is_cancelled() {
         return Err(ImageBuildError::Cancelled);
     }
 
-    let size_bytes = std::fs::metadata(&erofs).map_err(io_err("reading", &erofs))?.len();
-    let meta = ImageMeta {
-        key: key.to_string(),
-        suite: recipe.suite.clone(),
-        packages: recipe.packages.clone(),
-        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-        size_bytes,
-        build_seconds: started.elapsed().as_secs_f64(),
-        installed,
-    };
+    meta.size_bytes = std::fs::metadata(&erofs).map_err(io_err("reading", &erofs))?.len();
+    meta.created_unix = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    meta.build_seconds = started.elapsed().as_secs_f64();
+    let key = meta.key.clone();
     let meta_tmp = scratch.join("meta.json");
     let json = serde_json::to_vec_pretty(&meta).map_err(|e| io_err("serializing", &meta_tmp)(e.into()))?;
     std::fs::write(&meta_tmp, json).map_err(io_err("writing", &meta_tmp))?;
     // The image first, then its metadata: only the metadata makes it count as built.
-    let path = cache.image_path(key);
+    let path = cache.image_path(&key);
     scratch.publish(&erofs, &path).map_err(io_err("publishing", &path))?;
-    let meta_path = cache.image_meta(key);
+    let meta_path = cache.image_meta(&key);
     scratch.publish(&meta_tmp, &meta_path).map_err(io_err("publishing", &meta_path))?;
-    Ok(Image { key: key.to_string(), path, meta })
+    Ok(Image { key, path, meta })
 }
 
 /// The mmdebstrap invocation for `recipe` into the directory `root`, with
@@ -617,7 +710,7 @@ fn erofs_supports_lz4hc() -> bool {
 /// Adds the runner account and the mount points the agent uses, replaces the
 /// host's network identity, and drops caches and logs. The image is mounted
 /// read-only, so this is final.
-fn customize(root: &Path) -> Result<(), ImageBuildError> {
+pub(crate) fn customize(root: &Path) -> Result<(), ImageBuildError> {
     append_entry(&root.join("etc/passwd"), RUNNER_PASSWD)?;
     append_entry(&root.join("etc/group"), RUNNER_GROUP)?;
     for (dir, mode) in [("work", 0o755), ("tmp", 0o1777), ("proc", 0o555), ("sys", 0o555), ("dev", 0o755)] {
@@ -715,6 +808,7 @@ mod tests {
             size_bytes: 31_457_280,
             build_seconds: 42.5,
             installed: vec![("python3".into(), "3.11.2-1+b1".into())],
+            manifest_digest: None,
         }
     }
 

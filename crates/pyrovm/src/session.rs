@@ -2,17 +2,14 @@
 //! signals while the job runs, and sees each stage start and end as it
 //! happens. A child module of `vm`, as it drives the VM's channel.
 
-use std::time::Duration;
-
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc::Receiver;
 use tracing::{info_span, Instrument};
 use tvm_protocol::{
-    write_frame_async, FrameDecoder, FrameError, GuestMessage, HostMessage, Job, JobResult, Stage, StageStatus, Stream,
-    MAX_GUEST_FRAME, STDIN_CHUNK,
+    write_frame_async, FrameError, GuestMessage, HostMessage, Job, JobResult, Stage, StageStatus, Stream, STDIN_CHUNK,
 };
 
-use super::{RunJobError, Vm};
+use super::{send_job, vm_gone, RunJobError, SentJob, Vm};
 
 /// Input for a running interactive job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,18 +68,8 @@ impl Vm {
     ) -> Result<JobResult, RunJobError> {
         let span = info_span!("vm", vm = %self.id);
         async move {
-            let stages = job.compile.iter().chain(std::iter::once(&job.run));
-            let wall: u64 = stages.clone().map(|c| c.limits.wall_ms).sum();
-            let deadline_ms = wall * 2 + 15_000;
-            let cap: u64 = stages.map(|c| c.limits.output_bytes * 2).sum::<u64>() + (1 << 20);
-            let mut job = job.clone();
-            job.interactive = true;
-            job.uniqueness = Some(crate::template::uniqueness());
             let (mut rd, mut wr) = self.stream.split();
-            write_frame_async(&mut wr, &HostMessage::Run(job)).await.map_err(RunJobError::Send)?;
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(deadline_ms);
-            let max_frame = MAX_GUEST_FRAME.max(cap as usize * 4 / 3 + (64 << 10));
-            let mut decoder = FrameDecoder::new(max_frame);
+            let SentJob { deadline, deadline_ms, cap, mut decoder } = send_job(&mut wr, job, true).await?;
             let mut buf = vec![0u8; 64 << 10];
             let mut received: u64 = 0;
             let mut open = true;
@@ -141,11 +128,7 @@ impl Vm {
                     },
                 }
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            Err(match self.console.kernel_panic() {
-                Some(line) => RunJobError::KernelPanic { line },
-                None => RunJobError::Exited { console: self.console.tail() },
-            })
+            Err(vm_gone(&self.console).await)
         }
         .instrument(span)
         .await

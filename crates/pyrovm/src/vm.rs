@@ -502,24 +502,10 @@ impl Vm {
     ) -> Result<JobResult, RunJobError> {
         let span = info_span!("vm", vm = %self.id);
         async move {
-            let stages = job.compile.iter().chain(std::iter::once(&job.run));
-            let tests_wall = job.tests.len() as u64 * job.run.limits.wall_ms;
-            let wall: u64 = stages.clone().map(|c| c.limits.wall_ms).sum::<u64>() + tests_wall;
             let tests = job.tests.len();
             let mut next_test: u32 = 0;
-            // Generous slack over the guest's own limits: under TCG the guest clock runs slow.
-            let deadline_ms = wall * 2 + 15_000;
-            let cap: u64 = stages.map(|c| c.limits.output_bytes * 2).sum::<u64>() + (1 << 20);
-            // Fresh entropy and clock for every job: a VM restored from a
-            // template shares both with its siblings until the agent applies these.
-            let mut job = job.clone();
-            job.uniqueness = Some(crate::template::uniqueness());
-            write_frame_async(&mut self.stream, &HostMessage::Run(job)).await.map_err(RunJobError::Send)?;
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(deadline_ms);
-            // `Done` repeats the captured output (base64), so its frame may exceed the chunk-sized
-            // limit; size the limit from this job's own caps, never from anything the guest says.
-            let max_frame = MAX_GUEST_FRAME.max(cap as usize * 4 / 3 + (64 << 10));
-            let mut decoder = FrameDecoder::new(max_frame);
+            let SentJob { deadline, deadline_ms, cap, mut decoder } =
+                send_job(&mut self.stream, job, job.interactive).await?;
             let mut buf = vec![0u8; 64 << 10];
             let mut received: u64 = 0;
             loop {
@@ -558,17 +544,67 @@ impl Vm {
                     Ok(Ok(n)) => n,
                 };
                 if n == 0 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    return Err(match self.console.kernel_panic() {
-                        Some(line) => RunJobError::KernelPanic { line },
-                        None => RunJobError::Exited { console: self.console.tail() },
-                    });
+                    return Err(vm_gone(&self.console).await);
                 }
                 decoder.push(&buf[..n]);
             }
         }
         .instrument(span)
         .await
+    }
+}
+
+/// A job sent to the agent: what the host needs to read its answer.
+pub(super) struct SentJob {
+    /// When the host gives up on the job, whatever the guest does.
+    pub deadline: tokio::time::Instant,
+    /// That deadline, ms after sending (for [`RunJobError::Deadline`]).
+    pub deadline_ms: u64,
+    /// Most output bytes the host accepts for the job.
+    pub cap: u64,
+    /// Decoder for the guest's frames, sized from the job's own caps.
+    pub decoder: FrameDecoder,
+}
+
+/// Sends `job` over `wr` with fresh uniqueness (and `interactive` as
+/// given), and sizes the host's side of it: a deadline of twice the stages'
+/// and tests' wall limits plus 15 s, an output cap of twice the stages'
+/// output caps plus 1 MiB, and a frame limit that fits a `Done` repeating
+/// that output.
+///
+/// # Errors
+/// [`RunJobError::Send`] when the frame cannot be written.
+pub(super) async fn send_job(
+    wr: &mut (impl tokio::io::AsyncWrite + Unpin),
+    job: &Job,
+    interactive: bool,
+) -> Result<SentJob, RunJobError> {
+    let stages = job.compile.iter().chain(std::iter::once(&job.run));
+    let tests_wall = job.tests.len() as u64 * job.run.limits.wall_ms;
+    let wall: u64 = stages.clone().map(|c| c.limits.wall_ms).sum::<u64>() + tests_wall;
+    // Generous slack over the guest's own limits: under TCG the guest clock runs slow.
+    let deadline_ms = wall * 2 + 15_000;
+    let cap: u64 = stages.map(|c| c.limits.output_bytes * 2).sum::<u64>() + (1 << 20);
+    // Fresh entropy and clock for every job: a VM restored from a
+    // template shares both with its siblings until the agent applies these.
+    let mut job = job.clone();
+    job.interactive = interactive;
+    job.uniqueness = Some(crate::template::uniqueness());
+    write_frame_async(wr, &HostMessage::Run(job)).await.map_err(RunJobError::Send)?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(deadline_ms);
+    // `Done` repeats the captured output (base64), so its frame may exceed the chunk-sized
+    // limit; size the limit from this job's own caps, never from anything the guest says.
+    let max_frame = MAX_GUEST_FRAME.max(cap as usize * 4 / 3 + (64 << 10));
+    Ok(SentJob { deadline, deadline_ms, cap, decoder: FrameDecoder::new(max_frame) })
+}
+
+/// Why the guest hung up mid-job: a kernel panic on the console, else the
+/// console's tail (after a moment, so the last lines have arrived).
+pub(super) async fn vm_gone(console: &Console) -> RunJobError {
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    match console.kernel_panic() {
+        Some(line) => RunJobError::KernelPanic { line },
+        None => RunJobError::Exited { console: console.tail() },
     }
 }
 

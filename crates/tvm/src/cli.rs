@@ -167,6 +167,20 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Build a runtime's image from a local OCI image layout directory or a
+    /// `docker save` tarball instead of its registry (air-gapped hosts).
+    Import(ImageImportArgs),
+}
+
+/// `tvm image import`.
+#[derive(Args, Debug)]
+pub struct ImageImportArgs {
+    /// An OCI image layout directory (`oci-layout`, `index.json`, `blobs/`)
+    /// or a `docker save` tarball (gzip-compressed or not).
+    pub path: std::path::PathBuf,
+    /// The runtime (id or alias) whose OCI recipe the image is for; the
+    /// image in PATH is the one the recipe's reference names.
+    pub runtime: String,
 }
 
 /// `tvm template`.
@@ -220,6 +234,11 @@ pub struct BenchArgs {
     /// Writes per relay-bench run.
     #[arg(long, default_value_t = 200_000, requires = "relay")]
     pub lines: u64,
+    /// Instead: this many tests (1-64) of a C++ solution as the `tests` of
+    /// one execution (compile once, run many) next to as many separate
+    /// executions.
+    #[arg(long, value_name = "N", conflicts_with_all = ["runtimes", "relay"])]
+    pub tests: Option<usize>,
 }
 
 /// `tvm soak`.
@@ -278,6 +297,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Image { command: ImageCommand::Build(args) } => commands::image::build(ctx, args).await,
         #[cfg(target_os = "linux")]
         Command::Image { command: ImageCommand::List { json } } => commands::image::list(&ctx, json),
+        #[cfg(target_os = "linux")]
+        Command::Image { command: ImageCommand::Import(args) } => commands::image::import(&ctx, &args),
         #[cfg(target_os = "linux")]
         Command::Template { command } => commands::template::template(&ctx, command),
         #[cfg(target_os = "linux")]

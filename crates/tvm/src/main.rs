@@ -3,8 +3,9 @@
 //! This binary is deliberately thin: [`cli`] holds the clap types and the
 //! dispatch, [`commands`] one file per subcommand that calls one library verb
 //! and formats its outcome. The work happens in `pyrovm` (VMs), `pyroshell`
-//! (HTTP API) and `tvm-config` (settings, catalog). [`bench`], [`relay_bench`] and
-//! [`soak`] are the measuring harnesses behind `tvm bench` (`--relay`) and `tvm soak`.
+//! (HTTP API) and `tvm-config` (settings, catalog). [`bench`], [`relay_bench`],
+//! [`tests_bench`] and [`soak`] are the measuring harnesses behind `tvm bench`
+//! (`--relay`, `--tests N`) and `tvm soak`.
 
 //!
 //! On macOS and Windows `tvm` is a client: `tvm lima` (TVM inside a Lima
@@ -21,6 +22,8 @@ mod commands;
 mod relay_bench;
 #[cfg(target_os = "linux")]
 mod soak;
+#[cfg(target_os = "linux")]
+mod tests_bench;
 
 fn main() -> std::process::ExitCode {
     // Rust ignores SIGPIPE, so `tvm runtimes | head` would panic on the closed

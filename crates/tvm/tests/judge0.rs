@@ -6,6 +6,10 @@
 //! `number_of_runs`, `additional_files` (and its zip defences), callbacks
 //! (and their SSRF defence), async tokens and batches, and token resolution
 //! across two nodes.
+//!
+//! Seven VM boots in all: the statuses from one Python program come from one
+//! batch whose submissions share a build, so they (and their runs) are the
+//! tests of one execution, which is itself under test (compile once, run many).
 
 mod common;
 
@@ -124,68 +128,125 @@ fn judge0_routes_statuses_and_options() {
         assert!(r.json()["additional_files"][0].is_string());
     }
 
-    // Accepted, default fields, base64 both ways.
-    let r = submit(
-        &server,
-        "wait=true&base64_encoded=true",
-        &json!({
-            "source_code": B64.encode("print(input()[::-1])"), "language_id": PY, "stdin": B64.encode("abc"),
-            "expected_output": B64.encode("cba  \n\n"),
-        }),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    let v = r.json();
-    let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
-    assert_eq!(keys.len(), 8, "the default fields: {v}");
-    assert_eq!(status(&v), 3, "trailing whitespace is ignored: {v}");
-    assert_eq!(B64.decode(v["stdout"].as_str().unwrap()).unwrap(), b"cba\n");
-    assert!(v["time"].as_str().unwrap().parse::<f64>().is_ok(), "seconds as a decimal string: {v}");
-    assert!(v["memory"].as_u64().unwrap() > 0, "KB: {v}");
-    let token = v["token"].as_str().unwrap().to_string();
-    let again = server.get(&format!("/submissions/{token}?fields=*")).json();
-    assert_eq!(again["language"]["id"], PY);
-    assert_eq!(again["stdin"], "abc", "plain text without base64_encoded");
-    assert!(again["created_at"].as_str().unwrap().ends_with('Z'));
-
-    // Wrong answer; NZEC; signals; TLE; memory.
-    let v = run(&server, json!({"source_code": "print('x')", "language_id": PY, "expected_output": "y"}));
-    assert_eq!(status(&v), 4, "{v}");
-    let v =
-        run(&server, json!({"source_code": "import sys; print('e', file=sys.stderr); sys.exit(4)", "language_id": PY}));
-    assert_eq!((status(&v), v["exit_code"].clone(), v["stderr"].clone()), (11, json!(4), json!("e\n")), "{v}");
-    assert_eq!(v["message"], "Exited with error status 4");
-    let v = run(
-        &server,
-        json!({"source_code": "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "language_id": PY}),
-    );
-    assert_eq!((status(&v), v["exit_signal"].clone()), (7, json!(11)), "{v}");
-    let v = run(
-        &server,
-        json!({"source_code": "while True: pass", "language_id": PY, "cpu_time_limit": 1, "cpu_extra_time": 0.5, "wall_time_limit": 5}),
-    );
-    assert_eq!(status(&v), 5, "{v}");
-    let v = run(&server, json!({"source_code": "x = 'a' * (400 << 20)", "language_id": PY, "memory_limit": 65536}));
-    assert_eq!((status(&v), v["message"].clone()), (12, json!("Memory limit exceeded")), "{v}");
-
-    // C: SIGFPE, SIGABRT, compilation error, compiler options and shell-split arguments, redirected stderr.
+    // One batch, three builds: a Python program with one behaviour per stdin
+    // (every submission of it shares its limits and zip, so all of them,
+    // with their runs, are the tests of ONE execution: one VM), a C++ one and
+    // a C one. Base64 both ways.
+    let py = r#"import os, signal, sys
+cmd, _, rest = sys.stdin.read().partition("\n")
+if cmd == "rev": print(rest.strip()[::-1])
+elif cmd == "zip": print(open("data/in.txt").read().strip())
+elif cmd == "args": print("|".join(sys.argv[1:]))
+elif cmd == "nzec": print("e", file=sys.stderr); sys.exit(4)
+elif cmd == "segv": os.kill(os.getpid(), signal.SIGSEGV)
+elif cmd == "abrt": os.abort()
+elif cmd == "tle":
+    while True: pass
+elif cmd == "mem": x = "a" * (400 << 20)
+"#;
+    let zip = zip_of(&[("data/in.txt", b"from the zip\n")]);
+    let py_item = |stdin: &str, extra: Value| {
+        let mut v = json!({
+            "source_code": B64.encode(py), "language_id": PY, "stdin": B64.encode(stdin), "additional_files": zip,
+            "cpu_time_limit": 5, "cpu_extra_time": 0.5, "wall_time_limit": 15, "memory_limit": 65536,
+        });
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        v
+    };
     // `c / z`, not `1 / z`: GCC folds `1 / X` into `X >= -1 && X <= 1 ? X : 0` (no division, no
     // trap), so `1 / 0` exits 0 there; a numerator unknown at compile time keeps the `idiv`.
-    let v = run(
-        &server,
-        json!({"source_code": "int main(int c, char**v){volatile int z = c - 1; return c / z;}", "language_id": C}),
+    let fpe = "int main(int c, char**v){volatile int z = c - 1; return c / z;}";
+    // The limits are generous for TCG on a busy host: filling 64 MiB until the OOM kill took 2.6 s of CPU there.
+    let items = vec![
+        py_item("rev\nabc", json!({"expected_output": B64.encode("cba  \n\n")})),
+        py_item("zip", json!({"number_of_runs": 3})),
+        py_item("rev\nx", json!({"expected_output": B64.encode("y")})),
+        py_item("args", json!({"command_line_arguments": "'a b' \"c;rm -rf /\""})),
+        py_item("nzec", json!({})),
+        py_item("segv", json!({})),
+        py_item("abrt", json!({})),
+        py_item("tle", json!({})),
+        py_item("mem", json!({})),
+        json!({"source_code": B64.encode("print(2)"), "language_id": 71}),
+        // C++ through the same wrapper as C: the signal reaches Judge0's status (SIGSEGV 7).
+        json!({"source_code": B64.encode("#include <csignal>\nint main(){std::raise(SIGSEGV);}"), "language_id": CPP}),
+        json!({"source_code": B64.encode(fpe), "language_id": C}),
+    ];
+    let py_runs = |s: &Server| {
+        let m = |k: &str| s.metric(&format!("{k}{{runtime=\"python-3.13\"}}")).unwrap_or(0.0);
+        m("tvm_pool_misses_total") + m("tvm_pool_hits_total")
+    };
+    let py_before = py_runs(&server);
+    let r = server.post("/submissions/batch?base64_encoded=true", &[], &json!({ "submissions": items }));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let out = r.json();
+    assert_eq!(out[9]["language_id"], json!(["language with id 71 doesn't exist"]));
+    let tokens: Vec<String> =
+        (0..items.len()).filter(|&i| i != 9).map(|i| out[i]["token"].as_str().unwrap().to_string()).collect();
+    let mut all = Value::Null;
+    wait_until("batch finished", Duration::from_secs(600), || {
+        all = server.get(&format!("/submissions/batch?tokens={}&fields=*", tokens.join(","))).json();
+        all["submissions"].as_array().unwrap().iter().all(|v| v["status"]["id"].as_u64().is_some_and(|s| s > 2))
+    });
+    let v: Vec<&Value> = all["submissions"].as_array().unwrap().iter().collect();
+    // Accepted (trailing whitespace ignored); default fields; base64 on request only.
+    assert_eq!(status(v[0]), 3, "trailing whitespace is ignored: {}", v[0]);
+    assert_eq!(v[0]["stdout"], "cba\n");
+    assert_eq!(v[0]["stdin"], "rev\nabc", "plain text without base64_encoded");
+    assert!(v[0]["created_at"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(v[0]["language"]["id"], PY);
+    assert!(v[0]["time"].as_str().unwrap().parse::<f64>().is_ok(), "seconds as a decimal string: {}", v[0]);
+    assert!(v[0]["memory"].as_u64().unwrap() > 0, "KB: {}", v[0]);
+    let d = server.get(&format!("/submissions/{}?base64_encoded=true", tokens[0])).json();
+    assert_eq!(d.as_object().unwrap().len(), 8, "the default fields: {d}");
+    assert_eq!(B64.decode(d["stdout"].as_str().unwrap()).unwrap(), b"cba\n");
+    // Additional files, three runs (times and memory are their means, as Judge0 reports).
+    assert_eq!(
+        (status(v[1]), v[1]["stdout"].clone(), v[1]["number_of_runs"].clone()),
+        (3, json!("from the zip\n"), json!(3)),
+        "{}",
+        v[1]
     );
-    assert_eq!((status(&v), v["exit_signal"].clone()), (9, json!(8)), "{v}");
-    // C++ through the same wrapper: the signal reaches Judge0's status (SIGSEGV 7).
-    let v = run(
-        &server,
-        json!({"source_code": "#include <csignal>\nint main(){std::raise(SIGSEGV);}", "language_id": CPP}),
+    // Wrong answer; per-submission arguments (shell-word split, never a shell) inside the shared execution.
+    assert_eq!(status(v[2]), 4, "{}", v[2]);
+    assert_eq!((status(v[3]), v[3]["stdout"].clone()), (3, json!("a b|c;rm -rf /\n")), "{}", v[3]);
+    // NZEC; signals; TLE; memory.
+    assert_eq!(
+        (status(v[4]), v[4]["exit_code"].clone(), v[4]["stderr"].clone()),
+        (11, json!(4), json!("e\n")),
+        "{}",
+        v[4]
     );
-    assert_eq!((status(&v), v["exit_signal"].clone()), (7, json!(11)), "{v}");
-    let v = run(&server, json!({"source_code": "#include <stdlib.h>\nint main(){abort();}", "language_id": C}));
-    assert_eq!(status(&v), 10, "{v}");
-    let v = run(&server, json!({"source_code": "int main( {", "language_id": C}));
+    assert_eq!(v[4]["message"], "Exited with error status 4");
+    assert_eq!((status(v[5]), v[5]["exit_signal"].clone()), (7, json!(11)), "{}", v[5]);
+    assert_eq!((status(v[6]), v[6]["exit_signal"].clone()), (10, json!(6)), "{}", v[6]);
+    assert_eq!(status(v[7]), 5, "{}", v[7]);
+    assert_eq!((status(v[8]), v[8]["message"].clone()), (12, json!("Memory limit exceeded")), "{}", v[8]);
+    assert_eq!(py_runs(&server) - py_before, 1.0, "nine Python submissions (eleven runs), one execution");
+    // C++ SIGSEGV (7) and C SIGFPE (9).
+    assert_eq!((status(v[9]), v[9]["exit_signal"].clone()), (7, json!(11)), "{}", v[9]);
+    assert_eq!((status(v[10]), v[10]["exit_signal"].clone()), (9, json!(8)), "{}", v[10]);
+    // A token id unknown to the batch lookup is null.
+    let b = server
+        .get(&format!(
+            "/submissions/batch?tokens={},00000000-0000-4000-8000-000000000000&fields=stdout,status",
+            tokens[0]
+        ))
+        .json();
+    assert_eq!(b["submissions"][0], json!({"stdout": "cba\n", "status": {"id": 3, "description": "Accepted"}}));
+    assert_eq!(b["submissions"][1], Value::Null);
+
+    // Async single submission: a token now, the result later. A compile error
+    // over two runs (one execution, compiled once) stays a compile error.
+    let r = submit(&server, "", &json!({"source_code": "int main( {", "language_id": C, "number_of_runs": 2}));
+    assert_eq!(r.status, 201);
+    assert_eq!(r.json().as_object().unwrap().len(), 1, "only the token");
+    let v = poll(&server, r.json()["token"].as_str().unwrap());
     assert_eq!(status(&v), 6, "{v}");
     assert!(v["compile_output"].as_str().unwrap().contains("error"), "{v}");
+    assert_eq!(v["time"], Value::Null, "{v}");
+
+    // wait=true: compiler options, shell-split arguments, redirected stderr (in write order).
     let src = "#include <stdio.h>\nint main(int c, char**v){fprintf(stderr, \"E\\n\"); fflush(stderr); printf(\"%d %s|%s\\n\", VALUE, v[1], v[2]); return 0;}";
     let v = run(
         &server,
@@ -203,48 +264,6 @@ fn judge0_routes_statuses_and_options() {
         &json!({"source_code": "package main\nfunc main(){}", "language_id": 106, "compiler_options": "-x"}),
     );
     assert_eq!(r.status, 422, "Go's build script takes no compiler options: {}", r.text());
-
-    // Additional files and number_of_runs.
-    let v = run(
-        &server,
-        json!({
-            "source_code": "print(open('data/in.txt').read().strip())", "language_id": PY,
-            "additional_files": zip_of(&[("data/in.txt", b"from the zip\n")]), "number_of_runs": 2,
-        }),
-    );
-    assert_eq!(
-        (status(&v), v["stdout"].clone(), v["number_of_runs"].clone()),
-        (3, json!("from the zip\n"), json!(2)),
-        "{v}"
-    );
-
-    // Async: a token now, the result later; batches.
-    let r = submit(&server, "", &json!({"source_code": "print(6*7)", "language_id": PY}));
-    assert_eq!(r.status, 201);
-    let token = r.json()["token"].as_str().unwrap().to_string();
-    assert_eq!(r.json().as_object().unwrap().len(), 1, "only the token");
-    assert_eq!(poll(&server, &token)["stdout"], "42\n");
-    let r = server.post(
-        "/submissions/batch?base64_encoded=true",
-        &[],
-        &json!({"submissions": [
-            {"source_code": B64.encode("print(1)"), "language_id": PY},
-            {"source_code": B64.encode("print(2)"), "language_id": 71},
-            {"source_code": B64.encode("print(3)"), "language_id": PY},
-        ]}),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-    let out = r.json();
-    assert_eq!(out[1]["language_id"], json!(["language with id 71 doesn't exist"]));
-    let (t1, t3) = (out[0]["token"].as_str().unwrap().to_string(), out[2]["token"].as_str().unwrap().to_string());
-    poll(&server, &t1);
-    poll(&server, &t3);
-    let b = server
-        .get(&format!("/submissions/batch?tokens={t1},00000000-0000-4000-8000-000000000000,{t3}&fields=stdout,status"))
-        .json();
-    assert_eq!(b["submissions"][0], json!({"stdout": "1\n", "status": {"id": 3, "description": "Accepted"}}));
-    assert_eq!(b["submissions"][1], Value::Null);
-    assert_eq!(b["submissions"][2]["stdout"], "3\n");
 
     server.stop();
     env.assert_clean();
@@ -291,9 +310,10 @@ fn judge0_callbacks_auth_and_two_nodes() {
     let r = a.post(
         "/submissions?wait=true",
         &auth,
-        &json!({"source_code": "print(1)", "language_id": PY, "callback_url": url}),
+        &json!({"source_code": "print('on a')", "language_id": PY, "callback_url": url}),
     );
     assert_eq!(r.status, 201, "{}", r.text());
+    let token_a = r.json()["token"].as_str().unwrap().to_string();
     wait_until("callback refusal logged", Duration::from_secs(30), || a.log().contains("callback refused"));
     assert!(a.log().contains("not a public address"), "{}", a.log());
 
@@ -313,8 +333,6 @@ fn judge0_callbacks_auth_and_two_nodes() {
             "--judge0-callbacks-allow-private",
         ],
     );
-    let r = a.post("/submissions?wait=true", &auth, &json!({"source_code": "print('on a')", "language_id": PY}));
-    let token_a = r.json()["token"].as_str().unwrap().to_string();
     let via_b = http(&b.addr, "GET", &format!("/submissions/{token_a}?fields=stdout,token"), &auth, b"");
     assert_eq!(via_b.status, 200, "{}", via_b.text());
     assert_eq!(via_b.json(), json!({"stdout": "on a\n", "token": token_a}));

@@ -133,8 +133,11 @@ fn native_sessions_stream_stdin_eof_signals_and_end_their_vms() {
             let close = next(&mut ws).await;
             assert_eq!(close["close"], code, "{first:?}: {close}");
         }
-        // A plain HTTP GET is not a session.
-        assert_eq!(server.get("/v1/sessions").status, 400);
+        // A plain HTTP GET is not a session: 426 in the API's error shape, saying how to upgrade.
+        let r = server.get("/v1/sessions");
+        assert_eq!((r.status, r.json()["error"]["code"].clone()), (426, json!("upgrade_required")), "{}", r.text());
+        assert!(r.json()["error"]["message"].as_str().unwrap().contains("WebSocket"), "{}", r.text());
+        assert_eq!(r.header("upgrade"), Some("websocket"));
 
         // Echo, EOF, then a signal the program handles.
         let mut ws = open(&addr, "/v1/sessions").await;
@@ -196,6 +199,13 @@ fn piston_connect_speaks_pistons_protocol() {
     let server = Server::start(&env, &["--no-build-images"]);
     let addr = server.addr.clone();
     let t0 = Instant::now();
+    // A plain HTTP GET: Piston's error shape, 426.
+    for path in ["/api/v2/connect", "/api/v2/connect/"] {
+        let r = server.get(path);
+        assert_eq!(r.status, 426, "{}", r.text());
+        assert!(r.json()["message"].as_str().unwrap().contains("WebSocket"), "{}", r.text());
+        assert_eq!(r.header("upgrade"), Some("websocket"));
+    }
     runtime().block_on(async {
         // No init within a second: 4001.
         let mut ws = open(&addr, "/api/v2/connect").await;

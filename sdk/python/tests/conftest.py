@@ -84,6 +84,8 @@ def server():
     vmms = _vmm_processes(runtime_dir)
     shutil.rmtree(runtime_dir, ignore_errors=True)
     log.close()
+    if proc.returncode == 0 and left == [] and vmms == 0:
+        Path(log.name).unlink()  # kept only when the server misbehaved, for the failure's reader
     assert proc.returncode == 0, f"tvm serve exited {proc.returncode} after SIGTERM"
     assert left == [] and vmms == 0, f"left behind: run dirs {left}, VMM processes {vmms}"
 

@@ -11,10 +11,13 @@ from pyroshell import (
     AsyncClient,
     AuthenticationError,
     Client,
+    ExitEvent,
     Limits,
     OutputEvent,
     RateLimitError,
     ResultEvent,
+    StageEvent,
+    TestCase,
     UnprocessableEntityError,
 )
 
@@ -95,6 +98,96 @@ def test_async_client(server, api_key):
             assert s.result.ok and "".join(seen) == "s\n"
 
     asyncio.run(main())
+
+
+def test_tests_compile_once_run_many(server, api_key):
+    # One VM: the program runs once per test; the second test's expected output is wrong.
+    code = "a, b = map(int, input().split())\nprint(a + b)\n"
+    with Client(server, api_key) as client:
+        r = client.executions.create(
+            {"main.py": code}, language="python",
+            tests=[TestCase(stdin="2 3\n", expected_output="5"), {"stdin": "2 2\n", "expected_output": "5\n"}],
+        )
+        assert r.verdict == "ok" and r.run is None, r
+        assert [(t.index, t.verdict) for t in r.tests] == [(0, "accepted"), (1, "wrong_answer")]
+        assert r.tests[0].comparison == "trailing_whitespace" and r.tests[1].run.stdout == "4\n"
+        assert (r.summary.total, r.summary.ran, r.summary.accepted, r.summary.failed) == (2, 2, 1, 1)
+        assert not r.all_accepted and r.summary.max_wall_time_ms > 0
+        # Refused before any VM: the server's validation error through the exception tree.
+        with pytest.raises(UnprocessableEntityError) as e:
+            client.executions.create({"main.py": code}, language="python", stdin="1 2", tests=[{"stdin": "1 2"}])
+        assert e.value.code == "bad_tests" and e.value.status_code == 422
+
+
+ECHO = (
+    "import sys\n"
+    "print('ready', flush=True)\n"
+    "line = sys.stdin.readline()\n"
+    "print('echo: ' + line.strip(), flush=True)\n"
+    "rest = sys.stdin.read()\n"
+    "print('eof after %d bytes' % len(rest), flush=True)\n"
+)
+
+
+def _until(session, text):
+    """Events up to the stdout chunk that completes ``text``."""
+    seen, out = [], ""
+    for ev in session:
+        seen.append(ev)
+        if isinstance(ev, OutputEvent) and ev.stream == "stdout":
+            out += ev.data
+            if text in out:
+                return seen, out
+    raise AssertionError(f"{text!r} never came: {seen}")
+
+
+def test_interactive_session_reads_a_line_echoes_it_and_sees_eof(server, api_key):
+    limits = {"wall_time_ms": 30000, "cpu_time_ms": 20000}
+    with Client(server, api_key) as client:
+        # An invalid start is refused like POST /v1/executions (close 4422, no VM).
+        with pytest.raises(UnprocessableEntityError) as e:
+            client.sessions.start({"main.py": ECHO}, runtime="cobol-85")
+        assert e.value.field == "runtime" and e.value.close_code == 4422
+        with client.sessions.start({"main.py": ECHO}, language="python", limits=limits) as s:
+            assert s.id and s.runtime.startswith("python-")
+            seen, _ = _until(s, "ready\n")
+            assert any(isinstance(ev, StageEvent) and ev.stage == "run" for ev in seen), seen
+            s.send_stdin("hello\n")
+            _until(s, "echo: hello\n")
+            s.send_stdin(b"tail")
+            s.close_stdin()
+            result = s.wait()
+    assert result.verdict == "ok", result
+    assert result.stdout == "ready\necho: hello\neof after 4 bytes\n"
+
+
+def test_async_session_signal_reaches_the_program(server, api_key):
+    code = (
+        "import signal, sys, time\n"
+        "def on_int(n, f):\n"
+        "    print('got signal', n, flush=True)\n"
+        "    sys.exit(3)\n"
+        "signal.signal(signal.SIGINT, on_int)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+
+    async def main():
+        async with AsyncClient(server, api_key) as client:
+            async with client.sessions.start({"main.py": code}, language="python",
+                                             limits={"wall_time_ms": 30000, "cpu_time_ms": 20000}) as s:
+                events = []
+                async for ev in s:
+                    events.append(ev)
+                    if isinstance(ev, OutputEvent) and "ready" in ev.data:
+                        await s.signal("SIGINT")
+                return events, s.result
+
+    events, result = asyncio.run(main())
+    exits = [ev for ev in events if isinstance(ev, ExitEvent) and ev.stage == "run"]
+    assert exits and exits[0].exit_code == 3, events
+    assert isinstance(events[-1], ResultEvent)
+    assert result.verdict == "runtime_error" and result.exit_code == 3 and "got signal 2" in result.stdout, result
 
 
 def test_a_full_server_answers_429_which_the_client_raises_after_retries(server, api_key):

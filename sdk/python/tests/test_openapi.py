@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from pyroshell import ExecutionResult, Limits, LimitsInfo, Runtime, RuntimeList, Stage
-from pyroshell._models import DefaultLimits, ImageInfo, PoolInfo, TestResult, TestSummary
+from pyroshell._models import DefaultLimits, ImageInfo, PoolInfo, TestCase, TestResult, TestSummary
 from pyroshell._client import _execution_body
 
 pytestmark = pytest.mark.integration
@@ -27,6 +27,7 @@ PAIRS = [
     (PoolInfo, "PoolInfo"),
     (TestResult, "TestResultBody"),
     (TestSummary, "TestSummary"),
+    (TestCase, "TestBody"),
 ]
 
 JSON_TYPES = {int: "integer", bool: "boolean", str: "string", float: "number"}
@@ -100,5 +101,13 @@ def test_request_body_uses_only_documented_fields(schemas):
         stdin=b"\x00", args=["1"], limits={"wall_time_ms": 1}, compile_limits={"memory_bytes": 1}, extra=None,
     )
     assert set(body) <= props, set(body) - props
+    with_tests = _execution_body(
+        {"a.py": "x"}, runtime="python", language=None, version=None, entry=None, stdin=None, args=None,
+        limits=None, compile_limits=None, extra=None,
+        tests=[TestCase(stdin=b"\x00", args=["1"], expected_output="x"), TestCase(stdin="t")],
+    )
+    assert "tests" in props
+    test_props = set(_resolve(schemas, schemas["TestBody"])["properties"])
+    assert set(with_tests["tests"][0]) == test_props, set(with_tests["tests"][0]) ^ test_props
     file_props = set(_resolve(schemas, schemas["FileBody"])["properties"])
     assert set(body["files"][1]) <= file_props

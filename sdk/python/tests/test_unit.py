@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List
 
 import httpx
+import pydantic
 import pytest
 
 import pyroshell
@@ -359,3 +360,74 @@ def test_async_retries_and_errors():
 
     asyncio.run(main())
     assert answers == []
+
+
+TESTS_RESULT = dict(
+    RESULT,
+    run=None,
+    tests=[
+        {"index": 0, "verdict": "accepted", "comparison": "trailing_whitespace", "run": RESULT["run"]},
+        {"index": 1, "verdict": "wrong_answer", "comparison": "trailing_whitespace",
+         "run": dict(RESULT["run"], stdout="4\n")},
+    ],
+    summary={"total": 2, "ran": 2, "accepted": 1, "failed": 1, "max_wall_time_ms": 12, "max_cpu_time_ms": 10,
+             "max_peak_memory_bytes": 1 << 20},
+)
+
+
+def test_tests_are_sent_as_documented_and_results_are_typed():
+    seen = {}
+
+    def handler(req):
+        seen["body"] = json.loads(req.content)
+        return httpx.Response(200, json=TESTS_RESULT)
+
+    with client_with(handler) as c:
+        r = c.executions.create(
+            {"main.py": "print(sum(map(int, input().split())))"}, language="python",
+            tests=[pyroshell.TestCase(stdin="2 3", expected_output="5"),
+                   {"stdin": b"\x00", "args": ["x", 1]},
+                   pyroshell.TestCase()],
+        )
+    assert seen["body"]["tests"] == [
+        {"stdin": "2 3", "expected_output": "5"},
+        {"stdin": "AA==", "stdin_encoding": "base64", "args": ["x", "1"]},
+        {},
+    ]
+    assert "stdin" not in seen["body"] and "args" not in seen["body"]
+    assert r.ok and r.run is None and r.stdout == ""
+    assert [t.verdict for t in r.tests] == ["accepted", "wrong_answer"] and r.tests[1].run.stdout == "4\n"
+    assert isinstance(r.tests[0], pyroshell.TestResult) and isinstance(r.summary, pyroshell.TestSummary)
+    assert r.summary.accepted == 1 and r.summary.failed == 1 and not r.all_accepted
+
+
+def test_bad_tests_fail_early_or_surface_the_servers_error():
+    with client_with(lambda req: httpx.Response(200, json=RESULT)) as c:
+        with pytest.raises(ValueError):
+            c.executions.create({"a.py": "x"}, language="python", tests=[])
+        with pytest.raises(TypeError):
+            c.executions.create({"a.py": "x"}, language="python", tests={"stdin": "1"})
+        with pytest.raises(pydantic.ValidationError):
+            c.executions.create({"a.py": "x"}, language="python", tests=[{"stdni": "1"}])
+    answer = error(422, "bad_tests", "tests and a top-level stdin cannot go together", field="tests")
+    with client_with(lambda req: answer) as c, pytest.raises(UnprocessableEntityError) as e:
+        c.executions.create({"a.py": "x"}, language="python", stdin="1", tests=[{"stdin": "2"}])
+    assert (e.value.code, e.value.field) == ("bad_tests", "tests")
+
+
+def test_async_create_takes_tests():
+    seen = {}
+
+    def handler(req):
+        seen["body"] = json.loads(req.content)
+        return httpx.Response(200, json=TESTS_RESULT)
+
+    async def main():
+        async with AsyncClient("http://tvm.test", "k", transport=httpx.MockTransport(handler)) as c:
+            r = await c.executions.create({"a.py": "x"}, language="python", tests=[{"stdin": "1"}])
+            with pytest.raises(TypeError):
+                c.executions.stream({"a.py": "x"}, language="python", tests=[{"stdin": "1"}])
+            return r
+
+    r = asyncio.run(main())
+    assert seen["body"]["tests"] == [{"stdin": "1"}] and r.summary.total == 2

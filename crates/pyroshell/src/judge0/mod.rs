@@ -15,6 +15,7 @@ mod callback;
 pub mod config;
 mod files;
 mod languages;
+mod runs;
 mod store;
 mod wire;
 
@@ -300,55 +301,69 @@ fn new_record(st: &AppState, j: &Judge0, spec: Spec, rt: &Runtime) -> Record {
     }
 }
 
-/// Runs a submission `number_of_runs` times (stopping at the first run that
-/// is not Accepted, as Judge0 does) and averages time and memory.
+/// Runs a submission `number_of_runs` times and reports as Judge0 does
+/// (see [`runs::combine`]): more than one run goes through TVM's
+/// compile-once-run-many path, one VM and one compile for all of them.
 async fn execute(st: &AppState, built: &Built, spec: &Spec) -> Outcome {
-    let mut times = Vec::new();
-    let mut memories = Vec::new();
-    let mut last = Outcome::default();
-    for _ in 0..spec.number_of_runs {
-        let options = built.compiler_options.clone();
-        let prepared = exec::prepare_with(st, built.body.clone(), move |plan| {
-            add_compiler_options(plan, &options)
-                .map_err(|m| ApiError::invalid("bad_compiler_options", m, "compiler_options"))
-        })
-        .await;
-        let prepared = match prepared {
-            Ok(p) => p,
-            Err(e) => {
-                return Outcome { status_id: 13, message: Some(e.to_string()), ..Default::default() };
+    let outcome = if spec.number_of_runs > 1 && runs::can_share(spec) {
+        runs::execute_shared(st, &[(spec, built)]).await.pop().unwrap_or_default()
+    } else {
+        // One execution per run: a single run, or runs whose stderr joins stdout in write order.
+        let mut outcomes = Vec::new();
+        for _ in 0..spec.number_of_runs {
+            let o = execute_once(st, built, spec).await;
+            let accepted = o.status_id == 3;
+            outcomes.push(o);
+            if !accepted {
+                break;
             }
-        };
-        let mut out = Interleaved::default();
-        let result = exec::run(st, prepared, |stage, _, data| out.push(stage, data)).await;
-        last = wire::outcome(
-            result.compile.as_ref(),
-            result.run.as_ref(),
-            &out.compile,
-            &out.run,
-            result.error.as_deref(),
-            spec,
-        );
-        times.extend(last.time);
-        memories.extend(last.memory);
-        if last.status_id != 3 {
-            break;
         }
-    }
-    if !times.is_empty() {
-        last.time = Some(times.iter().sum::<f64>() / times.len() as f64);
-    }
-    if !memories.is_empty() {
-        last.memory = Some(memories.iter().sum::<u64>() / memories.len() as u64);
-    }
-    info!(runtime = %built.runtime.id, status = last.status_id, "judge0 submission finished");
-    last
+        runs::combine(outcomes)
+    };
+    info!(runtime = %built.runtime.id, status = outcome.status_id, "judge0 submission finished");
+    outcome
+}
+
+/// One execution of a submission.
+async fn execute_once(st: &AppState, built: &Built, spec: &Spec) -> Outcome {
+    let options = built.compiler_options.clone();
+    let prepared = exec::prepare_with(st, built.body.clone(), move |plan| {
+        add_compiler_options(plan, &options)
+            .map_err(|m| ApiError::invalid("bad_compiler_options", m, "compiler_options"))
+    })
+    .await;
+    let prepared = match prepared {
+        Ok(p) => p,
+        Err(e) => return Outcome { status_id: 13, message: Some(e.to_string()), ..Default::default() },
+    };
+    let mut out = Interleaved::default();
+    let result = exec::run(st, prepared, |stage, _, data| out.push(stage, data)).await;
+    wire::outcome(result.compile.as_ref(), result.run.as_ref(), &out.compile, &out.run, result.error.as_deref(), spec)
 }
 
 /// Runs a stored submission, records the outcome, then calls back if asked.
 async fn process(st: Arc<AppState>, j: Arc<Judge0>, token: String, spec: Spec, built: Built) {
     j.store.update(&token, |r| r.outcome.status_id = 2);
     let outcome = execute(&st, &built, &spec).await;
+    finish(&st, &j, &token, &spec, outcome);
+}
+
+/// Runs stored submissions of one build as one execution (see [`runs`]).
+async fn process_shared(st: Arc<AppState>, j: Arc<Judge0>, members: Vec<(String, Spec, Built)>) {
+    for (token, _, _) in &members {
+        j.store.update(token, |r| r.outcome.status_id = 2);
+    }
+    let refs: Vec<(&Spec, &Built)> = members.iter().map(|(_, s, b)| (s, b)).collect();
+    let outcomes = runs::execute_shared(&st, &refs).await;
+    info!(submissions = members.len(), "judge0 submissions of one build finished");
+    for ((token, spec, _), outcome) in members.iter().zip(outcomes) {
+        finish(&st, &j, token, spec, outcome);
+    }
+}
+
+/// Records a submission's outcome, then calls back if asked.
+fn finish(st: &AppState, j: &Judge0, token: &str, spec: &Spec, outcome: Outcome) {
+    let token = token.to_string();
     j.store.update(&token, |r| {
         r.outcome = outcome;
         r.finished_at = Some(SystemTime::now());
@@ -500,7 +515,7 @@ async fn batch_create(
         return error(StatusCode::BAD_REQUEST, "there should be at least one submission in a batch");
     }
     let mut out = Vec::with_capacity(items.len());
-    let mut any = false;
+    let mut accepted = Vec::new();
     for item in &items {
         let (spec, built) = match validate(&st, item, base64) {
             Ok(v) => v,
@@ -519,11 +534,30 @@ async fn batch_create(
             out.push(json!({"error": "queue is full"}));
             continue;
         }
-        spawn_background(st.clone(), j.clone(), token.clone(), spec, built, in_flight);
         out.push(json!({ "token": token }));
-        any = true;
+        accepted.push((token, spec, built, in_flight));
     }
-    let status = if any { StatusCode::CREATED } else { StatusCode::UNPROCESSABLE_ENTITY };
+    let status = if accepted.is_empty() { StatusCode::UNPROCESSABLE_ENTITY } else { StatusCode::CREATED };
+    // Submissions of one build run as one execution: one VM, one compile.
+    let specs: Vec<&Spec> = accepted.iter().map(|a| &a.1).collect();
+    let groups = runs::groups(&specs);
+    let mut slots: Vec<Option<_>> = accepted.into_iter().map(Some).collect();
+    for group in groups {
+        let mut members: Vec<_> = group.iter().filter_map(|&i| slots[i].take()).collect();
+        if members.len() == 1 {
+            let (token, spec, built, in_flight) = members.remove(0);
+            spawn_background(st.clone(), j.clone(), token, spec, built, in_flight);
+            continue;
+        }
+        let (st, j) = (st.clone(), j.clone());
+        let task = async move {
+            let (members, _in_flight): (Vec<_>, Vec<_>) =
+                members.into_iter().map(|(t, s, b, g)| ((t, s, b), g)).unzip();
+            let Ok(_worker) = j.workers.clone().acquire_owned().await else { return };
+            process_shared(st, j, members).await;
+        };
+        tokio::spawn(task.instrument(Span::current()));
+    }
     (status, Json(Value::Array(out))).into_response()
 }
 

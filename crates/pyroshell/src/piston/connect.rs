@@ -20,6 +20,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
@@ -48,9 +49,16 @@ fn notified(message: impl Into<String>) -> Close {
     }
 }
 
-/// `GET /api/v2/connect` (WebSocket).
-pub(crate) async fn route(State(st): State<Arc<AppState>>, ws: WebSocketUpgrade) -> Response {
-    session::bounded(ws).on_upgrade(move |socket| connect(st, socket))
+/// `GET /api/v2/connect` (WebSocket). A request that is not a WebSocket
+/// handshake gets Piston's error shape, `{"message"}` (426 Upgrade Required).
+pub(crate) async fn route(
+    State(st): State<Arc<AppState>>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match ws {
+        Ok(ws) => session::bounded(ws).on_upgrade(move |socket| connect(st, socket)),
+        Err(r) => super::from_api(session::not_a_handshake(&r)),
+    }
 }
 
 fn parse(msg: &Message) -> Result<Option<Value>, Close> {

@@ -55,7 +55,13 @@ pub(crate) fn router(st: Arc<AppState>) -> Router<Arc<AppState>> {
 pub(crate) fn error_response(status: StatusCode, message: impl Into<String>, headers: Option<&HeaderMap>) -> Response {
     let mut resp = (status, Json(json!({ "message": message.into() }))).into_response();
     if let Some(h) = headers {
-        for name in [header::RETRY_AFTER, header::WWW_AUTHENTICATE, header::CONNECTION] {
+        for name in [
+            header::RETRY_AFTER,
+            header::WWW_AUTHENTICATE,
+            header::CONNECTION,
+            header::UPGRADE,
+            header::SEC_WEBSOCKET_VERSION,
+        ] {
             if let Some(v) = h.get(&name) {
                 resp.headers_mut().insert(name, v.clone());
             }
@@ -65,7 +71,7 @@ pub(crate) fn error_response(status: StatusCode, message: impl Into<String>, hea
 }
 
 /// TVM's error in Piston's shape. Validation failures TVM finds (422) are 400, as Piston answers every invalid request.
-fn from_api(e: ApiError) -> Response {
+pub(crate) fn from_api(e: ApiError) -> Response {
     let message = e.to_string();
     let original = e.into_response();
     let status = match original.status() {

@@ -1,6 +1,7 @@
 //! `tvm bench`: cold-start latency against native runs (the harness is
 //! [`crate::bench`]); `tvm bench --relay`: the output relay's writes per second
-//! ([`crate::relay_bench`]).
+//! ([`crate::relay_bench`]); `tvm bench --tests N`: compile once, run many
+//! against separate executions ([`crate::tests_bench`]).
 
 use std::process::ExitCode;
 
@@ -13,7 +14,9 @@ use crate::cli::BenchArgs;
 /// Prepares the VM manager (building the kernel if needed) and prints the bench table.
 pub async fn bench(ctx: Context, args: &BenchArgs) -> Result<ExitCode> {
     let vmm = Pyrovm::prepare(ctx.settings, ctx.catalog, true).await?;
-    if args.relay {
+    if let Some(n) = args.tests {
+        crate::tests_bench::run(&vmm, args.runs.max(1), n).await?;
+    } else if args.relay {
         crate::relay_bench::run(&vmm, args.runs.max(1), args.lines.max(1)).await?;
     } else {
         crate::bench::run(&vmm, args.runs.max(1), &args.runtimes).await?;

@@ -9,7 +9,7 @@ use tokio::task::JoinSet;
 use tvm_config::{format_bytes, Runtime};
 
 use super::{usage, Context};
-use crate::cli::ImageBuildArgs;
+use crate::cli::{ImageBuildArgs, ImageImportArgs};
 
 /// The runtimes `tvm image build` was asked for.
 fn selected(ctx: &Context, args: &ImageBuildArgs) -> Result<Vec<Runtime>> {
@@ -94,8 +94,10 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
                 group.suspend(|| println!("{:<14} {how} {} ({})", r.id, img.key, format_bytes(img.meta.size_bytes)));
             }
             Err(e) => {
-                group.suspend(|| println!("{:<14} FAILED: {e}", r.id));
-                failed.push((r.id.clone(), e.to_string()));
+                // The whole cause chain: "pulling X failed: ...: digest mismatch".
+                let why = with_causes(&e);
+                group.suspend(|| println!("{:<14} FAILED: {why}", r.id));
+                failed.push((r.id.clone(), why));
             }
         }
     }
@@ -197,6 +199,47 @@ pub fn list(ctx: &Context, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `e` and its causes joined by `: `, each once: some libraries (oci-client)
+/// repeat their source's text at the end of their own message, which `{:#}`
+/// would print twice.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
+/// `tvm image import PATH RUNTIME` ([`pyrovm::image_oci::import`]): the
+/// runtime's image from a local OCI layout or `docker save` tarball.
+pub fn import(ctx: &Context, args: &ImageImportArgs) -> Result<ExitCode> {
+    let r = ctx
+        .catalog
+        .get(&args.runtime)
+        .ok_or_else(|| usage(format!("unknown runtime {:?} (see `tvm runtimes`)", args.runtime)))?;
+    let Some(recipe) = &r.image else {
+        return Err(usage(format!("runtime {} has no image recipe", r.id)));
+    };
+    let progress = Progress::spinner(&format!("image {}", r.id));
+    match pyrovm::image_oci::import(&ctx.settings, recipe, &args.path, &progress) {
+        Ok(img) => {
+            let digest = img.meta.manifest_digest.as_deref().unwrap_or("-");
+            println!("{:<14} imported {} ({}) from {digest}", r.id, img.key, format_bytes(img.meta.size_bytes));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            println!("{:<14} FAILED: {}", r.id, with_causes(&e));
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,5 +266,19 @@ mod tests {
         for pair in order[..side_by_side].windows(2) {
             assert_ne!(suite(&pair[0]), suite(&pair[1]), "{} then {}", pair[0].id, pair[1].id);
         }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Text(String, #[source] Option<Box<Text>>);
+
+    #[test]
+    fn causes_are_printed_once_even_when_a_message_repeats_its_source() {
+        let inner = Text("bad digest".into(), None);
+        let repeating = Text("Digest error: bad digest".into(), Some(Box::new(inner)));
+        let outer = Text("pulling x failed".into(), Some(Box::new(repeating)));
+        assert_eq!(with_causes(&outer), "pulling x failed: Digest error: bad digest");
+        let plain = Text("a".into(), Some(Box::new(Text("b".into(), None))));
+        assert_eq!(with_causes(&plain), "a: b");
     }
 }

@@ -6,6 +6,10 @@
         result = client.executions.create({"main.py": "print(input()[::-1])"}, language="python", stdin="olleh")
         print(result.verdict, result.stdout)
 
+``client.executions.create(..., tests=[TestCase(stdin=..., expected_output=...)])`` compiles once
+and runs once per test; ``client.sessions.start(...)`` runs a program interactively
+(``send_stdin``, ``close_stdin``, ``signal``, typed events, ``wait()``).
+
 A failing program is a ``verdict`` (``ok``, ``compile_error``, ``runtime_error``,
 ``time_limit_exceeded``, ...), not an exception; exceptions (all :class:`PyroshellError`)
 mean the request itself could not be carried out.
@@ -28,6 +32,7 @@ from ._errors import (
     RateLimitError,
     RequestTimeoutError,
     ServiceUnavailableError,
+    SessionClosedError,
     StreamIdleTimeoutError,
     UnprocessableEntityError,
     UnsupportedMediaTypeError,
@@ -46,10 +51,15 @@ from ._models import (
     Stage,
     StreamEvent,
     Verdict,
+    StageEvent,
+    ExitEvent,
+    SessionEvent,
+    TestCase,
     TestResult,
     TestSummary,
     TestVerdict,
 )
+from ._session import AsyncSession, Session
 from ._version import __version__
 
 __all__ = [
@@ -60,6 +70,8 @@ __all__ = [
     "ExecutionStream",
     "AsyncExecutionStream",
     "Timeouts",
+    "Session",
+    "AsyncSession",
     "Limits",
     "LimitsInfo",
     "Stage",
@@ -70,16 +82,21 @@ __all__ = [
     "ImageInfo",
     "DefaultLimits",
     "PoolInfo",
+    "TestCase",
     "TestResult",
     "TestSummary",
     "TestVerdict",
     "OutputEvent",
     "ResultEvent",
     "StreamEvent",
+    "StageEvent",
+    "ExitEvent",
+    "SessionEvent",
     "PyroshellError",
     "APIConnectionError",
     "APITimeoutError",
     "StreamIdleTimeoutError",
+    "SessionClosedError",
     "APIResponseValidationError",
     "APIStatusError",
     "BadRequestError",

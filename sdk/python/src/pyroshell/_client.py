@@ -43,8 +43,10 @@ from ._models import (
     RuntimeList,
     StreamEvent,
     Limits,
+    TestCase,
     parse_stream_event,
 )
+from ._session import AsyncSessions, Sessions
 from ._sse import SSEDecoder
 from ._version import __version__
 
@@ -54,6 +56,8 @@ __all__ = ["Client", "AsyncClient", "Timeouts", "DEFAULT_BASE_URL"]
 DEFAULT_BASE_URL = "http://127.0.0.1:8080"
 
 LimitsLike = Union[Limits, Mapping[str, int], None]
+#: Tests of a compile-once-run-many request: :class:`TestCase` objects or dicts with its field names.
+TestsLike = Optional[Sequence[Union[TestCase, Mapping[str, Any]]]]
 OutputCallback = Callable[[str], Any]
 
 
@@ -68,11 +72,16 @@ class Timeouts:
     - ``stream_idle``: on a stream, the longest gap between two things the server
       sends (output, result or its keep-alive comment, every 15 s); a dead stream
       raises :class:`StreamIdleTimeoutError` instead of hanging.
+    - ``session_idle``: in an interactive session, the longest wait for the server's next
+      message while receiving (:class:`StreamIdleTimeoutError` after it). Longer than the
+      server's own 60 s idle close, so its reason (close 4408) arrives first; WebSocket pings
+      (every 20 s) find a dead connection sooner.
     """
 
     connect: float = 5.0
     request: float = 300.0
     stream_idle: float = 60.0
+    session_idle: float = 75.0
 
     def for_request(self) -> httpx.Timeout:
         return httpx.Timeout(connect=self.connect, read=self.request, write=self.request, pool=self.connect)
@@ -103,6 +112,7 @@ def _execution_body(
     limits: LimitsLike,
     compile_limits: LimitsLike,
     extra: Optional[Mapping[str, Any]],
+    tests: TestsLike = None,
 ) -> Dict[str, Any]:
     if runtime is None and language is None:
         raise ValueError("name a runtime (e.g. runtime='python-3.13') or a language (e.g. language='python')")
@@ -119,6 +129,12 @@ def _execution_body(
     comp = _limits(compile_limits)
     if comp:
         body["compile_limits"] = comp
+    if tests is not None:
+        if isinstance(tests, (str, bytes, Mapping)):
+            raise TypeError("tests must be a list of TestCase objects or dicts")
+        if not tests:
+            raise ValueError("tests needs at least one test (or leave it out for a single run)")
+        body["tests"] = [(t if isinstance(t, TestCase) else TestCase(**dict(t))).to_body() for t in tests]
     if extra:
         body.update(extra)
     return body
@@ -337,6 +353,7 @@ class Executions:
         args: Optional[Sequence[str]] = None,
         limits: LimitsLike = None,
         compile_limits: LimitsLike = None,
+        tests: TestsLike = None,
         extra_body: Optional[Mapping[str, Any]] = None,
     ) -> ExecutionResult:
         """Runs ``files`` in a fresh VM and returns when it has finished (``POST /v1/executions``).
@@ -346,10 +363,17 @@ class Executions:
         e.g. ``python-3.11``) or by ``language`` (+ ``version``). ``limits`` and ``compile_limits``:
         :class:`Limits` or a dict with its field names (ms, bytes, counts).
 
+        ``tests`` (compile once, run many): 1 to 64 :class:`TestCase`\\ s (or dicts with its fields,
+        at most 16 MiB of stdin in all). The program is built once and run once per test, each in a
+        fresh work dir; leave ``stdin`` and ``args`` out then. The result has ``tests`` (one
+        :class:`TestResult` each: ``accepted``, ``wrong_answer``, ``runtime_error`` or a limit
+        verdict) and ``summary``, and no ``run``.
+
         Returns the result; the program's failure is its ``verdict``, not an exception.
 
         Raises: :class:`UnprocessableEntityError` (invalid request, e.g. unknown runtime, with
-        ``field``), :class:`RateLimitError` (server full, after retries), :class:`AuthenticationError`,
+        ``field``; ``tests`` together with ``stdin``/``args``, or more than 64: code ``bad_tests``),
+        :class:`RateLimitError` (server full, after retries), :class:`AuthenticationError`,
         :class:`APIConnectionError`/:class:`APITimeoutError`, other :class:`APIStatusError`.
         """
         body = _execution_body(
@@ -363,6 +387,7 @@ class Executions:
             limits=limits,
             compile_limits=compile_limits,
             extra=extra_body,
+            tests=tests,
         )
         return _parse(ExecutionResult, self._client._request("POST", "/v1/executions", json=body))
 
@@ -467,6 +492,7 @@ class Client:
         )
         self.executions = Executions(self)
         self.runtimes = Runtimes(self)
+        self.sessions = Sessions(self)
 
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         attempt = 0
@@ -609,8 +635,8 @@ class AsyncExecutions:
         self._client = client
 
     async def create(self, files: Files, **kwargs: Any) -> ExecutionResult:
-        """See :meth:`Executions.create`."""
-        body = _execution_body(files, **_kw(kwargs))
+        """See :meth:`Executions.create` (``tests`` included)."""
+        body = _execution_body(files, **_kw(kwargs, tests=True))
         return _parse(ExecutionResult, await self._client._request("POST", "/v1/executions", json=body))
 
     def stream(
@@ -644,12 +670,16 @@ class AsyncExecutions:
 _KW = ("runtime", "language", "version", "entry", "stdin", "args", "limits", "compile_limits", "extra_body")
 
 
-def _kw(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    unknown = set(kwargs) - set(_KW)
+def _kw(kwargs: Dict[str, Any], *, tests: bool = False) -> Dict[str, Any]:
+    """``kwargs`` of an async method as ``_execution_body``'s arguments; ``tests`` only where the method takes them."""
+    allowed = set(_KW) | ({"tests"} if tests else set())
+    unknown = set(kwargs) - allowed
     if unknown:
         raise TypeError(f"unexpected argument(s): {', '.join(sorted(unknown))}")
     out = {k: kwargs.get(k) for k in _KW}
     out["extra"] = out.pop("extra_body")
+    if tests:
+        out["tests"] = kwargs.get("tests")
     return out
 
 
@@ -691,6 +721,7 @@ class AsyncClient:
         )
         self.executions = AsyncExecutions(self)
         self.runtimes = AsyncRuntimes(self)
+        self.sessions = AsyncSessions(self)
 
     async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         attempt = 0

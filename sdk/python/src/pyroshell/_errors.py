@@ -8,7 +8,7 @@ the request (4xx, with the server's ``code``/``field``/``message``), or it faile
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 import httpx
 
@@ -17,6 +17,7 @@ __all__ = [
     "APIConnectionError",
     "APITimeoutError",
     "StreamIdleTimeoutError",
+    "SessionClosedError",
     "APIResponseValidationError",
     "APIStatusError",
     "BadRequestError",
@@ -54,10 +55,25 @@ class StreamIdleTimeoutError(APITimeoutError):
     """A stream sent nothing (not even a keep-alive) for ``Timeouts.stream_idle`` seconds."""
 
 
-class APIResponseValidationError(PyroshellError):
-    """The server answered 2xx with a body that is not the documented shape."""
+class SessionClosedError(APIConnectionError):
+    """A session's WebSocket closed before its result, with no error the server explained
+    (e.g. 1006: the connection dropped, or a close code this client does not know).
 
-    def __init__(self, message: str, *, response: httpx.Response, body: Any = None) -> None:
+    ``close_code`` and ``reason`` are the close frame's (``None``/"" when none arrived).
+    """
+
+    def __init__(self, message: str, *, close_code: Optional[int] = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.close_code = close_code
+        self.reason = reason
+
+
+class APIResponseValidationError(PyroshellError):
+    """The server answered 2xx (or sent a session message) with a body that is not the documented shape.
+
+    ``response`` is ``None`` for session messages."""
+
+    def __init__(self, message: str, *, response: Optional[httpx.Response] = None, body: Any = None) -> None:
         super().__init__(message)
         self.response = response
         self.body = body
@@ -67,7 +83,13 @@ class APIStatusError(PyroshellError):
     """The server answered with a 4xx or 5xx status.
 
     Attributes mirror the server's error document ``{"error": {"code", "message", "field"}}``.
+    A session (``/v1/sessions``) refused with close code 4000 + status raises the same classes:
+    then ``close_code`` is that code and ``response`` is built from the close frame and the
+    server's ``error`` message (``status_code`` = close code - 4000); ``close_code`` is ``None``
+    for HTTP answers.
     """
+
+    close_code: Optional[int] = None
 
     status_code: int
 
@@ -223,3 +245,26 @@ def status_error(response: httpx.Response) -> APIStatusError:
     if status >= 500:
         return InternalServerError(message, **kwargs)
     return _BY_STATUS.get(status, APIStatusError)(message, **kwargs)
+
+
+def session_close_error(close_code: Optional[int], reason: str, notice: Optional[Dict[str, Any]]) -> PyroshellError:
+    """The exception for a session that closed without a result.
+
+    Close codes 4000-4999 are 4000 + the HTTP status an equivalent request would get (``docs/compat.md``):
+    they raise the status's :class:`APIStatusError` subclass with the ``error`` notice's
+    ``code``/``field``/``message``. Anything else raises :class:`SessionClosedError`.
+    """
+    if close_code is not None and 4400 <= close_code <= 4599:
+        err: Dict[str, Any] = {"code": reason or None, "message": reason or f"session closed with {close_code}"}
+        if notice:
+            err.update({k: notice.get(k) for k in ("code", "message", "field") if notice.get(k) is not None})
+        response = httpx.Response(close_code - 4000, json={"error": err})
+        out = status_error(response)
+        out.close_code = close_code
+        return out
+    what = f"close code {close_code}" if close_code is not None else "no close frame"
+    text = f"the session closed before its result ({what}"
+    text += f": {reason})" if reason else ")"
+    if notice and notice.get("message"):
+        text += f"; server said: {notice['message']}"
+    return SessionClosedError(text, close_code=close_code, reason=reason)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 from typing import Any, Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "Verdict",
@@ -27,6 +27,13 @@ __all__ = [
     "OutputEvent",
     "ResultEvent",
     "StreamEvent",
+    "TestCase",
+    "TestResult",
+    "TestSummary",
+    "TestVerdict",
+    "StageEvent",
+    "ExitEvent",
+    "SessionEvent",
 ]
 
 #: How an execution ended. ``ok`` is the only success; the rest are data, not exceptions.
@@ -123,6 +130,49 @@ TestVerdict = Literal[
 ]
 
 
+class TestCase(BaseModel):
+    """One test of a compile-once-run-many execution (server schema ``TestBody``).
+
+    ``stdin``: text (sent as UTF-8) or exact bytes (sent as base64, ``stdin_encoding`` set for you).
+    ``expected_output``: when given, a run that exits 0 is ``accepted`` if its stdout equals this
+    with each line's trailing whitespace and trailing blank lines ignored (Judge0's rule), else
+    ``wrong_answer``; without it, exiting 0 is ``accepted``.
+    """
+
+    __test__ = False  # not a pytest class
+    model_config = ConfigDict(extra="forbid")
+
+    stdin: Optional[Union[str, bytes]] = None
+    #: ``utf8`` or ``base64``; set automatically when ``stdin`` is bytes.
+    stdin_encoding: Optional[Literal["utf8", "base64"]] = None
+    args: List[str] = []
+    expected_output: Optional[str] = None
+
+    @field_validator("args", mode="before")
+    @classmethod
+    def _args_as_text(cls, v: Any) -> Any:
+        # As the top-level ``args``: numbers are sent as their text.
+        if isinstance(v, (list, tuple)):
+            return [str(a) if isinstance(a, (int, float)) and not isinstance(a, bool) else a for a in v]
+        return v
+
+    def to_body(self) -> Dict[str, Any]:
+        """The request's ``tests[i]`` object."""
+        body: Dict[str, Any] = {}
+        if isinstance(self.stdin, bytes):
+            body["stdin"] = base64.b64encode(self.stdin).decode("ascii")
+            body["stdin_encoding"] = "base64"
+        elif self.stdin is not None:
+            body["stdin"] = self.stdin
+            if self.stdin_encoding is not None:
+                body["stdin_encoding"] = self.stdin_encoding
+        if self.args:
+            body["args"] = [str(a) for a in self.args]
+        if self.expected_output is not None:
+            body["expected_output"] = self.expected_output
+        return body
+
+
 class TestResult(_Response):
     """One test of a compile-once-run-many execution (server schema ``TestResultBody``)."""
 
@@ -174,8 +224,16 @@ class ExecutionResult(_Response):
 
     @property
     def ok(self) -> bool:
-        """Whether the program compiled (if needed), ran and exited 0 within its limits."""
+        """Whether the program compiled (if needed), ran and exited 0 within its limits.
+
+        With ``tests``, whether the build went through and every test ran; see :attr:`all_accepted`.
+        """
         return self.verdict == "ok"
+
+    @property
+    def all_accepted(self) -> bool:
+        """With ``tests``: whether every requested test ran and was ``accepted`` (``False`` without tests)."""
+        return self.summary is not None and self.summary.total > 0 and self.summary.accepted == self.summary.total
 
     @property
     def stdout(self) -> str:
@@ -254,6 +312,42 @@ class ResultEvent(_Response):
 
 
 StreamEvent = Union[OutputEvent, ResultEvent]
+
+
+class StageEvent(_Response):
+    """Session event: a stage (``compile`` or ``run``) starts."""
+
+    stage: str
+
+
+class ExitEvent(_Response):
+    """Session event: a stage ended. ``status`` as in :class:`Stage` (``ok``, ``failed``,
+    ``time_limit_exceeded``, ...);
+    ``exit_code`` when it exited, ``signal`` (Linux number) when a signal ended it."""
+
+    stage: str
+    status: str
+    exit_code: Optional[int] = None
+    signal: Optional[int] = None
+
+
+#: What iterating a session yields: stage starts, output chunks, stage exits, and last the result.
+SessionEvent = Union[StageEvent, OutputEvent, ExitEvent, ResultEvent]
+
+
+def parse_session_event(data: Dict[str, Any]) -> Optional[SessionEvent]:
+    """The typed event for a session message (its ``type`` removed); ``None`` for types this client does not know."""
+    kind = data.get("type")
+    fields = {k: v for k, v in data.items() if k != "type"}
+    if kind in ("stdout", "stderr"):
+        return OutputEvent(stream=kind, **fields)
+    if kind == "stage":
+        return StageEvent(**fields)
+    if kind == "exit":
+        return ExitEvent(**fields)
+    if kind == "result":
+        return ResultEvent(result=ExecutionResult.model_validate(fields))
+    return None
 
 
 def parse_stream_event(name: str, data: Any) -> Optional[StreamEvent]:

@@ -1,0 +1,916 @@
+//! Runtime images from OCI images: pulled from a registry (Distribution API
+//! v2 with [`oci_client`]: Docker Hub's token auth, HTTP Basic, manifest lists
+//! resolved to the guest's platform (linux/amd64, or linux/arm64 for aarch64
+//! guests), every manifest and blob checked against its
+//! digest) or imported from an OCI image layout or a `docker save` archive for
+//! hosts without a registry. The layers are applied in order into a scratch
+//! root (whiteouts and opaque directories as the OCI image spec's "Applying
+//! Changesets" says; no path may leave the root, no device nodes, size caps),
+//! the runner account is added as in Debian images, and the root becomes the
+//! same read-only erofs image, published atomically under the recipe's key.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read};
+use std::path::{Component, Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageIndex, OciImageManifest};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWrite;
+use tracing::{info, warn};
+use tvm_config::{GuestArch, ImageRecipe, Settings};
+
+use crate::cache::{remove_tree, BuildCancel, Cache};
+use crate::image::{customize, find_image, io_err, pack_and_publish, Image, ImageBuildError, ImageMeta};
+use crate::progress::Progress;
+
+/// Largest compressed layer (or imported archive member) accepted.
+pub const MAX_BLOB_BYTES: u64 = 8 << 30;
+/// Largest unpacked root (sum of all regular files written).
+pub const MAX_ROOT_BYTES: u64 = 16 << 30;
+/// Most entries in all layers together.
+pub const MAX_ENTRIES: u64 = 2_000_000;
+/// A registry that sends nothing for this long is given up on.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// One layer on local disk, with the digest that names it.
+#[derive(Debug)]
+struct LocalLayer {
+    digest: String,
+    path: PathBuf,
+}
+
+/// An image whose blobs are on local disk: its manifest digest and layers in order.
+#[derive(Debug)]
+struct LocalImage {
+    manifest_digest: String,
+    layers: Vec<LocalLayer>,
+}
+
+/// Builds the image of an OCI recipe: pulls `reference` into the scratch
+/// directory, unpacks and packs it. Called by `ensure_image` with the image
+/// lock held.
+pub(crate) fn build(
+    reference: &str,
+    arch: GuestArch,
+    cache: &Cache,
+    key: &str,
+    label: &str,
+    progress: &Progress,
+    cancel: &BuildCancel,
+) -> Result<Image, ImageBuildError> {
+    let started = Instant::now();
+    let parsed = parse_reference(reference)?;
+    let scratch = cache.scratch("image").map_err(io_err("creating a scratch directory in", &cache.tmp_dir()))?;
+    let blobs = scratch.join("blobs");
+    std::fs::create_dir_all(&blobs).map_err(io_err("creating", &blobs))?;
+    progress.set_message(format!("{label}: pulling {reference}"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(io_err("starting the pull runtime for", &blobs))?;
+    let pulled = rt.block_on(async {
+        tokio::select! {
+            r = pull(&parsed, reference, arch, &blobs, label, progress) => r,
+            () = cancelled(cancel) => Err(ImageBuildError::Cancelled),
+        }
+    })?;
+    drop(rt);
+    let root = scratch.join("root");
+    unpack_all(&pulled, &root, label, progress, cancel)?;
+    finish(&scratch, &root, cache, key, pulled.manifest_digest, started, label, progress, cancel)
+}
+
+/// Resolves once `cancel` is set (polled; the pull has no process to kill).
+async fn cancelled(cancel: &BuildCancel) {
+    while !cancel.is_cancelled() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn parse_reference(reference: &str) -> Result<Reference, ImageBuildError> {
+    reference.parse().map_err(|source| ImageBuildError::OciReference { reference: reference.to_string(), source })
+}
+
+/// Whether `registry` (`host[:port]`) is on this machine; Docker talks plain
+/// HTTP to those without configuration, and so does TVM.
+fn is_loopback(registry: &str) -> bool {
+    let host = match registry.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => registry.rsplit_once(':').map_or(registry, |(h, _)| h),
+    };
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Credentials for `reference`'s registry from the Docker config file
+/// (`$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`, credential
+/// helpers included); anonymous when it names none.
+///
+/// # Errors
+/// [`ImageBuildError::Credentials`] when an entry exists but cannot be read.
+fn credentials(reference: &Reference) -> Result<RegistryAuth, ImageBuildError> {
+    use docker_credential::{CredentialRetrievalError as E, DockerCredential};
+    let registry = reference.registry();
+    // Docker Hub's entry is keyed by its v1 index URL.
+    let server = if registry == "docker.io" { "https://index.docker.io/v1/" } else { registry };
+    match docker_credential::get_credential(server) {
+        Ok(DockerCredential::UsernamePassword(user, password)) => Ok(RegistryAuth::Basic(user, password)),
+        Ok(DockerCredential::IdentityToken(_)) => {
+            warn!(
+                registry,
+                "the Docker config holds an identity token, which the registry client cannot use; pulling anonymously"
+            );
+            Ok(RegistryAuth::Anonymous)
+        }
+        Err(E::NoCredentialConfigured | E::ConfigNotFound | E::ConfigReadError) => Ok(RegistryAuth::Anonymous),
+        Err(e) => Err(ImageBuildError::Credentials { registry: registry.to_string(), problem: format!("{e:?}") }),
+    }
+}
+
+/// The digest of the `linux/<arch>` image in an index's entries (GOARCH
+/// names, as the OCI image index spec uses: `amd64`, `arm64`).
+fn platform_image(manifests: &[ImageIndexEntry], arch: GuestArch) -> Option<String> {
+    manifests
+        .iter()
+        .find(|e| e.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == arch.debian()))
+        .map(|e| e.digest.clone())
+}
+
+/// Pulls the manifest (an index resolved to the guest's linux platform) and
+/// every layer into `dir`; the client checks each against its digest.
+async fn pull(
+    reference: &Reference,
+    text: &str,
+    arch: GuestArch,
+    dir: &Path,
+    label: &str,
+    progress: &Progress,
+) -> Result<LocalImage, ImageBuildError> {
+    let pull_err = |source| ImageBuildError::Pull { reference: text.to_string(), source };
+    let auth = credentials(reference)?;
+    let protocol = if is_loopback(reference.resolve_registry()) { ClientProtocol::Http } else { ClientProtocol::Https };
+    let config = ClientConfig {
+        protocol,
+        platform_resolver: Some(Box::new(move |m: &[ImageIndexEntry]| platform_image(m, arch))),
+        read_timeout: Some(READ_TIMEOUT),
+        connect_timeout: Some(CONNECT_TIMEOUT),
+        ..ClientConfig::default()
+    };
+    let client = Client::try_from(config).map_err(pull_err)?;
+    let (manifest, manifest_digest) = client.pull_image_manifest(reference, &auth).await.map_err(pull_err)?;
+    check_layers(&manifest)?;
+    let mut layers = Vec::new();
+    for (i, desc) in manifest.layers.iter().enumerate() {
+        progress.set_message(format!(
+            "{label}: layer {}/{} ({} MB)",
+            i + 1,
+            manifest.layers.len(),
+            desc.size.max(0) >> 20
+        ));
+        let path = dir.join(format!("layer-{i}"));
+        let file = tokio::fs::File::create(&path).await.map_err(io_err("creating", &path))?;
+        let mut out = CappedWriter { inner: file, left: MAX_BLOB_BYTES };
+        client.pull_blob(reference, desc, &mut out).await.map_err(pull_err)?;
+        layers.push(LocalLayer { digest: desc.digest.clone(), path });
+    }
+    info!(reference = text, manifest_digest, layers = layers.len(), "pulled");
+    Ok(LocalImage { manifest_digest, layers })
+}
+
+/// Refuses manifests TVM cannot apply before anything is downloaded.
+fn check_layers(manifest: &OciImageManifest) -> Result<(), ImageBuildError> {
+    for d in &manifest.layers {
+        if u64::try_from(d.size).map_or(true, |s| s > MAX_BLOB_BYTES) {
+            return Err(ImageBuildError::OciImage {
+                problem: format!("layer {} has size {}, above the {} byte cap", d.digest, d.size, MAX_BLOB_BYTES),
+            });
+        }
+        if d.media_type.contains("zstd") || d.media_type.contains("nondistributable") {
+            return Err(ImageBuildError::OciImage {
+                problem: format!("layer {} has media type {}, which TVM does not unpack", d.digest, d.media_type),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A file writer that fails once more than `left` bytes arrive, so a registry
+/// cannot fill the disk with a blob larger than its descriptor's cap.
+struct CappedWriter {
+    inner: tokio::fs::File,
+    left: u64,
+}
+
+impl AsyncWrite for CappedWriter {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        if buf.len() as u64 > self.left {
+            return Poll::Ready(Err(io::Error::other("blob larger than the size cap")));
+        }
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                this.left -= n as u64;
+                Poll::Ready(Ok(n))
+            }
+            other => other,
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Adds what the guest needs (runner account, mount points, host files) and
+/// packs and publishes the image.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    scratch: &crate::cache::ScratchDir,
+    root: &Path,
+    cache: &Cache,
+    key: &str,
+    manifest_digest: String,
+    started: Instant,
+    label: &str,
+    progress: &Progress,
+    cancel: &BuildCancel,
+) -> Result<Image, ImageBuildError> {
+    if cancel.is_cancelled() {
+        return Err(ImageBuildError::Cancelled);
+    }
+    progress.set_message(format!("{label}: adding the runner user"));
+    // Minimal images (distroless, scratch-based) may have no account files.
+    let etc = root.join("etc");
+    std::fs::create_dir_all(&etc).map_err(io_err("creating", &etc))?;
+    for (file, first) in [("passwd", "root:x:0:0:root:/root:/bin/sh\n"), ("group", "root:x:0:\n")] {
+        let p = etc.join(file);
+        if std::fs::symlink_metadata(&p).is_err() {
+            std::fs::write(&p, first).map_err(io_err("writing", &p))?;
+        }
+    }
+    customize(root)?;
+    let meta = ImageMeta {
+        key: key.to_string(),
+        suite: String::new(),
+        packages: Vec::new(),
+        created_unix: 0,
+        size_bytes: 0,
+        build_seconds: 0.0,
+        installed: Vec::new(),
+        manifest_digest: Some(manifest_digest),
+    };
+    pack_and_publish(scratch, root, cache, meta, started, label, progress, cancel)
+}
+
+/// Applies every layer in order into `root` (created here).
+fn unpack_all(
+    image: &LocalImage,
+    root: &Path,
+    label: &str,
+    progress: &Progress,
+    cancel: &BuildCancel,
+) -> Result<(), ImageBuildError> {
+    std::fs::create_dir_all(root).map_err(io_err("creating", root))?;
+    let mut budget = Budget { bytes: MAX_ROOT_BYTES, entries: MAX_ENTRIES };
+    for (i, layer) in image.layers.iter().enumerate() {
+        if cancel.is_cancelled() {
+            return Err(ImageBuildError::Cancelled);
+        }
+        progress.set_message(format!("{label}: unpacking layer {}/{}", i + 1, image.layers.len()));
+        apply_layer(&layer.path, &layer.digest, root, &mut budget)?;
+    }
+    Ok(())
+}
+
+/// What is left of the size caps.
+struct Budget {
+    bytes: u64,
+    entries: u64,
+}
+
+/// Opens a layer file, gunzipping it when it starts with gzip's magic bytes
+/// (registries and `docker save` use both forms whatever the media type says).
+fn open_layer(path: &Path, digest: &str) -> Result<Box<dyn Read>, ImageBuildError> {
+    let mut f = BufReader::new(File::open(path).map_err(io_err("opening", path))?);
+    let mut magic = [0u8; 4];
+    let n = read_prefix(&mut f, &mut magic).map_err(io_err("reading", path))?;
+    let f = io::Cursor::new(magic[..n].to_vec()).chain(f);
+    match magic {
+        [0x1f, 0x8b, ..] => Ok(Box::new(flate2::read::GzDecoder::new(f))),
+        [0x28, 0xb5, 0x2f, 0xfd] => Err(ImageBuildError::OciImage {
+            problem: format!("layer {digest} is zstd-compressed, which TVM does not unpack"),
+        }),
+        _ => Ok(Box::new(f)),
+    }
+}
+
+fn read_prefix(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// The whiteout prefix and the opaque-directory marker (OCI image spec, layer.md).
+const WHITEOUT: &str = ".wh.";
+const OPAQUE: &str = ".wh..wh..opq";
+
+/// Applies one layer: a first pass carries out its whiteouts (which remove
+/// only what lower layers made), a second writes its entries.
+fn apply_layer(path: &Path, digest: &str, root: &Path, budget: &mut Budget) -> Result<(), ImageBuildError> {
+    let refuse = |entry: &Path, problem: String| ImageBuildError::Layer {
+        layer: digest.to_string(),
+        entry: entry.display().to_string(),
+        problem,
+    };
+    let read_err = |source: io::Error| ImageBuildError::Layer {
+        layer: digest.to_string(),
+        entry: String::new(),
+        problem: format!("the tarball is unreadable: {source}"),
+    };
+
+    let mut archive = tar::Archive::new(open_layer(path, digest)?);
+    for entry in archive.entries().map_err(read_err)? {
+        let entry = entry.map_err(read_err)?;
+        let raw = entry.path().map_err(read_err)?.into_owned();
+        let rel = contained(&raw).map_err(|p| refuse(&raw, p))?;
+        let Some(name) = rel.file_name().and_then(|n| n.to_str()) else { continue };
+        if !name.starts_with(WHITEOUT) {
+            continue;
+        }
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        let dir = resolve_parent(root, parent).map_err(|p| refuse(&raw, p))?;
+        if name == OPAQUE {
+            // Everything lower layers put in the directory goes; the directory stays.
+            if let Ok(children) = std::fs::read_dir(&dir) {
+                for child in children.flatten() {
+                    remove_tree(&child.path()).map_err(io_err("removing", &child.path()))?;
+                }
+            }
+        } else {
+            let target = dir.join(&name[WHITEOUT.len()..]);
+            remove_tree(&target).map_err(io_err("removing", &target))?;
+        }
+    }
+
+    let mut archive = tar::Archive::new(open_layer(path, digest)?);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_unpack_xattrs(false);
+    archive.set_overwrite(true);
+    for entry in archive.entries().map_err(read_err)? {
+        let mut entry = entry.map_err(read_err)?;
+        let raw = entry.path().map_err(read_err)?.into_owned();
+        let rel = contained(&raw).map_err(|p| refuse(&raw, p))?;
+        if rel.as_os_str().is_empty() {
+            continue; // the root directory itself
+        }
+        if rel.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(WHITEOUT)) {
+            continue;
+        }
+        budget.entries = budget
+            .entries
+            .checked_sub(1)
+            .ok_or_else(|| refuse(&raw, format!("more than {MAX_ENTRIES} entries in the image")))?;
+        let kind = entry.header().entry_type();
+        use tar::EntryType as T;
+        match kind {
+            T::Regular | T::Continuous | T::Directory | T::Symlink | T::Link => {}
+            // Device nodes would give the guest's root raw hardware access; FIFOs
+            // and the rest have no place in a read-only runtime root.
+            _ => continue,
+        }
+        let size = entry.header().size().map_err(read_err)?;
+        budget.bytes = budget
+            .bytes
+            .checked_sub(size)
+            .ok_or_else(|| refuse(&raw, format!("the unpacked image exceeds {MAX_ROOT_BYTES} bytes")))?;
+        let parent = resolve_parent(root, rel.parent().unwrap_or(Path::new(""))).map_err(|p| refuse(&raw, p))?;
+        std::fs::create_dir_all(&parent).map_err(io_err("creating", &parent))?;
+        let dst = parent.join(rel.file_name().unwrap_or_default());
+        // Replace what a lower layer left unless both are directories (a
+        // directory entry only updates its metadata), never writing through a symlink.
+        if let Ok(old) = std::fs::symlink_metadata(&dst) {
+            if !(old.is_dir() && kind == T::Directory) {
+                remove_tree(&dst).map_err(io_err("removing", &dst))?;
+            }
+        }
+        if kind == T::Link {
+            let link = entry
+                .link_name()
+                .map_err(read_err)?
+                .ok_or_else(|| refuse(&raw, "hard link without a target".into()))?;
+            let target_rel =
+                contained(&link).map_err(|p| refuse(&raw, format!("hard link target {}: {p}", link.display())))?;
+            let target_parent =
+                resolve_parent(root, target_rel.parent().unwrap_or(Path::new(""))).map_err(|p| refuse(&raw, p))?;
+            let target = target_parent.join(target_rel.file_name().unwrap_or_default());
+            let meta = std::fs::symlink_metadata(&target)
+                .map_err(|_| refuse(&raw, format!("hard link target {} is not in the image", link.display())))?;
+            if !meta.is_file() {
+                return Err(refuse(&raw, format!("hard link target {} is not a regular file", link.display())));
+            }
+            std::fs::hard_link(&target, &dst).map_err(io_err("linking", &dst))?;
+            continue;
+        }
+        entry.unpack(&dst).map_err(|e| refuse(&raw, format!("writing it failed: {e}")))?;
+    }
+    Ok(())
+}
+
+/// The entry path relative to the root: leading `/` and `.` dropped; `..`
+/// anywhere refused (layers made by real tools never need it).
+fn contained(path: &Path) -> Result<PathBuf, String> {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir => return Err("the path contains `..` (it would escape the root)".into()),
+            Component::Prefix(_) => return Err("not a Unix path".into()),
+        }
+    }
+    Ok(out)
+}
+
+/// `root/rel` for a directory path that must not pass through a symlink
+/// (which could point anywhere on the host); missing parts are fine (created later).
+fn resolve_parent(root: &Path, rel: &Path) -> Result<PathBuf, String> {
+    let mut at = root.to_path_buf();
+    for c in rel.components() {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!(
+                    "its parent {} is a symlink in the image; writing through it could leave the root",
+                    at.strip_prefix(root).unwrap_or(&at).display()
+                ))
+            }
+            Ok(m) if !m.is_dir() => {
+                return Err(format!("its parent {} is not a directory", at.strip_prefix(root).unwrap_or(&at).display()))
+            }
+            _ => {}
+        }
+    }
+    Ok(at)
+}
+
+/// `sha256:<hex>` of a file.
+fn file_digest(path: &Path) -> Result<String, ImageBuildError> {
+    let mut f = File::open(path).map_err(io_err("opening", path))?;
+    let mut h = Sha256::new();
+    io::copy(&mut f, &mut h).map_err(io_err("reading", path))?;
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// `tvm image import`: builds the image of `recipe` (an OCI recipe) from a
+/// local OCI image layout directory or a `docker save` tarball (either
+/// format Docker writes) instead of a registry, for hosts without one. The
+/// image is the one whose digest the recipe pins, else the one tagged as the
+/// recipe names it, else the only one. Every blob read is checked against its
+/// digest (legacy `docker save` layers against the config's `diff_ids`).
+///
+/// # Errors
+/// [`ImageBuildError::OciImage`] when `recipe` is not an OCI recipe or the
+/// input holds no matching image; [`ImageBuildError::DigestMismatch`],
+/// [`ImageBuildError::Layer`], and the errors of packing and publishing.
+pub fn import(
+    settings: &Settings,
+    recipe: &ImageRecipe,
+    input: &Path,
+    progress: &Progress,
+) -> Result<Image, ImageBuildError> {
+    let Some(text) = &recipe.oci else {
+        return Err(ImageBuildError::OciImage {
+            problem: format!("the runtime's recipe takes its root from {}, not from an OCI image", recipe.source()),
+        });
+    };
+    let reference = parse_reference(text)?;
+    if let Some(image) = find_image(settings, recipe) {
+        progress.clear();
+        return Ok(image);
+    }
+    // Keyed by architecture as `ensure_image` keys it.
+    let arch = settings.guest_arch;
+    let recipe = &recipe.for_arch(arch);
+    let started = Instant::now();
+    let cache = Cache::new(&settings.cache_dir);
+    let key = recipe.key();
+    let label = progress.message();
+    let lock_name = format!("image-{key}");
+    let _lock = cache.lock(&lock_name).map_err(io_err("locking", &cache.root().join("locks").join(&lock_name)))?;
+    cache.sweep_stale_scratch();
+    let scratch = cache.scratch("image").map_err(io_err("creating a scratch directory in", &cache.tmp_dir()))?;
+    let meta = std::fs::metadata(input).map_err(io_err("reading", input))?;
+    let layout = if meta.is_dir() {
+        input.to_path_buf()
+    } else {
+        progress.set_message(format!("{label}: reading {}", input.display()));
+        let dir = scratch.join("archive");
+        extract_archive(input, &dir)?;
+        dir
+    };
+    let image = if layout.join("oci-layout").is_file() {
+        from_layout(&layout, &reference, arch)?
+    } else if layout.join("manifest.json").is_file() {
+        from_docker_archive(&layout, &reference, arch)?
+    } else {
+        return Err(ImageBuildError::OciImage {
+            problem: format!("{} is neither an OCI image layout nor a docker save archive", input.display()),
+        });
+    };
+    let root = scratch.join("root");
+    let cancel = BuildCancel::new();
+    unpack_all(&image, &root, &label, progress, &cancel)?;
+    let built = finish(&scratch, &root, &cache, &key, image.manifest_digest, started, &label, progress, &cancel)?;
+    progress.finish(format!("{label}: imported {key}"));
+    Ok(built)
+}
+
+/// Unpacks a `docker save` tarball (regular files and directories only, no
+/// path out of `dir`, size-capped) so it can be read as a layout.
+fn extract_archive(input: &Path, dir: &Path) -> Result<(), ImageBuildError> {
+    let digest = input.display().to_string();
+    let read_err = |source: io::Error| ImageBuildError::Layer {
+        layer: digest.clone(),
+        entry: String::new(),
+        problem: format!("the archive is unreadable: {source}"),
+    };
+    std::fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+    let mut archive = tar::Archive::new(open_layer(input, &digest)?);
+    let mut left = MAX_ROOT_BYTES;
+    for entry in archive.entries().map_err(read_err)? {
+        let mut entry = entry.map_err(read_err)?;
+        let raw = entry.path().map_err(read_err)?.into_owned();
+        let refuse = |problem: String| ImageBuildError::Layer {
+            layer: digest.clone(),
+            entry: raw.display().to_string(),
+            problem,
+        };
+        let rel = contained(&raw).map_err(refuse)?;
+        let dst = dir.join(&rel);
+        match entry.header().entry_type() {
+            tar::EntryType::Directory => std::fs::create_dir_all(&dst).map_err(io_err("creating", &dst))?,
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let size = entry.header().size().map_err(read_err)?;
+                left = left.checked_sub(size).ok_or_else(|| refuse("the archive is too large".into()))?;
+                resolve_parent(dir, rel.parent().unwrap_or(Path::new(""))).map_err(refuse)?;
+                if let Some(p) = dst.parent() {
+                    std::fs::create_dir_all(p).map_err(io_err("creating", p))?;
+                }
+                let mut out = File::create(&dst).map_err(io_err("creating", &dst))?;
+                io::copy(&mut entry, &mut out).map_err(io_err("writing", &dst))?;
+            }
+            // Older docker save archives link identical layers; the manifest names the files.
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// The path of blob `digest` in a layout, after checking its content.
+fn layout_blob(layout: &Path, digest: &str) -> Result<PathBuf, ImageBuildError> {
+    let (alg, hex_part) = digest.split_once(':').unwrap_or(("", digest));
+    if alg != "sha256" || hex_part.len() != 64 || !hex_part.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ImageBuildError::OciImage { problem: format!("unsupported or malformed digest {digest:?}") });
+    }
+    let path = layout.join("blobs").join(alg).join(hex_part);
+    let actual = file_digest(&path)?;
+    if actual != digest {
+        return Err(ImageBuildError::DigestMismatch {
+            what: format!("blob {}", path.display()),
+            expected: digest.into(),
+            actual,
+        });
+    }
+    Ok(path)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, ImageBuildError> {
+    let bytes = std::fs::read(path).map_err(io_err("reading", path))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ImageBuildError::OciImage { problem: format!("{} does not parse: {e}", path.display()) })
+}
+
+/// Whether an annotated name (`python:3.8-slim`, `docker.io/library/python:3.8-slim`, `3.8-slim`) is `reference`.
+fn names(reference: &Reference, name: &str) -> bool {
+    let tag = reference.tag().unwrap_or("latest");
+    name == tag
+        || name.parse::<Reference>().is_ok_and(|r| {
+            r.resolve_registry() == reference.resolve_registry()
+                && r.repository() == reference.repository()
+                && r.tag().unwrap_or("latest") == tag
+        })
+}
+
+/// Picks the image for `reference` in an OCI image layout.
+fn from_layout(layout: &Path, reference: &Reference, arch: GuestArch) -> Result<LocalImage, ImageBuildError> {
+    let index: OciImageIndex = read_json(&layout.join("index.json"))?;
+    let annotated = |e: &ImageIndexEntry, key: &str| e.annotations.as_ref().and_then(|a| a.get(key)).cloned();
+    let chosen = match reference.digest() {
+        Some(d) => index.manifests.iter().find(|e| e.digest == d),
+        None => index.manifests.iter().find(|e| {
+            ["io.containerd.image.name", "org.opencontainers.image.ref.name"]
+                .iter()
+                .any(|k| annotated(e, k).is_some_and(|n| names(reference, &n)))
+        }),
+    }
+    .or(if index.manifests.len() == 1 && reference.digest().is_none() { index.manifests.first() } else { None })
+    .ok_or_else(|| ImageBuildError::OciImage {
+        problem: format!("{} holds no image {}", layout.display(), reference.whole()),
+    })?;
+    let mut entry = chosen.clone();
+    // Indexes nest (docker save writes index -> index -> manifest); bounded.
+    for _ in 0..4 {
+        let path = layout_blob(layout, &entry.digest)?;
+        let value: serde_json::Value = read_json(&path)?;
+        if value.get("manifests").is_some() {
+            let inner: OciImageIndex = read_json(&path)?;
+            let digest = platform_image(&inner.manifests, arch).ok_or_else(|| ImageBuildError::OciImage {
+                problem: format!("index {} has no linux/{} image", entry.digest, arch.debian()),
+            })?;
+            entry = inner.manifests.into_iter().find(|e| e.digest == digest).unwrap_or(entry);
+            continue;
+        }
+        let manifest: OciImageManifest = read_json(&path)?;
+        check_layers(&manifest)?;
+        let layers = manifest
+            .layers
+            .iter()
+            .map(|d: &OciDescriptor| Ok(LocalLayer { digest: d.digest.clone(), path: layout_blob(layout, &d.digest)? }))
+            .collect::<Result<Vec<_>, ImageBuildError>>()?;
+        return Ok(LocalImage { manifest_digest: entry.digest, layers });
+    }
+    Err(ImageBuildError::OciImage { problem: "image indexes nested more than four deep".into() })
+}
+
+/// One image of a legacy `docker save` archive's `manifest.json`.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct DockerArchiveEntry {
+    config: String,
+    #[serde(default)]
+    repo_tags: Option<Vec<String>>,
+    layers: Vec<String>,
+}
+
+/// The part of an image config that names the uncompressed layers and the
+/// platform (GOARCH names; absent in some hand-made images).
+#[derive(Deserialize)]
+struct ImageConfig {
+    rootfs: RootFs,
+    #[serde(default)]
+    architecture: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RootFs {
+    diff_ids: Vec<String>,
+}
+
+/// Picks the image for `reference` in a legacy `docker save` archive. Its
+/// config file is named by its digest (the image ID) and lists each layer's
+/// digest, which is checked.
+fn from_docker_archive(dir: &Path, reference: &Reference, arch: GuestArch) -> Result<LocalImage, ImageBuildError> {
+    let entries: Vec<DockerArchiveEntry> = read_json(&dir.join("manifest.json"))?;
+    let single = entries.len() == 1;
+    let entry =
+        entries.into_iter().find(|e| single || e.repo_tags.iter().flatten().any(|t| names(reference, t))).ok_or_else(
+            || ImageBuildError::OciImage { problem: format!("the archive holds no image {}", reference.whole()) },
+        )?;
+    let under = |rel: &str| {
+        contained(Path::new(rel))
+            .map(|r| dir.join(r))
+            .map_err(|p| ImageBuildError::OciImage { problem: format!("{rel:?}: {p}") })
+    };
+    let config_path = under(&entry.config)?;
+    let config_digest = file_digest(&config_path)?;
+    let stem = config_path.file_name().and_then(|n| n.to_str()).unwrap_or_default().trim_end_matches(".json");
+    if !config_digest.ends_with(stem) {
+        return Err(ImageBuildError::DigestMismatch {
+            what: format!("config {}", entry.config),
+            expected: format!("sha256:{stem}"),
+            actual: config_digest,
+        });
+    }
+    if reference.digest().is_some_and(|d| d != config_digest) {
+        return Err(ImageBuildError::DigestMismatch {
+            what: "the archive's image".into(),
+            expected: reference.digest().unwrap_or_default().into(),
+            actual: config_digest,
+        });
+    }
+    let config: ImageConfig = read_json(&config_path)?;
+    if let Some(a) = config.architecture.as_deref().filter(|a| *a != arch.debian()) {
+        return Err(ImageBuildError::OciImage {
+            problem: format!("the archive's image is for {a}, the guests are {}", arch.debian()),
+        });
+    }
+    if config.rootfs.diff_ids.len() != entry.layers.len() {
+        return Err(ImageBuildError::OciImage { problem: "the config's diff_ids do not match the layer list".into() });
+    }
+    let mut layers = Vec::new();
+    for (rel, diff_id) in entry.layers.iter().zip(&config.rootfs.diff_ids) {
+        let path = under(rel)?;
+        let actual = uncompressed_digest(&path, diff_id)?;
+        if &actual != diff_id {
+            return Err(ImageBuildError::DigestMismatch {
+                what: format!("layer {rel}"),
+                expected: diff_id.clone(),
+                actual,
+            });
+        }
+        layers.push(LocalLayer { digest: diff_id.clone(), path });
+    }
+    Ok(LocalImage { manifest_digest: config_digest, layers })
+}
+
+/// `sha256:` of a layer's uncompressed tar stream (its diff_id).
+fn uncompressed_digest(path: &Path, name: &str) -> Result<String, ImageBuildError> {
+    let mut r = open_layer(path, name)?;
+    let mut h = Sha256::new();
+    io::copy(&mut r, &mut h).map_err(io_err("reading", path))?;
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// Whether the filesystem under `root` has an inode that is a device node
+/// (for tests: unpacking never creates one).
+pub fn has_device_nodes(root: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(dir) = std::fs::read_dir(root) else { return false };
+    dir.flatten().any(|e| {
+        let Ok(m) = std::fs::symlink_metadata(e.path()) else { return false };
+        let t = m.file_type();
+        t.is_block_device() || t.is_char_device() || (m.is_dir() && has_device_nodes(&e.path()))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A layer tarball from `(path, kind, content)` rows; paths are written raw
+    /// into the header so hostile ones (`..`) can be made.
+    fn layer(dir: &Path, name: &str, rows: &[(&str, tar::EntryType, &str, &str)]) -> PathBuf {
+        let path = dir.join(name);
+        let mut b = tar::Builder::new(File::create(&path).unwrap());
+        for (p, kind, data, link) in rows {
+            let mut h = tar::Header::new_gnu();
+            let bytes = p.as_bytes();
+            h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+            h.set_entry_type(*kind);
+            h.set_mode(if *kind == tar::EntryType::Directory { 0o755 } else { 0o644 });
+            h.set_size(data.len() as u64);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            if !link.is_empty() {
+                h.set_link_name(link).unwrap();
+            }
+            h.set_cksum();
+            b.append(&h, data.as_bytes()).unwrap();
+        }
+        b.finish().unwrap();
+        path
+    }
+
+    fn apply(root: &Path, layer: &Path) -> Result<(), ImageBuildError> {
+        let mut budget = Budget { bytes: MAX_ROOT_BYTES, entries: MAX_ENTRIES };
+        apply_layer(layer, "sha256:test", root, &mut budget)
+    }
+
+    use tar::EntryType as T;
+
+    #[test]
+    fn whiteouts_and_opaque_dirs_remove_only_lower_layer_files() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        let l1 = layer(
+            t.path(),
+            "l1",
+            &[
+                ("etc/", T::Directory, "", ""),
+                ("etc/gone", T::Regular, "x", ""),
+                ("etc/kept", T::Regular, "k", ""),
+                ("opt/", T::Directory, "", ""),
+                ("opt/old", T::Regular, "o", ""),
+                ("dev/null", T::Char, "", ""),
+            ],
+        );
+        let l2 = layer(
+            t.path(),
+            "l2",
+            &[
+                ("etc/.wh.gone", T::Regular, "", ""),
+                ("opt/new", T::Regular, "n", ""),
+                ("opt/.wh..wh..opq", T::Regular, "", ""),
+                ("etc/link", T::Link, "", "etc/kept"),
+            ],
+        );
+        apply(&root, &l1).unwrap();
+        apply(&root, &l2).unwrap();
+        assert!(!root.join("etc/gone").exists());
+        assert_eq!(std::fs::read_to_string(root.join("etc/kept")).unwrap(), "k");
+        assert_eq!(std::fs::read_to_string(root.join("etc/link")).unwrap(), "k");
+        assert!(!root.join("opt/old").exists());
+        assert_eq!(std::fs::read_to_string(root.join("opt/new")).unwrap(), "n");
+        assert!(!root.join("etc/.wh.gone").exists() && !root.join("opt/.wh..wh..opq").exists());
+        assert!(!has_device_nodes(&root), "a device node was created");
+    }
+
+    #[test]
+    fn escaping_paths_symlinked_parents_and_outside_hard_links_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = t.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        for (name, rows) in [
+            ("dotdot", vec![("../outside/x", T::Regular, "x", "")]),
+            ("deep", vec![("a/../../outside/x", T::Regular, "x", "")]),
+            ("hardlink", vec![("x", T::Link, "", "../outside/y")]),
+            ("symlink", vec![("s", T::Symlink, "", "/"), ("s/outside/x", T::Regular, "x", "")]),
+        ] {
+            let root = t.path().join(format!("root-{name}"));
+            std::fs::create_dir(&root).unwrap();
+            std::fs::write(outside.join("y"), "y").unwrap();
+            let l = layer(t.path(), name, &rows);
+            let err = apply(&root, &l).unwrap_err();
+            assert!(matches!(err, ImageBuildError::Layer { .. }), "{name}: {err}");
+            assert!(!outside.join("x").exists(), "{name} wrote outside the root");
+        }
+    }
+
+    /// A legacy `docker save` directory (`manifest.json`, `<config digest>.json`,
+    /// `<id>/layer.tar`) of one image tagged `tag`, for `architecture`.
+    fn legacy_archive(dir: &Path, tag: &str, architecture: &str) -> (String, PathBuf) {
+        let layer = layer(dir, "layer.tar", &[("etc/", T::Directory, "", ""), ("etc/hi", T::Regular, "hi", "")]);
+        let diff_id = file_digest(&layer).unwrap();
+        std::fs::create_dir_all(dir.join("abc")).unwrap();
+        std::fs::rename(&layer, dir.join("abc/layer.tar")).unwrap();
+        let config = serde_json::json!({
+            "architecture": architecture, "os": "linux",
+            "rootfs": { "type": "layers", "diff_ids": [diff_id] },
+        })
+        .to_string();
+        let config_digest = format!("sha256:{}", hex::encode(Sha256::digest(config.as_bytes())));
+        let config_name = format!("{}.json", &config_digest["sha256:".len()..]);
+        std::fs::write(dir.join(&config_name), config).unwrap();
+        let manifest = serde_json::json!([{ "Config": config_name, "RepoTags": [tag], "Layers": ["abc/layer.tar"] }]);
+        std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+        (config_digest, dir.join("abc/layer.tar"))
+    }
+
+    #[test]
+    fn legacy_docker_save_archives_are_read_and_checked() {
+        let t = tempfile::tempdir().unwrap();
+        let (config_digest, layer_path) = legacy_archive(t.path(), "python:3.8-slim", "amd64");
+        let reference: Reference = "docker.io/library/python:3.8-slim".parse().unwrap();
+        let image = from_docker_archive(t.path(), &reference, GuestArch::X86_64).unwrap();
+        assert_eq!(image.manifest_digest, config_digest);
+        assert_eq!(image.layers.len(), 1);
+        let root = t.path().join("root");
+        unpack_all(&image, &root, "test", &Progress::hidden(), &BuildCancel::new()).unwrap();
+        assert_eq!(std::fs::read_to_string(root.join("etc/hi")).unwrap(), "hi");
+
+        // Another architecture's image, a tag the archive lacks among several
+        // images, a pinned digest it does not have: clear errors.
+        let err = from_docker_archive(t.path(), &reference, GuestArch::Aarch64).unwrap_err();
+        assert!(err.to_string().contains("for amd64, the guests are arm64"), "{err}");
+        let pinned: Reference = format!("python@sha256:{}", "0".repeat(64)).parse().unwrap();
+        let err = from_docker_archive(t.path(), &pinned, GuestArch::X86_64).unwrap_err();
+        assert!(matches!(err, ImageBuildError::DigestMismatch { .. }), "{err}");
+
+        // A layer whose content no longer matches the config's diff_id.
+        let mut data = std::fs::read(&layer_path).unwrap();
+        data[600] ^= 0xff;
+        std::fs::write(&layer_path, data).unwrap();
+        let err = from_docker_archive(t.path(), &reference, GuestArch::X86_64).unwrap_err();
+        assert!(matches!(err, ImageBuildError::DigestMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn loopback_registries_are_recognised() {
+        for r in ["localhost:5000", "127.0.0.1:5000", "[::1]:5000", "localhost"] {
+            assert!(is_loopback(r), "{r}");
+        }
+        for r in ["index.docker.io", "ghcr.io", "10.0.0.1:5000"] {
+            assert!(!is_loopback(r), "{r}");
+        }
+    }
+}
