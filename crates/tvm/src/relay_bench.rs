@@ -354,7 +354,8 @@ pub async fn run(vmm: &Pyrovm, runs: usize, lines: u64) -> Result<()> {
                 writes_per_sec: f64::NAN,
                 wall_ms: 0,
                 frames: 0,
-                note: Some(format!("failed: {e:#}")),
+                // One line: the note is a Markdown table cell.
+                note: Some(format!("failed: {}", format!("{e:#}").lines().next().unwrap_or_default())),
             };
             let m = measure(vmm, p, lines, Sink::Relay).await.unwrap_or_else(failed);
             relay.push(m.writes_per_sec);
