@@ -1,56 +1,44 @@
 #!/usr/bin/env bash
-# Checks that the host `tvm` binary compiles for a non-Linux OS: what a Mac or
+# Proves that the host `tvm` binary compiles for macOS and Windows: what a Mac or
 # Windows user builds (`tvm lima`, `tvm run --server`, `tvm runtimes --server`),
 # with every Linux-only crate and command gated off by cfg(target_os = "linux").
 #
 # rustup cannot fetch other targets' std here and Debian ships no Windows or
-# Apple std for a Rust new enough, so std itself is compiled from Debian's
-# `rust-src` (cargo -Zbuild-std, unlocked with RUSTC_BOOTSTRAP for this check
-# only) inside a Debian 13 root made by mmdebstrap: rustc/cargo 1.85 + rust-src.
-# `cargo check` needs no linker; std for windows-gnu needs MinGW's dlltool (raw-dylib imports). The workspace's
-# dependencies declare Rust 1.88/1.89 (uuid, zip, url's ICU crates); the check runs with
-# --ignore-rust-version and, with 1.85, stops at those crates (icu_locale_core, uuid) for now.
+# Apple std, so std itself is compiled from Debian's `rust-src` (cargo
+# -Zbuild-std, unlocked with RUSTC_BOOTSTRAP for this check only) with trixie's
+# rustc/cargo 1.85, in the cached build root of scripts/lib/trixie-root.sh.
+# The dependencies are resolved for Rust 1.85 in a scratch copy of the workspace
+# (scripts/lib/msrv-workspace.sh; the repository's Cargo.lock is not used or
+# changed). `cargo check` needs no linker; std for windows-gnu needs MinGW's
+# dlltool (raw-dylib imports).
 #
-#   scripts/check-portable.sh [TARGET...]   default: x86_64-pc-windows-gnu
-#   e.g. scripts/check-portable.sh x86_64-pc-windows-gnu x86_64-apple-darwin aarch64-apple-darwin
+#   scripts/check-portable.sh [TARGET...]
+#   default: x86_64-pc-windows-gnu x86_64-apple-darwin aarch64-apple-darwin
 #
-# The root and its .debs are cached in target/portable/; needs root (mmdebstrap, chroot,
-# bind mounts) and network access to the Debian mirror and crates.io. Not part of CI: a cold run
-# (root ~7 min, std + dependencies ~5 min per target on 2 cores) costs more than CI can spare.
+# Needs root (mmdebstrap, chroot, bind mounts) and the Debian mirror and
+# crates.io. Not part of CI: see docs/lima.md for its measured cost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ws=$PWD
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(x86_64-pc-windows-gnu)
-work=$PWD/target/portable
-root=$work/root
-mkdir -p "$work/debs"
-if [ ! -x "$root/usr/bin/cargo" ] || [ ! -d "$root/usr/lib/rustlib/src/rust/library" ]; then
-  rm -rf "$root"
-  mmdebstrap --quiet --mode=root --variant=minbase --include=rustc,cargo,rust-src,gcc,libc6-dev,ca-certificates,binutils-mingw-w64-x86-64 \
-    --skip=download/empty --skip=essential/unlink \
-    --setup-hook='mkdir -p "$1/var/cache/apt/archives"' \
-    --setup-hook="sync-in $work/debs /var/cache/apt/archives/" \
-    --customize-hook="sync-out /var/cache/apt/archives $work/debs" \
-    trixie "$root" http://deb.debian.org/debian
-fi
-cp /etc/resolv.conf "$root/etc/resolv.conf"
-mkdir -p "$root/src" "$root/root/.cargo/registry" "${CARGO_HOME:-$HOME/.cargo}/registry"
-mounts=()
-cleanup() {
-  for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do umount "${mounts[$i]}" || true; done
-}
-trap cleanup EXIT
-bind() { mount --bind "$1" "$2" && mounts+=("$2"); }
-bind "$PWD" "$root/src"
-bind "${CARGO_HOME:-$HOME/.cargo}/registry" "$root/root/.cargo/registry"
-bind /proc "$root/proc"
-bind /dev "$root/dev"
+[ ${#targets[@]} -gt 0 ] || targets=(x86_64-pc-windows-gnu x86_64-apple-darwin aarch64-apple-darwin)
+source scripts/lib/trixie-root.sh
+source scripts/lib/msrv-workspace.sh
+
+started=$SECONDS
+trixie_root "rustc,cargo,rust-src,libstd-rust-dev:arm64,gcc-aarch64-linux-gnu,libc6-dev-arm64-cross,binutils-mingw-w64-x86-64,ca-certificates"
+root=$TRIXIE_ROOT
+echo "check-portable: build root ready ($((SECONDS - started)) s)"
+msrv_workspace "$root" "$ws"
+echo "check-portable: dependencies resolved for rustc 1.85 ($((SECONDS - started)) s)"
+
 status=0
 for t in "${targets[@]}"; do
   start=$SECONDS
-  if chroot "$root" env RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=/src/target/portable/xtarget \
-    sh -c "cd /src && cargo check --quiet --ignore-rust-version -Zbuild-std=std,panic_abort --target $t -p tvm --bins"; then
-    echo "ok: tvm checks for $t ($((SECONDS - start)) s)"
+  TRIXIE_ENV=(RUSTC_BOOTSTRAP=1 CARGO_TARGET_DIR=/src/target/portable/xtarget)
+  if trixie_chroot "$root" "$ws" \
+    "cd target/portable/ws && cargo check --quiet --locked -Zbuild-std=std,panic_abort --target $t -p tvm --bins"; then
+    echo "ok: tvm checks for $t with rustc 1.85 ($((SECONDS - start)) s)"
   else
     echo "FAIL: tvm does not check for $t"
     status=1

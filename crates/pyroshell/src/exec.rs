@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use pyrovm::{Plan, RunJobError, SessionEvent, SessionInput, StartKind};
+use pyrovm::{Plan, RunJobError, SessionEvent, SessionInput, StartKind, StartedVm};
 use tokio::sync::mpsc::Receiver;
 use tracing::{info, warn};
 use tvm_protocol::{Stage, Stream, Verdict};
@@ -232,6 +232,10 @@ async fn run_inner(
         result.start = kind.as_str().to_string();
         st.metrics.start(kind);
     }
+    if started_as.note.is_some() {
+        st.metrics.template_fallback();
+    }
+    result.start_note = started_as.note;
     st.metrics.verdict(&runtime, result.verdict.as_str());
     info!(execution = %id, %runtime, verdict = %result.verdict, pooled = result.pooled, boot_ms = result.boot_ms,
           queue_ms = result.queue_ms, total_ms, "execution finished");
@@ -239,16 +243,18 @@ async fn run_inner(
 }
 
 /// How the VM of an execution started, as far as it got.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Started {
     pooled: bool,
     boot_ms: u64,
     kind: Option<StartKind>,
+    /// Why a fresh VM cold booted although templates are on.
+    note: Option<String>,
 }
 
 impl Started {
     fn none() -> Self {
-        Self { pooled: false, boot_ms: 0, kind: None }
+        Self { pooled: false, boot_ms: 0, kind: None, note: None }
     }
 }
 
@@ -271,20 +277,20 @@ async fn run_job(
     };
     // Two attempts at most: a warm VM that died while parked is replaced once by a fresh one.
     for attempt in 0..2 {
-        let vm_now = match vm.take() {
-            Some(v) => v,
-            None => match st.vmm.boot(&plan.runtime, plan.vm_memory_mib).await {
-                Ok(v) => {
-                    st.metrics.boot(v.boot_time());
+        let (vm_now, note) = match vm.take() {
+            Some(v) => (v, None),
+            None => match st.vmm.start_vm(&plan.runtime, plan.vm_memory_mib).await {
+                Ok(StartedVm { vm, note }) => {
+                    st.metrics.boot(vm.boot_time());
                     pooled = false;
-                    v
+                    (vm, note)
                 }
                 Err(e) => return Err((format!("VM failed to start: {e}"), Started::none())),
             },
         };
         let boot_ms = vm_now.boot_time().as_millis() as u64;
         let kind = if pooled { StartKind::Pool } else { vm_now.start_kind() };
-        let started = Started { pooled, boot_ms, kind: Some(kind) };
+        let started = Started { pooled, boot_ms, kind: Some(kind), note };
         let vm_id = vm_now.id().to_string();
         let t = Instant::now();
         // Two callbacks note it (and the future must stay Send), hence an atomic.

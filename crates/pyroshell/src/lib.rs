@@ -39,6 +39,7 @@ mod piston;
 pub mod pool;
 #[cfg(target_os = "linux")]
 mod routes;
+#[cfg(target_os = "linux")]
 mod session;
 pub mod sse;
 #[cfg(target_os = "linux")]

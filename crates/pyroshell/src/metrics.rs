@@ -52,6 +52,7 @@ struct Inner {
     rejections: BTreeMap<&'static str, u64>,
     connections_closed: BTreeMap<&'static str, u64>,
     pool_boot_failures: u64,
+    template_fallbacks: u64,
     starts: BTreeMap<&'static str, u64>,
     pool_starts: BTreeMap<&'static str, u64>,
     boot: Histogram,
@@ -88,6 +89,8 @@ pub struct Gauges {
     pub max_connections: usize,
     /// Per runtime: idle pool VMs and the target.
     pub pools: Vec<(String, usize, usize)>,
+    /// Template builds and failures so far (the VM manager counts them).
+    pub templates: pyrovm::TemplateCounts,
 }
 
 fn escape(v: &str) -> String {
@@ -133,6 +136,12 @@ impl Metrics {
     /// A pool VM failed to boot.
     pub fn pool_boot_failed(&self) {
         self.with(|m| m.pool_boot_failures += 1);
+    }
+
+    /// A VM (of an execution or the pool) cold booted although templates
+    /// are on: its template was missing, corrupt, failing or not restorable.
+    pub fn template_fallback(&self) {
+        self.with(|m| m.template_fallbacks += 1);
     }
 
     /// An execution's VM started this way (`template`, `cold`, `pool`).
@@ -230,6 +239,25 @@ impl Metrics {
             for (kind, n) in &m.pool_starts {
                 let _ = writeln!(out, "tvm_pool_vm_starts_total{{start=\"{kind}\"}} {n}");
             }
+            let counter = |out: &mut String, name: &str, help: &str, v: u64| {
+                let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+            };
+            let t = &g.templates;
+            counter(&mut out, "tvm_template_builds_total", "VM templates built.", t.built);
+            counter(&mut out, "tvm_template_build_failures_total", "VM template builds that failed.", t.build_failures);
+            counter(&mut out, "tvm_template_corrupt_total", "VM templates found corrupt and removed.", t.corrupt);
+            counter(
+                &mut out,
+                "tvm_template_restore_failures_total",
+                "Restores from a VM template that did not resume (the VM cold booted instead).",
+                t.restore_failures,
+            );
+            counter(
+                &mut out,
+                "tvm_template_fallbacks_total",
+                "VMs (executions and pool) that cold booted although templates are on.",
+                m.template_fallbacks,
+            );
             m.boot.render(&mut out, "tvm_vm_boot_seconds", "VM start to agent-ready.");
             m.execution.render(&mut out, "tvm_execution_seconds", "Job sent to result received.");
             m.queue_wait.render(&mut out, "tvm_queue_wait_seconds", "Time requests waited for capacity.");
@@ -253,7 +281,9 @@ mod tests {
         m.rejected("queue_full");
         m.boot(Duration::from_millis(300));
         m.boot(Duration::from_secs(3));
-        let g = Gauges { queue_depth: 2, pools: vec![("python-3.11".into(), 1, 2)], ..Default::default() };
+        m.template_fallback();
+        let templates = pyrovm::TemplateCounts { built: 2, restore_failures: 1, ..Default::default() };
+        let g = Gauges { queue_depth: 2, pools: vec![("python-3.11".into(), 1, 2)], templates, ..Default::default() };
         let t = m.render(&g);
         for line in [
             "tvm_http_requests_total{route=\"/v1/executions\",status=\"200\"} 2",
@@ -268,6 +298,10 @@ mod tests {
             "tvm_vm_boot_seconds_bucket{le=\"5\"} 2",
             "tvm_vm_boot_seconds_bucket{le=\"+Inf\"} 2",
             "tvm_vm_boot_seconds_count 2",
+            "tvm_template_builds_total 2",
+            "tvm_template_restore_failures_total 1",
+            "tvm_template_corrupt_total 0",
+            "tvm_template_fallbacks_total 1",
         ] {
             assert!(t.lines().any(|l| l == line), "missing {line:?} in\n{t}");
         }

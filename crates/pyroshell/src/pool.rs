@@ -358,7 +358,7 @@ pub async fn refill_loop(ctx: RefillCtx, rp: Arc<RuntimePool>, mut stop: watch::
             let permit = if may { ctx.admission.try_acquire(rp.memory_mib).ok().flatten() } else { None };
             if let Some(permit) = permit {
                 rp.booting.fetch_add(1, Ordering::AcqRel);
-                let boot = ctx.vmm.boot(&rp.runtime, rp.memory_mib);
+                let boot = ctx.vmm.start_vm(&rp.runtime, rp.memory_mib);
                 let outcome = tokio::select! {
                     r = boot => Some(r),
                     // Dropping the boot future kills the half-started VM.
@@ -367,8 +367,12 @@ pub async fn refill_loop(ctx: RefillCtx, rp: Arc<RuntimePool>, mut stop: watch::
                 rp.booting.fetch_sub(1, Ordering::AcqRel);
                 match outcome {
                     None => break,
-                    Some(Ok(vm)) => {
+                    Some(Ok(pyrovm::StartedVm { vm, note })) => {
                         failures = 0;
+                        if let Some(note) = note {
+                            ctx.metrics.template_fallback();
+                            info!(vm = vm.id(), %note, "pool VM cold booted instead of restoring its template");
+                        }
                         ctx.metrics.boot(vm.boot_time());
                         ctx.metrics.pool_vm_started(vm.start_kind());
                         debug!(

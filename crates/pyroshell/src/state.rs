@@ -44,6 +44,7 @@ impl AppState {
             connections: self.conns.open(),
             max_connections: self.conns.max(),
             pools: self.pool.pools().iter().map(|p| (p.id().to_string(), p.idle(), p.target())).collect(),
+            templates: self.vmm.templates().counts(),
         }
     }
 }

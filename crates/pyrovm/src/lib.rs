@@ -78,7 +78,7 @@ pub use plan::{
 #[cfg(target_os = "linux")]
 pub use progress::{MultiProgress, Progress};
 #[cfg(target_os = "linux")]
-pub use template::{TemplateError, Templates};
+pub use template::{TemplateCounts, TemplateError, Templates};
 #[cfg(target_os = "linux")]
 pub use vm::{RunJobError, SessionEvent, SessionInput, StartKind, StartVmError, Vm, VmmHost};
 
@@ -598,16 +598,23 @@ impl Pyrovm {
                 return Err(error_chain(&e));
             }
         };
-        let restored = match self.templates.open_state(&template) {
-            Ok(state) => {
-                let launch = template::restore_launch(state);
-                Vm::launch(&new_vm_id(), &self.vmm_host(), qemu, spec, self.boot_timeout(), launch)
-                    .await
-                    .map_err(TemplateError::Vm)
+        let state = match self.templates.open_state(&template) {
+            Ok(state) => state,
+            Err(e) => {
+                // Deleted or rewritten since `find`: no VM ran from it, so
+                // nothing to mark as failing; a changed file is removed.
+                warn!(runtime = %runtime.id, key, error = %error_chain(&e), "template vanished or changed; cold boot");
+                if matches!(e, TemplateError::Corrupt { .. }) {
+                    let _ = self.templates.remove(&key);
+                }
+                return Err(error_chain(&e));
             }
-            Err(e) => Err(e),
         };
+        let launch = template::restore_launch(state);
+        let restored = Vm::launch(&new_vm_id(), &self.vmm_host(), qemu, spec, self.boot_timeout(), launch).await;
         restored.map_err(|e| {
+            let e = TemplateError::Vm(e);
+            self.templates.count_restore_failure();
             warn!(runtime = %runtime.id, key, error = %error_chain(&e), "restore from template failed; removed, cold boot");
             let _ = self.templates.remove(&key);
             // Like a failed build: a template that builds but never restores

@@ -30,6 +30,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -251,6 +252,29 @@ impl Template {
     }
 }
 
+/// What happened to templates in this process, counted since it started:
+/// the server exports these as Prometheus counters (a restore that fails is
+/// not an error to the caller, so without a count it would show only in logs).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TemplateCounts {
+    /// Templates built and published.
+    pub built: u64,
+    /// Builds that failed (boot, warm-up or save).
+    pub build_failures: u64,
+    /// Templates found corrupt (metadata, size or sha256) and removed.
+    pub corrupt: u64,
+    /// Restores whose VMM did not resume the saved VM to agent-ready.
+    pub restore_failures: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    built: AtomicU64,
+    build_failures: AtomicU64,
+    corrupt: AtomicU64,
+    restore_failures: AtomicU64,
+}
+
 /// The template store in the cache, plus which builds are running in this
 /// process (so a busy server starts one background build per key, not one
 /// per request).
@@ -259,12 +283,34 @@ pub struct Templates {
     cache: Cache,
     building: Mutex<HashSet<String>>,
     verified: Mutex<HashMap<String, Identity>>,
+    counters: Counters,
 }
 
 impl Templates {
     /// The store under `cache_dir/templates`.
     pub fn new(cache_dir: &Path) -> Self {
-        Self { cache: Cache::new(cache_dir), building: Mutex::default(), verified: Mutex::default() }
+        Self {
+            cache: Cache::new(cache_dir),
+            building: Mutex::default(),
+            verified: Mutex::default(),
+            counters: Counters::default(),
+        }
+    }
+
+    /// The counts so far (see [`TemplateCounts`]).
+    pub fn counts(&self) -> TemplateCounts {
+        let c = &self.counters;
+        TemplateCounts {
+            built: c.built.load(Ordering::Relaxed),
+            build_failures: c.build_failures.load(Ordering::Relaxed),
+            corrupt: c.corrupt.load(Ordering::Relaxed),
+            restore_failures: c.restore_failures.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counts a restore whose VM did not resume (the caller cold boots).
+    pub fn count_restore_failure(&self) {
+        self.counters.restore_failures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `<cache>/templates`.
@@ -284,6 +330,14 @@ impl Templates {
     /// [`TemplateError::Missing`] when there is none; [`TemplateError::Corrupt`]
     /// when it does not check out (the caller removes it).
     pub fn find(&self, key: &str) -> Result<Template, TemplateError> {
+        let found = self.find_unchecked(key);
+        if matches!(found, Err(TemplateError::Corrupt { .. })) {
+            self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    fn find_unchecked(&self, key: &str) -> Result<Template, TemplateError> {
         let dir = self.template_dir(key);
         let meta_path = dir.join("meta.json");
         let bytes = match std::fs::read(&meta_path) {
@@ -350,7 +404,12 @@ impl Templates {
             _ => io_err("opening", &path)(e),
         })?;
         let m = file.metadata().map_err(io_err("reading", &path))?;
-        self.verify(t, Identity::of(&m))?;
+        if let Err(e) = self.verify(t, Identity::of(&m)) {
+            if matches!(e, TemplateError::Corrupt { .. }) {
+                self.counters.corrupt.fetch_add(1, Ordering::Relaxed);
+            }
+            return Err(e);
+        }
         Ok(file.into())
     }
 
@@ -430,9 +489,13 @@ impl Templates {
         let result = self.build_locked(&key, &req).await;
         match &result {
             Ok(_) => {
+                self.counters.built.fetch_add(1, Ordering::Relaxed);
                 let _ = std::fs::remove_file(self.failure_marker(&key));
             }
-            Err(e) => self.note_failure(&key, &crate::error_chain(e)),
+            Err(e) => {
+                self.counters.build_failures.fetch_add(1, Ordering::Relaxed);
+                self.note_failure(&key, &crate::error_chain(e))
+            }
         }
         result
     }

@@ -16,6 +16,7 @@ use std::io::{BufReader, Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::cache::Cache;
 use common::server::{
     children, connect, http, open_fds, read_body, read_head, wait_until, write_request, Resp, Server, STARTUP,
 };
@@ -296,6 +297,51 @@ fn warm_pool_skips_the_boot() {
     // Pool VMs are destroyed on shutdown.
     server.stop();
     env.assert_clean();
+}
+
+/// How each VM started reaches the result (`start`, `start_note`) and the
+/// metrics. Templates on, with a cache of the test's own and no template yet:
+/// the first execution cold boots (saying why) while the server builds the
+/// template in the background; the next is restored from it; a template that
+/// passes the integrity check but does not restore costs a cold boot, not an
+/// error, and is counted as a restore failure.
+#[test]
+fn vm_starts_and_failed_restores_are_reported() {
+    let env = Env::new();
+    let cache = Cache::new();
+    let vars = [("TVM_CACHE_DIR", cache.dir.path().as_os_str()), ("TVM_TEMPLATES", "1".as_ref())];
+    let server = Server::start_with_env(&env, &[], &vars);
+    let run = |src: &str, out: &str| {
+        let v = server.execute(&hello(src)).json();
+        assert_eq!((v["verdict"].as_str(), v["run"]["stdout"].as_str()), (Some("ok"), Some(out)), "{v}");
+        v
+    };
+    let first = run("print('one')", "one\n");
+    assert_eq!(first["start"], "cold", "{first}");
+    assert!(first["start_note"].as_str().unwrap_or_default().contains("no template"), "{first}");
+    server.wait_metric("tvm_template_builds_total ", |v| v == 1.0, "the template built in the background");
+
+    let second = run("print('two')", "two\n");
+    assert_eq!(second["start"], "template", "{second}");
+    assert!(second["start_note"].is_null(), "{second}");
+
+    common::cache::replace_state_keeping_checksums(&cache.only(), &[0x42u8; 1 << 16]);
+    let third = run("print('three')", "three\n");
+    assert_eq!(third["start"], "cold", "{third}");
+    assert!(third["start_note"].as_str().unwrap_or_default().contains("restore failed"), "{third}");
+
+    for (series, want) in [
+        ("tvm_template_restore_failures_total ", 1.0),
+        ("tvm_template_fallbacks_total ", 2.0),
+        ("tvm_template_corrupt_total ", 0.0),
+        ("tvm_vm_starts_total{start=\"template\"} ", 1.0),
+        ("tvm_vm_starts_total{start=\"cold\"} ", 2.0),
+    ] {
+        assert_eq!(server.metric(series), Some(want), "{series}:\n{}", server.get("/metrics").text());
+    }
+    server.stop();
+    env.assert_clean();
+    cache.assert_no_scratch();
 }
 
 #[test]

@@ -13,64 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use common::cache::Cache;
 use common::{lossy, Env};
 use serde_json::Value;
-
-/// The shared cache, as `Settings` finds it.
-fn shared_cache() -> PathBuf {
-    if let Some(d) = std::env::var_os("TVM_CACHE_DIR") {
-        return d.into();
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
-    base.join("tvm")
-}
-
-/// A test's own cache: its templates live here, the rest links to the shared cache.
-struct Cache {
-    dir: common::TempDir,
-}
-
-impl Cache {
-    fn new() -> Self {
-        let dir = common::TempDir::default();
-        let shared = shared_cache();
-        for sub in ["kernel", "images", "initrd", "probe", "debs"] {
-            std::fs::create_dir_all(shared.join(sub)).unwrap();
-            std::os::unix::fs::symlink(shared.join(sub), dir.path().join(sub)).unwrap();
-        }
-        Self { dir }
-    }
-
-    fn templates(&self) -> PathBuf {
-        self.dir.path().join("templates")
-    }
-
-    /// Directories of the built templates.
-    fn built(&self) -> Vec<PathBuf> {
-        let Ok(entries) = std::fs::read_dir(self.templates()) else { return Vec::new() };
-        let mut dirs: Vec<PathBuf> =
-            entries.flatten().map(|e| e.path()).filter(|p| p.join("meta.json").is_file()).collect();
-        dirs.sort();
-        dirs
-    }
-
-    /// The one template built so far.
-    fn only(&self) -> PathBuf {
-        let built = self.built();
-        assert_eq!(built.len(), 1, "exactly one template: {built:?}");
-        built.into_iter().next().unwrap()
-    }
-
-    /// No build left a scratch directory behind.
-    fn assert_no_scratch(&self) {
-        let left: Vec<_> = std::fs::read_dir(self.dir.path().join("tmp"))
-            .map(|d| d.flatten().map(|e| e.file_name()).collect())
-            .unwrap_or_default();
-        assert!(left.is_empty(), "scratch left in the cache: {left:?}");
-    }
-}
 
 /// `tvm run --json` of `file` with this test's cache; the JSON and the pid
 /// of the `tvm` process (host cgroups are named after their owner's pid).
@@ -212,16 +157,8 @@ fn a_template_that_does_not_restore_is_retried_cold() {
     let (v, _) = run(&env, &cache, &f, &[]);
     assert_eq!(start(&v), "template", "{v}");
     let dir = cache.only();
-    // A state that passes the integrity check but is no VM: the metadata is
-    // rewritten to match it, as a template saved by a broken VMM would be.
-    let junk = vec![0x42u8; 1 << 16];
-    std::fs::write(dir.join("state"), &junk).unwrap();
-    let meta_path = dir.join("meta.json");
-    let mut meta: Value = serde_json::from_slice(&std::fs::read(&meta_path).unwrap()).unwrap();
-    use sha2::Digest;
-    meta["state_sha256"] = hex::encode(sha2::Sha256::digest(&junk)).into();
-    meta["state_bytes"] = junk.len().into();
-    std::fs::write(&meta_path, serde_json::to_vec(&meta).unwrap()).unwrap();
+    // A state that passes the integrity check but is no VM.
+    common::cache::replace_state_keeping_checksums(&dir, &[0x42u8; 1 << 16]);
 
     let (v, _) = run(&env, &cache, &f, &[]);
     assert_eq!((v["verdict"].as_str(), stdout(&v).as_str()), (Some("ok"), "hello\n"), "{v}");

@@ -39,7 +39,9 @@ pub const EXIT_USAGE: u8 = 2;
 /// flags) and the runtime catalog they name.
 #[derive(Debug)]
 pub struct Context {
-    /// Settings in force.
+    /// Settings in force (read by the commands that run VMs here, which are
+    /// Linux-only; elsewhere tvm is a client of `--server`).
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     pub settings: Settings,
     /// The runtime catalog (built in, or the file `settings.catalog` names) with the overlays of `settings.runtimes_dir`.
     pub catalog: Catalog,

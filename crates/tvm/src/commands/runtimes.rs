@@ -118,6 +118,7 @@ fn print_table(rows: Vec<Value>) {
 }
 
 /// The runtime `id` names (ids are unique in a catalog).
+#[cfg(target_os = "linux")]
 fn r_of<'a>(catalog: &'a tvm_config::Catalog, id: &str) -> &'a tvm_config::Runtime {
     catalog.runtimes().iter().find(|r| r.id == id).expect("ids come from this catalog")
 }

@@ -1,6 +1,7 @@
 //! Helpers for tests that drive the real `tvm` binary against real VMs.
 #![allow(dead_code)]
 
+pub mod cache;
 pub mod langs;
 pub mod server;
 
@@ -38,6 +39,15 @@ impl Env {
     pub fn tvm(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_tvm"));
         c.env("TVM_RUNTIME_DIR", self.runtime_dir.path()).env_remove("TVM_LOG").stdin(std::process::Stdio::null());
+        c
+    }
+
+    /// [`Env::tvm`] with VM templates explicitly on or off (`TVM_TEMPLATES`),
+    /// whatever the default: suites that run many executions per runtime
+    /// restore them from templates; a cold-path test boots every VM.
+    pub fn tvm_templates(&self, on: bool) -> Command {
+        let mut c = self.tvm();
+        c.env("TVM_TEMPLATES", if on { "1" } else { "0" });
         c
     }
 

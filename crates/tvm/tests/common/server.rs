@@ -159,7 +159,14 @@ fn server_command(env: &Env) -> Command {
 
 impl Server {
     pub fn start(env: &Env, args: &[&str]) -> Server {
+        Self::start_with_env(env, args, &[])
+    }
+
+    /// [`Server::start`] with extra environment variables (a cache of the
+    /// test's own, templates on or off).
+    pub fn start_with_env(env: &Env, args: &[&str], vars: &[(&str, &std::ffi::OsStr)]) -> Server {
         let mut child = server_command(env)
+            .envs(vars.iter().copied())
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .env("TVM_LOG", "info")
