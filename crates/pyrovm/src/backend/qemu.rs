@@ -23,6 +23,61 @@ use tvm_config::GuestArch;
 /// How long a KVM probe boot may take; a working KVM needs well under a second.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Kernel arguments that make an x86_64 guest under TCG keep time with the
+/// host's TSC: `tsc_early_khz=<host TSC kHz> tsc=reliable`, or `None` when
+/// the host TSC is not invariant (`constant_tsc` and `nonstop_tsc` in
+/// `/proc/cpuinfo`) or cannot be measured.
+///
+/// Why: QEMU's TCG returns the host's TSC for the guest's `rdtsc`, but the
+/// guest kernel cannot calibrate it (microvm has no PIT or HPET to compare
+/// against), so it counts timer ticks (`refined-jiffies`). Ticks are lost
+/// whenever the host is busy: at load 15 a guest saw 8.7 s pass while the
+/// host saw 80 s, so wall-time limits and reported times were wrong by that
+/// factor. Given the frequency, the guest uses the TSC and its clock is the
+/// host's. `tsc=reliable` skips the watchdog that would compare the TSC with
+/// those lossy ticks and disable it. Measured once per process (~20 ms).
+/// Under KVM the guest has kvm-clock and needs none of this.
+pub fn tcg_tsc_cmdline() -> Option<String> {
+    static KHZ: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    KHZ.get_or_init(host_tsc_khz).map(|khz| format!("tsc_early_khz={khz} tsc=reliable"))
+}
+
+/// The host's TSC frequency in kHz, measured against `CLOCK_MONOTONIC`.
+#[cfg(target_arch = "x86_64")]
+fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let flags = cpuinfo.lines().find(|l| l.starts_with("flags"))?;
+    let invariant = ["constant_tsc", "nonstop_tsc"].iter().all(|f| flags.split_whitespace().any(|w| w == *f));
+    if !invariant {
+        return None;
+    }
+    // A (monotonic, TSC) pair read back to back; retried when something
+    // preempted us between the reads, so each pair is within a microsecond.
+    let pair = || {
+        (0..100).find_map(|_| {
+            let before = Instant::now();
+            // SAFETY: `rdtsc` reads a counter; it has no memory effects and
+            // every x86_64 CPU has it.
+            let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+            let after = Instant::now();
+            (after.duration_since(before) < Duration::from_micros(2)).then_some((before, tsc))
+        })
+    };
+    let (t0, c0) = pair()?;
+    std::thread::sleep(Duration::from_millis(20));
+    let (t1, c1) = pair()?;
+    let nanos = u64::try_from(t1.duration_since(t0).as_nanos()).ok()?;
+    let khz = c1.checked_sub(c0)?.checked_mul(1_000_000)? / nanos.max(1);
+    // Anything outside 100 MHz..10 GHz is a measurement gone wrong.
+    (100_000..10_000_000).contains(&khz).then_some(khz)
+}
+
+/// Only x86_64 hosts run x86_64 guests under TCG with a usable host TSC.
+#[cfg(not(target_arch = "x86_64"))]
+fn host_tsc_khz() -> Option<u64> {
+    None
+}
+
 /// The QEMU backend: a binary and whether it runs under [`SANDBOX`].
 #[derive(Debug, Clone)]
 pub struct Qemu {
@@ -203,7 +258,18 @@ pub fn qemu_args_for(arch: GuestArch, spec: &VmSpec, io: &VmmIo, sandbox: bool) 
     push(&["-M", &machine, "-cpu", cpu]);
     push(&["-m", &format!("{}M", spec.memory_mib), "-smp", &spec.vcpus.to_string()]);
     push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio", "-monitor", "none"]);
-    let cmdline = kernel_cmdline(spec.debug, 't', spec.extra_cmdline.as_deref());
+    // Under TCG the guest reads the host's TSC; its clock follows real time
+    // only when it uses that TSC, not the tick-counting jiffies it falls back
+    // to (see `tcg_tsc_cmdline`). The operator's arguments come after and win.
+    let clock = match (arch, spec.accel) {
+        (GuestArch::X86_64, AccelKind::Tcg) => tcg_tsc_cmdline(),
+        _ => None,
+    };
+    let extra = match (clock, spec.extra_cmdline.as_deref()) {
+        (Some(clock), Some(extra)) => Some(format!("{clock} {extra}")),
+        (clock, extra) => clock.or(extra.map(str::to_owned)),
+    };
+    let cmdline = kernel_cmdline(spec.debug, 't', extra.as_deref());
     let cmdline = cmdline.replacen("console=ttyS0", &format!("console={console}"), 1);
     push(&["-kernel", &io.kernel, "-append", &cmdline]);
     if let Some(initrd) = &io.initrd {
@@ -317,6 +383,43 @@ mod tests {
         assert!(a.contains("-m 384M"));
         let plain = qemu_args(&spec, &VmmIo { agent_fd: None, ..io }, false).join(" ");
         assert!(!plain.contains("-sandbox"));
+    }
+
+    #[test]
+    fn tcg_guests_keep_time_with_the_host_tsc_and_the_operator_still_wins() {
+        let spec = VmSpec {
+            kernel: "/k".into(),
+            initrd: None,
+            rootfs: None,
+            memory_mib: 256,
+            vcpus: 1,
+            accel: AccelKind::Tcg,
+            agent: None,
+            debug: false,
+            extra_cmdline: Some("tsc=unstable".into()),
+        };
+        let io = VmmIo { kernel: "/k".into(), initrd: None, rootfs_fd: None, agent_fd: None };
+        let a = qemu_args(&spec, &io, false).join(" ");
+        match tcg_tsc_cmdline() {
+            // The operator's `tsc=unstable` comes after ours: last wins.
+            Some(clock) => assert!(a.contains(&format!("{clock} tsc=unstable")), "{a}"),
+            None => assert!(a.contains("rdinit=/init tsc=unstable") && !a.contains("tsc_early_khz"), "{a}"),
+        }
+        let kvm = qemu_args(&VmSpec { accel: AccelKind::Kvm, ..spec }, &io, false).join(" ");
+        assert!(!kvm.contains("tsc_early_khz"), "KVM guests use kvm-clock: {kvm}");
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn host_tsc_measurements_agree() {
+        // Two measurements of one invariant counter agree closely; a host
+        // without an invariant TSC yields none (and guests keep jiffies).
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap();
+        let invariant = cpuinfo.contains(" constant_tsc") && cpuinfo.contains(" nonstop_tsc");
+        match (host_tsc_khz(), host_tsc_khz()) {
+            (Some(a), Some(b)) => assert!(a.abs_diff(b) * 200 < a, "{a} kHz vs {b} kHz"),
+            (a, b) => assert!(!invariant, "an invariant TSC measured as {a:?} and {b:?}"),
+        }
     }
 
     #[test]
