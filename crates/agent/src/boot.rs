@@ -86,6 +86,7 @@ pub fn configure() -> Result<(), Error> {
             debug!("skipping {target}: {e}");
         }
     }
+    crate::support::install();
     // udev normally makes these; shells use /dev/fd for process substitution.
     for (link, to) in [
         ("/dev/fd", "/proc/self/fd"),

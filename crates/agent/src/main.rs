@@ -21,6 +21,7 @@ mod relay;
 mod runmany;
 mod sandbox;
 mod stage;
+mod support;
 mod transport;
 
 use tvm_protocol::{GuestMessage, PROTOCOL_VERSION};

@@ -1,5 +1,5 @@
 //! Relaying a stage's stdout and stderr to the host at the cost of bytes,
-//! not of writes.
+//! not of writes, in the order the program wrote them.
 //!
 //! A program that flushes every line makes one `write(2)` per line. Turning
 //! each of them into its own wake-up, frame and host round trip costs far
@@ -7,26 +7,27 @@
 //! the program ends up blocked on a full pipe. Instead one thread drains both
 //! pipes with large reads and sends what it found as few, large frames:
 //!
-//! - It blocks in `poll` until either pipe has data, reads everything that is
-//!   there, sends it, then sleeps a window before reading again, so a
-//!   program writing small pieces fills the (enlarged) pipe without waking
-//!   anybody, and each window's output leaves as one frame per stream run of
-//!   at most [`OUTPUT_CHUNK`] bytes. Output still streams: the first bytes
-//!   after a quiet spell are sent at once, later ones at most one window late.
+//! - While a stream is busy the relay lets its (enlarged, [`PIPE_BYTES`])
+//!   pipe fill for a window without waking up, then reads everything at once
+//!   and sends it as one frame per [`OUTPUT_CHUNK`] bytes. Output still
+//!   streams: the first bytes after a quiet spell are read at once, later
+//!   ones at most one window late.
 //! - The window adapts ([`Window`]): it starts at [`WINDOW`] and doubles up to
 //!   [`MAX_WINDOW`] while the stream stays busy, so a steady writer costs a
-//!   few dozen wake-ups and frames a second instead of hundreds (each frame
-//!   is a VM exit under TCG, paid on the writer's vCPU). It halves again when
-//!   a window's output filled more than half the pipe (the writer would soon
-//!   block on the sleeping relay) and starts over after a quiet spell.
-//! - Order across the two streams is what the relay observes and is never
-//!   changed afterwards: a batch is sent whenever the stream changes. While
-//!   only one stream is active the window cannot reorder anything; once both
-//!   have been active within [`SHARED_QUIET`], the relay stops sleeping and
-//!   reads each piece as it arrives (as a terminal's reader would), so
-//!   interleaved stdout/stderr keeps its order to the granularity of the
-//!   writes, at the old per-write cost. Only the first window in which the
-//!   second stream wakes up can be ambiguous.
+//!   few dozen wake-ups and frames a second (each frame is a VM exit under
+//!   TCG, paid on the writer's vCPU). It halves again when a window's output
+//!   filled more than half the pipe (the writer would soon block on the
+//!   sleeping relay) and starts over after a quiet spell.
+//! - Order across the two streams is the order of the writes. During a
+//!   window the relay still waits on the *other* stream's pipe: its first
+//!   write ends the window, everything already in the busy pipe is read and
+//!   sent first (it was written before), then the other stream's bytes, and
+//!   the window moves to that stream. The relay thread runs at a real-time
+//!   priority ([`raise_priority`]), so on the guest's single vCPU a write
+//!   that wakes it is read before the program makes its next system call:
+//!   interleaved stdout and stderr (Piston's `output`) keep the order of the
+//!   writes exactly, and a program that alternates streams on every write
+//!   pays one wake-up per switch, as with a terminal.
 //! - Caps stay exact: every byte goes through the stream's [`Capture`], which
 //!   keeps exactly `cap` bytes; the first byte beyond raises the overflow flag
 //!   the supervisor kills on, and the rest is read and discarded so the
@@ -57,22 +58,26 @@ pub const WINDOW: Duration = Duration::from_millis(2);
 /// not notice 25 ms), and about 40 frames a second per busy stream.
 pub const MAX_WINDOW: Duration = Duration::from_millis(25);
 
-/// Once both streams produced output within this span of each other, the
-/// relay reads every write as it comes instead of batching by time, so the
-/// order of interleaved stdout and stderr is kept.
-pub const SHARED_QUIET: Duration = Duration::from_millis(50);
-
 /// Pipe capacity asked for (`F_SETPIPE_SZ`): what a writer may put in while
-/// the relay sleeps one [`WINDOW`] before it blocks (128 MB/s at 2 ms).
-/// The pages are charged to the writer's cgroup only while filled.
-const PIPE_BYTES: libc::c_int = 256 << 10;
+/// the relay sleeps one window before it blocks (40 MB/s at [`MAX_WINDOW`]).
+/// The pages are charged to the writer's cgroup only while filled, and root
+/// may ask for up to `/proc/sys/fs/pipe-max-size` (1 MiB by default).
+const PIPE_BYTES: libc::c_int = 1 << 20;
 
 /// What one window's drain may read before the window shrinks: half the pipe,
 /// so the writer of a window of this size never found it full.
 const WINDOW_FILL_BYTES: usize = PIPE_BYTES as usize / 2;
 
-/// Most bytes read from one stream per drain before the other gets its turn.
-const DRAIN_BUDGET: usize = 4 * OUTPUT_CHUNK;
+/// Most bytes read from one stream in one go. On one vCPU the writer cannot
+/// refill the pipe while the (real-time) relay drains it, so this only
+/// bounds a drain racing a writer on another vCPU; what is left is read on
+/// the next turn, still before the other stream.
+const DRAIN_BUDGET: usize = 2 * PIPE_BYTES as usize;
+
+/// The real-time priority of the relay thread (`SCHED_FIFO`, lowest level):
+/// above every program (they cannot raise their own), so a write that wakes
+/// the relay is read before the writer goes on.
+const RELAY_PRIORITY: libc::c_int = 1;
 
 /// The two streams, in the order their captures are kept.
 const STREAMS: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
@@ -219,120 +224,173 @@ impl Window {
     }
 }
 
-/// What one drain found.
-#[derive(Debug, Default)]
-struct Drained {
-    /// Bytes read, per stream.
-    bytes: [usize; 2],
-    /// A stream had more than [`DRAIN_BUDGET`] waiting.
-    more: bool,
+/// The stream the relay is batching: it is read when its window ends or
+/// when the other stream writes, whichever comes first.
+#[derive(Debug, Clone, Copy)]
+struct Busy {
+    stream: usize,
+    until: Instant,
+    window: Window,
+}
+
+impl Busy {
+    fn new(stream: usize, now: Instant) -> Self {
+        Self { stream, until: now + WINDOW, window: Window::new() }
+    }
+}
+
+/// Puts the calling thread at [`RELAY_PRIORITY`]: the relay, and the host
+/// writer it hands frames to. Both must be above the program: if the relay
+/// blocked on a lock (the channel's, the allocator's) held by a thread the
+/// program outranks, the program would run on and write to both pipes
+/// before the relay's next read. At one real-time level (FIFO), neither
+/// preempts the other inside such a lock.
+///
+/// Best effort: without the real-time priority (another kernel, a seccomp
+/// policy) order across the streams is only as good as the scheduler's
+/// wake-up preemption.
+pub fn raise_priority() {
+    let param = libc::sched_param { sched_priority: RELAY_PRIORITY };
+    // SAFETY: sets the calling thread's policy from a live parameter block.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc != 0 {
+        crate::log::debug!("output relay keeps the normal priority: {}", std::io::Error::last_os_error());
+    }
 }
 
 fn pump(fds: [OwnedFd; 2], stage: Stage, shared: &Shared, outbox: &Sender<GuestMessage>) {
+    raise_priority();
     let mut open = [true, true];
-    let mut last_output: [Option<Instant>; 2] = [None, None];
-    let mut active = 0usize;
     let mut buf = vec![0u8; OUTPUT_CHUNK];
     let mut batch = Batch { stage, stream: Stream::Stdout, data: Vec::with_capacity(OUTPUT_CHUNK), outbox };
+    let mut busy: Option<Busy> = None;
     while open.iter().any(|o| *o) {
-        wait_readable(&fds, open);
-        // After a quiet spell the first bytes leave at once and the window
-        // starts narrow, so a program that prints now and then streams promptly.
-        let mut window = Window::new();
-        let mut slept = false;
-        loop {
-            // The stream that was writing goes first: its bytes in the pipe
-            // are the older ones if the other stream just woke up.
-            let order = [active, 1 - active];
-            let drained = drain(&fds, order, &mut open, &mut buf, shared, &mut batch);
-            batch.flush();
-            let now = Instant::now();
-            for (last, bytes) in last_output.iter_mut().zip(drained.bytes) {
-                if bytes > 0 {
-                    *last = Some(now);
+        let Some(current) = busy else {
+            // Quiet: the first write of either stream wakes the relay, and
+            // that stream becomes the busy one. Both ready at once only
+            // happens when the relay was not waiting yet (or on several
+            // vCPUs); then stdout goes first.
+            let ready = wait_readable(&fds, open, None);
+            let mut next = None;
+            for (i, _) in ready.iter().enumerate().filter(|(_, r)| **r) {
+                if drain(&fds, i, &mut open, &mut buf, shared, &mut batch).bytes > 0 {
+                    next = Some(i);
                 }
             }
-            if drained.bytes[active] == 0 && drained.bytes[1 - active] > 0 {
-                active = 1 - active;
+            batch.flush();
+            busy = next.map(|i| Busy::new(i, Instant::now()));
+            continue;
+        };
+        // The window: wait on the other stream only.
+        let s = current.stream;
+        let mut others = open;
+        others[s] = false;
+        let ready = wait_readable(&fds, others, Some(current.until));
+        // What the busy stream holds was written before whatever woke us.
+        let drained = drain(&fds, s, &mut open, &mut buf, shared, &mut batch);
+        let o = 1 - s;
+        let switched = (ready[o] && drain(&fds, o, &mut open, &mut buf, shared, &mut batch).bytes > 0).then_some(o);
+        batch.flush();
+        let now = Instant::now();
+        busy = match switched {
+            Some(o) => Some(Busy::new(o, now)),
+            None if drained.more => Some(Busy { until: now, ..current }),
+            None if drained.bytes == 0 || !open[s] => None,
+            None => {
+                let window = if now >= current.until { current.window.after(drained.bytes) } else { current.window };
+                Some(Busy { stream: s, until: now + window.0, window })
             }
-            if drained.bytes == [0, 0] || !open.iter().any(|o| *o) {
-                break;
-            }
-            if drained.more {
-                continue;
-            }
-            let interleaving = last_output.iter().all(|t| t.is_some_and(|t| now.duration_since(t) < SHARED_QUIET));
-            if interleaving {
-                break;
-            }
-            // Only a drain after a full window says how busy the stream is;
-            // the first one after `poll` found a single write or so.
-            if slept {
-                window = window.after(drained.bytes[0] + drained.bytes[1]);
-            }
-            std::thread::sleep(window.0);
-            slept = true;
-        }
+        };
     }
     batch.flush();
 }
 
-/// Blocks until an open stream has data or hung up.
-fn wait_readable(fds: &[OwnedFd; 2], open: [bool; 2]) {
-    let mut polled: Vec<PollFd<'_>> =
-        fds.iter().zip(open).filter(|(_, o)| *o).map(|(fd, _)| PollFd::new(fd.as_fd(), PollFlags::POLLIN)).collect();
+/// Blocks until an open stream in `open` has data or hung up, or until
+/// `deadline`; says which are ready. With no stream to wait on it just
+/// sleeps until the deadline.
+fn wait_readable(fds: &[OwnedFd; 2], open: [bool; 2], deadline: Option<Instant>) -> [bool; 2] {
+    let index: Vec<usize> = (0..2).filter(|i| open[*i]).collect();
+    let mut polled: Vec<PollFd<'_>> = index.iter().map(|i| PollFd::new(fds[*i].as_fd(), PollFlags::POLLIN)).collect();
     loop {
-        match poll(&mut polled, PollTimeout::NONE) {
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                // Rounded up: waking before the deadline would only poll again.
+                let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+            }
+        };
+        match poll(&mut polled, timeout) {
             Err(Errno::EINTR) => continue,
-            // Anything else (readable, hung up, even an error) is found out by read.
-            _ => return,
+            Ok(0) => return [false, false],
+            Ok(_) => {
+                let mut ready = [false, false];
+                for (i, p) in index.iter().zip(&polled) {
+                    // Readable, hung up, even an error: found out by read.
+                    ready[*i] = p.revents().is_some_and(|r| !r.is_empty());
+                }
+                return ready;
+            }
+            // Not expected for pipes; reading tells what happened. Paced, so
+            // a poll that keeps failing cannot spin the real-time thread.
+            Err(_) => {
+                std::thread::sleep(WINDOW);
+                return open;
+            }
         }
     }
 }
 
-/// Reads what the open streams hold, in `order`, into their captures and
-/// the batch.
+/// What one drain found.
+#[derive(Debug, Default)]
+struct Drained {
+    /// Bytes read.
+    bytes: usize,
+    /// More than [`DRAIN_BUDGET`] was waiting.
+    more: bool,
+}
+
+/// Reads what stream `i` holds into its capture and the batch.
 fn drain(
     fds: &[OwnedFd; 2],
-    order: [usize; 2],
+    i: usize,
     open: &mut [bool; 2],
     buf: &mut [u8],
     shared: &Shared,
     batch: &mut Batch<'_>,
 ) -> Drained {
     let mut drained = Drained::default();
-    for i in order {
-        while open[i] {
-            if drained.bytes[i] >= DRAIN_BUDGET {
-                drained.more = true;
+    while open[i] {
+        if drained.bytes >= DRAIN_BUDGET {
+            drained.more = true;
+            break;
+        }
+        // SAFETY: read into a live buffer of buf.len() bytes from a descriptor we own.
+        let n = unsafe { libc::read(fds[i].as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n = match n {
+            0 => {
+                open[i] = false;
                 break;
             }
-            // SAFETY: read into a live buffer of buf.len() bytes from a descriptor we own.
-            let n = unsafe { libc::read(fds[i].as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            let n = match n {
-                0 => {
+            n if n > 0 => n as usize,
+            _ => match Errno::last() {
+                Errno::EINTR => continue,
+                Errno::EAGAIN => break,
+                // Not a pipe we can read any more: nothing more will come.
+                _ => {
                     open[i] = false;
                     break;
                 }
-                n if n > 0 => n as usize,
-                _ => match Errno::last() {
-                    Errno::EINTR => continue,
-                    Errno::EAGAIN => break,
-                    // Not a pipe we can read any more: nothing more will come.
-                    _ => {
-                        open[i] = false;
-                        break;
-                    }
-                },
-            };
-            drained.bytes[i] += n;
-            let mut captures = lock(&shared.captures);
-            let kept = captures[i].push(&buf[..n]);
-            if captures[i].truncated() {
-                shared.overflowed.store(true, Ordering::Relaxed);
-            }
-            batch.push(STREAMS[i], kept);
+            },
+        };
+        drained.bytes += n;
+        let mut captures = lock(&shared.captures);
+        let kept = captures[i].push(&buf[..n]);
+        if captures[i].truncated() {
+            shared.overflowed.store(true, Ordering::Relaxed);
         }
+        batch.push(STREAMS[i], kept);
     }
     drained
 }
@@ -418,6 +476,39 @@ mod tests {
         let expected: String = (0..40).map(|i| format!("out {i}\nerr {i}\n")).collect();
         assert_eq!(text, expected);
         assert_eq!(out.len() + err.len(), expected.len());
+    }
+
+    #[test]
+    fn a_write_on_the_other_stream_ends_the_window() {
+        let (out_r, mut out_w) = pipe();
+        let (err_r, mut err_w) = pipe();
+        let (tx, rx) = mpsc::channel();
+        let relay = Relay::start(out_r, err_r, Stage::Run, u64::MAX, tx).unwrap();
+        // Stdout keeps the relay in its window (writes well inside MAX_WINDOW
+        // of each other); each stderr line must still come between the stdout
+        // lines written around it, not after the window's stdout batch.
+        let mut expected = String::new();
+        for i in 0..30 {
+            for j in 0..3 {
+                let line = format!("out {i}.{j}\n");
+                out_w.write_all(line.as_bytes()).unwrap();
+                expected.push_str(&line);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let line = format!("err {i}\n");
+            err_w.write_all(line.as_bytes()).unwrap();
+            expected.push_str(&line);
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop((out_w, err_w));
+        finish(relay);
+        let mut text = String::new();
+        for (stream, data) in frames(rx) {
+            let data = String::from_utf8(data).unwrap();
+            assert!(data.lines().all(|l| l.starts_with(if stream == Stream::Stdout { "out" } else { "err" })));
+            text.push_str(&data);
+        }
+        assert_eq!(text, expected);
     }
 
     #[test]

@@ -116,6 +116,11 @@ impl Link {
         let writer = std::thread::Builder::new()
             .name("host-writer".into())
             .spawn(move || {
+                // At the relay's priority: the relay hands every chunk to this
+                // thread (a channel, an allocator arena), and a lock this thread
+                // held when the relay preempted it would let the program run
+                // on between two reads (see `crate::relay`).
+                crate::relay::raise_priority();
                 for msg in rx {
                     write_frame(&mut stream, &msg).map_err(|e| Error::Send(describe(&msg), e))?;
                     // Nothing may follow the final message, even if a stuck

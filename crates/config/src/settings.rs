@@ -231,8 +231,9 @@ pub struct Settings {
     pub vmm_uid_base: u32,
     /// Start VMs by restoring a per-runtime template (a snapshot of a booted,
     /// prewarmed VM) instead of booting them; `false` always cold boots.
-    /// Off by default until the template path is validated on the CI host
-    /// (`TVM_TEMPLATES=1` turns it on).
+    /// Off by default: templates cost 30–170 MiB of cache per runtime and VM
+    /// shape, and on by default they have not yet been through a CI run
+    /// (`TVM_TEMPLATES=1` turns them on; docs/performance.md).
     pub templates: bool,
 }
 

@@ -276,6 +276,7 @@ print(json.dumps(r))"#;
     assert_ne!(r["release"].as_str().unwrap(), host_release.trim(), "the guest kernel, not the host's");
     // boot_id is the agent's own per-VM id bind-mounted over the kernel's
     // (template clones would otherwise share one); it comes from the guest CRNG.
+    // /run is the agent's tmpfs for runtime support files (read-only to jobs).
     let allowed = [
         "/",
         "/dev",
@@ -283,6 +284,7 @@ print(json.dumps(r))"#;
         "/sys",
         "/sys/fs/cgroup",
         "/tmp",
+        "/run",
         "/work",
         "/dev/pts",
         "/dev/shm",

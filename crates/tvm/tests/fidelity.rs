@@ -1,7 +1,7 @@
 //! Judge-grade execution fidelity, in real VMs (issue #10): output relayed at
 //! the cost of bytes rather than writes, a stack as big as memory, the system
 //! data every Debian program expects, the output printed before a time-limit
-//! kill, and Java's public class whatever the file is called. Each kind is
+//! or any other kill, and Java's public class whatever the file is called. Each kind is
 //! tried in every language where it applies (the default version of each).
 
 mod common;
@@ -125,6 +125,32 @@ fn runaway_c_unbuffered_hits_the_output_cap() {
         "main.c",
         "#include <stdio.h>\nint main(void) {\n    setvbuf(stdout, NULL, _IONBF, 0);\n    for (;;) fputs(\"Hello World!\\n\", stdout);\n}\n",
     );
+}
+
+/// What a program printed before a kill it cannot catch (the OOM killer's
+/// SIGKILL, or any SIGKILL) is in the result, as a terminal would have shown
+/// it: Ruby's `$stdout` is written through (it buffers a pipe otherwise and
+/// flushes only on exit or a signal it can handle), C's stdio is
+/// line-buffered by `stdbuf`.
+#[test]
+fn output_before_an_uncatchable_kill_is_kept() {
+    let c_alloc = "#include <stdio.h>\n#include <stdlib.h>\n#include <string.h>\nint main(void) {\n    printf(\"before the kill\\n\");\n    for (;;) memset(malloc(1 << 20), 1, 1 << 20);\n}\n";
+    let programs = [
+        ("main.rb", "puts \"before the kill\"\nProcess.kill(:KILL, Process.pid)\n", "runtime_error"),
+        (
+            "main.c",
+            "#include <signal.h>\n#include <stdio.h>\nint main(void) {\n    printf(\"before the kill\\n\");\n    raise(SIGKILL);\n}\n",
+            "runtime_error",
+        ),
+        ("main.c", c_alloc, "memory_limit_exceeded"),
+    ];
+    for (file, source, verdict) in programs {
+        let env = Env::new();
+        let f = env.file(file, source);
+        let v = json_with_args(&env, &f, &["--memory-limit", "64M"], &[]);
+        assert_eq!(v["verdict"], verdict, "{file}: {v}");
+        assert_eq!(stdout_of(&v), "before the kill\n", "{file}: {v}");
+    }
 }
 
 /// Recursion `depth` frames deep, ~300 bytes of stack each: argv[1] frames.

@@ -113,9 +113,8 @@ fn piston_routes_errors_and_results() {
     assert_eq!(r.status, 405);
 
     // A run: interleaved output, measurements always filled, full version, stdin gets Piston's newline.
-    // Arrival order across two pipes is the order the agent's readers see writes in: writes a few
-    // hundred ms apart (two readers, a loaded TCG host) are the order a client can rely on.
-    let src = "import sys, time\nprint('out1', flush=True)\ntime.sleep(0.3)\nprint('err1', file=sys.stderr, flush=True)\ntime.sleep(0.3)\nprint('out2', flush=True)\nprint(repr(sys.stdin.read()), sys.argv[1:])";
+    // Arrival order is the order of the writes, back to back across the two pipes.
+    let src = "import sys\nprint('out1', flush=True)\nprint('err1', file=sys.stderr, flush=True)\nprint('out2', flush=True)\nprint(repr(sys.stdin.read()), sys.argv[1:])";
     let v = execute(
         &server,
         &json!({"language": "python", "version": "*", "files": [{"content": src}], "stdin": "in", "args": ["a b", "c"]}),
@@ -141,6 +140,17 @@ fn piston_routes_errors_and_results() {
     );
     assert_eq!(v["run"]["stdout"], "(3, 11)\n", "{v}");
     assert!(v["version"].as_str().unwrap().starts_with("3.11."));
+
+    // Alternating stdout and stderr on every write, no pause: `output` keeps the order of the writes.
+    let alternating: String = (0..100).map(|i| format!("o{i}\ne{i}\n")).collect();
+    for (language, src) in [
+        ("python", "import sys\nfor i in range(100):\n    sys.stdout.write(f'o{i}\\n')\n    sys.stdout.flush()\n    sys.stderr.write(f'e{i}\\n')\n    sys.stderr.flush()\n"),
+        ("c", "#include <stdio.h>\nint main(void) {\n    for (int i = 0; i < 100; i++) {\n        printf(\"o%d\\n\", i);\n        fflush(stdout);\n        fprintf(stderr, \"e%d\\n\", i);\n    }\n    return 0;\n}\n"),
+    ] {
+        let v = execute(&server, &json!({"language": language, "version": "*", "files": [{"content": src}]}));
+        assert_eq!(v["run"]["code"], 0, "{language}: {v}");
+        assert_eq!(v["run"]["output"], alternating.as_str(), "{language}: arrival order");
+    }
 
     // Non-zero exit, a signal, a timeout (output before the kill kept).
     let v = execute(
