@@ -34,8 +34,10 @@ root=$TRIXIE_ROOT
 echo "build-host-aarch64: build root ready ($((SECONDS - started)) s)"
 msrv_workspace "$root" "$ws"
 echo "build-host-aarch64: dependencies resolved for rustc 1.85 ($((SECONDS - started)) s)"
+# ring (rustls, for OCI registries) compiles C and assembly for the target.
 TRIXIE_ENV=(CARGO_TARGET_DIR=/src/target/cross
-  CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc)
+  CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+  CC_aarch64_unknown_linux_gnu=aarch64-linux-gnu-gcc AR_aarch64_unknown_linux_gnu=aarch64-linux-gnu-ar)
 trixie_chroot "$root" "$ws" \
   "cd target/portable/ws && cargo build --quiet --locked --release --target aarch64-unknown-linux-gnu -p tvm --bin tvm"
 bin=target/cross/aarch64-unknown-linux-gnu/release/tvm
