@@ -129,7 +129,16 @@ fn truncate_utf8(s: &mut String, max: usize) {
 /// Runs a prepared execution as a session on `ws`. Returns when the
 /// execution finished (result sent, socket closed), the client left, or a
 /// bound was broken (socket closed with the dialect's code).
-pub(crate) async fn drive(st: &AppState, ws: &mut WebSocket, prepared: Prepared, dialect: &mut impl Dialect) {
+///
+/// `early` holds client messages read while the session waited for a VM
+/// ([`while_queued`]); they are taken as input first, in order.
+pub(crate) async fn drive(
+    st: &AppState,
+    ws: &mut WebSocket,
+    prepared: Prepared,
+    early: Vec<Message>,
+    dialect: &mut impl Dialect,
+) {
     let id = prepared.id.clone();
     let (in_tx, mut in_rx) = mpsc::channel::<SessionInput>(INPUT_QUEUE);
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel::<Event>();
@@ -153,8 +162,17 @@ pub(crate) async fn drive(st: &AppState, ws: &mut WebSocket, prepared: Prepared,
         }
     });
     tokio::pin!(execution);
-    let mut stdin_total = 0usize;
-    let mut window = (Instant::now(), 0u32);
+    let mut gate = InputGate::new();
+    for msg in early {
+        let full = match gate.admit(&msg, dialect) {
+            Ok(Some(input)) => in_tx.try_send(input).is_err(),
+            Ok(None) => false,
+            Err(c) => return close(ws, c).await,
+        };
+        if full {
+            return close(ws, dialect.flood("input faster than the VM takes it")).await;
+        }
+    }
     let mut idle_at = Instant::now() + IDLE_TIMEOUT;
     let ended = loop {
         tokio::select! {
@@ -183,25 +201,11 @@ pub(crate) async fn drive(st: &AppState, ws: &mut WebSocket, prepared: Prepared,
                     Some(Ok(m)) => m,
                 };
                 idle_at = Instant::now() + IDLE_TIMEOUT;
-                let now = Instant::now();
-                if now.duration_since(window.0) >= Duration::from_secs(1) {
-                    window = (now, 0);
-                }
-                window.1 += 1;
-                if window.1 > MAX_MESSAGES_PER_SEC {
-                    return close(ws, dialect.flood(&format!("more than {MAX_MESSAGES_PER_SEC} messages per second"))).await;
-                }
-                let input = match dialect.input(&msg) {
+                let input = match gate.admit(&msg, dialect) {
                     Ok(Some(i)) => i,
                     Ok(None) => continue,
                     Err(c) => return close(ws, c).await,
                 };
-                if let SessionInput::Stdin(data) = &input {
-                    stdin_total += data.len();
-                    if stdin_total > MAX_SESSION_STDIN {
-                        return close(ws, dialect.flood(&format!("more than {MAX_SESSION_STDIN} bytes of stdin"))).await;
-                    }
-                }
                 if in_tx.try_send(input).is_err() {
                     return close(ws, dialect.flood("input faster than the VM takes it")).await;
                 }
@@ -373,6 +377,69 @@ pub(crate) fn api_error_close(e: &crate::error::ApiError) -> Close {
     }
 }
 
+/// The bounds on what a client sends: messages per second and stdin in all.
+struct InputGate {
+    stdin_total: usize,
+    window: (Instant, u32),
+}
+
+impl InputGate {
+    fn new() -> Self {
+        Self { stdin_total: 0, window: (Instant::now(), 0) }
+    }
+
+    /// The input `msg` carries (`None` for messages that carry none), or the
+    /// close that a broken bound or a bad message earns.
+    fn admit(&mut self, msg: &Message, dialect: &mut impl Dialect) -> Result<Option<SessionInput>, Close> {
+        let now = Instant::now();
+        if now.duration_since(self.window.0) >= Duration::from_secs(1) {
+            self.window = (now, 0);
+        }
+        self.window.1 += 1;
+        if self.window.1 > MAX_MESSAGES_PER_SEC {
+            return Err(dialect.flood(&format!("more than {MAX_MESSAGES_PER_SEC} messages per second")));
+        }
+        let input = dialect.input(msg)?;
+        if let Some(SessionInput::Stdin(data)) = &input {
+            self.stdin_total += data.len();
+            if self.stdin_total > MAX_SESSION_STDIN {
+                return Err(dialect.flood(&format!("more than {MAX_SESSION_STDIN} bytes of stdin")));
+            }
+        }
+        Ok(input)
+    }
+}
+
+/// Awaits `admission` (validation and the wait for a VM, which under load
+/// can take minutes) while still reading `ws`, so that the client's
+/// keepalive pings are answered: standard clients (Python `websockets`,
+/// browsers behind proxies) otherwise give up with "keepalive ping timeout"
+/// while the session is queued. Data messages read meanwhile are kept, in
+/// order, in `early` for [`drive`]; after [`INPUT_QUEUE`] of them reading
+/// pauses until admission. `None` when the client left (the wait, and any
+/// place in the queue, is dropped with it).
+pub(crate) async fn while_queued<T>(
+    ws: &mut WebSocket,
+    admission: impl std::future::Future<Output = T>,
+    early: &mut Vec<Message>,
+) -> Option<T> {
+    tokio::pin!(admission);
+    loop {
+        if early.len() >= INPUT_QUEUE {
+            return Some(admission.await);
+        }
+        tokio::select! {
+            biased;
+            done = &mut admission => return Some(done),
+            msg = ws.recv() => match msg {
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return None,
+                Some(Ok(m)) => early.push(m),
+            },
+        }
+    }
+}
+
 /// The next data message (text or binary); `None` when the client left.
 pub(crate) async fn next_message(ws: &mut WebSocket) -> Option<Message> {
     loop {
@@ -448,9 +515,11 @@ async fn native(st: std::sync::Arc<AppState>, mut ws: WebSocket) {
         Ok(b) => b,
         Err(c) => return close(&mut ws, c).await,
     };
-    let prepared = match exec::prepare(&st, body).await {
-        Ok(p) => p,
-        Err(e) => return close(&mut ws, api_error_close(&e)).await,
+    let mut early = Vec::new();
+    let prepared = match while_queued(&mut ws, exec::prepare(&st, body), &mut early).await {
+        None => return info!("client left while waiting for a VM"),
+        Some(Ok(p)) => p,
+        Some(Err(e)) => return close(&mut ws, api_error_close(&e)).await,
     };
     if prepared.has_tests() {
         let notice = json!({"type": "error", "code": "invalid_request", "field": "tests",
@@ -461,7 +530,7 @@ async fn native(st: std::sync::Arc<AppState>, mut ws: WebSocket) {
     if !send_json(&mut ws, &started).await {
         return;
     }
-    drive(&st, &mut ws, prepared, &mut Native).await;
+    drive(&st, &mut ws, prepared, early, &mut Native).await;
 }
 
 /// The `start` message: `type` plus the fields of an execution request.

@@ -1,6 +1,7 @@
 //! Interactive sessions over WebSocket against a real `tvm serve` and real
-//! VMs: TVM's `/v1/sessions` and Piston's `/api/v2/connect`. Four boots in
-//! all (echo + EOF + signal, a bad message, a disconnect, Piston's echo);
+//! VMs: TVM's `/v1/sessions` and Piston's `/api/v2/connect`. Six boots in
+//! all (echo + EOF + signal, a bad message, a disconnect, a session queued
+//! behind another, Piston's echo);
 //! every refusal before a VM is checked without one.
 
 mod common;
@@ -65,6 +66,18 @@ async fn collect(ws: &mut Ws, mut until: impl FnMut(&Value) -> bool) -> Vec<Valu
         }
         assert!(!closed, "the server closed early: {seen:?}");
     }
+}
+
+/// Messages up to the one after which the output seen so far (every
+/// message's `data`, both streams) contains `needle`: programs' writes
+/// arrive in chunks of any size, so no single message need hold it.
+async fn collect_text(ws: &mut Ws, needle: &str) -> Vec<Value> {
+    let mut text = String::new();
+    collect(ws, |v| {
+        text.push_str(v["data"].as_str().unwrap_or(""));
+        text.contains(needle)
+    })
+    .await
 }
 
 fn stdout_text(msgs: &[Value], kind: &str) -> String {
@@ -148,15 +161,15 @@ fn native_sessions_stream_stdin_eof_signals_and_end_their_vms() {
             (json!("started"), true),
             "{started}"
         );
-        let m = collect(&mut ws, |v| v["type"] == "stdout" && v["data"].as_str().unwrap_or("").contains("ready")).await;
+        let m = collect_text(&mut ws, "ready\n").await;
         assert!(m.iter().any(|v| v["type"] == "stage" && v["stage"] == "run"), "{m:?}");
         send(&mut ws, json!({"type": "stdin", "data": "hello\n"})).await;
         // Binary messages are raw stdin too.
         ws.send(Message::Binary(b"world\n".to_vec().into())).await.unwrap();
-        let m = collect(&mut ws, |v| v["data"].as_str().unwrap_or("").contains("echo: world")).await;
+        let m = collect_text(&mut ws, "echo: world").await;
         assert!(stdout_text(&m, "stdout").contains("echo: hello\necho: world"), "{m:?}");
         send(&mut ws, json!({"type": "eof"})).await;
-        let m = collect(&mut ws, |v| v["data"].as_str().unwrap_or("").contains("eof")).await;
+        let m = collect_text(&mut ws, "eof").await;
         assert!(m.last().unwrap()["type"] == "stdout", "{m:?}");
         send(&mut ws, json!({"type": "signal", "signal": "SIGTERM"})).await;
         let m = collect(&mut ws, |v| v["type"] == "result").await;
@@ -173,7 +186,7 @@ fn native_sessions_stream_stdin_eof_signals_and_end_their_vms() {
         // A bad message mid-session ends it (and its VM) with 4400.
         let mut ws = open(&addr, "/v1/sessions").await;
         send(&mut ws, start(SLEEPER)).await;
-        collect(&mut ws, |v| v["data"].as_str().unwrap_or("").contains("up")).await;
+        collect_text(&mut ws, "up").await;
         send(&mut ws, json!({"type": "signal", "signal": "SIGNOPE"})).await;
         let m = collect(&mut ws, |v| v["type"] == "error").await;
         let err = m.last().unwrap();
@@ -184,12 +197,49 @@ fn native_sessions_stream_stdin_eof_signals_and_end_their_vms() {
         // A client that just goes away ends the VM.
         let mut ws = open(&addr, "/v1/sessions").await;
         send(&mut ws, start(SLEEPER)).await;
-        collect(&mut ws, |v| v["data"].as_str().unwrap_or("").contains("up")).await;
+        collect_text(&mut ws, "up").await;
         assert!(!common::vmm_processes(env.runtime_dir.path()).is_empty());
         drop(ws);
         assert_nothing_left(&env);
     });
     eprintln!("native sessions: {:.1} s", t0.elapsed().as_secs_f64());
+    assert!(server.get("/healthz").status == 200, "the server keeps serving");
+}
+
+#[test]
+fn a_queued_session_answers_pings_and_keeps_early_stdin() {
+    // One VM at most: a second session waits for the first one's VM. Standard
+    // clients ping while they wait and give up when no pong comes back.
+    let env = Env::new();
+    let server = Server::start(&env, &["--no-build-images", "--max-vms", "1", "--pool-size", "0"]);
+    let addr = server.addr.clone();
+    runtime().block_on(async {
+        let mut first = open(&addr, "/v1/sessions").await;
+        send(&mut first, start(SLEEPER)).await;
+        collect_text(&mut first, "up").await;
+
+        let mut queued = open(&addr, "/v1/sessions").await;
+        send(&mut queued, start(ECHO)).await;
+        // Stdin sent before the VM exists is kept for it, in order.
+        send(&mut queued, json!({"type": "stdin", "data": "early\n"})).await;
+        for round in 0..3u8 {
+            queued.send(Message::Ping(vec![round].into())).await.unwrap();
+            let reply = tokio::time::timeout(Duration::from_secs(10), queued.next()).await;
+            match reply {
+                Ok(Some(Ok(Message::Pong(p)))) => assert_eq!(p.as_ref(), [round]),
+                other => panic!("a queued session must answer pings, got {other:?}"),
+            }
+        }
+        drop(first);
+        let started = next(&mut queued).await;
+        assert_eq!(started["type"], "started", "{started}");
+        let m = collect_text(&mut queued, "echo: early\n").await;
+        assert!(stdout_text(&m, "stdout").starts_with("ready\necho: early"), "{m:?}");
+        send(&mut queued, json!({"type": "eof"})).await;
+        collect_text(&mut queued, "eof\n").await;
+        drop(queued);
+        assert_nothing_left(&env);
+    });
     assert!(server.get("/healthz").status == 200, "the server keeps serving");
 }
 
@@ -242,7 +292,7 @@ fn piston_connect_speaks_pistons_protocol() {
         let early = collect(&mut ws, |v| v["type"] == "stage").await;
         assert_eq!(early.last().unwrap(), &json!({"type": "stage", "stage": "run"}), "{early:?}\n{}", server.log());
         send(&mut ws, json!({"type": "data", "stream": "stdin", "data": "world\n"})).await;
-        let m = collect(&mut ws, |v| v["data"].as_str().unwrap_or("").contains("world")).await;
+        let m = collect_text(&mut ws, "world").await;
         assert!(m.last().unwrap().get("close").is_none(), "{m:?}\n{}", server.log());
         send(&mut ws, json!({"type": "data", "stream": "stdin", "data": "abc"})).await;
         send(&mut ws, json!({"type": "eof"})).await;

@@ -104,16 +104,18 @@ async fn connect(st: Arc<AppState>, mut ws: WebSocket) {
     let mut body = resolved.body;
     body.stdin = None;
     body.stdin_encoding = Default::default();
-    let prepared = match exec::prepare(&st, body).await {
-        Ok(p) => p,
-        Err(e) => return session::close(&mut ws, notified(e.to_string())).await,
+    let mut early = Vec::new();
+    let prepared = match session::while_queued(&mut ws, exec::prepare(&st, body), &mut early).await {
+        None => return tracing::info!("client left while waiting for a VM"),
+        Some(Ok(p)) => p,
+        Some(Err(e)) => return session::close(&mut ws, notified(e.to_string())).await,
     };
     let runtime =
         json!({"type": "runtime", "language": resolved.runtime.language, "version": resolved.runtime.version});
     if !session::send_json(&mut ws, &runtime).await {
         return;
     }
-    session::drive(&st, &mut ws, prepared, &mut Piston).await;
+    session::drive(&st, &mut ws, prepared, early, &mut Piston).await;
 }
 
 /// Piston's side of a running session.
