@@ -25,7 +25,7 @@ pub enum ClientError {
         message: String,
     },
     /// Connecting, sending or receiving failed.
-    #[error("cannot reach {url}: {source}")]
+    #[error("cannot reach {url}")]
     Http {
         /// The endpoint.
         url: String,
@@ -198,5 +198,22 @@ mod tests {
         assert!(api(422).is_bad_request());
         assert!(!api(429).is_bad_request());
         assert!(!api(503).is_bad_request());
+    }
+
+    #[test]
+    fn an_unreachable_server_names_each_cause_once() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        // Port 1 on loopback: nothing listens there, the connection is refused at once.
+        let url = "http://127.0.0.1:1/v1/runtimes".to_string();
+        let source = rt.block_on(client().unwrap().get(&url).send()).unwrap_err();
+        let err = ClientError::Http { url, source };
+        let mut chain = err.to_string();
+        let mut cause = std::error::Error::source(&err);
+        while let Some(c) = cause {
+            chain.push_str(&format!(": {c}"));
+            cause = c.source();
+        }
+        assert_eq!(chain.matches("error sending request").count(), 1, "{chain}");
+        assert!(chain.starts_with("cannot reach http://127.0.0.1:1/v1/runtimes: "), "{chain}");
     }
 }
