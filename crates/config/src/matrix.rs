@@ -16,6 +16,10 @@ pub fn source_of(r: &Runtime) -> String {
     match (&r.unavailable, &r.image) {
         (Some(why), Some(recipe)) if recipe.oci.is_some() => format!("unavailable: {why}; {}", recipe.source()),
         (Some(why), _) => format!("unavailable: {why}"),
+        // Whether the registry answers is the host's fact: `tvm runtimes --matrix` probes it.
+        (None, Some(recipe)) if recipe.oci.is_some() => {
+            format!("{} (buildable where its registry answers; else `tvm image import`)", recipe.source())
+        }
         (None, Some(recipe)) => recipe.source(),
         (None, None) => "no recipe".into(),
     }
@@ -57,6 +61,11 @@ fn version_key(v: &str) -> Vec<(String, u64)> {
 pub fn compatibility_markdown(catalog: &Catalog) -> String {
     let mut s = String::new();
     let available = catalog.runtimes().iter().filter(|r| r.unavailable.is_none()).count();
+    let oci = catalog
+        .runtimes()
+        .iter()
+        .filter(|r| r.unavailable.is_none() && r.image.as_ref().is_some_and(|i| i.oci.is_some()))
+        .count();
     let _ = writeln!(s, "# Runtime compatibility matrix\n");
     let _ = writeln!(
         s,
@@ -65,7 +74,8 @@ pub fn compatibility_markdown(catalog: &Catalog) -> String {
     );
     let _ = writeln!(
         s,
-        "{available} of {} runtimes are available. Each version has its own image, built from the source \
+        "{available} of {} runtimes are available ({oci} of them from an OCI registry: buildable on a host \
+         that registry answers, see docs/runtimes.md). Each version has its own image, built from the source \
          named below, so versions never share packages: adding, upgrading or removing one leaves the others \
          untouched. The guest kernel and the statically linked guest agent are the same for every runtime, \
          and nothing in a runtime depends on the host's packages. A version with no package source here is \

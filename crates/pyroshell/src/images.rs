@@ -26,8 +26,12 @@ pub enum ImageState {
     Missing,
     /// The last build failed.
     Failed(String),
-    /// The catalog says this runtime cannot run here.
+    /// The catalog says this runtime cannot run here, or its OCI registry
+    /// does not answer.
     Unavailable(String),
+    /// Not built, and whether its OCI registry (named) answers is being
+    /// probed in the background; shown as `missing` with that reason.
+    Probing(String),
 }
 
 impl From<RuntimeState> for ImageState {
@@ -37,6 +41,7 @@ impl From<RuntimeState> for ImageState {
             RuntimeState::Ready(_) => ImageState::Ready,
             RuntimeState::Buildable => ImageState::Missing,
             RuntimeState::Unavailable(why) => ImageState::Unavailable(why),
+            RuntimeState::Probing(registry) => ImageState::Probing(registry),
         }
     }
 }
@@ -50,6 +55,10 @@ impl ImageState {
             ImageState::Missing => (ImageStateName::Missing, Some("the image is not built".to_string())),
             ImageState::Failed(e) => (ImageStateName::Failed, Some(e.clone())),
             ImageState::Unavailable(e) => (ImageStateName::Unavailable, Some(e.clone())),
+            ImageState::Probing(registry) => (
+                ImageStateName::Missing,
+                Some(format!("the image is not built; checking whether registry {registry} answers")),
+            ),
         };
         ImageInfo { state, reason }
     }
@@ -78,9 +87,19 @@ impl Images {
     }
 
     /// The state of `runtime_id`. A missing or failed image is looked up
-    /// again, so one built meanwhile by `tvm image build` is picked up.
+    /// again, so one built meanwhile by `tvm image build` is picked up; a
+    /// probing one takes its registry's answer once the probe has it (never
+    /// waiting for it).
     pub fn state(&self, runtime_id: &str) -> ImageState {
-        let current = self.lock().get(runtime_id).cloned().unwrap_or(ImageState::Missing);
+        let mut current = self.lock().get(runtime_id).cloned().unwrap_or(ImageState::Missing);
+        if let ImageState::Probing(_) = current {
+            if let Some(r) = self.vmm.catalog().get(runtime_id) {
+                current = ImageState::from(pyrovm::image::runtime_state(self.vmm.settings(), r));
+                if !matches!(current, ImageState::Probing(_)) {
+                    self.set(runtime_id, current.clone());
+                }
+            }
+        }
         if matches!(current, ImageState::Missing | ImageState::Failed(_)) && self.present(runtime_id) {
             self.set(runtime_id, ImageState::Ready);
             return ImageState::Ready;
@@ -109,6 +128,10 @@ impl Images {
     /// draining server exits clean.
     pub async fn build_missing(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let runtimes = self.vmm.catalog().runtimes().to_vec();
+        // OCI images are built only where their registry answers: wait (a few
+        // seconds at most, in the background) for the probes `scan` started.
+        let registries = pyrovm::registry::registries_of(self.vmm.settings(), &runtimes);
+        let _ = tokio::task::spawn_blocking(move || pyrovm::registry::probe_blocking(registries)).await;
         for r in runtimes {
             if *stop.borrow() {
                 return;

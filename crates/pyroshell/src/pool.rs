@@ -309,6 +309,19 @@ impl Pool {
         self.warm.filter(self.not_warm())
     }
 
+    /// [`not_warm_yet`](Self::not_warm_yet) leaving out the pools of runtimes
+    /// `never` says can never fill here (an OCI runtime whose registry does
+    /// not answer), so they do not hold readiness.
+    pub fn not_warm_yet_except(&self, never: impl Fn(&str) -> bool) -> Vec<String> {
+        let cold = self
+            .pools
+            .iter()
+            .filter(|p| p.idle() < p.target && !never(&p.runtime.id))
+            .map(|p| format!("{} {}/{}", p.runtime.id, p.idle(), p.target))
+            .collect();
+        self.warm.filter(cold)
+    }
+
     /// Pools below their target now, as `RUNTIME IDLE/TARGET`.
     pub fn not_warm(&self) -> Vec<String> {
         self.pools

@@ -449,11 +449,12 @@ pub(crate) async fn readyz(State(st): St) -> (StatusCode, Json<ReadyBody>) {
         .iter()
         .filter(|r| r.unavailable.is_none())
         .filter_map(|r| match st.images.state(&r.id) {
-            ImageState::Ready => None,
+            // One that can never be ready here (its OCI registry does not answer) does not hold readiness.
+            ImageState::Ready | ImageState::Unavailable(_) => None,
             s => Some(format!("{} {:?}", r.id, s.info().state).to_lowercase()),
         })
         .collect();
-    let pools_not_warm = st.pool.not_warm_yet();
+    let pools_not_warm = st.pool.not_warm_yet_except(|id| matches!(st.images.state(id), ImageState::Unavailable(_)));
     let draining = st.life.draining();
     let ready = !draining && images_not_ready.is_empty() && pools_not_warm.is_empty();
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

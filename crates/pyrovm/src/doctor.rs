@@ -148,8 +148,11 @@ pub async fn diagnose(settings: &Settings, catalog: &Catalog) -> Report {
             Err(e) => checks.push(Check::new("accelerator", false, format!("probe task failed: {e}"))),
         }
     }
+    let registries = crate::registry::registries_of(settings, catalog.runtimes());
+    let _ = tokio::task::spawn_blocking(move || crate::registry::probe_blocking(registries)).await;
     for r in catalog.runtimes() {
         let detail = match runtime_state(settings, r) {
+            RuntimeState::Probing(registry) => format!("unknown: registry {registry} did not answer the probe in time"),
             RuntimeState::Unavailable(why) => format!("unavailable: {why}"),
             RuntimeState::Ready(i) => format!("ready {} ({})", i.key, format_bytes(i.meta.size_bytes)),
             // Not a fault: `tvm run` builds it on first use, `tvm serve` in the background.

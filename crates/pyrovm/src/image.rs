@@ -72,6 +72,11 @@ pub struct ImageMeta {
     /// The OCI image manifest the root came from (`sha256:...`), for OCI recipes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest_digest: Option<String>,
+    /// The OCI reference pulled or imported, for OCI recipes: digest-pinned
+    /// (`registry/repo@sha256:...`) when the recipe names a tag, which was
+    /// resolved first (the tags resolved to it: [`crate::image_oci::tag_records`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci_reference: Option<String>,
 }
 
 /// A built runtime image.
@@ -202,6 +207,26 @@ pub enum ImageBuildError {
         /// Why it is refused.
         problem: String,
     },
+    /// A command a stage of the runtime starts is not an executable file in
+    /// the OCI image's root (symlinks resolved inside the root), so every
+    /// execution would fail: nothing is packed.
+    #[error("the OCI image {image} has no executable {command} for runtime {runtime} (looked for {searched})")]
+    MissingCommand {
+        /// The image reference.
+        image: String,
+        /// The runtime whose stage needs it.
+        runtime: String,
+        /// The command (`argv[0]`).
+        command: String,
+        /// Where it was looked for: the absolute path, or `PATH ...`.
+        searched: String,
+    },
+    /// The runtime has no image recipe (the catalog marks it unavailable).
+    #[error("runtime {runtime} has no image recipe")]
+    NoRecipe {
+        /// The runtime's id.
+        runtime: String,
+    },
     /// The build was cancelled ([`BuildCancel`]): its tools were killed and
     /// its scratch directory removed.
     #[error("the image build was cancelled")]
@@ -224,9 +249,49 @@ pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error
     move |source| ImageBuildError::Io { action, path, source }
 }
 
-/// The built image for `recipe`, if any.
+/// The built image for `recipe`, if any. A tag-only OCI recipe's image is
+/// the one its tag last resolved to here (its tag record); reads no network.
 pub fn find_image(settings: &Settings, recipe: &ImageRecipe) -> Option<Image> {
-    load(&Cache::new(&settings.cache_dir), &recipe.for_arch(settings.guest_arch).key())
+    let cache = Cache::new(&settings.cache_dir);
+    let recipe = recipe.for_arch(settings.guest_arch);
+    if crate::image_oci::is_tag_only(&recipe) {
+        return load(&cache, &crate::image_oci::recorded_pin(&cache, &recipe)?.key());
+    }
+    load(&cache, &recipe.key())
+}
+
+/// How [`ensure_runtime_image`] treats an OCI recipe that names a tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tags {
+    /// Use what the tag last resolved to here when that image is built (runs
+    /// and the server: no registry round trip per execution); resolve when not.
+    Recorded,
+    /// Ask the registry what the tag is now (`tvm image build`): content the
+    /// tag moved to is built as a new image.
+    Latest,
+}
+
+/// Returns the image of `runtime`, building it if needed, as
+/// [`ensure_image_cancellable`] does, and for an OCI recipe checks before
+/// packing that the commands its stages start exist in the root
+/// ([`crate::image_oci::RequiredCommands`]). A tag-only OCI reference is
+/// resolved to its manifest digest first (as `tags` says) and the image keyed
+/// by the digest, so one content under two tags is one image and a tag that
+/// moves builds a new one; the tag's record is updated after.
+///
+/// # Errors
+/// [`ImageBuildError::NoRecipe`], [`ImageBuildError::MissingCommand`], and
+/// those of [`ensure_image_cancellable`].
+pub fn ensure_runtime_image(
+    settings: &Settings,
+    runtime: &tvm_config::Runtime,
+    tags: Tags,
+    progress: &Progress,
+    cancel: &BuildCancel,
+) -> Result<Image, ImageBuildError> {
+    let recipe = runtime.image.as_ref().ok_or_else(|| ImageBuildError::NoRecipe { runtime: runtime.id.clone() })?;
+    let required = crate::image_oci::RequiredCommands::of(runtime);
+    ensure_image_with(settings, recipe, Some(&required), tags, progress, cancel)
 }
 
 /// Every built image (those with metadata and an image file), newest first.
@@ -264,7 +329,7 @@ pub fn remove_image(settings: &Settings, key: &str) -> Result<bool, ImageBuildEr
     Ok(existed)
 }
 
-fn load(cache: &Cache, key: &str) -> Option<Image> {
+pub(crate) fn load(cache: &Cache, key: &str) -> Option<Image> {
     let meta: ImageMeta = serde_json::from_slice(&std::fs::read(cache.image_meta(key)).ok()?).ok()?;
     let path = cache.image_path(key);
     (meta.key == key && path.is_file()).then(|| Image { key: key.to_string(), path, meta })
@@ -290,12 +355,38 @@ pub fn ensure_image_cancellable(
     progress: &Progress,
     cancel: &BuildCancel,
 ) -> Result<Image, ImageBuildError> {
-    if let Some(image) = find_image(settings, recipe) {
-        progress.clear();
-        return Ok(image);
+    ensure_image_with(settings, recipe, None, Tags::Recorded, progress, cancel)
+}
+
+fn ensure_image_with(
+    settings: &Settings,
+    recipe: &ImageRecipe,
+    required: Option<&crate::image_oci::RequiredCommands>,
+    tags: Tags,
+    progress: &Progress,
+    cancel: &BuildCancel,
+) -> Result<Image, ImageBuildError> {
+    let tag_only = crate::image_oci::is_tag_only(recipe);
+    if tags == Tags::Recorded || !tag_only {
+        if let Some(image) = find_image(settings, recipe) {
+            progress.clear();
+            return Ok(image);
+        }
     }
     // The image cache is keyed by architecture: the recipe for the guest's.
     let recipe = &recipe.for_arch(settings.guest_arch);
+    if let (true, Some(reference)) = (tag_only, &recipe.oci) {
+        // Keyed by content: the tag's manifest digest, then the pinned recipe's image.
+        let label = progress.message();
+        progress.set_message(format!("{label}: resolving {reference}"));
+        let pinned = crate::image_oci::resolve_tag(reference, recipe.guest_arch());
+        progress.set_message(label);
+        let pinned = pinned.inspect_err(|_| progress.fail(format!("{}: build failed", progress.message())))?;
+        let pinned_recipe = ImageRecipe { oci: Some(pinned.clone()), ..recipe.clone() };
+        let image = ensure_image_with(settings, &pinned_recipe, required, Tags::Recorded, progress, cancel)?;
+        crate::image_oci::record_tag(&Cache::new(&settings.cache_dir), recipe, &pinned)?;
+        return Ok(image);
+    }
     if !nix::unistd::geteuid().is_root() {
         return Err(ImageBuildError::NotRoot);
     }
@@ -327,7 +418,7 @@ pub fn ensure_image_cancellable(
     cache.sweep_stale_scratch();
     let built = match &recipe.oci {
         Some(reference) => {
-            crate::image_oci::build(reference, recipe.guest_arch(), &cache, &key, &label, progress, cancel)
+            crate::image_oci::build(reference, recipe.guest_arch(), required, &cache, &key, &label, progress, cancel)
         }
         None => build(settings, recipe, &cache, &key, &label, progress, cancel),
     };
@@ -445,6 +536,7 @@ fn build(
         build_seconds: 0.0,
         installed,
         manifest_digest: None,
+        oci_reference: None,
     };
     pack_and_publish(&scratch, &root, cache, meta, started, label, progress, cancel)
 }
@@ -809,6 +901,7 @@ mod tests {
             build_seconds: 42.5,
             installed: vec![("python3".into(), "3.11.2-1+b1".into())],
             manifest_digest: None,
+            oci_reference: None,
         }
     }
 
@@ -957,24 +1050,32 @@ pub enum RuntimeState {
     /// Its image is not built yet; `tvm run` builds it on first use, `tvm serve`
     /// in the background, `tvm image build` on demand.
     Buildable,
-    /// The catalog says it cannot run here (the reason), or it has no image recipe.
+    /// The catalog says it cannot run here (the reason), it has no image
+    /// recipe, or its OCI registry did not answer (`registry unreachable (why)`).
     Unavailable(String),
+    /// Its image is not built and whether its OCI registry (named here)
+    /// answers is not known yet: the probe runs in the background
+    /// ([`crate::registry`]). Only callers that do not wait see this.
+    Probing(String),
 }
 
 impl RuntimeState {
-    /// `ready`, `buildable` or `unavailable`.
+    /// `ready`, `buildable`, `unavailable` or `probing`.
     pub fn name(&self) -> &'static str {
         match self {
             RuntimeState::Ready(_) => "ready",
             RuntimeState::Buildable => "buildable",
             RuntimeState::Unavailable(_) => "unavailable",
+            RuntimeState::Probing(_) => "probing",
         }
     }
 
-    /// Why the runtime cannot run here, when it is unavailable.
-    pub fn reason(&self) -> Option<&str> {
+    /// Why the runtime cannot run here (unavailable), or what is being found
+    /// out (probing).
+    pub fn reason(&self) -> Option<String> {
         match self {
-            RuntimeState::Unavailable(why) => Some(why),
+            RuntimeState::Unavailable(why) => Some(why.clone()),
+            RuntimeState::Probing(registry) => Some(format!("checking whether registry {registry} answers")),
             _ => None,
         }
     }
@@ -989,7 +1090,12 @@ impl RuntimeState {
 }
 
 /// The state of `runtime` here: the catalog's `unavailable` reason first, then
-/// whether the image of its recipe is in the cache. Reads the cache only.
+/// whether the image of its recipe is in the cache, then, for an OCI recipe
+/// whose image is not built, whether its registry answers
+/// ([`crate::registry::reachability`]: the known answer, else
+/// [`RuntimeState::Probing`] while a background probe runs; call
+/// [`crate::registry::probe_blocking`] first to wait for the answers). Never
+/// blocks: reads the cache and the process's probe results.
 pub fn runtime_state(settings: &Settings, runtime: &tvm_config::Runtime) -> RuntimeState {
     match (&runtime.unavailable, &runtime.image) {
         (Some(why), _) => RuntimeState::Unavailable(why.clone()),
@@ -999,9 +1105,23 @@ pub fn runtime_state(settings: &Settings, runtime: &tvm_config::Runtime) -> Runt
             settings.guest_arch,
             tvm_config::matrix::architectures_of(runtime)
         )),
-        (None, Some(recipe)) => match find_image(settings, recipe) {
-            Some(image) => RuntimeState::Ready(image),
-            None => RuntimeState::Buildable,
+        (None, Some(recipe)) => match (find_image(settings, recipe), &recipe.oci) {
+            (Some(image), _) => RuntimeState::Ready(image),
+            (None, None) => RuntimeState::Buildable,
+            (None, Some(reference)) => oci_state(reference),
         },
+    }
+}
+
+/// An unbuilt OCI recipe's state: what its registry's probe says.
+fn oci_state(reference: &str) -> RuntimeState {
+    use crate::registry::{reachability, registry_of, Reachability};
+    let Some(registry) = registry_of(reference) else {
+        return RuntimeState::Unavailable(format!("{reference:?} is not an OCI image reference"));
+    };
+    match reachability(&registry) {
+        Some(Reachability::Answers) => RuntimeState::Buildable,
+        Some(Reachability::Unreachable(why)) => RuntimeState::Unavailable(format!("registry unreachable ({why})")),
+        None => RuntimeState::Probing(registry),
     }
 }

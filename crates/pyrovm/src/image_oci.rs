@@ -57,9 +57,11 @@ struct LocalImage {
 /// Builds the image of an OCI recipe: pulls `reference` into the scratch
 /// directory, unpacks and packs it. Called by `ensure_image` with the image
 /// lock held.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn build(
     reference: &str,
     arch: GuestArch,
+    required: Option<&RequiredCommands>,
     cache: &Cache,
     key: &str,
     label: &str,
@@ -85,7 +87,11 @@ pub(crate) fn build(
     drop(rt);
     let root = scratch.join("root");
     unpack_all(&pulled, &root, label, progress, cancel)?;
-    finish(&scratch, &root, cache, key, pulled.manifest_digest, started, label, progress, cancel)
+    if let Some(required) = required {
+        required.check(&root, reference)?;
+    }
+    let source = Source { reference: reference.to_string(), manifest_digest: pulled.manifest_digest };
+    finish(&scratch, &root, cache, key, source, started, label, progress, cancel)
 }
 
 /// Resolves once `cancel` is set (polled; the pull has no process to kill).
@@ -101,7 +107,7 @@ fn parse_reference(reference: &str) -> Result<Reference, ImageBuildError> {
 
 /// Whether `registry` (`host[:port]`) is on this machine; Docker talks plain
 /// HTTP to those without configuration, and so does TVM.
-fn is_loopback(registry: &str) -> bool {
+pub(crate) fn is_loopback(registry: &str) -> bool {
     let host = match registry.strip_prefix('[') {
         Some(v6) => v6.split(']').next().unwrap_or_default(),
         None => registry.rsplit_once(':').map_or(registry, |(h, _)| h),
@@ -154,16 +160,7 @@ async fn pull(
     progress: &Progress,
 ) -> Result<LocalImage, ImageBuildError> {
     let pull_err = |source| ImageBuildError::Pull { reference: text.to_string(), source };
-    let auth = credentials(reference)?;
-    let protocol = if is_loopback(reference.resolve_registry()) { ClientProtocol::Http } else { ClientProtocol::Https };
-    let config = ClientConfig {
-        protocol,
-        platform_resolver: Some(Box::new(move |m: &[ImageIndexEntry]| platform_image(m, arch))),
-        read_timeout: Some(READ_TIMEOUT),
-        connect_timeout: Some(CONNECT_TIMEOUT),
-        ..ClientConfig::default()
-    };
-    let client = Client::try_from(config).map_err(pull_err)?;
+    let (client, auth) = client_for(reference, text, arch)?;
     let (manifest, manifest_digest) = client.pull_image_manifest(reference, &auth).await.map_err(pull_err)?;
     check_layers(&manifest)?;
     let mut layers = Vec::new();
@@ -182,6 +179,231 @@ async fn pull(
     }
     info!(reference = text, manifest_digest, layers = layers.len(), "pulled");
     Ok(LocalImage { manifest_digest, layers })
+}
+
+/// A registry client for `reference` (plain HTTP to this machine's
+/// registries, index manifests resolved to linux/`arch`) and its credentials.
+fn client_for(reference: &Reference, text: &str, arch: GuestArch) -> Result<(Client, RegistryAuth), ImageBuildError> {
+    let auth = credentials(reference)?;
+    let protocol = if is_loopback(reference.resolve_registry()) { ClientProtocol::Http } else { ClientProtocol::Https };
+    let config = ClientConfig {
+        protocol,
+        platform_resolver: Some(Box::new(move |m: &[ImageIndexEntry]| platform_image(m, arch))),
+        read_timeout: Some(READ_TIMEOUT),
+        connect_timeout: Some(CONNECT_TIMEOUT),
+        ..ClientConfig::default()
+    };
+    let client =
+        Client::try_from(config).map_err(|source| ImageBuildError::Pull { reference: text.to_string(), source })?;
+    Ok((client, auth))
+}
+
+/// Whether `recipe` takes its root from an OCI reference that names a tag
+/// (or nothing, meaning `latest`) and no digest: its content is whatever the
+/// registry says the tag is, so the image is keyed by what it resolves to.
+pub fn is_tag_only(recipe: &ImageRecipe) -> bool {
+    recipe.oci.as_deref().and_then(|r| r.parse::<Reference>().ok()).is_some_and(|r| r.digest().is_none())
+}
+
+/// The digest-pinned form of `reference` for the image manifest `digest`:
+/// `registry/repository@digest`, the tag dropped so that one content under
+/// two tags is one image.
+fn pinned_reference(reference: &Reference, digest: &str) -> String {
+    format!("{}/{}@{digest}", reference.registry(), reference.repository())
+}
+
+/// Resolves the tag of `text` to the digest of its linux/`arch` image
+/// manifest, as the registry answers now: the manifest is fetched and checked
+/// against the digest that names it (an index is resolved to the platform's
+/// entry, whose manifest is checked against the entry's digest). Returns the
+/// pinned reference ([`pinned_reference`]).
+///
+/// # Errors
+/// [`ImageBuildError::OciReference`], [`ImageBuildError::Credentials`],
+/// [`ImageBuildError::Pull`] (unreachable, refused, no such tag, digest mismatch).
+pub(crate) fn resolve_tag(text: &str, arch: GuestArch) -> Result<String, ImageBuildError> {
+    let reference = parse_reference(text)?;
+    let io = |source| ImageBuildError::Io { action: "starting the resolve runtime for", path: text.into(), source };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io)?;
+    let digest = rt.block_on(async {
+        let (client, auth) = client_for(&reference, text, arch)?;
+        let (_, digest) = client
+            .pull_image_manifest(&reference, &auth)
+            .await
+            .map_err(|source| ImageBuildError::Pull { reference: text.to_string(), source })?;
+        Ok::<_, ImageBuildError>(digest)
+    })?;
+    info!(reference = text, digest, "tag resolved");
+    Ok(pinned_reference(&reference, &digest))
+}
+
+/// What a tag-only reference resolved to, recorded in `images/tags/<key of
+/// the tag recipe>.json`: the image of the tag recipe is the image of `pinned`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, Deserialize)]
+pub struct TagRecord {
+    /// The reference as the recipe names it (`python:3.8-slim`).
+    pub reference: String,
+    /// What it resolved to (`docker.io/library/python@sha256:...`).
+    pub pinned: String,
+    /// When (Unix seconds).
+    pub resolved_unix: u64,
+}
+
+fn tag_record_path(cache: &Cache, tag_key: &str) -> PathBuf {
+    cache.images_dir().join("tags").join(format!("{tag_key}.json"))
+}
+
+/// The pinned recipe a tag-only `recipe` (already for its architecture) last
+/// resolved to here, if it was ever built or imported.
+pub(crate) fn recorded_pin(cache: &Cache, recipe: &ImageRecipe) -> Option<ImageRecipe> {
+    let bytes = std::fs::read(tag_record_path(cache, &recipe.key())).ok()?;
+    let record: TagRecord = serde_json::from_slice(&bytes).ok()?;
+    Some(ImageRecipe { oci: Some(record.pinned), ..recipe.clone() })
+}
+
+/// Records that the tag-only `recipe` (for its architecture) now means
+/// `pinned` (written to a temporary file, then renamed over the old record).
+pub(crate) fn record_tag(cache: &Cache, recipe: &ImageRecipe, pinned: &str) -> Result<(), ImageBuildError> {
+    let path = tag_record_path(cache, &recipe.key());
+    let dir = cache.images_dir().join("tags");
+    std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
+    let record = TagRecord {
+        reference: recipe.oci.clone().unwrap_or_default(),
+        pinned: pinned.to_string(),
+        resolved_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    };
+    let tmp =
+        dir.join(format!(".{}.{}", std::process::id(), path.file_name().and_then(|n| n.to_str()).unwrap_or("tag")));
+    let json = serde_json::to_vec_pretty(&record).map_err(|e| io_err("serializing", &tmp)(e.into()))?;
+    std::fs::write(&tmp, json).map_err(io_err("writing", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err("publishing", &path))
+}
+
+/// Every tag record in the cache (for `tvm image list`).
+pub fn tag_records(settings: &Settings) -> Vec<TagRecord> {
+    let dir = Cache::new(&settings.cache_dir).images_dir().join("tags");
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut out: Vec<TagRecord> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(|n| n.ends_with(".json") && !n.starts_with('.')))
+        .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+        .collect();
+    out.sort_by(|a, b| a.reference.cmp(&b.reference));
+    out
+}
+
+/// The commands a runtime's stages start, which an OCI root must hold before
+/// it is packed (a Debian recipe's packages are checked by dpkg instead).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequiredCommands {
+    /// The runtime's id, for the error.
+    pub runtime: String,
+    /// `argv[0]` of the compile and run templates: absolute paths, or names
+    /// looked up in `path`. Relative paths (`./main`, made by the compile
+    /// stage) and templates (`{entry}`) are not checked.
+    pub commands: Vec<String>,
+    /// The `PATH` the guest's stages get (the runtime's environment; the
+    /// image's own `ENV` is not applied in guests).
+    pub path: String,
+}
+
+/// The guest's `PATH` when a runtime's environment names none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+impl RequiredCommands {
+    /// What `runtime`'s stages need from its image.
+    pub fn of(runtime: &tvm_config::Runtime) -> Self {
+        let mut commands = Vec::new();
+        for argv in runtime.compile.iter().chain(std::iter::once(&runtime.run)) {
+            let Some(cmd) = argv.first() else { continue };
+            let checkable = !cmd.contains('{') && (cmd.starts_with('/') || !cmd.contains('/'));
+            if checkable && !cmd.is_empty() && !commands.contains(cmd) {
+                commands.push(cmd.clone());
+            }
+        }
+        let path = runtime.env.iter().rev().find(|(k, _)| k == "PATH").map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+        Self { runtime: runtime.id.clone(), commands, path: path.to_string() }
+    }
+
+    /// Checks that every command is an executable regular file in `root`,
+    /// symlinks resolved inside it.
+    ///
+    /// # Errors
+    /// [`ImageBuildError::MissingCommand`] for the first one that is not.
+    pub fn check(&self, root: &Path, image: &str) -> Result<(), ImageBuildError> {
+        for cmd in &self.commands {
+            let candidates: Vec<String> = if cmd.starts_with('/') {
+                vec![cmd.clone()]
+            } else {
+                self.path.split(':').filter(|d| d.starts_with('/')).map(|d| format!("{d}/{cmd}")).collect()
+            };
+            if !candidates.iter().any(|c| resolve_in_root(root, Path::new(c)).is_some_and(|p| is_executable(&p))) {
+                return Err(ImageBuildError::MissingCommand {
+                    image: image.to_string(),
+                    runtime: self.runtime.clone(),
+                    command: cmd.clone(),
+                    searched: if cmd.starts_with('/') { cmd.clone() } else { format!("PATH {}", self.path) },
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Most symlinks followed while resolving one path (Linux's own limit).
+const MAX_SYMLINKS: u32 = 40;
+
+/// The host path of `path` as the guest would see it with `root` as `/`:
+/// every symlink is resolved inside the root (an absolute target restarts at
+/// the root, `..` stops at it), so no link can lead out of it. `None` when
+/// a component is missing or too many links are followed.
+fn resolve_in_root(root: &Path, path: &Path) -> Option<PathBuf> {
+    use std::ffi::OsString;
+    // Components still to walk, the next one last.
+    let mut pending: Vec<OsString> = path.components().rev().filter_map(component_name).collect();
+    let mut at: Vec<OsString> = Vec::new();
+    let mut links = 0;
+    while let Some(c) = pending.pop() {
+        if c == ".." {
+            at.pop();
+            continue;
+        }
+        let mut here: PathBuf = root.to_path_buf();
+        here.extend(&at);
+        here.push(&c);
+        let meta = std::fs::symlink_metadata(&here).ok()?;
+        if meta.file_type().is_symlink() {
+            links += 1;
+            if links > MAX_SYMLINKS {
+                return None;
+            }
+            let target = std::fs::read_link(&here).ok()?;
+            if target.is_absolute() {
+                at.clear();
+            }
+            pending.extend(target.components().rev().filter_map(component_name));
+        } else {
+            at.push(c);
+        }
+    }
+    let mut out = root.to_path_buf();
+    out.extend(&at);
+    Some(out)
+}
+
+/// A path component as a name to walk (`..` kept; `/` and `.` dropped).
+fn component_name(c: Component<'_>) -> Option<std::ffi::OsString> {
+    match c {
+        Component::Normal(n) => Some(n.to_os_string()),
+        Component::ParentDir => Some("..".into()),
+        Component::RootDir | Component::CurDir | Component::Prefix(_) => None,
+    }
+}
+
+/// A regular file some execute bit is set on (what `execve` needs of it here).
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// Refuses manifests TVM cannot apply before anything is downloaded.
@@ -232,6 +454,14 @@ impl AsyncWrite for CappedWriter {
     }
 }
 
+/// Where an OCI root came from, for its metadata.
+struct Source {
+    /// The reference pulled or imported (digest-pinned when it was resolved from a tag).
+    reference: String,
+    /// The image manifest's digest (a legacy `docker save` archive's config digest).
+    manifest_digest: String,
+}
+
 /// Adds what the guest needs (runner account, mount points, host files) and
 /// packs and publishes the image.
 #[allow(clippy::too_many_arguments)]
@@ -240,7 +470,7 @@ fn finish(
     root: &Path,
     cache: &Cache,
     key: &str,
-    manifest_digest: String,
+    source: Source,
     started: Instant,
     label: &str,
     progress: &Progress,
@@ -268,7 +498,8 @@ fn finish(
         size_bytes: 0,
         build_seconds: 0.0,
         installed: Vec::new(),
-        manifest_digest: Some(manifest_digest),
+        manifest_digest: Some(source.manifest_digest),
+        oci_reference: Some(source.reference),
     };
     pack_and_publish(scratch, root, cache, meta, started, label, progress, cancel)
 }
@@ -479,42 +710,48 @@ fn file_digest(path: &Path) -> Result<String, ImageBuildError> {
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
 }
 
-/// `tvm image import`: builds the image of `recipe` (an OCI recipe) from a
+/// `tvm image import`: builds the image of `runtime` (an OCI recipe) from a
 /// local OCI image layout directory or a `docker save` tarball (either
 /// format Docker writes) instead of a registry, for hosts without one. The
 /// image is the one whose digest the recipe pins, else the one tagged as the
 /// recipe names it, else the only one. Every blob read is checked against its
-/// digest (legacy `docker save` layers against the config's `diff_ids`).
+/// digest (legacy `docker save` layers against the config's `diff_ids`), and
+/// the runtime's commands must be in the root. A tag-only recipe is keyed by
+/// the digest found, as a pull keys it, and its tag record updated.
 ///
 /// # Errors
-/// [`ImageBuildError::OciImage`] when `recipe` is not an OCI recipe or the
+/// [`ImageBuildError::OciImage`] when `runtime` has no OCI recipe or the
 /// input holds no matching image; [`ImageBuildError::DigestMismatch`],
-/// [`ImageBuildError::Layer`], and the errors of packing and publishing.
+/// [`ImageBuildError::Layer`], [`ImageBuildError::MissingCommand`], and the
+/// errors of packing and publishing.
 pub fn import(
     settings: &Settings,
-    recipe: &ImageRecipe,
+    runtime: &tvm_config::Runtime,
     input: &Path,
     progress: &Progress,
 ) -> Result<Image, ImageBuildError> {
+    let Some(recipe) = &runtime.image else {
+        return Err(ImageBuildError::OciImage { problem: format!("runtime {} has no image recipe", runtime.id) });
+    };
     let Some(text) = &recipe.oci else {
         return Err(ImageBuildError::OciImage {
             problem: format!("the runtime's recipe takes its root from {}, not from an OCI image", recipe.source()),
         });
     };
     let reference = parse_reference(text)?;
-    if let Some(image) = find_image(settings, recipe) {
-        progress.clear();
-        return Ok(image);
+    let tag_only = reference.digest().is_none();
+    if !tag_only {
+        if let Some(image) = find_image(settings, recipe) {
+            progress.clear();
+            return Ok(image);
+        }
     }
     // Keyed by architecture as `ensure_image` keys it.
     let arch = settings.guest_arch;
     let recipe = &recipe.for_arch(arch);
     let started = Instant::now();
     let cache = Cache::new(&settings.cache_dir);
-    let key = recipe.key();
     let label = progress.message();
-    let lock_name = format!("image-{key}");
-    let _lock = cache.lock(&lock_name).map_err(io_err("locking", &cache.root().join("locks").join(&lock_name)))?;
     cache.sweep_stale_scratch();
     let scratch = cache.scratch("image").map_err(io_err("creating a scratch directory in", &cache.tmp_dir()))?;
     let meta = std::fs::metadata(input).map_err(io_err("reading", input))?;
@@ -535,10 +772,30 @@ pub fn import(
             problem: format!("{} is neither an OCI image layout nor a docker save archive", input.display()),
         });
     };
-    let root = scratch.join("root");
-    let cancel = BuildCancel::new();
-    unpack_all(&image, &root, &label, progress, &cancel)?;
-    let built = finish(&scratch, &root, &cache, &key, image.manifest_digest, started, &label, progress, &cancel)?;
+    let (keyed, source_ref) = if tag_only {
+        let pinned = pinned_reference(&reference, &image.manifest_digest);
+        (ImageRecipe { oci: Some(pinned.clone()), ..recipe.clone() }, pinned)
+    } else {
+        (recipe.clone(), text.clone())
+    };
+    let key = keyed.key();
+    let lock_name = format!("image-{key}");
+    let _lock = cache.lock(&lock_name).map_err(io_err("locking", &cache.root().join("locks").join(&lock_name)))?;
+    let built = match crate::image::load(&cache, &key) {
+        // The same content imported or pulled before (under this or another tag).
+        Some(found) => found,
+        None => {
+            let root = scratch.join("root");
+            let cancel = BuildCancel::new();
+            unpack_all(&image, &root, &label, progress, &cancel)?;
+            RequiredCommands::of(runtime).check(&root, text)?;
+            let source = Source { reference: source_ref.clone(), manifest_digest: image.manifest_digest };
+            finish(&scratch, &root, &cache, &key, source, started, &label, progress, &cancel)?
+        }
+    };
+    if tag_only {
+        record_tag(&cache, recipe, &source_ref)?;
+    }
     progress.finish(format!("{label}: imported {key}"));
     Ok(built)
 }
@@ -902,6 +1159,109 @@ mod tests {
         std::fs::write(&layer_path, data).unwrap();
         let err = from_docker_archive(t.path(), &reference, GuestArch::X86_64).unwrap_err();
         assert!(matches!(err, ImageBuildError::DigestMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn commands_are_resolved_inside_the_root_only() {
+        use std::os::unix::fs::{symlink, PermissionsExt};
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        for d in ["usr/bin", "usr/local/bin", "opt/py/bin", "bin"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        let exe = |p: &str, mode: u32| {
+            std::fs::write(root.join(p), "x").unwrap();
+            std::fs::set_permissions(root.join(p), std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        exe("opt/py/bin/python3.8", 0o755);
+        exe("usr/bin/data", 0o644);
+        // Absolute and relative links that stay inside, one chained through another.
+        symlink("/opt/py/bin/python3.8", root.join("usr/local/bin/python3")).unwrap();
+        symlink("python3", root.join("usr/local/bin/python")).unwrap();
+        // Links that would leave the root on the host: `..` stops at the root, and
+        // `/` is the root, so both name files the image does not have.
+        symlink("../../../../../../../../bin/sh", root.join("usr/bin/sh")).unwrap();
+        symlink("/bin/true", root.join("usr/bin/true")).unwrap();
+        symlink("loop", root.join("usr/bin/loop")).unwrap();
+        let found = |p: &str| resolve_in_root(&root, Path::new(p)).filter(|p| is_executable(p));
+        assert_eq!(found("/usr/local/bin/python"), Some(root.join("opt/py/bin/python3.8")));
+        assert_eq!(found("/usr/local/bin/../../usr/local/bin/python3"), Some(root.join("opt/py/bin/python3.8")));
+        for missing in ["/usr/bin/sh", "/usr/bin/true", "/usr/bin/loop", "/usr/bin/data", "/usr/bin/none"] {
+            assert_eq!(found(missing), None, "{missing}");
+        }
+
+        let required = |run: &[&str], compile: Option<&[&str]>, path: &str| RequiredCommands {
+            runtime: "rt".into(),
+            commands: {
+                let mut rt = tvm_config::Catalog::builtin().get("python").unwrap().clone();
+                rt.run = run.iter().map(|s| s.to_string()).collect();
+                rt.compile = compile.map(|c| c.iter().map(|s| s.to_string()).collect());
+                RequiredCommands::of(&rt).commands
+            },
+            path: path.into(),
+        };
+        let ok = required(
+            &["python", "{entry}"],
+            Some(&["/opt/py/bin/python3.8", "-c", "1"][..]),
+            "/usr/local/bin:/usr/bin",
+        );
+        assert_eq!(ok.commands, ["/opt/py/bin/python3.8", "python"]);
+        ok.check(&root, "img").unwrap();
+        // `./main` is made by the compile stage; templates are not commands.
+        assert!(required(&["./main"], Some(&["{entry}"][..]), "/usr/bin").commands.is_empty());
+        let err = required(&["sh", "x"], None, "/usr/bin:/bin").check(&root, "img:1").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the OCI image img:1 has no executable sh for runtime rt (looked for PATH /usr/bin:/bin)"
+        );
+        let err = required(&["/usr/bin/true"], None, "/usr/bin").check(&root, "img:1").unwrap_err();
+        assert!(
+            err.to_string().contains("no executable /usr/bin/true for runtime rt (looked for /usr/bin/true)"),
+            "{err}"
+        );
+        // The guest's PATH is the runtime's environment, the last value winning.
+        let mut rt = tvm_config::Catalog::builtin().get("python").unwrap().clone();
+        rt.env.push(("PATH".into(), "/opt/py/bin".into()));
+        assert_eq!(RequiredCommands::of(&rt).path, "/opt/py/bin");
+    }
+
+    #[test]
+    fn tags_are_pinned_by_digest_without_the_tag() {
+        let r: Reference = "python:3.8-slim".parse().unwrap();
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(pinned_reference(&r, &d), format!("docker.io/library/python@{d}"));
+        let pinned = pinned_reference(&"127.0.0.1:5000/tvm/py:1".parse().unwrap(), &d);
+        assert_eq!(pinned, format!("127.0.0.1:5000/tvm/py@{d}"));
+        assert!(is_tag_only(&ImageRecipe::oci("python:3.8-slim")));
+        assert!(is_tag_only(&ImageRecipe::oci("127.0.0.1:5000/tvm/py")));
+        assert!(!is_tag_only(&ImageRecipe::oci(&pinned)));
+        assert!(!is_tag_only(&ImageRecipe::debian("bookworm", &["gcc"])));
+
+        // The record maps the tag recipe to the pinned one; the image is found through it.
+        let t = tempfile::tempdir().unwrap();
+        let settings = Settings { cache_dir: t.path().to_path_buf(), ..Settings::default() };
+        let cache = Cache::new(t.path());
+        let tag = ImageRecipe::oci("127.0.0.1:5000/tvm/py:1");
+        assert!(recorded_pin(&cache, &tag).is_none());
+        record_tag(&cache, &tag, &pinned).unwrap();
+        assert_eq!(recorded_pin(&cache, &tag), Some(ImageRecipe::oci(&pinned)));
+        let records = tag_records(&settings);
+        assert_eq!((records.len(), records[0].pinned.as_str()), (1, pinned.as_str()));
+        let key = ImageRecipe::oci(&pinned).key();
+        std::fs::write(cache.image_path(&key), b"erofs").unwrap();
+        let meta = ImageMeta {
+            key: key.clone(),
+            suite: String::new(),
+            packages: Vec::new(),
+            created_unix: 1,
+            size_bytes: 5,
+            build_seconds: 0.0,
+            installed: Vec::new(),
+            manifest_digest: Some(d.clone()),
+            oci_reference: Some(pinned.clone()),
+        };
+        std::fs::write(cache.image_meta(&key), serde_json::to_vec(&meta).unwrap()).unwrap();
+        assert_eq!(find_image(&settings, &tag).map(|i| i.key), Some(key));
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub mod progress;
 #[cfg(target_os = "linux")]
 pub mod reaper;
 #[cfg(target_os = "linux")]
+pub mod registry;
+#[cfg(target_os = "linux")]
 pub mod spec;
 #[cfg(target_os = "linux")]
 pub mod template;
@@ -490,17 +492,18 @@ impl Pyrovm {
         progress: Progress,
         cancel: BuildCancel,
     ) -> Result<image::Image, ExecuteError> {
-        let recipe = runtime.image.clone().ok_or_else(|| {
-            ExecuteError::Plan(PlanError::RuntimeUnavailable {
+        if runtime.image.is_none() {
+            return Err(ExecuteError::Plan(PlanError::RuntimeUnavailable {
                 id: runtime.id.clone(),
                 reason: runtime.unavailable.clone().unwrap_or_default(),
-            })
-        })?;
+            }));
+        }
         let settings = self.settings.clone();
         let id = runtime.id.clone();
+        let rt = runtime.clone();
         let on_drop = CancelOnDrop::new(cancel.clone());
         let built = tokio::task::spawn_blocking(move || {
-            image::ensure_image_cancellable(&settings, &recipe, &progress, &cancel)
+            image::ensure_runtime_image(&settings, &rt, image::Tags::Recorded, &progress, &cancel)
         })
         .await
         .map_err(|e| ExecuteError::Task(e.to_string()))?

@@ -116,11 +116,15 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
         "cold/n",
         "tmpl/n"
     );
+    pyrovm::registry::probe_blocking(pyrovm::registry::registries_of(vmm.settings(), vmm.catalog().runtimes()));
     let selected = vmm
         .catalog()
         .runtimes()
         .iter()
         .filter(|r| r.unavailable.is_none())
+        .filter(|r| {
+            !matches!(pyrovm::image::runtime_state(vmm.settings(), r), pyrovm::image::RuntimeState::Unavailable(_))
+        })
         .filter(|r| only.is_empty() || only.iter().any(|o| r.id.starts_with(o.as_str())));
     for rt in selected {
         let Some(s) = SAMPLES.iter().find(|s| s.language == rt.language) else {

@@ -454,7 +454,8 @@ for k, v in checks.items():
     let catalog = tvm_config::Catalog::builtin();
     let mut suites = std::collections::HashSet::new();
     for rt in catalog.runtimes().iter().filter(|r| r.unavailable.is_none() && r.language == "python") {
-        let Some(image) = &rt.image else { continue };
+        // Debian suites only: an OCI image's root is its publisher's.
+        let Some(image) = rt.image.as_ref().filter(|i| i.oci.is_none()) else { continue };
         if !suites.insert(image.suite.clone()) {
             continue;
         }

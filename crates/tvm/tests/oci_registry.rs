@@ -130,6 +130,36 @@ fn tar_of(rows: &[(&str, &str)]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// A layer of directories, regular files and symlinks: `(path, content)`
+/// rows as in [`tar_of`], and a content starting with `->` makes a symlink
+/// to the rest.
+fn tar_with_links(rows: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (p, data) in rows {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(p).unwrap();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        if let Some(target) = data.strip_prefix("->") {
+            h.set_entry_type(tar::EntryType::Symlink);
+            h.set_link_name(target).unwrap();
+            h.set_mode(0o777);
+            h.set_size(0);
+            h.set_cksum();
+            b.append(&h, &[][..]).unwrap();
+            continue;
+        }
+        let dir = p.ends_with('/');
+        h.set_entry_type(if dir { tar::EntryType::Directory } else { tar::EntryType::Regular });
+        h.set_mode(if dir { 0o755 } else { 0o755 });
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append(&h, data.as_bytes()).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
 /// A layer of one regular file.
 fn tar_file(name: &str, data: &[u8]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
@@ -271,6 +301,11 @@ fn lower_extra() -> Vec<u8> {
 /// An overlay runtime `id` running Python from the OCI image `reference`.
 fn overlay(dir: &Path, id: &str, reference: &str) {
     let python = Catalog::builtin().get("python").unwrap().run[0].clone();
+    overlay_running(dir, id, reference, &python);
+}
+
+/// An overlay runtime `id` whose run stage starts `command`, from the OCI image `reference`.
+fn overlay_running(dir: &Path, id: &str, reference: &str, python: &str) {
     std::fs::write(
         dir.join(format!("50-{id}.toml")),
         format!(
@@ -330,9 +365,28 @@ fn files_in(settings: &Settings, reference: &str, work: &Path) -> Vec<String> {
     found
 }
 
-/// Removes what the test published into the shared cache.
+/// Removes what the test published into the shared cache (the image the
+/// reference's tag record points at).
 fn remove(settings: &Settings, reference: &str) {
-    let _ = pyrovm::image::remove_image(settings, &ImageRecipe::oci(reference).key());
+    if let Some(image) = pyrovm::image::find_image(settings, &ImageRecipe::oci(reference)) {
+        let _ = pyrovm::image::remove_image(settings, &image.key);
+    }
+}
+
+/// The key the image of `pinned` (`registry/repo@sha256:...`) would have.
+fn pinned_key(pinned: &str) -> String {
+    ImageRecipe::oci(pinned).key()
+}
+
+/// `tvm runtimes --json`: each runtime's state by id.
+fn states(out: &Output) -> std::collections::BTreeMap<String, String> {
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", lossy(&out.stdout), lossy(&out.stderr)));
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap().into(), r["state"].as_str().unwrap().into()))
+        .collect()
 }
 
 /// A TCP proxy to `registry` that kills the registry once 256 KiB of a blob
@@ -406,8 +460,65 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
         c
     };
 
-    // The image: the Python root, a layer of test files, a layer of whiteouts.
-    let image = Image::new(&[python_root_layer(&settings, env.work.path()), lower_extra(), upper_layer()]);
+    // Availability is the registry's answer to `GET /v2/` (401 here: auth is on),
+    // for the CLI and the server; a closed port is unreachable, with the cause.
+    let closed = format!("127.0.0.1:{}", free_port());
+    overlay(&runtimes, "py-answers", &format!("{host}/tvm/not-pushed:1"));
+    overlay(&runtimes, "py-closed", &format!("{closed}/tvm/python:1"));
+    let out = tvm(&docker).args(["runtimes", "--json"]).output().unwrap();
+    let listed = states(&out);
+    eprintln!(
+        "[{:5.1}s] py-answers {:?}, py-closed {:?}",
+        started.elapsed().as_secs_f64(),
+        listed["py-answers"],
+        listed["py-closed"]
+    );
+    assert_eq!(listed["py-answers"], "buildable");
+    let want = format!("unavailable: registry unreachable (GET http://{closed}/v2/: ");
+    assert!(
+        listed["py-closed"].starts_with(&want) && listed["py-closed"].contains("refused"),
+        "{}",
+        listed["py-closed"]
+    );
+    let out = tvm(&docker).args(["runtimes", "--matrix"]).output().unwrap();
+    let matrix = lossy(&out.stdout);
+    let row = |id: &str| matrix.lines().find(|l| l.contains(&format!(" {id} "))).unwrap_or_default().to_string();
+    assert!(row("py-answers").contains(" buildable "), "{matrix}");
+    assert!(
+        row("py-closed").contains(" unavailable ") && row("py-closed").contains("registry unreachable (GET"),
+        "{matrix}"
+    );
+    {
+        // The server never waits for a probe: it says `missing` (checking) until the answer is in.
+        let vars = [("TVM_RUNTIMES_DIR", runtimes.as_os_str()), ("DOCKER_CONFIG", docker.as_os_str())];
+        let server = common::server::Server::start_with_env(&env, &["--no-build-images", "--pool-size", "0"], &vars);
+        let api_state = |id: &str| {
+            let v = server.get("/v1/runtimes").json();
+            let r = v["runtimes"].as_array().unwrap().iter().find(|r| r["id"] == id).unwrap().clone();
+            (r["image"]["state"].as_str().unwrap().to_string(), r["image"]["reason"].as_str().unwrap_or("").to_string())
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (ok, closed_state) = (api_state("py-answers"), api_state("py-closed"));
+            if !ok.1.contains("checking") && !closed_state.1.contains("checking") {
+                assert_eq!(ok, ("missing".to_string(), "the image is not built".to_string()));
+                assert_eq!(closed_state.0, "unavailable");
+                assert!(closed_state.1.starts_with("registry unreachable (GET http://"), "{closed_state:?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "the server's probes did not finish: {ok:?} {closed_state:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        server.stop();
+    }
+    std::fs::remove_file(runtimes.join("50-py-closed.toml")).unwrap();
+    eprintln!("[{:5.1}s] probes checked", started.elapsed().as_secs_f64());
+
+    // The image: the Python root, a layer of test files, a layer of whiteouts,
+    // and a version file, pushed as tag 1.
+    let python_root = python_root_layer(&settings, env.work.path());
+    let version = |v: &str| tar_of(&[("opt/", ""), ("opt/version.txt", v)]);
+    let image = Image::new(&[python_root.clone(), lower_extra(), upper_layer(), version("A\n")]);
     let good = format!("{host}/tvm/python:1");
     let digest = image.push(&good);
     eprintln!("[{:5.1}s] pushed {good} {digest}", started.elapsed().as_secs_f64());
@@ -428,22 +539,96 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     assert!(out.status.success(), "image build: {} {}", lossy(&out.stdout), lossy(&out.stderr));
     let built = pyrovm::image::find_image(&settings, &ImageRecipe::oci(&good)).unwrap();
     assert_eq!(built.meta.manifest_digest.as_deref(), Some(digest.as_str()));
+    // Keyed by the manifest digest the tag resolved to, not by the tag's text.
+    let pinned_a = format!("{host}/tvm/python@{digest}");
+    assert_eq!(built.meta.oci_reference.as_deref(), Some(pinned_a.as_str()));
+    assert_eq!(built.key, pinned_key(&pinned_a));
     eprintln!("[{:5.1}s] {}", started.elapsed().as_secs_f64(), lossy(&out.stdout).trim_end());
 
     let prog = env.file(
         "main.py",
         "import os\nfor p in ['lower.txt', 'removed.txt', 'upper.txt']:\n    print(p, os.path.exists('/opt/tvm/' + p))\n\
-         print(sorted(os.listdir('/opt/opq')))\nprint(open('/etc/hostname').read().strip())\n",
+         print(sorted(os.listdir('/opt/opq')))\nprint(open('/etc/hostname').read().strip())\nprint(open('/opt/version.txt').read().strip())\n",
     );
-    let out =
-        tvm(&docker).args(["run", "--json", "--runtime", "py-oci", "--time-limit", "60s"]).arg(&prog).output().unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", lossy(&out.stdout), lossy(&out.stderr)));
-    env.assert_clean();
-    assert_eq!(v["run"]["exit_code"], 0, "{v}");
-    assert_eq!(stdout_of(&v), "lower.txt True\nremoved.txt False\nupper.txt True\n['new.txt']\ntvm\n", "{v}");
-    eprintln!("[{:5.1}s] ran: {:?}", started.elapsed().as_secs_f64(), stdout_of(&v));
+    let run_prog = || {
+        let out = tvm(&docker)
+            .args(["run", "--json", "--runtime", "py-oci", "--time-limit", "60s"])
+            .arg(&prog)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {} {}", lossy(&out.stdout), lossy(&out.stderr)));
+        env.assert_clean();
+        assert_eq!(v["run"]["exit_code"], 0, "{v}");
+        eprintln!("[{:5.1}s] ran: {:?}", started.elapsed().as_secs_f64(), stdout_of(&v));
+        stdout_of(&v)
+    };
+    assert_eq!(run_prog(), "lower.txt True\nremoved.txt False\nupper.txt True\n['new.txt']\ntvm\nA\n");
+
+    // The tag moves to new content: `tvm image build` asks the registry again and
+    // builds a new image, which the program then sees. The same content under
+    // another tag is the same image (found, not built).
+    let moved = Image::new(&[python_root, lower_extra(), upper_layer(), version("B\n")]);
+    let digest_b = moved.push(&good);
+    assert_ne!(digest_b, digest);
+    let out = tvm(&docker).args(["image", "build", "py-oci"]).output().unwrap();
+    assert!(out.status.success(), "image build: {} {}", lossy(&out.stdout), lossy(&out.stderr));
+    eprintln!("[{:5.1}s] {}", started.elapsed().as_secs_f64(), lossy(&out.stdout).trim_end());
+    let pinned_b = format!("{host}/tvm/python@{digest_b}");
+    let rebuilt = pyrovm::image::find_image(&settings, &ImageRecipe::oci(&good)).unwrap();
+    assert_eq!(
+        (rebuilt.key.as_str(), rebuilt.meta.manifest_digest.as_deref()),
+        (pinned_key(&pinned_b).as_str(), Some(digest_b.as_str()))
+    );
+    assert!(lossy(&out.stdout).contains(&format!("built  {}", rebuilt.key)), "{}", lossy(&out.stdout));
+    assert!(run_prog().ends_with("\nB\n"));
+    let other_tag = format!("{host}/tvm/python:other");
+    assert_eq!(moved.push(&other_tag), digest_b);
+    overlay(&runtimes, "py-other-tag", &other_tag);
+    let out = tvm(&docker).args(["image", "build", "py-other-tag"]).output().unwrap();
+    assert!(out.status.success(), "image build: {} {}", lossy(&out.stdout), lossy(&out.stderr));
+    assert!(lossy(&out.stdout).contains(&format!("cached {}", rebuilt.key)), "{}", lossy(&out.stdout));
+    let out = tvm(&docker).args(["image", "list"]).output().unwrap();
+    let list = lossy(&out.stdout);
+    let line = list.lines().find(|l| l.starts_with(&rebuilt.key)).unwrap_or_else(|| panic!("{list}"));
+    assert!(
+        line.contains(&format!("{good}, {other_tag} -> {digest_b}")) && line.contains("py-oci,py-other-tag"),
+        "{line}"
+    );
+    eprintln!("[{:5.1}s] {line}", started.elapsed().as_secs_f64());
+    let _ = pyrovm::image::remove_image(&settings, &pinned_key(&pinned_a));
     remove(&settings, &good);
+
+    // An image without the command the runtime's run stage starts: `python3` is a
+    // symlink climbing out of the root to the host's `/usr/bin/python3`, which must
+    // be resolved inside the image (where nothing is) and refused before packing.
+    let lacking = Image::new(&[tar_with_links(&[
+        ("etc/", ""),
+        ("etc/passwd", "root:x:0:0::/root:/bin/sh\n"),
+        ("usr/", ""),
+        ("usr/local/", ""),
+        ("usr/local/bin/", ""),
+        ("usr/local/bin/python3", "->../../../../../../../usr/bin/python3"),
+        ("usr/bin/", ""),
+        ("usr/bin/env", "#!not really\n"),
+    ])]);
+    let no_cmd = format!("{host}/tvm/no-python:1");
+    let digest_n = lacking.push(&no_cmd);
+    overlay_running(&runtimes, "py-nocmd", &no_cmd, "python3");
+    let mut cmd = tvm(&docker);
+    cmd.args(["image", "build", "py-nocmd"]);
+    let (out, pid) = run_with_pid(cmd);
+    let text = lossy(&out.stdout);
+    eprintln!("[{:5.1}s] {}", started.elapsed().as_secs_f64(), text.trim_end());
+    let want = format!(
+        "the OCI image {host}/tvm/no-python@{digest_n} has no executable python3 for runtime py-nocmd \
+         (looked for PATH /usr/local/bin:/usr/bin:/bin)"
+    );
+    assert!(!out.status.success() && text.contains(&want), "{text}");
+    assert_not_cached(&settings, &no_cmd, pid);
+    let key = pinned_key(&format!("{host}/tvm/no-python@{digest_n}"));
+    assert!(!settings.cache_dir.join("images").join(format!("{key}.erofs")).exists());
+    std::fs::remove_file(runtimes.join("50-py-nocmd.toml")).unwrap();
 
     // An image from an OCI layout, and from a tarball of it (what `docker save`
     // writes). A small one: the whiteouts were checked in the VM above, and

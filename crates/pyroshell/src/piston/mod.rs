@@ -96,6 +96,8 @@ pub(crate) fn catalog_view(st: &AppState) -> Vec<PistonRuntime> {
         .runtimes()
         .iter()
         .filter(|r| r.unavailable.is_none())
+        // Nor one whose OCI registry does not answer.
+        .filter(|r| !matches!(st.images.state(&r.id), ImageState::Unavailable(_)))
         .map(|r| {
             let (version, _) = compat::full_version(st, r);
             let ready = st.images.state(&r.id) == ImageState::Ready;

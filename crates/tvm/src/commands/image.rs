@@ -15,7 +15,17 @@ use crate::cli::{ImageBuildArgs, ImageImportArgs};
 fn selected(ctx: &Context, args: &ImageBuildArgs) -> Result<Vec<Runtime>> {
     let catalog = &ctx.catalog;
     if args.all {
-        return Ok(catalog.runtimes().iter().filter(|r| r.unavailable.is_none()).cloned().collect());
+        // OCI entries whose registry does not answer are skipped with the reason
+        // (named explicitly, they are tried: the pull says what fails).
+        pyrovm::registry::probe_blocking(pyrovm::registry::registries_of(&ctx.settings, catalog.runtimes()));
+        let mut all = Vec::new();
+        for r in catalog.runtimes().iter().filter(|r| r.unavailable.is_none()) {
+            match pyrovm::image::runtime_state(&ctx.settings, r) {
+                pyrovm::image::RuntimeState::Unavailable(why) => println!("{:<14} unavailable: {why}", r.id),
+                _ => all.push(r.clone()),
+            }
+        }
+        return Ok(all);
     }
     if args.defaults {
         return Ok(catalog.runtimes().iter().filter(|r| tvm_config::matrix::is_default(catalog, r)).cloned().collect());
@@ -49,6 +59,7 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
             None => println!("{:<14} unavailable: {}", r.id, r.unavailable.unwrap_or_default()),
         }
     }
+    let started_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let group = MultiProgress::new();
     let cancel = BuildCancel::new();
     let mut running = JoinSet::new();
@@ -61,8 +72,12 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
             let (s, token, progress) =
                 (ctx.settings.clone(), cancel.clone(), Progress::spinner_in(&group, &format!("image {}", r.id)));
             running.spawn_blocking(move || {
-                let cached = pyrovm::image::find_image(&s, &recipe).is_some();
-                let res = pyrovm::image::ensure_image_cancellable(&s, &recipe, &progress, &token);
+                let before = pyrovm::image::find_image(&s, &recipe).map(|i| i.key);
+                // A tag is asked for anew: content it moved to is built as a new image.
+                let res = pyrovm::image::ensure_runtime_image(&s, &r, pyrovm::image::Tags::Latest, &progress, &token);
+                // Found, not built: the image it had, or one built before this command (same content, another tag).
+                let cached =
+                    res.as_ref().is_ok_and(|i| before.as_ref() == Some(&i.key) || i.meta.created_unix < started_unix);
                 (r, cached, res)
             });
         }
@@ -163,23 +178,43 @@ async fn templates(ctx: &Context, ready: &[tvm_config::Runtime]) {
 pub fn list(ctx: &Context, json: bool) -> Result<ExitCode> {
     let images = pyrovm::image::list_images(&ctx.settings);
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    let users = |key: &str| -> Vec<String> {
-        ctx.catalog
-            .runtimes()
-            .iter()
-            .filter(|r| r.image.as_ref().is_some_and(|i| i.key() == key))
-            .map(|r| r.id.clone())
-            .collect()
+    // Each runtime's image as found (a tag-only OCI recipe's through its tag record).
+    let found: Vec<(String, String)> = ctx
+        .catalog
+        .runtimes()
+        .iter()
+        .filter_map(|r| Some((r.id.clone(), pyrovm::image::find_image(&ctx.settings, r.image.as_ref()?)?.key)))
+        .collect();
+    let users =
+        |key: &str| -> Vec<String> { found.iter().filter(|(_, k)| k == key).map(|(id, _)| id.clone()).collect() };
+    let tags = pyrovm::image_oci::tag_records(&ctx.settings);
+    // Where an OCI image came from: the tags resolved to it, then its digest.
+    let source = |i: &pyrovm::image::Image| -> String {
+        let Some(pulled) = &i.meta.oci_reference else { return String::new() };
+        let named: Vec<&str> = tags.iter().filter(|t| t.pinned == *pulled).map(|t| t.reference.as_str()).collect();
+        let digest = i.meta.manifest_digest.as_deref().unwrap_or("-");
+        if named.is_empty() {
+            format!("{pulled} ({digest})")
+        } else {
+            format!("{} -> {digest}", named.join(", "))
+        }
     };
     if json {
         let v: Vec<_> = images
             .iter()
-            .map(|i| serde_json::json!({"key": i.key, "runtimes": users(&i.key), "meta": i.meta, "path": i.path}))
+            .map(|i| {
+                let tagged: Vec<&str> = tags
+                    .iter()
+                    .filter(|t| i.meta.oci_reference.as_ref() == Some(&t.pinned))
+                    .map(|t| t.reference.as_str())
+                    .collect();
+                serde_json::json!({"key": i.key, "runtimes": users(&i.key), "meta": i.meta, "path": i.path, "tags": tagged})
+            })
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("{:<26} {:<10} {:>10} {:>8}  RUNTIMES", "HASH", "SUITE", "SIZE", "AGE");
+    println!("{:<26} {:<10} {:>10} {:>8}  RUNTIMES  [OCI SOURCE]", "HASH", "SUITE", "SIZE", "AGE");
     for i in images {
         let age = now.saturating_sub(i.meta.created_unix);
         let age = match age {
@@ -187,13 +222,16 @@ pub fn list(ctx: &Context, json: bool) -> Result<ExitCode> {
             a if a < 86400 => format!("{}h", a / 3600),
             a => format!("{}d", a / 86400),
         };
+        let suite = if i.meta.oci_reference.is_some() { "oci" } else { i.meta.suite.as_str() };
+        let oci = source(&i);
         println!(
-            "{:<26} {:<10} {:>10} {:>8}  {}",
+            "{:<26} {:<10} {:>10} {:>8}  {}{}{oci}",
             i.key,
-            i.meta.suite,
+            suite,
             format_bytes(i.meta.size_bytes),
             age,
-            users(&i.key).join(",")
+            users(&i.key).join(","),
+            if oci.is_empty() { "" } else { "  " },
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -223,11 +261,11 @@ pub fn import(ctx: &Context, args: &ImageImportArgs) -> Result<ExitCode> {
         .catalog
         .get(&args.runtime)
         .ok_or_else(|| usage(format!("unknown runtime {:?} (see `tvm runtimes`)", args.runtime)))?;
-    let Some(recipe) = &r.image else {
+    if r.image.is_none() {
         return Err(usage(format!("runtime {} has no image recipe", r.id)));
-    };
+    }
     let progress = Progress::spinner(&format!("image {}", r.id));
-    match pyrovm::image_oci::import(&ctx.settings, recipe, &args.path, &progress) {
+    match pyrovm::image_oci::import(&ctx.settings, r, &args.path, &progress) {
         Ok(img) => {
             let digest = img.meta.manifest_digest.as_deref().unwrap_or("-");
             println!("{:<14} imported {} ({}) from {digest}", r.id, img.key, format_bytes(img.meta.size_bytes));

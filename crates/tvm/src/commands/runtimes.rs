@@ -64,8 +64,16 @@ async fn print_remote(url: &str, key: Option<&str>, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Waits (a few seconds at most, all at once) for the answers of the
+/// registries the catalog's OCI entries pull from, so their state is known.
+#[cfg(target_os = "linux")]
+fn probe_registries(ctx: &Context) {
+    pyrovm::registry::probe_blocking(pyrovm::registry::registries_of(&ctx.settings, ctx.catalog.runtimes()));
+}
+
 #[cfg(target_os = "linux")]
 fn print_list(ctx: &Context, json: bool) -> Result<()> {
+    probe_registries(ctx);
     let rows: Vec<Value> = ctx
         .catalog
         .runtimes()
@@ -127,6 +135,7 @@ fn r_of<'a>(catalog: &'a tvm_config::Catalog, id: &str) -> &'a tvm_config::Runti
 #[cfg(target_os = "linux")]
 fn print_matrix(ctx: &Context, json: bool) -> Result<()> {
     let catalog = &ctx.catalog;
+    probe_registries(ctx);
     let mut rows = Vec::new();
     for language in matrix::languages(catalog) {
         for r in catalog.runtimes().iter().filter(|r| r.language == language) {
@@ -153,6 +162,7 @@ fn print_matrix(ctx: &Context, json: bool) -> Result<()> {
         let version = if r["default"] == true { format!("{}*", s("version")) } else { s("version") };
         let detail = match (s("state").as_str(), r["installed"].as_array()) {
             ("unavailable", _) => s("reason"),
+            ("probing", _) => format!("{}; {}", s("source"), s("reason")),
             ("ready", Some(i)) => format!(
                 "{}; installed: {}",
                 s("source"),
