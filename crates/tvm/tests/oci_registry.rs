@@ -152,7 +152,7 @@ fn tar_with_links(rows: &[(&str, &str)]) -> Vec<u8> {
         }
         let dir = p.ends_with('/');
         h.set_entry_type(if dir { tar::EntryType::Directory } else { tar::EntryType::Regular });
-        h.set_mode(if dir { 0o755 } else { 0o755 });
+        h.set_mode(0o755); // directories, and files that must pass as executables
         h.set_size(data.len() as u64);
         h.set_cksum();
         b.append(&h, data.as_bytes()).unwrap();
@@ -635,7 +635,12 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
     // a Python root would cost two more erofs packs.
     let layout = env.work.path().join("layout");
     let imported = "tvm.invalid/tvm/files:1";
-    let files = Image::new(&[lower_extra(), upper_layer()]);
+    // The runtime's command must be in it (checked before packing): an executable
+    // file under the name the overlay's run stage starts (no VM runs this image).
+    let python = Catalog::builtin().get("python").unwrap().run[0].clone();
+    let exe = format!("usr/bin/{python}");
+    let command_file = tar_with_links(&[("usr/", ""), ("usr/bin/", ""), (exe.as_str(), "#!/bin/sh\n")]);
+    let files = Image::new(&[lower_extra(), upper_layer(), command_file]);
     let layout_digest = files.write_layout(&layout, imported);
     overlay(&runtimes, "py-import", imported);
     let out = tvm(&nobody).args(["image", "import"]).arg(&layout).arg("py-import").output().unwrap();
