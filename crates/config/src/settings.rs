@@ -156,7 +156,7 @@ impl std::str::FromStr for GuestArch {
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     /// The config file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -165,7 +165,7 @@ pub enum SettingsError {
         source: std::io::Error,
     },
     /// The config file is not valid.
-    #[error("config file {path} is not valid: {source}")]
+    #[error("config file {path} is not valid")]
     Parse {
         /// The file.
         path: PathBuf,
@@ -414,8 +414,11 @@ mod tests {
         assert_eq!(s.vcpus, 2);
         assert_eq!(s.boot_timeout_ms, Settings::default().boot_timeout_ms);
         std::fs::write(&f, "acel = \"tcg\"\n").unwrap();
-        let err = Settings::from_file(&f).unwrap_err().to_string();
-        assert!(err.contains("acel"), "{err}");
+        let err = Settings::from_file(&f).unwrap_err();
+        assert!(err.to_string().starts_with("config file "), "{err}");
+        // The cause is the source, not part of the message (it would print twice in a chain).
+        let cause = std::error::Error::source(&err).map(ToString::to_string).unwrap_or_default();
+        assert!(cause.contains("acel") && !err.to_string().contains("acel"), "{err}: {cause}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -16,13 +16,13 @@ pub enum FrameError {
         max: usize,
     },
     /// The frame was not valid JSON for the expected message type.
-    #[error("malformed frame: {0}")]
+    #[error("malformed frame")]
     Malformed(#[source] serde_json::Error),
     /// The stream ended in the middle of a frame.
     #[error("stream ended inside a frame")]
     Truncated,
     /// The underlying transport failed.
-    #[error("transport: {0}")]
+    #[error("transport failed")]
     Io(#[from] std::io::Error),
 }
 

@@ -70,10 +70,12 @@ pub use backend::{Backend, Selection, VmmKind};
 #[cfg(target_os = "linux")]
 pub use cache::{BuildCancel, CancelOnDrop};
 pub use plan::{
-    add_tests, default_vm_memory_mib, plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile, TestRequest,
+    add_tests, default_vm_memory_mib, limit_minimum, plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile,
+    TestRequest,
 };
 pub use plan::{
     MAX_ARGS, MAX_ARG_BYTES, MAX_FILES, MAX_FILES_BYTES, MAX_FILE_NAME_BYTES, MAX_FILE_NAME_PARTS, MAX_STDIN_BYTES,
+    MIN_MEMORY_BYTES,
 };
 #[cfg(target_os = "linux")]
 pub use progress::{MultiProgress, Progress};
@@ -114,7 +116,7 @@ pub enum ExecuteError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     /// The runtime's image is missing and could not be built.
-    #[error("image for {runtime}: {source}")]
+    #[error("image for {runtime}")]
     Image {
         /// Runtime id.
         runtime: String,
@@ -255,14 +257,21 @@ pub fn accel_for(settings: &Settings, kernel: &kernel::Kernel) -> Result<AccelDe
     }
 }
 
-/// An error and its causes on one line, for logs.
-#[cfg(target_os = "linux")]
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+/// An error and its causes on one line (`what failed: why: deeper why`), for
+/// logs, API messages and CLI output. Error messages never repeat their
+/// `#[source]`, so wherever an error is shown as text it goes through here
+/// (or anyhow's `{:#}` at the binary's edge), or its cause is lost.
+/// A cause whose text already ends the line is skipped: some libraries
+/// (oci-client, reqwest) repeat their source's text in their own message.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut cause = err.source();
     while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         cause = c.source();
     }
     out
@@ -767,5 +776,56 @@ impl Pyrovm {
             boot_ms,
             total_ms,
         })
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Text(String, #[source] Option<Box<Text>>);
+
+    #[test]
+    fn causes_are_printed_once_even_when_a_message_repeats_its_source() {
+        let inner = Text("bad digest".into(), None);
+        let repeating = Text("Digest error: bad digest".into(), Some(Box::new(inner)));
+        let outer = Text("pulling x failed".into(), Some(Box::new(repeating)));
+        assert_eq!(error_chain(&outer), "pulling x failed: Digest error: bad digest");
+        let plain = Text("a".into(), Some(Box::new(Text("b".into(), None))));
+        assert_eq!(error_chain(&plain), "a: b");
+    }
+
+    /// The class of fault: a message that also prints its `#[source]` shows
+    /// the cause twice wherever the chain is rendered (`tvm: cannot read
+    /// config file X: No such file…: No such file…`). Each error type that
+    /// wraps an OS or parse error names it exactly once in its chain.
+    #[test]
+    fn every_wrapped_cause_is_named_once() {
+        let io = || std::io::Error::from_raw_os_error(2);
+        let path = PathBuf::from("/nowhere");
+        let image = || image::ImageBuildError::Io { action: "reading", path: path.clone(), source: io() };
+        let errors: Vec<Box<dyn std::error::Error>> = vec![
+            Box::new(tvm_config::SettingsError::Read { path: path.clone(), source: io() }),
+            Box::new(tvm_config::CatalogError::Read { path: "/nowhere".into(), source: io() }),
+            Box::new(image()),
+            Box::new(ExecuteError::Image { runtime: "python".into(), source: image() }),
+            Box::new(kernel::KernelBuildError::Io { action: "reading", path: path.clone(), source: io() }),
+            Box::new(initrd::InitrdError::Io { path: path.clone(), source: io() }),
+            Box::new(vm::StartVmError::RunDir(io())),
+            Box::new(vm::RunJobError::Protocol(tvm_protocol::FrameError::Io(io()))),
+            Box::new(vm::RunJobError::Send(tvm_protocol::FrameError::Io(io()))),
+        ];
+        for e in &errors {
+            let chain = error_chain(e.as_ref());
+            assert_eq!(chain.matches("os error 2").count(), 1, "{chain}");
+        }
+        let toml_err = toml::from_str::<toml::Value>("a = ").unwrap_err();
+        let e = tvm_config::SettingsError::Parse { path, source: toml_err };
+        let chain = error_chain(&e);
+        assert!(chain.starts_with("config file /nowhere is not valid: "), "{chain}");
+        assert_eq!(chain.matches("line 1").count(), 1, "{chain}");
     }
 }

@@ -39,7 +39,7 @@ pub const VMM_OVERHEAD_MIB: u64 = 256;
 #[derive(Debug, thiserror::Error)]
 pub enum StartVmError {
     /// The run directory or agent socketpair could not be created.
-    #[error("cannot prepare VM run dir: {0}")]
+    #[error("cannot prepare VM run dir")]
     RunDir(#[source] std::io::Error),
     /// The VMM's host cgroup could not be created.
     #[error(transparent)]
@@ -108,7 +108,7 @@ pub enum RunJobError {
         console: String,
     },
     /// The guest sent something malformed or oversized.
-    #[error("guest broke the protocol: {0}")]
+    #[error("guest broke the protocol")]
     Protocol(#[source] FrameError),
     /// The guest sent more output than any honest agent would.
     #[error("guest sent {0} output bytes, more than the caps allow; VM killed")]
@@ -117,7 +117,7 @@ pub enum RunJobError {
     #[error("guest agent failed: {0}")]
     AgentFailed(String),
     /// Sending the job failed.
-    #[error("cannot send job to guest: {0}")]
+    #[error("cannot send job to guest")]
     Send(#[source] FrameError),
 }
 
