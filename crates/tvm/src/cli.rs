@@ -214,7 +214,7 @@ pub struct ImageBuildArgs {
     #[arg(long)]
     pub defaults: bool,
     /// Images built at the same time (1-8). A build is mostly one busy core
-    /// (dpkg, then mkfs.erofs); builds from one Debian suite still take turns.
+    /// (dpkg, then mkfs.erofs); builds of one Debian suite share downloaded packages.
     #[arg(long, short = 'j', default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
     pub jobs: u8,
 }
