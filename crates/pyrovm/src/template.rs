@@ -42,6 +42,8 @@ use tvm_protocol::{
     MAX_GUEST_FRAME,
 };
 
+pub mod firecracker;
+
 use crate::backend::qemu::Qemu;
 use crate::cache::Cache;
 use crate::spec::VmSpec;
@@ -109,6 +111,10 @@ pub enum TemplateError {
     /// QMP (pause, hand over the state file, migrate) failed.
     #[error("saving the template VM over QMP: {0}")]
     Qmp(String),
+    /// The VMM's API did not pause or snapshot the template VM (Firecracker:
+    /// `PATCH /vm`, `PUT /snapshot/create`).
+    #[error("saving the template VM through the VMM's API")]
+    Snapshot(#[source] crate::backend::LaunchError),
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError {

@@ -116,6 +116,7 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
         "cold/n",
         "tmpl/n"
     );
+    let mut no_templates = Vec::new();
     let selected = vmm
         .catalog()
         .runtimes()
@@ -134,12 +135,16 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
         };
         let plan = pyrovm::plan(vmm.catalog(), &req, vmm.settings().vm_overhead_mib)?;
         // The image and the template are built first, outside the numbers.
-        // Templates are QEMU snapshots: other backends get '-' in those columns.
-        let template = if vmm.vmm().backend.kind() == pyrovm::VmmKind::Qemu {
-            let t = tpl_vmm.ensure_template(&plan.runtime, plan.vm_memory_mib).await;
-            Some(t.with_context(|| format!("template of {}", rt.id))?)
-        } else {
-            None
+        // QEMU's templates must build; Firecracker's are snapshots its VMM
+        // may refuse (the stand-in does): then '-' in those columns, and why.
+        let built = tpl_vmm.ensure_template(&plan.runtime, plan.vm_memory_mib).await;
+        let template = match (vmm.vmm().backend.kind(), built) {
+            (_, Ok(t)) => Some(t),
+            (pyrovm::VmmKind::Qemu, Err(e)) => return Err(e).with_context(|| format!("template of {}", rt.id)),
+            (pyrovm::VmmKind::Firecracker, Err(e)) => {
+                no_templates.push(format!("{}: {:#}", rt.id, anyhow::Error::from(e)));
+                None
+            }
         };
         cold_vmm.execute(&req, |_, _, _| {}).await.with_context(|| format!("warm-up run of {}", rt.id))?;
         let mut m = Samples::default();
@@ -231,6 +236,9 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
             cold_ratio,
             tpl_ratio
         );
+    }
+    for why in &no_templates {
+        println!("no template for {why}");
     }
     println!("\nAll columns p50 unless named. cold = VMM start to result with a kernel boot (templates off);");
     println!("template = the same restored from the runtime's template (what `tvm run` pays now);");
