@@ -19,7 +19,7 @@
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tracing::{debug, info};
@@ -246,7 +246,7 @@ async fn save(dir: &Path, key: &str, req: &FcBuildRequest<'_>) -> Result<Templat
 
 /// Moves a file the VMM wrote into the template (a copy across file
 /// systems), owned by us, mode 0644, synced.
-fn move_file(from: &Path, to: &PathBuf) -> Result<(), TemplateError> {
+fn move_file(from: &Path, to: &Path) -> Result<(), TemplateError> {
     use std::os::unix::fs::PermissionsExt;
     if std::fs::rename(from, to).is_err() {
         std::fs::copy(from, to).map_err(io_err("copying the snapshot into", to))?;
@@ -259,7 +259,7 @@ fn move_file(from: &Path, to: &PathBuf) -> Result<(), TemplateError> {
         Some(nix::unistd::geteuid()),
         Some(nix::unistd::getegid()),
     )
-    .map_err(|e| TemplateError::Io { action: "owning", path: to.clone(), source: e.into() })?;
+    .map_err(|e| TemplateError::Io { action: "owning", path: to.to_path_buf(), source: e.into() })?;
     f.sync_all().map_err(io_err("syncing", to))
 }
 
@@ -275,7 +275,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(VMSTATE), b"microvm state").unwrap();
         let sum = sha256_file(&dir.join(VMSTATE)).unwrap();
-        std::fs::write(dir.join(VMSTATE_SUM), &sum).unwrap();
+        std::fs::write(dir.join(VMSTATE_SUM), sum).unwrap();
         let meta = TemplateMeta {
             key: "k1".into(),
             runtime: "python-3.13".into(),
