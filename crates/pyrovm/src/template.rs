@@ -47,6 +47,8 @@ use crate::cache::Cache;
 use crate::spec::VmSpec;
 use crate::vm::{StartExtras, StartVmError, Vm, VmmHost};
 
+mod lru;
+
 /// Bumped when the layout or the meaning of a template changes.
 pub const FORMAT: u32 = 1;
 
@@ -284,6 +286,8 @@ pub struct Templates {
     building: Mutex<HashSet<String>>,
     verified: Mutex<HashMap<String, Identity>>,
     counters: Counters,
+    /// Size cap of the store in bytes, 0 for none ([`lru`]).
+    max_bytes: AtomicU64,
 }
 
 impl Templates {
@@ -294,6 +298,7 @@ impl Templates {
             building: Mutex::default(),
             verified: Mutex::default(),
             counters: Counters::default(),
+            max_bytes: AtomicU64::new(0),
         }
     }
 
@@ -410,6 +415,7 @@ impl Templates {
             }
             return Err(e);
         }
+        self.mark_used(t);
         Ok(file.into())
     }
 
@@ -491,6 +497,7 @@ impl Templates {
             Ok(_) => {
                 self.counters.built.fetch_add(1, Ordering::Relaxed);
                 let _ = std::fs::remove_file(self.failure_marker(&key));
+                self.evict_to_fit(&key);
             }
             Err(e) => {
                 self.counters.build_failures.fetch_add(1, Ordering::Relaxed);
