@@ -404,7 +404,9 @@ impl Pyrovm {
             Backend::Firecracker(f) => accel::resolve(settings.accel, f, &kernel, &settings.cache_dir)?,
         };
         info!(accel = ?accel.kind, reason = %accel.reason, "accelerator chosen");
-        let templates = Arc::new(Templates::new(&settings.cache_dir));
+        let templates = Arc::new(
+            Templates::new(&settings.cache_dir).with_max_bytes(settings.template_cache_mib.saturating_mul(1 << 20)),
+        );
         Ok(Self {
             settings,
             catalog,

@@ -49,6 +49,8 @@ use crate::cache::Cache;
 use crate::spec::VmSpec;
 use crate::vm::{StartExtras, StartVmError, Vm, VmmHost};
 
+mod lru;
+
 /// Bumped when the layout or the meaning of a template changes.
 pub const FORMAT: u32 = 1;
 
@@ -290,6 +292,8 @@ pub struct Templates {
     building: Mutex<HashSet<String>>,
     verified: Mutex<HashMap<String, Identity>>,
     counters: Counters,
+    /// Size cap of the store in bytes, 0 for none ([`lru`]).
+    max_bytes: AtomicU64,
 }
 
 impl Templates {
@@ -300,6 +304,7 @@ impl Templates {
             building: Mutex::default(),
             verified: Mutex::default(),
             counters: Counters::default(),
+            max_bytes: AtomicU64::new(0),
         }
     }
 
@@ -416,6 +421,7 @@ impl Templates {
             }
             return Err(e);
         }
+        self.mark_used(t);
         Ok(file.into())
     }
 
@@ -497,6 +503,7 @@ impl Templates {
             Ok(_) => {
                 self.counters.built.fetch_add(1, Ordering::Relaxed);
                 let _ = std::fs::remove_file(self.failure_marker(&key));
+                self.evict_to_fit(&key);
             }
             Err(e) => {
                 self.counters.build_failures.fetch_add(1, Ordering::Relaxed);
