@@ -115,6 +115,7 @@ impl Templates {
             Ok(_) => {
                 self.counters.built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let _ = std::fs::remove_file(self.failure_marker(&key));
+                self.evict_to_fit(&key);
             }
             Err(e) => {
                 self.counters.build_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
