@@ -23,6 +23,8 @@ pub mod cache;
 #[cfg(target_os = "linux")]
 pub mod doctor;
 #[cfg(target_os = "linux")]
+mod fc_start;
+#[cfg(target_os = "linux")]
 pub mod hostcg;
 #[cfg(target_os = "linux")]
 pub mod image;
@@ -411,7 +413,9 @@ impl Pyrovm {
             Backend::Firecracker(f) => accel::resolve(settings.accel, f, &kernel, &settings.cache_dir)?,
         };
         info!(accel = ?accel.kind, reason = %accel.reason, "accelerator chosen");
-        let templates = Arc::new(Templates::new(&settings.cache_dir));
+        let templates = Arc::new(
+            Templates::new(&settings.cache_dir).with_max_bytes(settings.template_cache_mib.saturating_mul(1 << 20)),
+        );
         Ok(Self {
             settings,
             catalog,
@@ -543,7 +547,7 @@ impl Pyrovm {
         let image = self.ensure_image(runtime, progress).await?;
         let spec = self.vm_spec(&image, memory_mib);
         let (id, host, timeout) = (new_vm_id(), self.vmm_host(), self.boot_timeout());
-        let vm = match &self.vmm.backend {
+        let (vm, note) = match &self.vmm.backend {
             Backend::Qemu(q) => {
                 let note = if self.settings.templates {
                     match self.restore(q, runtime, &image, &spec).await {
@@ -555,10 +559,19 @@ impl Pyrovm {
                 };
                 return Ok(StartedVm { vm: Vm::boot(&id, &host, q, &spec, timeout).await?, note });
             }
-            Backend::Firecracker(f) => Vm::boot(&id, &host, f, &spec, timeout).await?,
+            Backend::Firecracker(f) => {
+                // Templates are Firecracker snapshots here (`fc_start`).
+                let note = if self.settings.templates {
+                    match self.restore_firecracker(f, runtime, &image, &spec).await {
+                        Ok(vm) => return Ok(StartedVm { vm, note: None }),
+                        Err(reason) => Some(reason),
+                    }
+                } else {
+                    None
+                };
+                (Vm::boot(&id, &host, f, &spec, timeout).await?, note)
+            }
         };
-        // Templates are QEMU snapshots (QMP + -incoming) for now.
-        let note = self.settings.templates.then(|| "templates are not implemented for the firecracker backend".into());
         Ok(StartedVm { vm, note })
     }
 
@@ -648,10 +661,7 @@ impl Pyrovm {
     ) -> Result<template::Template, ExecuteError> {
         let qemu = match &self.vmm.backend {
             Backend::Qemu(q) => q,
-            Backend::Firecracker(_) => {
-                let source = TemplateError::Unsupported("firecracker");
-                return Err(ExecuteError::Template { runtime: runtime.id.clone(), source });
-            }
+            Backend::Firecracker(f) => return self.ensure_template_firecracker(f, runtime, memory_mib).await,
         };
         let image = self.ensure_image(runtime, Progress::hidden()).await?;
         let spec = self.vm_spec(&image, memory_mib);
