@@ -207,9 +207,10 @@ async fn save(dir: &Path, key: &str, req: &FcBuildRequest<'_>) -> Result<Templat
         None => 0,
     };
     let started = Instant::now();
-    let live = vm.backend_state::<Live>().ok_or_else(|| {
-        TemplateError::Snapshot(LaunchError::Unsupported { vmm: "firecracker", what: "snapshots without its API" })
-    })?;
+    let live = vm.backend_state::<Live>().ok_or(TemplateError::Snapshot(LaunchError::Unsupported {
+        vmm: "firecracker",
+        what: "snapshots without its API",
+    }))?;
     let (vmstate_at, mem_at) = (live.files_dir.host_path(VMSTATE), live.files_dir.host_path("mem"));
     let deadline = tokio::time::Instant::now() + SNAPSHOT_TIMEOUT;
     let saved = async {
