@@ -11,7 +11,10 @@
 # another user, TVM's own confinement is used and the script says so.
 #
 # It checks: backend selection (tvm doctor), a boot and hello world in the
-# default runtime of every language, that nothing is left behind (run dirs,
+# default runtime of every language, templates as Firecracker snapshots
+# (three runs restored from one: start=template, the host's clock, distinct
+# /dev/urandom bytes; the vsock reconnect after restore is on that path),
+# that nothing is left behind (run dirs,
 # firecracker processes, jailer chroots and cgroups), then prints
 # `tvm bench --vmm firecracker` figures (the table docs/performance.md uses).
 # Exit status: 0 when every check passed.
@@ -71,6 +74,31 @@ d=$(mktemp -d); printf 'public class Main { public static void main(String[] a) 
 out=$("$TVM" run "$d/Main.java" 2>&1) || true
 [ "$out" = "hello" ] && say "Main.java: hello" || bad "Main.java: $out"
 rm -rf "$d"
+
+say "templates: Firecracker snapshots (PATCH /vm, PUT /snapshot/create, PUT /snapshot/load)"
+# The CLI builds a missing template inline, then restores from it: every
+# run here must say start=template (a note means it cold booted, and why).
+d=$(mktemp -d)
+printf 'import os, time\nprint(os.urandom(16).hex(), int(time.time()))\n' > "$d/unique.py"
+seen=""
+for i in 1 2 3; do
+  out=$(TVM_TEMPLATES=1 "$TVM" run --json "$d/unique.py") || true
+  line=$(python3 - "$out" <<'PY'
+import json, sys, time
+v = json.loads(sys.argv[1])
+rand, t = (v.get("run") or {}).get("stdout", "- 0").split()
+ok = v.get("verdict") == "ok" and v.get("start") == "template" and abs(int(t) - time.time()) <= 2
+print(("ok " if ok else "bad ") + rand, f"start={v.get('start')} note={v.get('start_note')} boot_ms={v.get('boot_ms')} total_ms={v.get('total_ms')}")
+PY
+) || true
+  say "restore $i: ${line#* }"
+  case "$line" in ok*) ;; *) bad "restore $i did not run from a template with the host's clock" ;; esac
+  rand=$(printf '%s' "$line" | cut -d' ' -f2)
+  case " $seen " in *" $rand "*) bad "two restored VMs saw the same /dev/urandom bytes" ;; esac
+  seen="$seen $rand"
+done
+rm -rf "$d"
+"$TVM" template list || bad "tvm template list"
 
 say "nothing left behind"
 left=$(ls -A "$TVM_RUNTIME_DIR" | grep -v '^jail-uids$' || true)

@@ -45,9 +45,24 @@ nix::ioctl_none_bad!(rnd_reseed_crng, nix::request_code_none!(b'R', 0x07));
 /// is fatal for a restored VM, and only logged for a cold-booted one.
 pub fn await_job(link: &mut Link) -> Result<tvm_protocol::Job, Error> {
     let mut restored = false;
+    let mut warmed = false;
     loop {
-        match link.receive()? {
+        let msg = match link.receive() {
+            Ok(msg) => msg,
+            // A template VM's link ends here when Firecracker restores it
+            // (it resets vsock connections): the clone's host connects again
+            // and sends `Resume`. A QEMU template keeps its virtio port.
+            Err(e @ (Error::HostClosed | Error::ReceiveJob(_))) if warmed => {
+                if link.reaccept()? {
+                    continue;
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        match msg {
             HostMessage::Run(job) => {
+                link.stop_listening();
                 if let Some(fresh) = &job.uniqueness {
                     match make_unique(fresh) {
                         Ok(()) => {}
@@ -66,8 +81,9 @@ pub fn await_job(link: &mut Link) -> Result<tvm_protocol::Job, Error> {
                 link.send(&crate::ready())?;
             }
             HostMessage::Prewarm(command) => {
-                let warmed = prewarm(&command)?;
-                link.send(&warmed)?;
+                let report = prewarm(&command)?;
+                link.send(&report)?;
+                warmed = true;
             }
             // Session input belongs to a running job; before one there is nothing to feed.
             HostMessage::Stdin { .. } | HostMessage::StdinEof | HostMessage::Signal { .. } => {

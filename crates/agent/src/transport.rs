@@ -14,7 +14,7 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr};
 use tvm_protocol::{
-    read_frame, write_frame, FrameError, GuestMessage, HostMessage, MAX_HOST_FRAME, VIRTIO_PORT_NAME, VSOCK_PORT,
+    read_frame, write_guest_frame, FrameError, GuestMessage, HostMessage, MAX_HOST_FRAME, VIRTIO_PORT_NAME, VSOCK_PORT,
 };
 
 use crate::error::Error;
@@ -43,6 +43,10 @@ const HANGUP_WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct Link {
     stream: File,
+    /// The vsock listener, kept until the job starts: Firecracker resets
+    /// every vsock connection when it restores a snapshot, and the restored
+    /// VM's host then connects again ([`Link::reaccept`]).
+    listener: Option<OwnedFd>,
 }
 
 /// Finds and opens the host link, waiting for the host where needed.
@@ -56,7 +60,7 @@ pub fn connect() -> Result<Link, Error> {
             match OpenOptions::new().read(true).write(true).open(&path) {
                 Ok(stream) => {
                     debug!("host link: virtio-serial port {}", path.display());
-                    return Ok(Link { stream });
+                    return Ok(Link { stream, listener: None });
                 }
                 // devtmpfs creates the node asynchronously after sysfs.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound && Instant::now() < deadline => {}
@@ -74,9 +78,29 @@ pub fn connect() -> Result<Link, Error> {
 }
 
 impl Link {
+    /// Replaces the connection with the host's next one on the vsock port
+    /// (after a snapshot restore reset it); `false` when the link is not
+    /// vsock or no longer listens.
+    ///
+    /// # Errors
+    /// [`Error::VsockAccept`] when accepting fails.
+    pub fn reaccept(&mut self) -> Result<bool, Error> {
+        let Some(listener) = &self.listener else {
+            return Ok(false);
+        };
+        self.stream = accept_on(listener)?;
+        debug!("host link: vsock connection accepted again");
+        Ok(true)
+    }
+
+    /// Closes the vsock listener: the job starts, nobody connects any more.
+    pub fn stop_listening(&mut self) {
+        self.listener = None;
+    }
+
     /// Writes one message directly (before the writer thread exists).
     pub fn send(&mut self, msg: &GuestMessage) -> Result<(), Error> {
-        write_frame(&mut self.stream, msg).map_err(|e| Error::Send(describe(msg), e))
+        write_guest_frame(&mut self.stream, msg).map_err(|e| Error::Send(describe(msg), e))
     }
 
     /// Reads the next message from the host (the job, or a template
@@ -122,7 +146,7 @@ impl Link {
                 // on between two reads (see `crate::relay`).
                 crate::relay::raise_priority();
                 for msg in rx {
-                    write_frame(&mut stream, &msg).map_err(|e| Error::Send(describe(&msg), e))?;
+                    write_guest_frame(&mut stream, &msg).map_err(|e| Error::Send(describe(&msg), e))?;
                     // Nothing may follow the final message, even if a stuck
                     // reader thread still holds a sender.
                     if matches!(msg, GuestMessage::Done(_) | GuestMessage::Failed { .. }) {
@@ -262,6 +286,13 @@ fn accept_vsock() -> Result<Link, Error> {
     bind(listener.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, VSOCK_PORT)).map_err(listen_err)?;
     listen(&listener, Backlog::new(1).map_err(listen_err)?).map_err(listen_err)?;
     debug!("host link: waiting for a vsock connection on port {VSOCK_PORT}");
+    let stream = accept_on(&listener)?;
+    debug!("host link: vsock connection accepted");
+    Ok(Link { stream, listener: Some(listener) })
+}
+
+/// Accepts the next connection on a vsock listener.
+fn accept_on(listener: &OwnedFd) -> Result<File, Error> {
     let fd = loop {
         match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
             Ok(fd) => break fd,
@@ -270,9 +301,7 @@ fn accept_vsock() -> Result<Link, Error> {
         }
     };
     // SAFETY: accept4 just returned this descriptor; nothing else owns it.
-    let stream = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    debug!("host link: vsock connection accepted");
-    Ok(Link { stream })
+    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
 }
 
 #[cfg(test)]

@@ -34,10 +34,10 @@ pub const BASE_PACKAGES: &[&str] = &["tzdata", "ca-certificates"];
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     /// The file is not valid TOML for the catalog schema.
-    #[error("catalog is not valid: {0}")]
+    #[error("catalog is not valid")]
     Parse(#[source] toml::de::Error),
     /// The catalog file could not be read.
-    #[error("cannot read catalog {path}: {source}")]
+    #[error("cannot read catalog {path}")]
     Read {
         /// The file.
         path: String,

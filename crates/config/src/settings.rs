@@ -156,7 +156,7 @@ impl std::str::FromStr for GuestArch {
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     /// The config file could not be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -165,7 +165,7 @@ pub enum SettingsError {
         source: std::io::Error,
     },
     /// The config file is not valid.
-    #[error("config file {path} is not valid: {source}")]
+    #[error("config file {path} is not valid")]
     Parse {
         /// The file.
         path: PathBuf,
@@ -235,6 +235,12 @@ pub struct Settings {
     /// shape, and on by default they have not yet been through a CI run
     /// (`TVM_TEMPLATES=1` turns them on; docs/performance.md).
     pub templates: bool,
+    /// Most MiB of VM templates kept in the cache (`<cache_dir>/templates`):
+    /// after a template is built, the least recently used others are removed
+    /// until all fit (a removed one is rebuilt on its next use). 0: no cap.
+    /// Default 4096: all 31 runtimes at their default VM shape take ~2.5 GiB
+    /// (`tvm image build --all` builds them all), leaving room for other shapes.
+    pub template_cache_mib: u64,
 }
 
 /// Largest `vmm_uid_base`: the base plus Linux's largest pid (2^22) must
@@ -274,6 +280,7 @@ impl Default for Settings {
             kernel_args: None,
             vmm_uid_base: 2_000_000_000,
             templates: false,
+            template_cache_mib: 4096,
         }
     }
 }
@@ -389,6 +396,12 @@ impl Settings {
                 }
             };
         }
+        if let Some(v) = var("TVM_TEMPLATE_CACHE_MIB") {
+            self.template_cache_mib = v.parse().map_err(|_| SettingsError::Env {
+                name: "TVM_TEMPLATE_CACHE_MIB",
+                message: format!("{v:?} is not a number of MiB"),
+            })?;
+        }
         if let Some(v) = var("TVM_VCPUS") {
             self.vcpus = v.parse().ok().filter(|n| (1..=8).contains(n)).ok_or(SettingsError::Env {
                 name: "TVM_VCPUS",
@@ -414,8 +427,11 @@ mod tests {
         assert_eq!(s.vcpus, 2);
         assert_eq!(s.boot_timeout_ms, Settings::default().boot_timeout_ms);
         std::fs::write(&f, "acel = \"tcg\"\n").unwrap();
-        let err = Settings::from_file(&f).unwrap_err().to_string();
-        assert!(err.contains("acel"), "{err}");
+        let err = Settings::from_file(&f).unwrap_err();
+        assert!(err.to_string().starts_with("config file "), "{err}");
+        // The cause is the source, not part of the message (it would print twice in a chain).
+        let cause = std::error::Error::source(&err).map(ToString::to_string).unwrap_or_default();
+        assert!(cause.contains("acel") && !err.to_string().contains("acel"), "{err}: {cause}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -441,6 +457,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tvm-settings-{label}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn template_settings_come_from_the_file() {
+        let dir = tempfile_dir("templates");
+        let f = dir.join("c.toml");
+        std::fs::write(&f, "templates = true\ntemplate_cache_mib = 512\n").unwrap();
+        let s = Settings::from_file(&f).unwrap();
+        assert!(s.templates);
+        assert_eq!(s.template_cache_mib, 512);
+        std::fs::write(&f, "template_cache_mib = -1\n").unwrap();
+        assert!(Settings::from_file(&f).is_err(), "a negative cap is rejected");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

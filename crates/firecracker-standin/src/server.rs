@@ -14,6 +14,16 @@
 //! The guest's serial console goes to stdout, as Firecracker's does; the
 //! stand-in exits when the guest ends the VM, and its children die with it
 //! (`PR_SET_PDEATHSIG`).
+//!
+//! Snapshots: `PATCH /vm` pauses and resumes the guest for real (QMP `stop`
+//! / `cont` on a monitor socketpair). `PUT /snapshot/create` asks QEMU
+//! whether it can migrate the VM (QMP `query-migrate`, `blocked-reasons`);
+//! QEMU 7.2 cannot, because `vhost-user-vsock-device` is unmigratable and
+//! vhost-device-vsock lacks `VHOST_USER_PROTOCOL_F_LOG_SHMFD`, so the
+//! stand-in answers `400` with QEMU's own reasons in `fault_message`, and
+//! `PUT /snapshot/load` (validated and checked as Firecracker checks it)
+//! answers `400` too: the stand-in never has a snapshot to load. TVM then
+//! cold boots, which is what the stand-in's tests prove.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -72,7 +82,63 @@ struct State {
     logger: Option<PathBuf>,
     metrics: Option<PathBuf>,
     started: bool,
+    paused: bool,
     children: Vec<Child>,
+    /// QEMU's QMP monitor (after InstanceStart).
+    qmp: Option<Qmp>,
+}
+
+/// How long a QMP command may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest QMP reply line read.
+const MAX_QMP_LINE: u64 = 64 << 10;
+
+/// A QMP client on QEMU's monitor socketpair: one command at a time,
+/// replies bounded in size and time, events skipped.
+#[derive(Debug)]
+struct Qmp {
+    reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+}
+
+impl Qmp {
+    fn connect(stream: std::os::unix::net::UnixStream) -> Result<Self, String> {
+        stream.set_read_timeout(Some(QMP_TIMEOUT)).map_err(|e| format!("QMP socket: {e}"))?;
+        let writer = stream.try_clone().map_err(|e| format!("QMP socket: {e}"))?;
+        let mut qmp = Self { reader: std::io::BufReader::new(stream), writer };
+        let greeting = qmp.read()?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("unexpected QMP greeting {greeting}"));
+        }
+        qmp.execute("qmp_capabilities")?;
+        Ok(qmp)
+    }
+
+    fn execute(&mut self, command: &str) -> Result<Value, String> {
+        use std::io::Write;
+        writeln!(self.writer, "{}", json!({ "execute": command })).map_err(|e| format!("QMP {command}: {e}"))?;
+        loop {
+            let reply = self.read()?;
+            if let Some(r) = reply.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = reply.get("error") {
+                return Err(format!("QMP {command}: {}", e["desc"].as_str().unwrap_or_default()));
+            }
+        }
+    }
+
+    fn read(&mut self) -> Result<Value, String> {
+        use std::io::{BufRead, Read};
+        let mut line = Vec::new();
+        let n =
+            (&mut self.reader).take(MAX_QMP_LINE).read_until(b'\n', &mut line).map_err(|e| format!("QMP read: {e}"))?;
+        if n == 0 || !line.ends_with(b"\n") {
+            return Err("QMP: QEMU closed its monitor or sent an overlong line".into());
+        }
+        serde_json::from_slice(&line).map_err(|e| format!("QMP reply: {e}"))
+    }
 }
 
 #[derive(Debug)]
@@ -273,6 +339,65 @@ fn apply(ctx: &Ctx, method: &str, path: &str, v: Value) -> Result<Option<Value>,
             }
             st.machine = Some(v);
         }
+        ("PATCH", "/vm") => {
+            if !st.started {
+                return Err("The requested operation is not supported before starting the microVM.".into());
+            }
+            let (command, paused) = match v["state"].as_str() {
+                Some("Paused") => ("stop", true),
+                _ => ("cont", false),
+            };
+            st.qmp.as_mut().ok_or("The stand-in has no QEMU monitor.")?.execute(command)?;
+            st.paused = paused;
+            log(&st, &format!("PATCH /vm: QEMU {command}"));
+        }
+        ("PUT", "/snapshot/create") => {
+            if !st.started {
+                return Err("The requested operation is not supported before starting the microVM.".into());
+            }
+            if !st.paused {
+                return Err("Cannot create a snapshot: the microVM must be paused first (PATCH /vm Paused).".into());
+            }
+            let qmp = st.qmp.as_mut().ok_or("The stand-in has no QEMU monitor.")?;
+            let version = qmp.execute("query-version")?;
+            let qemu =
+                format!("{}.{}.{}", version["qemu"]["major"], version["qemu"]["minor"], version["qemu"]["micro"]);
+            let info = qmp.execute("query-migrate")?;
+            let blocked: Vec<&str> = info["blocked-reasons"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            return Err(if blocked.is_empty() {
+                format!("The stand-in cannot create snapshots: it implements none, though its QEMU {qemu} reports no migration blocker for this VM.")
+            } else {
+                format!(
+                    "The stand-in cannot create snapshots: its QEMU {qemu} refuses to migrate this VM: {}",
+                    blocked.join(" ")
+                )
+            });
+        }
+        ("PUT", "/snapshot/load") => {
+            // Firecracker: only a fresh process, with at most a logger and metrics configured.
+            if st.started
+                || st.boot_source.is_some()
+                || !st.drives.is_empty()
+                || st.machine.is_some()
+                || st.vsock.is_some()
+                || st.entropy
+            {
+                return Err("Loading a microVM snapshot not allowed after configuring boot-specific resources.".into());
+            }
+            check_file("snapshot", v["snapshot_path"].as_str().unwrap_or_default())?;
+            match (v.get("mem_backend"), v.get("mem_file_path")) {
+                (Some(b), None) if b["backend_type"] == "File" => {
+                    check_file("memory", b["backend_path"].as_str().unwrap_or_default())?
+                }
+                (Some(_), None) => return Err("The stand-in supports the File memory backend only.".into()),
+                (None, Some(p)) => check_file("memory", p.as_str().unwrap_or_default())?,
+                _ => return Err("Exactly one of mem_backend and mem_file_path must be given.".into()),
+            }
+            return Err("The stand-in cannot load snapshots: its QEMU (7.2) cannot migrate vhost-user-vsock-device, so the stand-in never creates one to load.".into());
+        }
         ("PUT", "/vsock") => st.vsock = Some(v),
         ("PUT", "/entropy") => st.entropy = true,
         ("PUT", "/logger") => {
@@ -375,6 +500,9 @@ fn start(ctx: &Ctx, st: &mut State) -> Result<(), String> {
         "stdio",
         "-monitor",
         "none",
+        // QMP on a socketpair (descriptor named below): pause, resume, migration checks.
+        "-mon",
+        "chardev=qmp,mode=control",
         // Firecracker ends the VM on the i8042 reset (reboot=k); so does this.
         "-device",
         "i8042",
@@ -395,6 +523,10 @@ fn start(ctx: &Ctx, st: &mut State) -> Result<(), String> {
     if st.entropy {
         qemu.args(["-device", "virtio-rng-device"]);
     }
+    let (qmp, qmp_theirs) =
+        std::os::unix::net::UnixStream::pair().map_err(|e| format!("cannot create the QMP socketpair: {e}"))?;
+    let qmp_fd = std::os::fd::AsRawFd::as_raw_fd(&qmp_theirs);
+    qemu.args(["-chardev", &format!("socket,id=qmp,fd={qmp_fd}")]);
     let mut helpers = Vec::new();
     if let Some(vs) = &st.vsock {
         let uds = PathBuf::from(vs["uds_path"].as_str().unwrap_or_default());
@@ -430,6 +562,15 @@ fn start(ctx: &Ctx, st: &mut State) -> Result<(), String> {
         // The guest CID comes from the vhost-user backend (--guest-cid above).
         qemu.args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
     }
+    // SAFETY: fcntl is async-signal-safe; it keeps QEMU's end of the monitor across exec.
+    unsafe {
+        qemu.pre_exec(move || {
+            if libc::fcntl(qmp_fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
     let child = spawn_child(qemu.stdin(Stdio::null())).map_err(|e| {
         for c in &mut helpers {
             let _ = c.kill();
@@ -437,7 +578,14 @@ fn start(ctx: &Ctx, st: &mut State) -> Result<(), String> {
         }
         format!("cannot start {}: {e}", ctx.args.qemu.display())
     })?;
+    drop(qmp_theirs);
     st.children.push(child);
+    // QEMU answers its monitor once it is up; a failure here leaves the VM
+    // running without pause or snapshot support.
+    match Qmp::connect(qmp) {
+        Ok(q) => st.qmp = Some(q),
+        Err(e) => log(st, &format!("no QEMU monitor: {e}")),
+    }
     st.children.extend(helpers);
     log(st, "InstanceStart: guest booting under QEMU microvm (TCG)");
     Ok(())

@@ -56,8 +56,7 @@ pub enum ApiError {
     /// No capacity now and none soon enough.
     #[error("server is at capacity: {reason}; retry later")]
     Overloaded {
-        /// Why.
-        #[source]
+        /// Why (in the message; not also a `source`, or it would print twice).
         reason: AdmitError,
         /// Seconds for Retry-After.
         retry_after_secs: u64,
@@ -271,7 +270,8 @@ mod tests {
             (PlanError::UnknownRuntime("cobol".into()).into(), 422, "unknown_runtime", Some("runtime")),
             (PlanError::BadFileName("../x".into()).into(), 422, "bad_file_name", Some("files")),
             (
-                PlanError::LimitOutOfRange { stage: "compile", field: "memory_bytes", value: 1, max: 0 }.into(),
+                PlanError::LimitOutOfRange { stage: "compile", field: "memory_bytes", value: 1, min: 1 << 20, max: 0 }
+                    .into(),
                 422,
                 "limit_out_of_range",
                 Some("compile_limits"),

@@ -285,7 +285,7 @@ async fn run_job(
                     pooled = false;
                     (vm, note)
                 }
-                Err(e) => return Err((format!("VM failed to start: {e}"), Started::none())),
+                Err(e) => return Err((format!("VM failed to start: {}", pyrovm::error_chain(&e)), Started::none())),
             },
         };
         let boot_ms = vm_now.boot_time().as_millis() as u64;
@@ -329,9 +329,9 @@ async fn run_job(
             Err(RunJobError::Send(e))
                 if pooled && attempt == 0 && !produced.load(std::sync::atomic::Ordering::Relaxed) =>
             {
-                warn!(vm = %vm_id, error = %e, "warm VM was dead; booting a fresh one");
+                warn!(vm = %vm_id, error = %pyrovm::error_chain(&e), "warm VM was dead; booting a fresh one");
             }
-            Err(e) => return Err((e.to_string(), started)),
+            Err(e) => return Err((pyrovm::error_chain(&e), started)),
         }
     }
     Err(("no VM could run the job".into(), Started { pooled, ..Started::none() }))

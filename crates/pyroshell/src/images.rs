@@ -153,7 +153,7 @@ impl Images {
                 info!(runtime = %r.id, "cancelling the image build: the server is stopping");
                 cancel.cancel();
                 if let Err(e) = build.await {
-                    info!(runtime = %r.id, error = %e, "image build stopped");
+                    info!(runtime = %r.id, error = %pyrovm::error_chain(&e), "image build stopped");
                 }
                 self.set(&r.id, ImageState::Missing);
                 return;
@@ -164,8 +164,9 @@ impl Images {
                     self.set(&r.id, ImageState::Ready);
                 }
                 Err(e) => {
-                    warn!(runtime = %r.id, error = %e, "image build failed");
-                    self.set(&r.id, ImageState::Failed(e.to_string()));
+                    let why = pyrovm::error_chain(&e);
+                    warn!(runtime = %r.id, error = %why, "image build failed");
+                    self.set(&r.id, ImageState::Failed(why));
                 }
             }
         }

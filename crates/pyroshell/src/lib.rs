@@ -93,7 +93,7 @@ pub enum ServeError {
     #[error("invalid server configuration: {0}")]
     Config(String),
     /// The listen address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -102,7 +102,7 @@ pub enum ServeError {
         source: std::io::Error,
     },
     /// Accepting connections failed.
-    #[error("server failed: {0}")]
+    #[error("server failed")]
     Serve(#[source] std::io::Error),
 }
 

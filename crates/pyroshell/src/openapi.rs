@@ -118,7 +118,7 @@ pub fn document(maximum: &Limits) -> Value {
         ("output_bytes", maximum.output_bytes),
         ("file_size_bytes", maximum.file_size_bytes),
     ] {
-        limits[field]["minimum"] = json!(1);
+        limits[field]["minimum"] = json!(pyrovm::limit_minimum(field));
         limits[field]["maximum"] = json!(max);
     }
     // Each event as SSE clients (and schemathesis) see it: an `event` name and `data` text holding JSON.

@@ -403,7 +403,7 @@ pub async fn refill_loop(ctx: RefillCtx, rp: Arc<RuntimePool>, mut stop: watch::
                         failures = failures.saturating_add(1);
                         ctx.metrics.pool_boot_failed();
                         let backoff = Duration::from_secs(1u64 << failures.min(6));
-                        warn!(error = %e, retry_in_s = backoff.as_secs(), "pool VM failed to boot");
+                        warn!(error = %pyrovm::error_chain(&e), retry_in_s = backoff.as_secs(), "pool VM failed to boot");
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
                             _ = stop.wait_for(|s| *s) => break,

@@ -21,7 +21,7 @@ pub enum InitrdError {
     #[error("guest agent {0} is dynamically linked; build it with `scripts/build-agent.sh` (static)")]
     AgentNotStatic(PathBuf),
     /// Reading the agent or writing the archive failed.
-    #[error("initramfs I/O on {path}: {source}")]
+    #[error("initramfs I/O on {path}")]
     Io {
         /// File involved.
         path: PathBuf,

@@ -109,6 +109,9 @@ pub struct VmmFiles {
     /// More descriptors for backend features (templates: the QMP channel,
     /// the incoming state file), named on the command line by number.
     extra: Vec<OwnedFd>,
+    /// The number the root image must have in the VMM, when a saved VM
+    /// names it by that number (Firecracker snapshots: `/proc/self/fd/N`).
+    rootfs_pin: Option<RawFd>,
 }
 
 /// How a VMM's command line or API names the inherited descriptors.
@@ -139,7 +142,20 @@ impl VmmFiles {
                     .map_err(|source| ConfineVmmError::Open { path: p.to_path_buf(), source })
             })
             .transpose()?;
-        Ok(Self { kernel, initrd, rootfs, agent, extra: Vec::new() })
+        Ok(Self { kernel, initrd, rootfs, agent, extra: Vec::new(), rootfs_pin: None })
+    }
+
+    /// Gives the root image descriptor number `at` in the VMM (duplicated
+    /// there before `exec`), so that a snapshot naming `/proc/self/fd/<at>`
+    /// finds the image in every VMM restored from it. Applies only to
+    /// confined launches ([`Confinement`] does the duplication).
+    pub fn pin_rootfs(&mut self, at: RawFd) {
+        self.rootfs_pin = Some(at);
+    }
+
+    /// `(descriptor, number in the VMM)` of a pinned root image.
+    fn pins(&self) -> Option<(RawFd, RawFd)> {
+        Some((self.rootfs.as_ref()?.as_raw_fd(), self.rootfs_pin?))
     }
 
     /// Adds descriptors the VMM inherits as they are (same numbers in the
@@ -208,6 +224,8 @@ pub struct Confinement {
     /// The one supplementary group kept (`/dev/kvm`'s owner group).
     kvm_gid: Option<libc::gid_t>,
     landlock: Option<OwnedFd>,
+    /// `(descriptor, number)`: duplicated to that number in the child.
+    pin: Option<(RawFd, RawFd)>,
 }
 
 /// What confinement this host gives VMMs (for logs and `tvm doctor`).
@@ -288,7 +306,17 @@ impl Confinement {
         let own_dir = own_dir.map(|d| d.as_raw_fd());
         let mut inherit = files.map(VmmFiles::raw_fds).unwrap_or_default();
         inherit.extend(own_dir);
-        Ok(Self { inherit, own_dir, uid_base: own_user.then_some(uid_base), kvm_gid, landlock })
+        let pin = files.and_then(VmmFiles::pins);
+        if let Some((from, at)) = pin {
+            // Another inherited descriptor already has that number (a process
+            // with ~1000 files open): the VMM would lose it.
+            if inherit.iter().any(|&fd| fd == at && fd != from) {
+                return Err(ConfineVmmError::Descriptors(io::Error::other(format!(
+                    "descriptor {at}, where the root image must be, is another inherited file"
+                ))));
+            }
+        }
+        Ok(Self { inherit, own_dir, uid_base: own_user.then_some(uid_base), kvm_gid, landlock, pin })
     }
 
     /// Step one in the child: keep the VMM's descriptors across `exec` and
@@ -301,6 +329,12 @@ impl Confinement {
                 // The descriptors are close-on-exec in the parent, so no other
                 // child ever inherits them; only this one clears the flag.
                 if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            // dup2 leaves the copy without close-on-exec: it is inherited.
+            if let Some((from, at)) = self.pin {
+                if from != at && libc::dup2(from, at) != at {
                     return Err(io::Error::last_os_error());
                 }
             }

@@ -166,7 +166,7 @@ pub enum KernelBuildError {
         tail: String,
     },
     /// Filesystem work (cache, scratch directory, lock) failed.
-    #[error("{action} {}: {source}", path.display())]
+    #[error("{action} {}", path.display())]
     Io {
         /// What was being done.
         action: &'static str,

@@ -23,6 +23,8 @@ pub mod cache;
 #[cfg(target_os = "linux")]
 pub mod doctor;
 #[cfg(target_os = "linux")]
+mod fc_start;
+#[cfg(target_os = "linux")]
 pub mod hostcg;
 #[cfg(target_os = "linux")]
 pub mod image;
@@ -72,10 +74,12 @@ pub use backend::{Backend, Selection, VmmKind};
 #[cfg(target_os = "linux")]
 pub use cache::{BuildCancel, CancelOnDrop};
 pub use plan::{
-    add_tests, default_vm_memory_mib, plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile, TestRequest,
+    add_tests, default_vm_memory_mib, limit_minimum, plan, ExecutionRequest, LimitRequest, Plan, PlanError, SourceFile,
+    TestRequest,
 };
 pub use plan::{
     MAX_ARGS, MAX_ARG_BYTES, MAX_FILES, MAX_FILES_BYTES, MAX_FILE_NAME_BYTES, MAX_FILE_NAME_PARTS, MAX_STDIN_BYTES,
+    MIN_MEMORY_BYTES,
 };
 #[cfg(target_os = "linux")]
 pub use progress::{MultiProgress, Progress};
@@ -116,7 +120,7 @@ pub enum ExecuteError {
     #[error(transparent)]
     Plan(#[from] PlanError),
     /// The runtime's image is missing and could not be built.
-    #[error("image for {runtime}: {source}")]
+    #[error("image for {runtime}")]
     Image {
         /// Runtime id.
         runtime: String,
@@ -257,14 +261,21 @@ pub fn accel_for(settings: &Settings, kernel: &kernel::Kernel) -> Result<AccelDe
     }
 }
 
-/// An error and its causes on one line, for logs.
-#[cfg(target_os = "linux")]
-pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+/// An error and its causes on one line (`what failed: why: deeper why`), for
+/// logs, API messages and CLI output. Error messages never repeat their
+/// `#[source]`, so wherever an error is shown as text it goes through here
+/// (or anyhow's `{:#}` at the binary's edge), or its cause is lost.
+/// A cause whose text already ends the line is skipped: some libraries
+/// (oci-client, reqwest) repeat their source's text in their own message.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();
     let mut cause = err.source();
     while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         cause = c.source();
     }
     out
@@ -404,7 +415,9 @@ impl Pyrovm {
             Backend::Firecracker(f) => accel::resolve(settings.accel, f, &kernel, &settings.cache_dir)?,
         };
         info!(accel = ?accel.kind, reason = %accel.reason, "accelerator chosen");
-        let templates = Arc::new(Templates::new(&settings.cache_dir));
+        let templates = Arc::new(
+            Templates::new(&settings.cache_dir).with_max_bytes(settings.template_cache_mib.saturating_mul(1 << 20)),
+        );
         Ok(Self {
             settings,
             catalog,
@@ -537,7 +550,7 @@ impl Pyrovm {
         let image = self.ensure_image(runtime, progress).await?;
         let spec = self.vm_spec(&image, memory_mib);
         let (id, host, timeout) = (new_vm_id(), self.vmm_host(), self.boot_timeout());
-        let vm = match &self.vmm.backend {
+        let (vm, note) = match &self.vmm.backend {
             Backend::Qemu(q) => {
                 let note = if self.settings.templates {
                     match self.restore(q, runtime, &image, &spec).await {
@@ -549,10 +562,19 @@ impl Pyrovm {
                 };
                 return Ok(StartedVm { vm: Vm::boot(&id, &host, q, &spec, timeout).await?, note });
             }
-            Backend::Firecracker(f) => Vm::boot(&id, &host, f, &spec, timeout).await?,
+            Backend::Firecracker(f) => {
+                // Templates are Firecracker snapshots here (`fc_start`).
+                let note = if self.settings.templates {
+                    match self.restore_firecracker(f, runtime, &image, &spec).await {
+                        Ok(vm) => return Ok(StartedVm { vm, note: None }),
+                        Err(reason) => Some(reason),
+                    }
+                } else {
+                    None
+                };
+                (Vm::boot(&id, &host, f, &spec, timeout).await?, note)
+            }
         };
-        // Templates are QEMU snapshots (QMP + -incoming) for now.
-        let note = self.settings.templates.then(|| "templates are not implemented for the firecracker backend".into());
         Ok(StartedVm { vm, note })
     }
 
@@ -642,10 +664,7 @@ impl Pyrovm {
     ) -> Result<template::Template, ExecuteError> {
         let qemu = match &self.vmm.backend {
             Backend::Qemu(q) => q,
-            Backend::Firecracker(_) => {
-                let source = TemplateError::Unsupported("firecracker");
-                return Err(ExecuteError::Template { runtime: runtime.id.clone(), source });
-            }
+            Backend::Firecracker(f) => return self.ensure_template_firecracker(f, runtime, memory_mib).await,
         };
         let image = self.ensure_image(runtime, Progress::hidden()).await?;
         let spec = self.vm_spec(&image, memory_mib);
@@ -770,5 +789,56 @@ impl Pyrovm {
             boot_ms,
             total_ms,
         })
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    struct Text(String, #[source] Option<Box<Text>>);
+
+    #[test]
+    fn causes_are_printed_once_even_when_a_message_repeats_its_source() {
+        let inner = Text("bad digest".into(), None);
+        let repeating = Text("Digest error: bad digest".into(), Some(Box::new(inner)));
+        let outer = Text("pulling x failed".into(), Some(Box::new(repeating)));
+        assert_eq!(error_chain(&outer), "pulling x failed: Digest error: bad digest");
+        let plain = Text("a".into(), Some(Box::new(Text("b".into(), None))));
+        assert_eq!(error_chain(&plain), "a: b");
+    }
+
+    /// The class of fault: a message that also prints its `#[source]` shows
+    /// the cause twice wherever the chain is rendered (`tvm: cannot read
+    /// config file X: No such file…: No such file…`). Each error type that
+    /// wraps an OS or parse error names it exactly once in its chain.
+    #[test]
+    fn every_wrapped_cause_is_named_once() {
+        let io = || std::io::Error::from_raw_os_error(2);
+        let path = PathBuf::from("/nowhere");
+        let image = || image::ImageBuildError::Io { action: "reading", path: path.clone(), source: io() };
+        let errors: Vec<Box<dyn std::error::Error>> = vec![
+            Box::new(tvm_config::SettingsError::Read { path: path.clone(), source: io() }),
+            Box::new(tvm_config::CatalogError::Read { path: "/nowhere".into(), source: io() }),
+            Box::new(image()),
+            Box::new(ExecuteError::Image { runtime: "python".into(), source: image() }),
+            Box::new(kernel::KernelBuildError::Io { action: "reading", path: path.clone(), source: io() }),
+            Box::new(initrd::InitrdError::Io { path: path.clone(), source: io() }),
+            Box::new(vm::StartVmError::RunDir(io())),
+            Box::new(vm::RunJobError::Protocol(tvm_protocol::FrameError::Io(io()))),
+            Box::new(vm::RunJobError::Send(tvm_protocol::FrameError::Io(io()))),
+        ];
+        for e in &errors {
+            let chain = error_chain(e.as_ref());
+            assert_eq!(chain.matches("os error 2").count(), 1, "{chain}");
+        }
+        let toml_err = toml::from_str::<toml::Value>("a = ").unwrap_err();
+        let e = tvm_config::SettingsError::Parse { path, source: toml_err };
+        let chain = error_chain(&e);
+        assert!(chain.starts_with("config file /nowhere is not valid: "), "{chain}");
+        assert_eq!(chain.matches("line 1").count(), 1, "{chain}");
     }
 }

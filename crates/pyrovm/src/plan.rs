@@ -21,6 +21,11 @@ pub const MAX_ARG_BYTES: usize = 4096;
 pub const MAX_FILE_NAME_BYTES: usize = 255;
 /// Most parts (directories and the file) of a file name, as the guest checks it.
 pub const MAX_FILE_NAME_PARTS: usize = 8;
+/// Least memory limit of a stage, in bytes (1 MiB). No runtime's process
+/// starts in less (the dynamic loader and libc alone map more), so a smaller
+/// value is a unit mistake (KiB meant as MiB, `--memory-limit 1K`) and gets a
+/// clear error instead of a VM booted to report `memory_limit_exceeded`.
+pub const MIN_MEMORY_BYTES: u64 = 1 << 20;
 
 /// A submitted source file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,8 +128,9 @@ pub enum PlanError {
     /// The tests of a compile-once-run-many request are malformed or too many.
     #[error("tests: {0}")]
     BadTests(String),
-    /// A limit is zero or above the operator's maximum.
-    #[error("{stage} limit {field} = {value} is out of range (1..={max})")]
+    /// A limit is below its least value (1; [`MIN_MEMORY_BYTES`] for
+    /// memory) or above the operator's maximum.
+    #[error("{stage} limit {field} = {value} is out of range ({min}..={max})")]
     LimitOutOfRange {
         /// `run` or `compile`.
         stage: &'static str,
@@ -132,6 +138,8 @@ pub enum PlanError {
         field: &'static str,
         /// Requested value.
         value: u64,
+        /// Least allowed value.
+        min: u64,
         /// Operator maximum.
         max: u64,
     },
@@ -367,6 +375,16 @@ fn runtime_uses(runtime: &Runtime, placeholder: &str) -> bool {
     runtime.run.iter().chain(runtime.compile.iter().flatten()).any(|t| t.contains(placeholder))
 }
 
+/// The least value of the limit `field` (API name): [`MIN_MEMORY_BYTES`]
+/// for memory, 1 for the others (0 would forbid the stage outright).
+pub fn limit_minimum(field: &str) -> u64 {
+    if field == "memory_bytes" {
+        MIN_MEMORY_BYTES
+    } else {
+        1
+    }
+}
+
 fn apply_limits(stage: &'static str, base: Limits, req: &LimitRequest, max: &Limits) -> Result<Limits, PlanError> {
     let mut l = base;
     let fields: [(&'static str, Option<u64>, &mut u64, u64); 6] = [
@@ -379,8 +397,9 @@ fn apply_limits(stage: &'static str, base: Limits, req: &LimitRequest, max: &Lim
     ];
     for (field, value, slot, max) in fields {
         if let Some(v) = value {
-            if v == 0 || v > max {
-                return Err(PlanError::LimitOutOfRange { stage, field, value: v, max });
+            let min = limit_minimum(field);
+            if v < min || v > max {
+                return Err(PlanError::LimitOutOfRange { stage, field, value: v, min, max });
             }
             *slot = v;
         }
@@ -450,6 +469,20 @@ mod tests {
         r.entry = None;
         r.run_limits.memory_bytes = Some(64 << 30);
         assert!(matches!(plan(&c, &r, 160).unwrap_err(), PlanError::LimitOutOfRange { field: "memory_bytes", .. }));
+        // A unit mistake (`1K` for `1M`) is refused before any VM boots; the floor itself is fine.
+        for (field, too_small) in [("memory_bytes", MIN_MEMORY_BYTES - 1), ("memory_bytes", 1), ("wall_time_ms", 0)] {
+            let mut r = req("python", &[("a.py", "")]);
+            match field {
+                "memory_bytes" => r.compile_limits.memory_bytes = Some(too_small),
+                _ => r.run_limits.wall_time_ms = Some(too_small),
+            }
+            let e = plan(&c, &r, 160).unwrap_err();
+            let min = limit_minimum(field);
+            assert!(matches!(e, PlanError::LimitOutOfRange { field: f, min: m, .. } if f == field && m == min), "{e}");
+            assert!(e.to_string().contains(&format!("({min}..=")), "{e}");
+        }
+        r.run_limits.memory_bytes = Some(MIN_MEMORY_BYTES);
+        plan(&c, &r, 160).unwrap();
         r.run_limits.memory_bytes = Some(128 << 20);
         r.run_limits.wall_time_ms = Some(1000);
         let p = plan(&c, &r, 160).unwrap();

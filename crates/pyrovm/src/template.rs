@@ -42,10 +42,14 @@ use tvm_protocol::{
     MAX_GUEST_FRAME,
 };
 
+pub mod firecracker;
+
 use crate::backend::qemu::Qemu;
 use crate::cache::Cache;
 use crate::spec::VmSpec;
 use crate::vm::{StartExtras, StartVmError, Vm, VmmHost};
+
+mod lru;
 
 /// Bumped when the layout or the meaning of a template changes.
 pub const FORMAT: u32 = 1;
@@ -109,6 +113,10 @@ pub enum TemplateError {
     /// QMP (pause, hand over the state file, migrate) failed.
     #[error("saving the template VM over QMP: {0}")]
     Qmp(String),
+    /// The VMM's API did not pause or snapshot the template VM (Firecracker:
+    /// `PATCH /vm`, `PUT /snapshot/create`).
+    #[error("saving the template VM through the VMM's API")]
+    Snapshot(#[source] crate::backend::LaunchError),
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TemplateError {
@@ -284,6 +292,8 @@ pub struct Templates {
     building: Mutex<HashSet<String>>,
     verified: Mutex<HashMap<String, Identity>>,
     counters: Counters,
+    /// Size cap of the store in bytes, 0 for none ([`lru`]).
+    max_bytes: AtomicU64,
 }
 
 impl Templates {
@@ -294,6 +304,7 @@ impl Templates {
             building: Mutex::default(),
             verified: Mutex::default(),
             counters: Counters::default(),
+            max_bytes: AtomicU64::new(0),
         }
     }
 
@@ -410,6 +421,7 @@ impl Templates {
             }
             return Err(e);
         }
+        self.mark_used(t);
         Ok(file.into())
     }
 
@@ -491,6 +503,7 @@ impl Templates {
             Ok(_) => {
                 self.counters.built.fetch_add(1, Ordering::Relaxed);
                 let _ = std::fs::remove_file(self.failure_marker(&key));
+                self.evict_to_fit(&key);
             }
             Err(e) => {
                 self.counters.build_failures.fetch_add(1, Ordering::Relaxed);

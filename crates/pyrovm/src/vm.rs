@@ -39,7 +39,7 @@ pub const VMM_OVERHEAD_MIB: u64 = 256;
 #[derive(Debug, thiserror::Error)]
 pub enum StartVmError {
     /// The run directory or agent socketpair could not be created.
-    #[error("cannot prepare VM run dir: {0}")]
+    #[error("cannot prepare VM run dir")]
     RunDir(#[source] std::io::Error),
     /// The VMM's host cgroup could not be created.
     #[error(transparent)]
@@ -108,7 +108,7 @@ pub enum RunJobError {
         console: String,
     },
     /// The guest sent something malformed or oversized.
-    #[error("guest broke the protocol: {0}")]
+    #[error("guest broke the protocol")]
     Protocol(#[source] FrameError),
     /// The guest sent more output than any honest agent would.
     #[error("guest sent {0} output bytes, more than the caps allow; VM killed")]
@@ -117,7 +117,7 @@ pub enum RunJobError {
     #[error("guest agent failed: {0}")]
     AgentFailed(String),
     /// Sending the job failed.
-    #[error("cannot send job to guest: {0}")]
+    #[error("cannot send job to guest")]
     Send(#[source] FrameError),
 }
 
@@ -197,7 +197,7 @@ pub struct Vm {
     start: StartKind,
     vmm: VmmKind,
     // Backend resources that live as long as the channel (log drains).
-    _keep: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
+    keep: Option<Box<dyn crate::backend::Keep>>,
     // Backend resources released after the VMM is reaped (a jailer's chroot).
     _cleanup: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
     // After the VMM is reaped (Drop below), anything left in its cgroup is
@@ -429,11 +429,16 @@ impl Vm {
             guest_uptime_ms,
             start,
             vmm: backend.kind(),
-            _keep: channel.keep,
+            keep: channel.keep,
             _cleanup: vm_guard.cleanup.take(),
             _cgroup: cgroup,
             _dir: dir,
         })
+    }
+
+    /// The backend's state for this VM, if it is a `T` (see [`crate::backend::Keep`]).
+    pub(crate) fn backend_state<T: 'static>(&mut self) -> Option<&mut T> {
+        self.keep.as_deref_mut()?.as_any_mut().downcast_mut::<T>()
     }
 
     /// The VM id (also its run dir name and the VMM's instance name).
@@ -509,7 +514,7 @@ impl Vm {
             let mut buf = vec![0u8; 64 << 10];
             let mut received: u64 = 0;
             loop {
-                while let Some(msg) = decoder.next_frame::<GuestMessage>().map_err(RunJobError::Protocol)? {
+                while let Some(msg) = decoder.next_guest_frame().map_err(RunJobError::Protocol)? {
                     match msg {
                         GuestMessage::Output { stage, stream, data } => {
                             received += data.len() as u64;

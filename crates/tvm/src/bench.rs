@@ -78,10 +78,31 @@ fn native_ms(s: &Sample, dir: &Path) -> Option<f64> {
 }
 
 /// Resident memory of a process in bytes (`VmRSS`), if readable.
-fn rss_bytes(pid: u32) -> Option<u64> {
+fn own_rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// Resident memory of a VMM and its descendants, in bytes: the Firecracker
+/// stand-in's guest lives in its QEMU child (plus vhost-device-vsock), so
+/// the VMM process alone would undercount it. Bounded walk (64 processes).
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let mut total = own_rss_bytes(pid)?;
+    let mut queue = vec![pid];
+    let mut seen = 1;
+    while let Some(p) = queue.pop() {
+        let children = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+        for c in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
+            if seen >= 64 {
+                return Some(total);
+            }
+            seen += 1;
+            total += own_rss_bytes(c).unwrap_or(0);
+            queue.push(c);
+        }
+    }
+    Some(total)
 }
 
 /// How long a VM sits idle before its host RSS is read: long enough for the
@@ -117,6 +138,7 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
         "tmpl/n"
     );
     pyrovm::registry::probe_blocking(pyrovm::registry::registries_of(vmm.settings(), vmm.catalog().runtimes()));
+    let mut no_templates = Vec::new();
     let selected = vmm
         .catalog()
         .runtimes()
@@ -138,12 +160,16 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
         };
         let plan = pyrovm::plan(vmm.catalog(), &req, vmm.settings().vm_overhead_mib)?;
         // The image and the template are built first, outside the numbers.
-        // Templates are QEMU snapshots: other backends get '-' in those columns.
-        let template = if vmm.vmm().backend.kind() == pyrovm::VmmKind::Qemu {
-            let t = tpl_vmm.ensure_template(&plan.runtime, plan.vm_memory_mib).await;
-            Some(t.with_context(|| format!("template of {}", rt.id))?)
-        } else {
-            None
+        // QEMU's templates must build; Firecracker's are snapshots its VMM
+        // may refuse (the stand-in does): then '-' in those columns, and why.
+        let built = tpl_vmm.ensure_template(&plan.runtime, plan.vm_memory_mib).await;
+        let template = match (vmm.vmm().backend.kind(), built) {
+            (_, Ok(t)) => Some(t),
+            (pyrovm::VmmKind::Qemu, Err(e)) => return Err(e).with_context(|| format!("template of {}", rt.id)),
+            (pyrovm::VmmKind::Firecracker, Err(e)) => {
+                no_templates.push(format!("{}: {:#}", rt.id, anyhow::Error::from(e)));
+                None
+            }
         };
         cold_vmm.execute(&req, |_, _, _| {}).await.with_context(|| format!("warm-up run of {}", rt.id))?;
         let mut m = Samples::default();
@@ -236,11 +262,15 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
             tpl_ratio
         );
     }
+    for why in &no_templates {
+        println!("no template for {why}");
+    }
     println!("\nAll columns p50 unless named. cold = VMM start to result with a kernel boot (templates off);");
     println!("template = the same restored from the runtime's template (what `tvm run` pays now);");
     println!("pooled = job sent to result on a restored VM already at agent-ready (a warm-pool hit);");
     println!("boot>rdy / rest>rdy = VMM start to agent-ready, cold boot / template restore;");
-    println!("snapshot = the template's saved state; RSS = host resident memory of one idle VMM;");
+    println!("snapshot = the template's saved state; RSS = host resident memory of one idle VMM");
+    println!("(with its child processes: the stand-in's QEMU and vhost-device-vsock);");
     println!("cold/n, tmpl/n = cold and template p50 over native p50 (the host's own toolchain,");
     println!("whatever version it has; '-' where the host has none).");
     Ok(())

@@ -214,7 +214,7 @@ pub struct ImageBuildArgs {
     #[arg(long)]
     pub defaults: bool,
     /// Images built at the same time (1-8). A build is mostly one busy core
-    /// (dpkg, then mkfs.erofs); builds from one Debian suite still take turns.
+    /// (dpkg, then mkfs.erofs); builds of one Debian suite share downloaded packages.
     #[arg(long, short = 'j', default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
     pub jobs: u8,
 }
@@ -234,6 +234,11 @@ pub struct BenchArgs {
     /// Writes per relay-bench run.
     #[arg(long, default_value_t = 200_000, requires = "relay")]
     pub lines: u64,
+    /// Relay-bench rows to run: those whose program name contains one of
+    /// these (case-insensitive, repeatable; default every row), e.g.
+    /// `--program "C write"`.
+    #[arg(long, value_name = "NAME", requires = "relay")]
+    pub program: Vec<String>,
     /// Instead: this many tests (1-64) of a C++ solution as the `tests` of
     /// one execution (compile once, run many) next to as many separate
     /// executions.

@@ -331,15 +331,17 @@ fn request_shapes_follow_the_document_and_are_refused_before_any_vm() {
         server.execute(&bad).error(400, "malformed_request");
     }
 
-    // The document's limits are the server's: minimum 1, maximum from the runtimes endpoint, enforced.
+    // The document's limits are the server's: minimum 1 (1 MiB for memory: less is a unit
+    // mistake), maximum from the runtimes endpoint, enforced.
     let doc = server.get("/v1/openapi.json").json();
     let maximum = server.get("/v1/runtimes").json()["maximum_limits"].clone();
     let props = &doc["components"]["schemas"]["LimitsBody"]["properties"];
     for field in ["wall_time_ms", "cpu_time_ms", "memory_bytes", "processes", "output_bytes", "file_size_bytes"] {
-        assert_eq!(props[field]["minimum"], 1, "{field}");
+        let min: u64 = if field == "memory_bytes" { 1 << 20 } else { 1 };
+        assert_eq!(props[field]["minimum"], min, "{field}");
         assert_eq!(props[field]["maximum"], maximum[field], "{field}");
         let max = maximum[field].as_u64().unwrap();
-        for v in [json!(0), json!(max + 1)] {
+        for v in [json!(0), json!(min - 1), json!(max + 1)] {
             let body = json!({"runtime": "cobol", "files": [file("a.py")], "run_limits": {field: v}});
             // Ranges are checked after the runtime: an unknown runtime shows the value parsed.
             server.execute(&body).error(422, "unknown_runtime");

@@ -27,9 +27,15 @@ const STANDIN: &str = env!("CARGO_BIN_EXE_firecracker-standin");
 const NO_JAILER: &str = "/nonexistent/tvm-test-jailer";
 
 /// `tvm` with the Firecracker backend and the stand-in as its binary.
+/// Templates off: the stand-in cannot snapshot (see
+/// `a_vmm_that_cannot_snapshot_falls_back_to_a_cold_boot`), so with them on
+/// every test would first pay a template VM that ends in a cold boot.
 fn tvm_fc(env: &Env) -> Command {
     let mut c = env.tvm();
-    c.env("TVM_VMM", "firecracker").env("TVM_FIRECRACKER", STANDIN).env("TVM_JAILER", NO_JAILER);
+    c.env("TVM_VMM", "firecracker")
+        .env("TVM_FIRECRACKER", STANDIN)
+        .env("TVM_JAILER", NO_JAILER)
+        .env("TVM_TEMPLATES", "0");
     c
 }
 
@@ -227,4 +233,91 @@ fn firecracker_without_kvm_is_a_one_line_error() {
         .unwrap();
     assert!(lossy(&out.stderr).contains("no firecracker binary at /nonexistent/fc"), "{}", lossy(&out.stderr));
     env.assert_clean();
+}
+
+/// Templates under Firecracker are snapshots: the template VM is paused
+/// (`PATCH /vm`) and saved (`PUT /snapshot/create`). The stand-in pauses its
+/// QEMU for real but cannot snapshot (QEMU 7.2 will not migrate
+/// `vhost-user-vsock-device`), and refuses with `400` and QEMU's reasons.
+/// The execution is never worse than a cold boot: it succeeds, says it cold
+/// booted and why, and nothing (template VM, stand-in, QEMU,
+/// vhost-device-vsock, run dir) is left behind.
+#[test]
+fn a_vmm_that_cannot_snapshot_falls_back_to_a_cold_boot() {
+    let env = Env::new();
+    let file = env.file("hello.py", "print('hello')\n");
+    let (v, out) = run_json(
+        &env,
+        tvm_fc(&env).env("TVM_TEMPLATES", "1").args(["run", "--json", "--time-limit", "60s"]).arg(&file),
+    );
+    assert_eq!(v["verdict"], "ok", "{v}");
+    assert_eq!(v["run"]["stdout"], "hello\n", "{v}");
+    assert_eq!(out.status.code(), Some(0), "{v}");
+    assert_eq!(v["start"], "cold", "{v}");
+    // The first run builds and fails; a run within the retry pause repeats the recorded reason.
+    let note = v["start_note"].as_str().unwrap_or_default();
+    assert!(note.contains("firecracker refused PUT /snapshot/create (400)"), "{note}");
+    assert!(note.contains("refuses to migrate this VM") && note.contains("vhost-user-vsock"), "{note}");
+}
+
+/// The stand-in answers the snapshot API as Firecracker's contract says:
+/// every body validated against the spec (a malformed one is `400` naming
+/// the schema), Firecracker's state rules (no pause or snapshot before
+/// start, a load only in a fresh process), and a well-formed load refused
+/// with the reason the stand-in has nothing to load.
+#[test]
+fn the_standin_validates_and_refuses_snapshot_requests() {
+    use pyrovm::backend::firecracker::{snapshot, ApiRequest};
+    use pyrovm::backend::LaunchError;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut standin = Command::new(STANDIN).arg("--api-sock").arg(&sock).stdin(Stdio::null()).spawn().unwrap();
+    let (state, mem) = (dir.path().join("vmstate"), dir.path().join("mem"));
+    std::fs::write(&state, b"not a snapshot").unwrap();
+    std::fs::write(&mem, b"").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let faults = rt.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut api = pyrovm::backend::firecracker::ApiClient::connect(&sock, deadline).await.unwrap();
+        let paths = pyrovm::backend::firecracker::FcPaths {
+            kernel: String::new(),
+            initrd: None,
+            rootfs: None,
+            vsock: dir.path().join("vsock.sock").display().to_string(),
+            log: String::new(),
+            metrics: String::new(),
+        };
+        let from = snapshot::RestorePaths { snapshot: state.display().to_string(), mem: mem.display().to_string() };
+        let load = snapshot::restore_requests(false, &paths, &from).pop().unwrap();
+        let mut bad_load = load.clone();
+        bad_load.body["mem_backend"]["backend_type"] = "Disk".into();
+        let mut missing = load.clone();
+        missing.body["snapshot_path"] = dir.path().join("nonexistent").display().to_string().into();
+        let requests: [(&str, ApiRequest); 5] = [
+            ("pause", snapshot::pause_request()),
+            ("create", snapshot::create_request("/s", "/m")),
+            ("bad load", bad_load),
+            ("missing", missing),
+            ("load", load),
+        ];
+        let mut faults = Vec::new();
+        for (name, req) in requests {
+            match api.send(&req, deadline).await {
+                Err(LaunchError::ApiRefused { status: 400, fault, .. }) => faults.push((name, fault)),
+                other => panic!("{name}: {other:?}"),
+            }
+        }
+        faults
+    });
+    let _ = standin.kill();
+    let _ = standin.wait();
+    let fault = |name: &str| faults.iter().find(|(n, _)| *n == name).unwrap().1.clone();
+    assert!(fault("pause").contains("not supported before starting the microVM"), "{faults:?}");
+    assert!(fault("create").contains("not supported before starting the microVM"), "{faults:?}");
+    assert!(fault("bad load").contains("SnapshotLoadParams") && fault("bad load").contains("Disk"), "{faults:?}");
+    assert!(fault("missing").contains("The snapshot file cannot be opened"), "{faults:?}");
+    assert!(
+        fault("load").contains("cannot load snapshots") && fault("load").contains("vhost-user-vsock"),
+        "{faults:?}"
+    );
 }

@@ -4,11 +4,9 @@
 //! One multi-file submission per language. A runtime added to the catalog
 //! without a program here fails `every_available_runtime_has_programs`.
 //!
-//! Python, JavaScript and C executions start from their runtime's VM template
-//! (built on first use, or beforehand by `tvm image build` with templates on),
-//! and the test fails if one cold boots instead. Ruby, Go, Rust, Java and C++
-//! still cold boot: their templates have not yet been through a whole suite
-//! run (under load here, C++ compiles hit their time limit either way).
+//! Every language's executions start from their runtime's VM template (built
+//! on first use, or beforehand by `tvm image build` with templates on), and
+//! the test fails if one cold boots instead.
 //! `the_cold_path_still_runs_every_stage` boots its VMs from scratch.
 
 mod common;
@@ -149,22 +147,22 @@ fn javascript() {
 
 #[test]
 fn ruby() {
-    check_language("ruby", Start::Cold);
+    check_language("ruby", Start::Template);
 }
 
 #[test]
 fn go() {
-    check_language("go", Start::Cold);
+    check_language("go", Start::Template);
 }
 
 #[test]
 fn rust() {
-    check_language("rust", Start::Cold);
+    check_language("rust", Start::Template);
 }
 
 #[test]
 fn java() {
-    check_language("java", Start::Cold);
+    check_language("java", Start::Template);
 }
 
 #[test]
@@ -174,5 +172,5 @@ fn c() {
 
 #[test]
 fn cpp() {
-    check_language("cpp", Start::Cold);
+    check_language("cpp", Start::Template);
 }

@@ -157,8 +157,17 @@ pub struct ApiRequest {
 
 impl ApiRequest {
     fn put<T: Serialize>(path: impl Into<String>, definition: &'static str, body: &T) -> Self {
+        Self::with_body("PUT", path, definition, body)
+    }
+
+    fn with_body<T: Serialize>(
+        method: &'static str,
+        path: impl Into<String>,
+        definition: &'static str,
+        body: &T,
+    ) -> Self {
         Self {
-            method: "PUT",
+            method,
             path: path.into(),
             definition,
             body: serde_json::to_value(body).expect("plain structs serialize"),
@@ -250,6 +259,10 @@ pub struct Firecracker {
     jailer: JailerUse,
     uid_base: u32,
     runtime_dir: PathBuf,
+    /// The root image at [`snapshot::ROOTFS_PIN`] (template VMs and restores).
+    pin_rootfs: bool,
+    /// Restore from this snapshot instead of booting.
+    restore: Option<snapshot::RestoreFrom>,
 }
 
 impl Firecracker {
@@ -281,7 +294,26 @@ impl Firecracker {
             jailer,
             uid_base: settings.vmm_uid_base,
             runtime_dir: settings.runtime_dir.clone(),
+            pin_rootfs: false,
+            restore: None,
         }
+    }
+
+    /// This backend for a VM that will be snapshotted: its root image has
+    /// the path every restored VM will find it at (see [`snapshot`]).
+    pub fn for_snapshot(&self) -> Self {
+        Self { pin_rootfs: true, restore: None, ..self.clone() }
+    }
+
+    /// This backend restoring `from` instead of booting (the restored VM
+    /// sees its image where the snapshotted one did).
+    pub fn restoring(&self, from: snapshot::RestoreFrom) -> Self {
+        Self { pin_rootfs: true, restore: Some(from), ..self.clone() }
+    }
+
+    /// Whether VMs run through the jailer (their snapshots name chroot paths).
+    pub fn jailed(&self) -> bool {
+        matches!(self.jailer, JailerUse::Jailer(_))
     }
 
     /// Whether the binary is TVM's test stand-in.
@@ -363,6 +395,29 @@ pub struct Pending {
     log_fifo: PathBuf,
     metrics_fifo: PathBuf,
     requests: Vec<ApiRequest>,
+    files_dir: FilesDir,
+}
+
+/// A directory the VMM may create files in, as it and as TVM name it (its
+/// own directory in the run dir, or the jailer chroot's root).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilesDir {
+    /// How the VMM names it (`/proc/self/fd/N`, or empty for the chroot root).
+    pub vmm: String,
+    /// Its path on the host.
+    pub host: PathBuf,
+}
+
+impl FilesDir {
+    /// `name` inside it, as the VMM names it.
+    pub fn vmm_path(&self, name: &str) -> String {
+        format!("{}/{name}", self.vmm)
+    }
+
+    /// `name` inside it, on the host.
+    pub fn host_path(&self, name: &str) -> PathBuf {
+        self.host.join(name)
+    }
 }
 
 /// Things that live as long as the VM: the API connection and the pipe drains.
@@ -370,6 +425,8 @@ pub struct Pending {
 pub struct Live {
     /// The API connection, kept for later requests.
     pub api: ApiClient,
+    /// Where the VMM may write files (snapshots).
+    pub files_dir: FilesDir,
     // Aborted on drop: the log and metrics pipes are drained while the VM lives.
     _drains: Vec<AbortOnDrop>,
 }
@@ -413,8 +470,12 @@ impl Vmm for Firecracker {
         // Sockets and pipes live in its own directory.
         p.push(HostPath::read_write(own_dir(ctx)));
         // Firecracker reopens the image through /proc/self/fd, which Landlock
-        // checks against the image's real path (memfds are exempt).
+        // checks against the image's real path (memfds are exempt); so too
+        // a template's state and memory files.
         p.extend(spec.rootfs.iter().map(HostPath::read));
+        if let Some(from) = &self.restore {
+            p.extend([HostPath::read(&from.snapshot), HostPath::read(&from.mem)]);
+        }
         p
     }
 
@@ -444,7 +505,7 @@ impl Vmm for Firecracker {
             Some(uds) => connect_vsock(uds, tvm_protocol::VSOCK_PORT, deadline).await?,
             None => return Err(LaunchError::AgentConnect("no vsock device configured".into())),
         };
-        Ok(AgentChannel { stream, keep: Some(Box::new(Live { api, _drains: drains })) })
+        Ok(AgentChannel { stream, keep: Some(Box::new(Live { api, files_dir: pending.files_dir, _drains: drains })) })
     }
 
     fn probe_kvm(&self, _kernel: &Kernel) -> Result<u64, String> {
@@ -478,18 +539,37 @@ impl Firecracker {
         let (log_fifo, metrics_fifo) = (dir.join("log.fifo"), dir.join("metrics.fifo"));
         mkfifo(&log_fifo).map_err(prep("the log pipe"))?;
         mkfifo(&metrics_fifo).map_err(prep("the metrics pipe"))?;
-        let files = VmmFiles::open(spec, None)?;
+        let mut files = VmmFiles::open(spec, None)?;
+        if self.pin_rootfs {
+            files.pin_rootfs(snapshot::ROOTFS_PIN);
+        }
         let io = files.io();
+        let rootfs_fd = if self.pin_rootfs { io.rootfs_fd.map(|_| snapshot::ROOTFS_PIN) } else { io.rootfs_fd };
         // Firecracker sees its files as inherited descriptors and its own
         // directory through one (its uid cannot traverse the run dir).
         let paths = FcPaths {
             kernel: io.kernel.clone(),
             initrd: io.initrd.clone(),
-            rootfs: io.rootfs_fd.map(|fd| format!("/proc/self/fd/{fd}")),
+            rootfs: rootfs_fd.map(|fd| format!("/proc/self/fd/{fd}")),
             vsock: own.vmm_path("vsock.sock"),
             log: own.vmm_path("log.fifo"),
             metrics: own.vmm_path("metrics.fifo"),
         };
+        let requests = match &self.restore {
+            None => boot_requests(spec, &paths),
+            Some(from) => {
+                let (state, mem) = from.fds.ok_or(LaunchError::Unsupported {
+                    vmm: "firecracker",
+                    what: "a restore without the template's descriptors",
+                })?;
+                let from = snapshot::RestorePaths {
+                    snapshot: format!("/proc/self/fd/{state}"),
+                    mem: format!("/proc/self/fd/{mem}"),
+                };
+                snapshot::restore_requests(spec.debug, &paths, &from)
+            }
+        };
+        let files_dir = FilesDir { vmm: own.vmm_path("").trim_end_matches('/').to_string(), host: dir.clone() };
         let args = vec!["--api-sock".into(), own.vmm_path("api.sock"), "--id".into(), format!("tvm-{}", ctx.id)];
         let api_sock = dir.join("api.sock");
         Ok(Launch {
@@ -506,7 +586,8 @@ impl Firecracker {
                 vsock: spec.agent.map(|_| dir.join("vsock.sock")),
                 log_fifo,
                 metrics_fifo,
-                requests: boot_requests(spec, &paths),
+                requests,
+                files_dir,
             },
         })
     }
@@ -773,6 +854,14 @@ impl Firecracker {
         let kernel = place(&spec.kernel, "vmlinux")?;
         let initrd = spec.initrd.as_deref().map(|p| place(p, "initrd.cpio")).transpose()?;
         let rootfs = spec.rootfs.as_deref().map(|p| place(p, "rootfs.erofs")).transpose()?;
+        // A snapshot names these chroot paths, the same in every jail.
+        let restore = match &self.restore {
+            Some(from) => Some(snapshot::RestorePaths {
+                snapshot: place(&from.snapshot, "template.vmstate")?,
+                mem: place(&from.mem, "template.mem")?,
+            }),
+            None => None,
+        };
         let (log_fifo, metrics_fifo) = (root.join("log.fifo"), root.join("metrics.fifo"));
         for f in [&log_fifo, &metrics_fifo] {
             mkfifo(f).map_err(prep("a jailer log pipe"))?;
@@ -791,6 +880,11 @@ impl Firecracker {
             log: "/log.fifo".into(),
             metrics: "/metrics.fifo".into(),
         };
+        let requests = match &restore {
+            None => boot_requests(spec, &paths),
+            Some(from) => snapshot::restore_requests(spec.debug, &paths, from),
+        };
+        let files_dir = FilesDir { vmm: String::new(), host: root.clone() };
         let memory = (spec.memory_mib + crate::vm::VMM_OVERHEAD_MIB) << 20;
         let args = jailer_args(&exec, &id, uid, uid, memory, crate::hostcg::VMM_PIDS);
         info!(jail = %jail_dir.display(), uid, "firecracker runs through the jailer");
@@ -810,11 +904,14 @@ impl Firecracker {
                 vsock: spec.agent.map(|_| root.join("vsock.sock")),
                 log_fifo,
                 metrics_fifo,
-                requests: boot_requests(spec, &paths),
+                requests,
+                files_dir,
             },
         })
     }
 }
+
+pub mod snapshot;
 
 #[cfg(test)]
 mod tests;

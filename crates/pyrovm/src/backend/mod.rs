@@ -237,7 +237,20 @@ pub struct AgentChannel {
     /// The byte stream to the agent.
     pub stream: UnixStream,
     /// Held by the `Vm` until it is dropped (log drains, API connection).
-    pub keep: Option<Box<dyn std::fmt::Debug + Send + Sync>>,
+    pub keep: Option<Box<dyn Keep>>,
+}
+
+/// Backend state a `Vm` holds while it lives; the backend that made it can
+/// get it back by type (Firecracker: the API connection, for snapshots).
+pub trait Keep: std::fmt::Debug + Send + Sync + 'static {
+    /// `self` as `Any`, for downcasting.
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+}
+
+impl<T: std::fmt::Debug + Send + Sync + 'static> Keep for T {
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
 }
 
 /// A VMM backend: the narrow part of starting a VM that differs per VMM.

@@ -110,7 +110,7 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
             }
             Err(e) => {
                 // The whole cause chain: "pulling X failed: ...: digest mismatch".
-                let why = with_causes(&e);
+                let why = pyrovm::error_chain(&e);
                 group.suspend(|| println!("{:<14} FAILED: {why}", r.id));
                 failed.push((r.id.clone(), why));
             }
@@ -159,7 +159,7 @@ async fn templates(ctx: &Context, ready: &[tvm_config::Runtime]) {
     let vmm = match pyrovm::Pyrovm::prepare(ctx.settings.clone(), ctx.catalog.clone(), false).await {
         Ok(vmm) => vmm,
         Err(e) => {
-            println!("templates: not built ({e})");
+            println!("templates: not built ({})", pyrovm::error_chain(&e));
             return;
         }
     };
@@ -237,23 +237,6 @@ pub fn list(ctx: &Context, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `e` and its causes joined by `: `, each once: some libraries (oci-client)
-/// repeat their source's text at the end of their own message, which `{:#}`
-/// would print twice.
-fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        cause = c.source();
-    }
-    out
-}
-
 /// `tvm image import PATH RUNTIME` ([`pyrovm::image_oci::import`]): the
 /// runtime's image from a local OCI layout or `docker save` tarball.
 pub fn import(ctx: &Context, args: &ImageImportArgs) -> Result<ExitCode> {
@@ -272,7 +255,7 @@ pub fn import(ctx: &Context, args: &ImageImportArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            println!("{:<14} FAILED: {}", r.id, with_causes(&e));
+            println!("{:<14} FAILED: {}", r.id, pyrovm::error_chain(&e));
             Ok(ExitCode::from(1))
         }
     }
@@ -304,19 +287,5 @@ mod tests {
         for pair in order[..side_by_side].windows(2) {
             assert_ne!(suite(&pair[0]), suite(&pair[1]), "{} then {}", pair[0].id, pair[1].id);
         }
-    }
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("{0}")]
-    struct Text(String, #[source] Option<Box<Text>>);
-
-    #[test]
-    fn causes_are_printed_once_even_when_a_message_repeats_its_source() {
-        let inner = Text("bad digest".into(), None);
-        let repeating = Text("Digest error: bad digest".into(), Some(Box::new(inner)));
-        let outer = Text("pulling x failed".into(), Some(Box::new(repeating)));
-        assert_eq!(with_causes(&outer), "pulling x failed: Digest error: bad digest");
-        let plain = Text("a".into(), Some(Box::new(Text("b".into(), None))));
-        assert_eq!(with_causes(&plain), "a: b");
     }
 }

@@ -152,7 +152,7 @@ async fn run_local(ctx: Context, req: &ExecutionRequest, json: bool) -> Result<O
         Err(e) if json => {
             let id = uuid::Uuid::new_v4().simple().to_string();
             let accel = vmm.accel().kind().as_str();
-            Ok(Some(ExecutionResult::internal_error(id, req.runtime.clone(), accel, e.to_string())))
+            Ok(Some(ExecutionResult::internal_error(id, req.runtime.clone(), accel, pyrovm::error_chain(&e))))
         }
         Err(e) => bail!(e),
     }

@@ -10,7 +10,8 @@ use crate::cli::TemplateCommand;
 
 /// Lists or removes templates.
 pub fn template(ctx: &Context, command: TemplateCommand) -> Result<ExitCode> {
-    let store = pyrovm::Templates::new(&ctx.settings.cache_dir);
+    let store = pyrovm::Templates::new(&ctx.settings.cache_dir)
+        .with_max_bytes(ctx.settings.template_cache_mib.saturating_mul(1 << 20));
     match command {
         TemplateCommand::List { json } => {
             let all = store.list();
@@ -30,6 +31,11 @@ pub fn template(ctx: &Context, command: TemplateCommand) -> Result<ExitCode> {
                     t.warmup_ms
                 );
             }
+            let cap = match store.max_bytes() {
+                0 => "no cap".to_string(),
+                max => format!("cap {}, least recently used removed past it", format_bytes(max)),
+            };
+            println!("{} in all ({cap}; template_cache_mib)", format_bytes(store.total_bytes()));
         }
         TemplateCommand::Remove { keys, all } => {
             let keys: Vec<String> = if all {
