@@ -280,7 +280,9 @@ async fn dribbling_guest_hits_the_host_deadline() {
 #[tokio::test]
 async fn second_ready_is_a_protocol_error() {
     let (err, _) = attack("second_ready", 1000).await;
-    assert!(err.to_string().contains("unexpected second ready"), "{err}");
+    // What the guest did is the cause (the source), not part of the message.
+    let chain = pyrovm::error_chain(&err);
+    assert!(chain.starts_with("guest broke the protocol: ") && chain.contains("unexpected second ready"), "{chain}");
 }
 
 /// A guest that disappears without a result is reported as such.

@@ -178,7 +178,10 @@ fn connections_are_capped_per_address_and_per_server() {
     );
     let addr = server.addr.clone();
     let mut held: Vec<TcpStream> = (0..40).map(|_| connect_from([127, 0, 0, 2], &addr)).collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // A connect returns once the kernel queued it; the server counts it when it accepts it.
+    wait_until("40 connections accepted", Duration::from_secs(20), || {
+        metric(&server, "tvm_http_connections") >= 41.0 // the 40 and this request's own
+    });
     // This address is full: the next is refused; another address is still served.
     let mut c = connect_from([127, 0, 0, 2], &addr);
     refusal(&mut c, Duration::from_secs(5))
@@ -186,8 +189,14 @@ fn connections_are_capped_per_address_and_per_server() {
         .error(503, "too_many_connections");
     assert_eq!(server.get("/healthz").status, 200);
     // 20 more from a third address fill the server; then nobody gets in.
-    held.extend((0..20).map(|_| connect_from([127, 0, 0, 3], &addr)));
-    std::thread::sleep(Duration::from_millis(300));
+    held.extend((0..19).map(|_| connect_from([127, 0, 0, 3], &addr)));
+    wait_until("59 connections accepted", Duration::from_secs(20), || {
+        metric(&server, "tvm_http_connections") >= 60.0 // the 59 and this request's own
+    });
+    // The probe's own connection may still be counted for a moment.
+    std::thread::sleep(Duration::from_millis(1000));
+    held.push(connect_from([127, 0, 0, 3], &addr));
+    std::thread::sleep(Duration::from_millis(1000));
     let mut c = connect_from([127, 0, 0, 4], &addr);
     let e = refusal(&mut c, Duration::from_secs(5))
         .expect("refused past the server cap")
