@@ -4,18 +4,10 @@
 //! A program that flushes every line makes one `write(2)` per line. Turning
 //! each of them into its own wake-up, frame and host round trip costs far
 //! more than the write itself (under TCG a few thousand lines per second), so
-//! the program ends up blocked on a full pipe. Instead each pipe has a relay
-//! thread that reads it in large pieces and sends what it found as few, large
-//! frames:
+//! the program ends up blocked on a full pipe. Instead one thread drains both
+//! pipes with large reads and sends what it found as few, large frames:
 //!
-//! - The pipes are never polled. Once anyone `poll`s (or `select`s, or
-//!   `epoll`s) a pipe, Linux wakes its readers' wait queue on *every* write
-//!   from then on (`pipe->poll_usage`, for epoll's sake), and under TCG that
-//!   wake-up made a short write cost about 1.4 times a write to an unpolled
-//!   pipe (docs/performance.md). A relay thread waits in a blocking `read`,
-//!   which the writer wakes only when it finds the pipe empty: once per
-//!   window, not once per write.
-//! - While a stream is busy its thread lets its (enlarged, [`PIPE_BYTES`])
+//! - While a stream is busy the relay lets its (enlarged, [`PIPE_BYTES`])
 //!   pipe fill for a window without waking up, then reads everything at once
 //!   and sends it as one frame per [`OUTPUT_CHUNK`] bytes. Output still
 //!   streams: the first bytes after a quiet spell are read at once, later
@@ -26,30 +18,30 @@
 //!   TCG, paid on the writer's vCPU). It halves again when a window's output
 //!   filled more than half the pipe (the writer would soon block on the
 //!   sleeping relay) and starts over after a quiet spell.
-//! - Order across the two streams is the order of the writes. At most one
-//!   stream is in its window at a time; the other stream's thread waits in
-//!   its read, so its first write wakes it. It then reads what the busy
-//!   stream's pipe holds and sends that first (it was written before), ends
-//!   that stream's window, sends its own bytes and takes the window over.
-//!   Both threads run at a real-time priority ([`raise_priority`]), so on
-//!   the guest's single vCPU a write that wakes one is read before the
-//!   program makes its next system call: interleaved stdout and stderr
-//!   (Piston's `output`) keep the order of the writes exactly, and a program
-//!   that alternates streams on every write pays one wake-up per switch, as
-//!   with a terminal.
+//! - Order across the two streams is the order of the writes. During a
+//!   window the relay still waits on the *other* stream's pipe: its first
+//!   write ends the window, everything already in the busy pipe is read and
+//!   sent first (it was written before), then the other stream's bytes, and
+//!   the window moves to that stream. The relay thread runs at a real-time
+//!   priority ([`raise_priority`]), so on the guest's single vCPU a write
+//!   that wakes it is read before the program makes its next system call:
+//!   interleaved stdout and stderr (Piston's `output`) keep the order of the
+//!   writes exactly, and a program that alternates streams on every write
+//!   pays one wake-up per switch, as with a terminal.
 //! - Caps stay exact: every byte goes through the stream's [`Capture`], which
 //!   keeps exactly `cap` bytes; the first byte beyond raises the overflow flag
 //!   the supervisor kills on, and the rest is read and discarded so the
 //!   writer never blocks before it dies.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tvm_protocol::{GuestMessage, Stage, Stream, OUTPUT_CHUNK};
 
 use crate::error::Error;
@@ -82,7 +74,7 @@ const WINDOW_FILL_BYTES: usize = PIPE_BYTES as usize / 2;
 /// the next turn, still before the other stream.
 const DRAIN_BUDGET: usize = 2 * PIPE_BYTES as usize;
 
-/// The real-time priority of the relay threads (`SCHED_FIFO`, lowest level):
+/// The real-time priority of the relay thread (`SCHED_FIFO`, lowest level):
 /// above every program (they cannot raise their own), so a write that wakes
 /// the relay is read before the writer goes on.
 const RELAY_PRIORITY: libc::c_int = 1;
@@ -90,43 +82,18 @@ const RELAY_PRIORITY: libc::c_int = 1;
 /// The two streams, in the order their captures are kept.
 const STREAMS: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
 
-/// Where a stream's relay thread is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    /// In a blocking read of an (as far as the relay knows) empty pipe.
-    Waiting,
-    /// Letting the pipe fill until its window ends: the other stream's
-    /// thread may read this pipe (under [`Shared::turn`]) and end the window.
-    Window,
-    /// End of file: nothing more will come.
-    Closed,
-}
-
-/// What the two relay threads share, under one lock: whose window it is and
-/// the output read but not sent yet. Reads of a pipe by the thread that does
-/// not own it happen only under this lock while the owner is in its window.
-#[derive(Debug)]
-struct Turn {
-    phase: [Phase; 2],
-    batch: Batch,
-}
-
-/// What the relay shares with the supervisor (and its two threads).
+/// What the relay shares with the supervisor.
 #[derive(Debug)]
 struct Shared {
     captures: Mutex<[Capture; 2]>,
     overflowed: AtomicBool,
-    fds: [OwnedFd; 2],
-    turn: Mutex<Turn>,
-    /// Signalled when a stream's window is ended by the other stream.
-    window_over: Condvar,
 }
 
-/// The threads relaying one stage's output.
+/// The thread relaying one stage's output.
 #[derive(Debug)]
 pub struct Relay {
     shared: Arc<Shared>,
-    threads: [JoinHandle<()>; 2],
+    thread: JoinHandle<()>,
 }
 
 /// What one stream captured: the kept bytes and whether more was cut.
@@ -138,7 +105,7 @@ impl Relay {
     /// as [`GuestMessage::Output`] chunks of at most [`OUTPUT_CHUNK`] bytes.
     ///
     /// # Errors
-    /// [`Error::SpawnThread`] if a thread cannot be created.
+    /// [`Error::SpawnThread`] if the thread cannot be created.
     pub fn start(
         stdout: OwnedFd,
         stderr: OwnedFd,
@@ -146,28 +113,19 @@ impl Relay {
         cap: u64,
         outbox: Sender<GuestMessage>,
     ) -> Result<Self, Error> {
-        for fd in [&stdout, &stderr] {
-            prepare_pipe(fd);
-        }
         let shared = Arc::new(Shared {
             captures: Mutex::new([Capture::new(cap), Capture::new(cap)]),
             overflowed: AtomicBool::new(false),
-            fds: [stdout, stderr],
-            turn: Mutex::new(Turn {
-                phase: [Phase::Waiting; 2],
-                batch: Batch { stage, stream: Stream::Stdout, data: Vec::with_capacity(OUTPUT_CHUNK), outbox },
-            }),
-            window_over: Condvar::new(),
         });
-        let spawn = |s: usize| {
-            let state = Arc::clone(&shared);
-            std::thread::Builder::new()
-                .name(if s == 0 { "stdout relay" } else { "stderr relay" }.into())
-                .spawn(move || follow(s, &state))
-                .map_err(|e| Error::SpawnThread("output relay", e))
-        };
-        let threads = [spawn(0)?, spawn(1)?];
-        Ok(Self { shared, threads })
+        for fd in [&stdout, &stderr] {
+            prepare_pipe(fd);
+        }
+        let state = Arc::clone(&shared);
+        let thread = std::thread::Builder::new()
+            .name("output relay".into())
+            .spawn(move || pump([stdout, stderr], stage, &state, &outbox))
+            .map_err(|e| Error::SpawnThread("output relay", e))?;
+        Ok(Self { shared, thread })
     }
 
     /// Whether either stream went past its cap (the stage must be killed).
@@ -177,10 +135,10 @@ impl Relay {
 
     /// Whether both streams reached end of file and everything was sent.
     pub fn finished(&self) -> bool {
-        self.threads.iter().all(JoinHandle::is_finished)
+        self.thread.is_finished()
     }
 
-    /// The captured stdout and stderr. Works even if a thread is still
+    /// The captured stdout and stderr. Works even if the thread is still
     /// blocked on a pipe some unkillable process holds: it is then simply
     /// abandoned.
     pub fn take(self) -> [Captured; 2] {
@@ -190,37 +148,36 @@ impl Relay {
     }
 }
 
-/// A pipe large enough to hold a window's worth of output, read in blocking
-/// mode (the threads wait in `read`, never in `poll`). Best effort: a small
-/// pipe only costs speed.
+/// Non-blocking reads (the relay decides when to wait), and a pipe large
+/// enough to hold a window's worth of output. Both are best effort: a
+/// blocking or small pipe only costs speed.
 fn prepare_pipe(fd: &OwnedFd) {
     let raw = fd.as_raw_fd();
     // SAFETY: fcntl on a descriptor we own, with integer arguments.
     unsafe {
         let flags = libc::fcntl(raw, libc::F_GETFL);
-        if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
-            libc::fcntl(raw, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        if flags >= 0 {
+            libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
         libc::fcntl(raw, libc::F_SETPIPE_SZ, PIPE_BYTES);
     }
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A poisoned lock only means a relay thread panicked, and the panic hook
-    // has already ended the VM; the data itself is still consistent.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn lock(captures: &Mutex<[Capture; 2]>) -> MutexGuard<'_, [Capture; 2]> {
+    // A poisoned lock only means the relay panicked, and the panic hook has
+    // already ended the VM; the data itself is still consistent.
+    captures.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Output read but not sent yet: one stream's bytes, in order.
-#[derive(Debug)]
-struct Batch {
+struct Batch<'a> {
     stage: Stage,
     stream: Stream,
     data: Vec<u8>,
-    outbox: Sender<GuestMessage>,
+    outbox: &'a Sender<GuestMessage>,
 }
 
-impl Batch {
+impl Batch<'_> {
     /// Appends `bytes` of `stream`, sending what came before first if the
     /// stream changes and whenever a frame is full.
     fn push(&mut self, stream: Stream, mut bytes: &[u8]) {
@@ -260,19 +217,34 @@ impl Window {
         Self(WINDOW)
     }
 
-    /// The window after a drain that read `bytes`.
+    /// The window after a drain that read `bytes` (both streams).
     fn after(self, bytes: usize) -> Self {
         let next = if bytes > WINDOW_FILL_BYTES { self.0 / 2 } else { self.0 * 2 };
         Self(next.clamp(WINDOW, MAX_WINDOW))
     }
 }
 
-/// Puts the calling thread at [`RELAY_PRIORITY`]: the relay threads, and the
-/// host writer they hand frames to. All must be above the program: if a relay
-/// thread blocked on a lock (the channel's, the allocator's) held by a thread
-/// the program outranks, the program would run on and write to both pipes
-/// before the relay's next read. At one real-time level (FIFO), none
-/// preempts another inside such a lock.
+/// The stream the relay is batching: it is read when its window ends or
+/// when the other stream writes, whichever comes first.
+#[derive(Debug, Clone, Copy)]
+struct Busy {
+    stream: usize,
+    until: Instant,
+    window: Window,
+}
+
+impl Busy {
+    fn new(stream: usize, now: Instant) -> Self {
+        Self { stream, until: now + WINDOW, window: Window::new() }
+    }
+}
+
+/// Puts the calling thread at [`RELAY_PRIORITY`]: the relay, and the host
+/// writer it hands frames to. Both must be above the program: if the relay
+/// blocked on a lock (the channel's, the allocator's) held by a thread the
+/// program outranks, the program would run on and write to both pipes
+/// before the relay's next read. At one real-time level (FIFO), neither
+/// preempts the other inside such a lock.
 ///
 /// Best effort: without the real-time priority (another kernel, a seccomp
 /// policy) order across the streams is only as good as the scheduler's
@@ -286,81 +258,87 @@ pub fn raise_priority() {
     }
 }
 
-/// The relay thread of stream `s`: waits in a read until the program writes,
-/// then holds the window until the stream goes quiet or the other stream
-/// takes the window over.
-fn follow(s: usize, shared: &Shared) {
+fn pump(fds: [OwnedFd; 2], stage: Stage, shared: &Shared, outbox: &Sender<GuestMessage>) {
     raise_priority();
-    let o = 1 - s;
+    let mut open = [true, true];
     let mut buf = vec![0u8; OUTPUT_CHUNK];
-    let mut other = vec![0u8; OUTPUT_CHUNK];
-    loop {
-        // Waiting: the first write into the empty pipe wakes this read.
-        let n = loop {
-            // SAFETY: read into a live buffer of buf.len() bytes from a descriptor we own.
-            let n = unsafe { libc::read(shared.fds[s].as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            match n {
-                n if n > 0 => break n as usize,
-                n if n < 0 && Errno::last() == Errno::EINTR => continue,
-                // End of file, or not a pipe we can read any more: nothing more will come.
-                _ => {
-                    lock(&shared.turn).phase[s] = Phase::Closed;
-                    return;
+    let mut batch = Batch { stage, stream: Stream::Stdout, data: Vec::with_capacity(OUTPUT_CHUNK), outbox };
+    let mut busy: Option<Busy> = None;
+    while open.iter().any(|o| *o) {
+        let Some(current) = busy else {
+            // Quiet: the first write of either stream wakes the relay, and
+            // that stream becomes the busy one. Both ready at once only
+            // happens when the relay was not waiting yet (or on several
+            // vCPUs); then stdout goes first.
+            let ready = wait_readable(&fds, open, None);
+            let mut next = None;
+            for (i, _) in ready.iter().enumerate().filter(|(_, r)| **r) {
+                if drain(&fds, i, &mut open, &mut buf, shared, &mut batch).bytes > 0 {
+                    next = Some(i);
                 }
             }
+            batch.flush();
+            busy = next.map(|i| Busy::new(i, Instant::now()));
+            continue;
         };
-        let mut turn = lock(&shared.turn);
-        if turn.phase[o] == Phase::Window {
-            // What the busy stream holds was written before the write that woke us.
-            drain(shared, o, &mut turn, &mut other);
-            turn.phase[o] = Phase::Waiting;
-            shared.window_over.notify_all();
-        }
-        keep(shared, s, &buf[..n], &mut turn);
-        drain(shared, s, &mut turn, &mut buf);
-        turn.batch.flush();
-        turn.phase[s] = Phase::Window;
-        let mut window = Window::new();
-        let mut until = Instant::now() + window.0;
-        loop {
-            turn = wait_window(shared, turn, s, until);
-            if turn.phase[s] != Phase::Window {
-                // The other stream took over and emptied this pipe.
-                break;
+        // The window: wait on the other stream only.
+        let s = current.stream;
+        let mut others = open;
+        others[s] = false;
+        let ready = wait_readable(&fds, others, Some(current.until));
+        // What the busy stream holds was written before whatever woke us.
+        let drained = drain(&fds, s, &mut open, &mut buf, shared, &mut batch);
+        let o = 1 - s;
+        let switched = (ready[o] && drain(&fds, o, &mut open, &mut buf, shared, &mut batch).bytes > 0).then_some(o);
+        batch.flush();
+        let now = Instant::now();
+        busy = match switched {
+            Some(o) => Some(Busy::new(o, now)),
+            None if drained.more => Some(Busy { until: now, ..current }),
+            None if drained.bytes == 0 || !open[s] => None,
+            None => {
+                let window = if now >= current.until { current.window.after(drained.bytes) } else { current.window };
+                Some(Busy { stream: s, until: now + window.0, window })
             }
-            let drained = drain(shared, s, &mut turn, &mut buf);
-            turn.batch.flush();
-            let now = Instant::now();
-            if drained.more {
-                until = now;
-            } else if drained.bytes == 0 {
-                turn.phase[s] = Phase::Waiting;
-                break;
-            } else {
-                window = window.after(drained.bytes);
-                until = now + window.0;
-            }
-        }
+        };
     }
+    batch.flush();
 }
 
-/// Sleeps until `until` or until the other stream ends stream `s`'s window,
-/// whichever comes first; gives the lock back held.
-fn wait_window<'a>(
-    shared: &'a Shared,
-    mut turn: MutexGuard<'a, Turn>,
-    s: usize,
-    until: Instant,
-) -> MutexGuard<'a, Turn> {
+/// Blocks until an open stream in `open` has data or hung up, or until
+/// `deadline`; says which are ready. With no stream to wait on it just
+/// sleeps until the deadline.
+fn wait_readable(fds: &[OwnedFd; 2], open: [bool; 2], deadline: Option<Instant>) -> [bool; 2] {
+    let index: Vec<usize> = (0..2).filter(|i| open[*i]).collect();
+    let mut polled: Vec<PollFd<'_>> = index.iter().map(|i| PollFd::new(fds[*i].as_fd(), PollFlags::POLLIN)).collect();
     loop {
-        let now = Instant::now();
-        if turn.phase[s] != Phase::Window || now >= until {
-            return turn;
-        }
-        turn = match shared.window_over.wait_timeout(turn, until - now) {
-            Ok((guard, _)) => guard,
-            Err(poisoned) => poisoned.into_inner().0,
+        let timeout = match deadline {
+            None => PollTimeout::NONE,
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                // Rounded up: waking before the deadline would only poll again.
+                let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
+            }
         };
+        match poll(&mut polled, timeout) {
+            Err(Errno::EINTR) => continue,
+            Ok(0) => return [false, false],
+            Ok(_) => {
+                let mut ready = [false, false];
+                for (i, p) in index.iter().zip(&polled) {
+                    // Readable, hung up, even an error: found out by read.
+                    ready[*i] = p.revents().is_some_and(|r| !r.is_empty());
+                }
+                return ready;
+            }
+            // Not expected for pipes; reading tells what happened. Paced, so
+            // a poll that keeps failing cannot spin the real-time thread.
+            Err(_) => {
+                std::thread::sleep(WINDOW);
+                return open;
+            }
+        }
     }
 }
 
@@ -373,54 +351,48 @@ struct Drained {
     more: bool,
 }
 
-/// Bytes waiting in pipe `fd` (`FIONREAD`); 0 when it cannot tell.
-fn waiting(fd: &OwnedFd) -> usize {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int through a live pointer.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
-    if rc == 0 {
-        usize::try_from(n).unwrap_or(0)
-    } else {
-        0
-    }
-}
-
-/// Reads what stream `i`'s pipe holds into its capture and the batch. Only
-/// under the turn lock, by the pipe's own thread or while it is in its
-/// window, so the bytes counted are there to read and no read blocks.
-fn drain(shared: &Shared, i: usize, turn: &mut Turn, buf: &mut [u8]) -> Drained {
+/// Reads what stream `i` holds into its capture and the batch.
+fn drain(
+    fds: &[OwnedFd; 2],
+    i: usize,
+    open: &mut [bool; 2],
+    buf: &mut [u8],
+    shared: &Shared,
+    batch: &mut Batch<'_>,
+) -> Drained {
     let mut drained = Drained::default();
-    loop {
-        let ready = waiting(&shared.fds[i]).min(buf.len());
-        if ready == 0 {
-            break;
-        }
+    while open[i] {
         if drained.bytes >= DRAIN_BUDGET {
             drained.more = true;
             break;
         }
-        // SAFETY: read into a live buffer of at least `ready` bytes from a descriptor we own.
-        let n = unsafe { libc::read(shared.fds[i].as_raw_fd(), buf.as_mut_ptr().cast(), ready) };
+        // SAFETY: read into a live buffer of buf.len() bytes from a descriptor we own.
+        let n = unsafe { libc::read(fds[i].as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         let n = match n {
+            0 => {
+                open[i] = false;
+                break;
+            }
             n if n > 0 => n as usize,
-            n if n < 0 && Errno::last() == Errno::EINTR => continue,
-            // End of file or an error: the stream's own read finds out.
-            _ => break,
+            _ => match Errno::last() {
+                Errno::EINTR => continue,
+                Errno::EAGAIN => break,
+                // Not a pipe we can read any more: nothing more will come.
+                _ => {
+                    open[i] = false;
+                    break;
+                }
+            },
         };
         drained.bytes += n;
-        keep(shared, i, &buf[..n], turn);
+        let mut captures = lock(&shared.captures);
+        let kept = captures[i].push(&buf[..n]);
+        if captures[i].truncated() {
+            shared.overflowed.store(true, Ordering::Relaxed);
+        }
+        batch.push(STREAMS[i], kept);
     }
     drained
-}
-
-/// Passes bytes read from stream `i` through its capture into the batch.
-fn keep(shared: &Shared, i: usize, bytes: &[u8], turn: &mut Turn) {
-    let mut captures = lock(&shared.captures);
-    let kept = captures[i].push(bytes);
-    if captures[i].truncated() {
-        shared.overflowed.store(true, Ordering::Relaxed);
-    }
-    turn.batch.push(STREAMS[i], kept);
 }
 
 #[cfg(test)]
@@ -581,12 +553,12 @@ mod tests {
     #[test]
     fn batches_split_at_the_frame_size_and_at_stream_changes() {
         let (tx, rx) = mpsc::channel();
-        let mut batch = Batch { stage: Stage::Run, stream: Stream::Stdout, data: Vec::new(), outbox: tx };
+        let mut batch = Batch { stage: Stage::Run, stream: Stream::Stdout, data: Vec::new(), outbox: &tx };
         batch.push(Stream::Stdout, &vec![b'a'; OUTPUT_CHUNK + 10]);
         batch.push(Stream::Stderr, b"e");
         batch.push(Stream::Stdout, b"b");
         batch.flush();
-        drop(batch);
+        drop(tx);
         let got: Vec<(Stream, usize)> = frames(rx).into_iter().map(|(s, d)| (s, d.len())).collect();
         assert_eq!(
             got,

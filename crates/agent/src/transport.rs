@@ -14,7 +14,7 @@ use nix::errno::Errno;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr};
 use tvm_protocol::{
-    read_frame, write_guest_frame, FrameError, GuestMessage, HostMessage, MAX_HOST_FRAME, VIRTIO_PORT_NAME, VSOCK_PORT,
+    read_frame, write_frame, FrameError, GuestMessage, HostMessage, MAX_HOST_FRAME, VIRTIO_PORT_NAME, VSOCK_PORT,
 };
 
 use crate::error::Error;
@@ -100,7 +100,7 @@ impl Link {
 
     /// Writes one message directly (before the writer thread exists).
     pub fn send(&mut self, msg: &GuestMessage) -> Result<(), Error> {
-        write_guest_frame(&mut self.stream, msg).map_err(|e| Error::Send(describe(msg), e))
+        write_frame(&mut self.stream, msg).map_err(|e| Error::Send(describe(msg), e))
     }
 
     /// Reads the next message from the host (the job, or a template
@@ -146,7 +146,7 @@ impl Link {
                 // on between two reads (see `crate::relay`).
                 crate::relay::raise_priority();
                 for msg in rx {
-                    write_guest_frame(&mut stream, &msg).map_err(|e| Error::Send(describe(&msg), e))?;
+                    write_frame(&mut stream, &msg).map_err(|e| Error::Send(describe(&msg), e))?;
                     // Nothing may follow the final message, even if a stuck
                     // reader thread still holds a sender.
                     if matches!(msg, GuestMessage::Done(_) | GuestMessage::Failed { .. }) {

@@ -3,8 +3,7 @@
 //! One job per VM: the guest agent announces [`GuestMessage::Ready`], the host
 //! sends one [`HostMessage::Run`], the agent streams [`GuestMessage::Output`]
 //! chunks and ends with [`GuestMessage::Done`]. Frames are a 4-byte big-endian
-//! length followed by that many bytes of JSON, except the guest's output
-//! chunks, whose body is binary ([`OUTPUT_FRAME`]). Every reader is given a maximum
+//! length followed by that many bytes of JSON. Every reader is given a maximum
 //! frame size: the guest runs untrusted code, so the host must never let the
 //! guest choose how much memory it allocates.
 //!
@@ -17,9 +16,7 @@ mod codec;
 mod messages;
 mod signal;
 
-pub use codec::{
-    encode, encode_guest, read_frame, write_frame, write_guest_frame, BadOutput, FrameDecoder, FrameError, OUTPUT_FRAME,
-};
+pub use codec::{encode, read_frame, write_frame, FrameDecoder, FrameError};
 #[cfg(feature = "tokio")]
 pub use codec::{read_frame_async, write_frame_async};
 pub use messages::*;
@@ -31,22 +28,19 @@ pub use signal::linux_signal_name;
 /// 3: interactive jobs (`Job::interactive`, `Stdin`, `StdinEof`, `Signal`,
 /// `StageStarted`, `StageExited`); an older agent would leave a session's
 /// program waiting for input forever.
-/// 4: output chunks travel as binary frames ([`OUTPUT_FRAME`]), not JSON
-/// with base64; an older host would call them malformed.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 3;
 
-/// Largest frame the host accepts from the guest before a job (the job's own
-/// caps size it after). Output arrives in chunks of at most [`OUTPUT_CHUNK`]
-/// bytes, so anything larger is hostile.
+/// Largest frame the host accepts from the guest. Output arrives in chunks of
+/// at most [`OUTPUT_CHUNK`] bytes, so anything larger is hostile.
 pub const MAX_GUEST_FRAME: usize = 1 << 20;
 
 /// Largest frame the agent accepts from the host (the job with its files).
 pub const MAX_HOST_FRAME: usize = 64 << 20;
 
-/// Largest raw output chunk the agent streams. The agent batches a
-/// program's writes into chunks up to this size, so relaying costs per byte
-/// rather than per write; the host refuses a binary output frame
-/// ([`OUTPUT_FRAME`]) that carries more.
+/// Largest raw output chunk the agent streams (before base64). The agent
+/// batches a program's writes into chunks up to this size, so relaying costs
+/// per byte rather than per write; base64 and JSON keep a chunk's frame well
+/// under [`MAX_GUEST_FRAME`].
 pub const OUTPUT_CHUNK: usize = 64 << 10;
 
 /// Name of the virtio-serial port the agent talks on (QEMU backend).

@@ -105,8 +105,7 @@ pub enum GuestMessage {
         /// Guest uptime when the agent became ready (kernel boot + agent setup).
         uptime_ms: u64,
     },
-    /// A chunk of a stage's output, sent as it is produced. On the wire
-    /// (protocol 4) a binary frame ([`crate::OUTPUT_FRAME`]), not JSON.
+    /// A chunk of a stage's output, sent as it is produced.
     Output {
         /// Which stage produced it.
         stage: Stage,

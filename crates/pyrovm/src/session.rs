@@ -74,7 +74,7 @@ impl Vm {
             let mut received: u64 = 0;
             let mut open = true;
             loop {
-                while let Some(msg) = decoder.next_guest_frame().map_err(RunJobError::Protocol)? {
+                while let Some(msg) = decoder.next_frame::<GuestMessage>().map_err(RunJobError::Protocol)? {
                     match msg {
                         GuestMessage::Output { stage, stream, data } => {
                             received += data.len() as u64;

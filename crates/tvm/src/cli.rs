@@ -234,11 +234,6 @@ pub struct BenchArgs {
     /// Writes per relay-bench run.
     #[arg(long, default_value_t = 200_000, requires = "relay")]
     pub lines: u64,
-    /// Relay-bench rows to run: those whose program name contains one of
-    /// these (case-insensitive, repeatable; default every row), e.g.
-    /// `--program "C write"`.
-    #[arg(long, value_name = "NAME", requires = "relay")]
-    pub program: Vec<String>,
     /// Instead: this many tests (1-64) of a C++ solution as the `tests` of
     /// one execution (compile once, run many) next to as many separate
     /// executions.

@@ -323,18 +323,12 @@ async fn measure(vmm: &Pyrovm, p: &Program, lines: u64, sink: Sink) -> Result<Me
     Ok(Measured { writes_per_sec: lines as f64 / secs, wall_ms: run.wall_ms, frames, note: None })
 }
 
-/// Whether a row named `name` is asked for: no filter, or one it contains.
-fn selected(name: &str, only: &[String]) -> bool {
-    only.is_empty() || only.iter().any(|o| name.to_lowercase().contains(&o.to_lowercase()))
-}
-
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// Runs every program (or those whose name contains one of `only`,
-/// case-insensitive) `runs` times through the relay and to `/dev/null`,
+/// Runs every program `runs` times through the relay and to `/dev/null`,
 /// `lines` writes each, and prints a Markdown table (medians).
 ///
 /// A run that fails (a VM that cannot boot, a verdict other than `ok`,
@@ -343,14 +337,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 ///
 /// # Errors
 /// None of its own today; kept fallible for the command's signature.
-pub async fn run(vmm: &Pyrovm, runs: usize, lines: u64, only: &[String]) -> Result<()> {
+pub async fn run(vmm: &Pyrovm, runs: usize, lines: u64) -> Result<()> {
     println!("accelerator: {} ({})", vmm.accel().kind().as_str(), vmm.accel().reason);
     println!("{lines} short writes per run, {runs} run(s) per cell, medians; each run boots a fresh VM\n");
     println!(
         "| program | relay writes/s | pipe floor writes/s | /dev/null writes/s | relay / floor | relay / null | run wall (relay) | stdout frames | note |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---|");
-    for p in PROGRAMS.iter().filter(|p| selected(p.name, only)) {
+    for p in PROGRAMS {
         let (mut relay, mut floor, mut null, mut wall, mut frames, mut notes) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..runs.max(1) {
@@ -415,8 +409,5 @@ mod tests {
         assert_eq!(loop_ns(b"warn\nloop_ns=1234\n"), Some(1234));
         assert_eq!(loop_ns(b"nothing"), None);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
-        assert!(selected("C write(2) per line", &[]));
-        assert!(selected("C write(2) per line", &["c WRITE".into(), "python".into()]));
-        assert!(!selected("Ruby puts per line (sync)", &["C write".into()]));
     }
 }

@@ -17,7 +17,7 @@ pub async fn bench(ctx: Context, args: &BenchArgs) -> Result<ExitCode> {
     if let Some(n) = args.tests {
         crate::tests_bench::run(&vmm, args.runs.max(1), n).await?;
     } else if args.relay {
-        crate::relay_bench::run(&vmm, args.runs.max(1), args.lines.max(1), &args.program).await?;
+        crate::relay_bench::run(&vmm, args.runs.max(1), args.lines.max(1)).await?;
     } else {
         crate::bench::run(&vmm, args.runs.max(1), &args.runtimes).await?;
     }
