@@ -205,6 +205,12 @@ fn supervise(
                 };
                 if let Some(status) = reason {
                     let graceful = status == StageStatus::TimeLimitExceeded;
+                    // Out of time while held at the memory limit: the limit came first.
+                    let status = if graceful && cgroup.held_at_memory_limit(limits.memory_bytes) {
+                        StageStatus::MemoryLimitExceeded
+                    } else {
+                        status
+                    };
                     debug!("{:?} stage: {status:?}, {}", spec.stage, if graceful { "terminating" } else { "killing" });
                     if graceful {
                         cgroup.signal(libc::SIGTERM)?;

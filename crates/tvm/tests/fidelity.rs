@@ -153,6 +153,70 @@ fn output_before_an_uncatchable_kill_is_kept() {
     }
 }
 
+/// A program that grows until little but its own memory is left under the
+/// limit, then runs out of time (Ruby's heap growing in small steps crawls
+/// there: each step makes the kernel reclaim the interpreter's own page
+/// cache, so the OOM killer may never come) is `memory_limit_exceeded`, not
+/// `time_limit_exceeded`, and keeps what it printed. The program watches its
+/// own cgroup: it stops growing once its usage has met memory.max and what
+/// it holds (memory.current minus the clean page cache of memory.stat) is
+/// within 1/32 of it (or the OOM killer ends it first: the same verdict),
+/// then spins.
+#[test]
+fn out_of_time_at_the_memory_limit_is_memory_limit_exceeded() {
+    let ruby = r##"dir = "/sys/fs/cgroup" + File.read("/proc/self/cgroup").strip.split(":", 3).last
+limit = File.read("#{dir}/memory.max").to_i
+stat = ->(k) { File.read("#{dir}/memory.stat")[/^#{k} (\d+)/, 1].to_i }
+held = -> { File.read("#{dir}/memory.current").to_i - (stat.("file") - stat.("shmem")) }
+hit = -> { File.read("#{dir}/memory.events")[/^max (\d+)/, 1].to_i > 0 }
+puts "allocating"
+a = []
+a << ("x" * (256 << 10)) until hit.() && held.() >= limit - limit / 32
+loop {}
+"##;
+    let c = r#"#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+static char dir[256];
+static long long num(const char *file, const char *key) {
+    char path[320], line[256];
+    long long v = 0;
+    snprintf(path, sizeof path, "%s/%s", dir, file);
+    FILE *f = fopen(path, "r");
+    if (!f) exit(3);
+    while (fgets(line, sizeof line, f)) {
+        size_t k = strlen(key);
+        if (!*key) { v = atoll(line); break; }
+        if (!strncmp(line, key, k) && line[k] == ' ') { v = atoll(line + k + 1); break; }
+    }
+    fclose(f);
+    return v;
+}
+int main(void) {
+    char cg[200] = "";
+    FILE *f = fopen("/proc/self/cgroup", "r");
+    if (!f || !fgets(cg, sizeof cg, f)) return 3;
+    cg[strcspn(cg, "\n")] = 0;
+    snprintf(dir, sizeof dir, "/sys/fs/cgroup%s", strrchr(cg, ':') + 1);
+    long long limit = num("memory.max", "");
+    printf("allocating\n");
+    for (;;) {
+        long long held = num("memory.current", "") - (num("memory.stat", "file") - num("memory.stat", "shmem"));
+        if (num("memory.events", "max") > 0 && held >= limit - limit / 32) break;
+        memset(malloc(256 << 10), 1, 256 << 10);
+    }
+    for (;;) {}
+}
+"#;
+    for (file, source) in [("main.rb", ruby), ("main.c", c)] {
+        let env = Env::new();
+        let f = env.file(file, source);
+        let v = json_with_args(&env, &f, &["--memory-limit", "64M", "--time-limit", "8s"], &[]);
+        assert_eq!(v["verdict"], "memory_limit_exceeded", "{file}: {v}");
+        assert_eq!(stdout_of(&v), "allocating\n", "{file}: {v}");
+    }
+}
+
 /// Recursion `depth` frames deep, ~300 bytes of stack each: argv[1] frames.
 const STACK_C: &str = "#include <stdio.h>\n#include <stdlib.h>\nstatic long f(long n) {\n    volatile char pad[256];\n    pad[n % 256] = (char)n;\n    if (n == 0) return 0;\n    return f(n - 1) + pad[(n * 7) % 256];\n}\nint main(int argc, char **argv) {\n    printf(\"depth %ld sum %ld\\n\", atol(argv[1]), f(atol(argv[1])));\n    return 0;\n}\n";
 // <cstdio>, not <iostream>: the compile stays short under TCG on a loaded host.
