@@ -125,6 +125,6 @@ mod tests {
     fn chain_does_not_repeat_causes_already_in_the_message() {
         let io = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "pipe gone");
         let e = Error::Send("output", tvm_protocol::FrameError::Io(io));
-        assert_eq!(chain(&e), "sending output to the host: transport: pipe gone");
+        assert_eq!(chain(&e), "sending output to the host: transport failed: pipe gone");
     }
 }
