@@ -32,6 +32,7 @@ for suite in scripts/tests.d/*.sh; do
   echo "==> $suite took $((SECONDS - start)) s"
 done
 if [ ${#failed[@]} -gt 0 ]; then
+  df -h / /tmp >&2   # a full disk shows up as unrelated failures
   echo "FAILED: ${failed[*]}" >&2
   exit 1
 fi

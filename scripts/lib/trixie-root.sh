@@ -13,7 +13,7 @@
 # Both need root (mmdebstrap --mode=root, bind mounts).
 
 trixie_suite=trixie
-trixie_recipe_version=1
+trixie_recipe_version=2
 trixie_cache=${TVM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tvm}
 trixie_cargo_home="$trixie_cache/buildroot/cargo-home"
 
@@ -36,7 +36,12 @@ trixie_root() {
       mkdir -p "$tmp"
       trap 'rm -rf "$tmp"' EXIT
       echo "$who: creating the $trixie_suite build root $key ($packages)" >&2
+      # No fsync per unpacked file (the root is made in a temporary directory
+      # and moved into place only when complete) and no documentation, manuals
+      # or translations to unpack (recipe version 2).
       mmdebstrap --mode=root --variant=minbase --architectures=amd64,arm64 --include="$packages" \
+        --dpkgopt=force-unsafe-io --dpkgopt='path-exclude=/usr/share/doc/*' \
+        --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
         "$trixie_suite" "$tmp/root" http://deb.debian.org/debian >"$tmp/log" 2>&1 || { tail -20 "$tmp/log" >&2; exit 1; }
       rm -rf "$tmp/root/var/cache/apt/archives"/*.deb "$tmp/root/var/lib/apt/lists"/*_Packages
       mkdir -p "$broot"

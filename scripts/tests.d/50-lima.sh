@@ -103,6 +103,7 @@ else
   fail "provision script ran in a fresh Debian 12 root"
   tail -n 30 "$work/mmdebstrap.log"
   [ -f "$root/root/run1.log" ] && tail -n 30 "$root/root/run1.log"
+  df -h / /tmp   # a full disk truncates the logs above (CI was red once that way)
 fi
 
 if [ -f "$root/root/doctor.json" ] && "$venv/bin/python" - "$root/root/doctor.json" <<'PY'; then

@@ -88,6 +88,9 @@ pub enum Error {
     /// Setting the wall clock to the host's failed.
     #[error("setting the wall clock")]
     SetClock(#[source] nix::Error),
+    /// The pipe for a stage's output stream (named) could not be created.
+    #[error("creating the {0} pipe")]
+    OutputPipe(&'static str, #[source] nix::Error),
     /// A helper thread could not be started.
     #[error("starting the {0} thread")]
     SpawnThread(&'static str, #[source] std::io::Error),

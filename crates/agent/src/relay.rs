@@ -4,52 +4,98 @@
 //! A program that flushes every line makes one `write(2)` per line. Turning
 //! each of them into its own wake-up, frame and host round trip costs far
 //! more than the write itself (under TCG a few thousand lines per second), so
-//! the program ends up blocked on a full pipe. Instead one thread drains both
-//! pipes with large reads and sends what it found as few, large frames:
+//! the program ends up blocked on a full pipe. Instead each pipe has a relay
+//! thread that reads it in large pieces and sends what it found as few, large
+//! frames:
 //!
-//! - While a stream is busy the relay lets its (enlarged, [`PIPE_BYTES`])
-//!   pipe fill for a window without waking up, then reads everything at once
+//! - The pipes are never polled. Once anybody has `poll`ed (or `select`ed, or
+//!   `epoll`ed) a pipe, Linux 6.1 wakes its readers' wait queue on *every*
+//!   write from then on (`pipe->poll_usage` in `pipe_write`, for epoll's
+//!   sake), where an unpolled pipe only wakes its reader when a write finds
+//!   it empty. A relay thread therefore waits in a blocking `read`: the
+//!   writer wakes it once per quiet spell, not once per write.
+//! - While a stream is busy its thread lets its (enlarged, [`PIPE_BYTES`])
+//!   pipe fill for a window without reading, then reads everything at once
 //!   and sends it as one frame per [`OUTPUT_CHUNK`] bytes. Output still
-//!   streams: the first bytes after a quiet spell are read at once, later
-//!   ones at most one window late.
+//!   streams: the first bytes after a quiet spell are read and sent at once,
+//!   later ones at most one window late.
 //! - The window adapts ([`Window`]): it starts at [`WINDOW`] and doubles up to
 //!   [`MAX_WINDOW`] while the stream stays busy, so a steady writer costs a
 //!   few dozen wake-ups and frames a second (each frame is a VM exit under
 //!   TCG, paid on the writer's vCPU). It halves again when a window's output
 //!   filled more than half the pipe (the writer would soon block on the
 //!   sleeping relay) and starts over after a quiet spell.
-//! - Order across the two streams is the order of the writes. During a
-//!   window the relay still waits on the *other* stream's pipe: its first
-//!   write ends the window, everything already in the busy pipe is read and
-//!   sent first (it was written before), then the other stream's bytes, and
-//!   the window moves to that stream. The relay thread runs at a real-time
-//!   priority ([`raise_priority`]), so on the guest's single vCPU a write
-//!   that wakes it is read before the program makes its next system call:
-//!   interleaved stdout and stderr (Piston's `output`) keep the order of the
-//!   writes exactly, and a program that alternates streams on every write
-//!   pays one wake-up per switch, as with a terminal.
+//! - Order across the two streams: see [Order](#order) below.
 //! - Caps stay exact: every byte goes through the stream's [`Capture`], which
 //!   keeps exactly `cap` bytes; the first byte beyond raises the overflow flag
 //!   the supervisor kills on, and the rest is read and discarded so the
 //!   writer never blocks before it dies.
+//!
+//! # Order
+//!
+//! Within a stream every kept byte arrives once, in the order written:
+//! always. Across the two streams (what Piston's `output` and the native
+//! API's `stdout`/`stderr` event stream show interleaved, both in the order
+//! the host receives frames) the promise is:
+//!
+//! **On a guest with one vCPU (the default) and the relay threads at their
+//! real-time priority, frames carry the bytes in the order they entered the
+//! two pipes, at the granularity of one pipe write.** A `write(2)` the pipe
+//! takes whole (any write of at most `PIPE_BUF`, 4096 bytes, and a larger
+//! one the 1 MiB pipe has room for) is never split by bytes of the other
+//! stream, and a write that starts after another one returned comes after
+//! it. So a program whose writes to stdout and stderr follow one another
+//! (one thread, or several that take turns) gets back exactly the order of
+//! its write calls, from its first instruction on.
+//!
+//! How: the stage's pipes are created and both relay threads are waiting in
+//! their `read`s before the program is spawned ([`Relay::start`] returns
+//! once both run at [`RELAY_PRIORITY`]). At most one stream is in its window
+//! at a time, and all output passes one batch under one lock ([`Turn`]).
+//! The other stream's thread waits in its `read`, so the program's first
+//! write there wakes it, and being real-time it runs before the program's
+//! next system call (on the one vCPU nothing else runs in between): it first
+//! reads what the busy stream's pipe holds and sends that (written before),
+//! ends that stream's window, then sends its own bytes and takes the window
+//! over. A window that ends on its timer reads only its own pipe: the other
+//! one is empty then (a write there would already have woken its thread). A
+//! program that alternates streams on every write therefore pays one
+//! wake-up per switch, as with a terminal.
+//!
+//! Not promised:
+//! - With several vCPUs (`TVM_VCPUS` > 1) the woken relay thread runs on
+//!   another vCPU while the program goes on: a write to one stream made
+//!   within a relay wake-up (microseconds) of a write to the other may be
+//!   sent first, because both threads then hold fresh bytes and the one
+//!   that takes the lock first goes first. Without the real-time priority
+//!   ([`raise_priority`] failed: logged) the same holds whenever the
+//!   scheduler lets the program run on before the relay.
+//! - A write larger than the room left in its pipe enters it in pieces (the
+//!   writer sleeps in between), so another thread's write to the other
+//!   stream may come between the pieces, as it may on a terminal.
+//! - Writes made at the same time by different threads (or processes) have
+//!   no order of their own: whichever enters its pipe first comes first.
+//! - The host's event stream turns frames into text: an incomplete UTF-8
+//!   sequence at the end of a frame is held back until its stream's next
+//!   frame, so those few bytes may follow the other stream's next event.
+//!   The bytes of `output` and of the result are not affected.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tvm_protocol::{GuestMessage, Stage, Stream, OUTPUT_CHUNK};
 
 use crate::error::Error;
 use crate::output::Capture;
 
-/// How long the relay lets output accumulate in the pipes between reads
-/// while a program is writing. Bounds the streaming delay; long enough that
-/// a program writing a line every few microseconds is read thousands of lines
+/// How long the relay lets output accumulate in a pipe between reads while
+/// a program is writing. Bounds the streaming delay; long enough that a
+/// program writing a line every few microseconds is read thousands of lines
 /// at a time.
 pub const WINDOW: Duration = Duration::from_millis(2);
 
@@ -58,42 +104,74 @@ pub const WINDOW: Duration = Duration::from_millis(2);
 /// not notice 25 ms), and about 40 frames a second per busy stream.
 pub const MAX_WINDOW: Duration = Duration::from_millis(25);
 
-/// Pipe capacity asked for (`F_SETPIPE_SZ`): what a writer may put in while
-/// the relay sleeps one window before it blocks (40 MB/s at [`MAX_WINDOW`]).
-/// The pages are charged to the writer's cgroup only while filled, and root
-/// may ask for up to `/proc/sys/fs/pipe-max-size` (1 MiB by default).
+/// Pipe capacity asked for (`F_SETPIPE_SZ`, bytes): what a writer may put in
+/// while the relay sleeps one window before it blocks (40 MB/s at
+/// [`MAX_WINDOW`]). The pages are charged to the writer's cgroup only while
+/// filled, and root may ask for up to `/proc/sys/fs/pipe-max-size` (1 MiB by
+/// default).
 const PIPE_BYTES: libc::c_int = 1 << 20;
 
-/// What one window's drain may read before the window shrinks: half the pipe,
-/// so the writer of a window of this size never found it full.
+/// What one window's drain may read (bytes) before the window shrinks: half
+/// the pipe, so the writer of a window of this size never found it full.
 const WINDOW_FILL_BYTES: usize = PIPE_BYTES as usize / 2;
 
-/// Most bytes read from one stream in one go. On one vCPU the writer cannot
-/// refill the pipe while the (real-time) relay drains it, so this only
-/// bounds a drain racing a writer on another vCPU; what is left is read on
-/// the next turn, still before the other stream.
+/// Most bytes read from one stream in one drain. On one vCPU the writer
+/// cannot refill the pipe while the (real-time) relay drains it, so this only
+/// bounds a drain racing a writer on another vCPU; what is left is read at
+/// once on the next turn, still before the other stream's next bytes.
 const DRAIN_BUDGET: usize = 2 * PIPE_BYTES as usize;
 
-/// The real-time priority of the relay thread (`SCHED_FIFO`, lowest level):
+/// The real-time priority of the relay threads (`SCHED_FIFO`, lowest level):
 /// above every program (they cannot raise their own), so a write that wakes
 /// the relay is read before the writer goes on.
 const RELAY_PRIORITY: libc::c_int = 1;
 
-/// The two streams, in the order their captures are kept.
+/// How long [`Relay::start`] waits for its threads to run at the relay's
+/// priority (milliseconds at most on an idle guest).
+const READY_WAIT: Duration = Duration::from_secs(1);
+
+/// The two streams, in the order their captures and pipes are kept.
 const STREAMS: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
 
-/// What the relay shares with the supervisor.
+/// Where a stream's relay thread is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// In (or on its way into) a blocking read of a pipe it found empty:
+    /// nobody else reads this pipe.
+    Waiting,
+    /// Letting the pipe fill until its window ends. The other stream's
+    /// thread may read this pipe (under [`Shared::turn`]) and end the window.
+    Window,
+    /// End of file (or a pipe that can no longer be read): nothing more comes.
+    Closed,
+}
+
+/// What the two relay threads share under one lock: whose window it is and
+/// the output read but not sent yet. A pipe is read by the thread that does
+/// not own it only under this lock while its owner is in its window, so two
+/// reads of one pipe never race and none of them blocks.
+#[derive(Debug)]
+struct Turn {
+    phase: [Phase; 2],
+    batch: Batch,
+}
+
+/// What the relay threads share with each other and the supervisor.
 #[derive(Debug)]
 struct Shared {
     captures: Mutex<[Capture; 2]>,
     overflowed: AtomicBool,
+    fds: [OwnedFd; 2],
+    turn: Mutex<Turn>,
+    /// Signalled when a stream's window is ended by the other stream.
+    window_over: Condvar,
 }
 
-/// The thread relaying one stage's output.
+/// The threads relaying one stage's output.
 #[derive(Debug)]
 pub struct Relay {
     shared: Arc<Shared>,
-    thread: JoinHandle<()>,
+    threads: [JoinHandle<()>; 2],
 }
 
 /// What one stream captured: the kept bytes and whether more was cut.
@@ -103,9 +181,14 @@ impl Relay {
     /// Starts relaying the read ends of a stage's stdout and stderr pipes,
     /// keeping at most `cap` bytes of each and streaming them to `outbox`
     /// as [`GuestMessage::Output`] chunks of at most [`OUTPUT_CHUNK`] bytes.
+    /// Start it before the program that writes the pipes: it returns once
+    /// both threads run (at most [`READY_WAIT`]), and only writes made after
+    /// that keep their order across the streams ([Order](self#order)).
     ///
     /// # Errors
-    /// [`Error::SpawnThread`] if the thread cannot be created.
+    /// [`Error::SpawnThread`] if a relay thread cannot be created. The
+    /// pipes are then closed with whatever thread did start (it ends at the
+    /// end of file of its pipe).
     pub fn start(
         stdout: OwnedFd,
         stderr: OwnedFd,
@@ -113,19 +196,49 @@ impl Relay {
         cap: u64,
         outbox: Sender<GuestMessage>,
     ) -> Result<Self, Error> {
-        let shared = Arc::new(Shared {
-            captures: Mutex::new([Capture::new(cap), Capture::new(cap)]),
-            overflowed: AtomicBool::new(false),
-        });
         for fd in [&stdout, &stderr] {
             prepare_pipe(fd);
         }
-        let state = Arc::clone(&shared);
-        let thread = std::thread::Builder::new()
-            .name("output relay".into())
-            .spawn(move || pump([stdout, stderr], stage, &state, &outbox))
-            .map_err(|e| Error::SpawnThread("output relay", e))?;
-        Ok(Self { shared, thread })
+        let shared = Arc::new(Shared {
+            captures: Mutex::new([Capture::new(cap), Capture::new(cap)]),
+            overflowed: AtomicBool::new(false),
+            fds: [stdout, stderr],
+            turn: Mutex::new(Turn {
+                phase: [Phase::Waiting; 2],
+                batch: Batch { stage, stream: Stream::Stdout, data: Vec::with_capacity(OUTPUT_CHUNK), outbox },
+            }),
+            window_over: Condvar::new(),
+        });
+        let (ready_tx, ready) = mpsc::channel();
+        let spawn = |s: usize| {
+            let state = Arc::clone(&shared);
+            let ready = ready_tx.clone();
+            std::thread::Builder::new()
+                .name(if s == 0 { "stdout relay" } else { "stderr relay" }.into())
+                .spawn(move || {
+                    raise_priority();
+                    // Allocated before telling: from here to its first
+                    // `read` the thread takes no lock the agent might hold.
+                    let bufs = [vec![0u8; OUTPUT_CHUNK], vec![0u8; OUTPUT_CHUNK]];
+                    // The receiver may have given up waiting: nothing to tell then.
+                    let _ = ready.send(());
+                    follow(s, &state, bufs);
+                })
+                .map_err(|e| Error::SpawnThread("output relay", e))
+        };
+        let threads = [spawn(0)?, spawn(1)?];
+        // Both threads at the relay's priority before the program's first
+        // writes can matter: a thread that has not run yet cannot keep the
+        // order of writes made before it does. Bounded: a thread that is
+        // slow to start only costs that order, never the stage.
+        let deadline = Instant::now() + READY_WAIT;
+        for _ in 0..2 {
+            if ready.recv_timeout(deadline.saturating_duration_since(Instant::now())).is_err() {
+                crate::log::debug!("output relay: a relay thread was not running after {READY_WAIT:?}");
+                break;
+            }
+        }
+        Ok(Self { shared, threads })
     }
 
     /// Whether either stream went past its cap (the stage must be killed).
@@ -135,10 +248,10 @@ impl Relay {
 
     /// Whether both streams reached end of file and everything was sent.
     pub fn finished(&self) -> bool {
-        self.thread.is_finished()
+        self.threads.iter().all(JoinHandle::is_finished)
     }
 
-    /// The captured stdout and stderr. Works even if the thread is still
+    /// The captured stdout and stderr. Works even if a thread is still
     /// blocked on a pipe some unkillable process holds: it is then simply
     /// abandoned.
     pub fn take(self) -> [Captured; 2] {
@@ -148,36 +261,37 @@ impl Relay {
     }
 }
 
-/// Non-blocking reads (the relay decides when to wait), and a pipe large
-/// enough to hold a window's worth of output. Both are best effort: a
-/// blocking or small pipe only costs speed.
+/// A pipe large enough to hold a window's worth of output, read in blocking
+/// mode (the threads wait in `read`, never in `poll`). Best effort: a small
+/// pipe only costs speed.
 fn prepare_pipe(fd: &OwnedFd) {
     let raw = fd.as_raw_fd();
     // SAFETY: fcntl on a descriptor we own, with integer arguments.
     unsafe {
         let flags = libc::fcntl(raw, libc::F_GETFL);
-        if flags >= 0 {
-            libc::fcntl(raw, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        if flags >= 0 && flags & libc::O_NONBLOCK != 0 {
+            libc::fcntl(raw, libc::F_SETFL, flags & !libc::O_NONBLOCK);
         }
         libc::fcntl(raw, libc::F_SETPIPE_SZ, PIPE_BYTES);
     }
 }
 
-fn lock(captures: &Mutex<[Capture; 2]>) -> MutexGuard<'_, [Capture; 2]> {
-    // A poisoned lock only means the relay panicked, and the panic hook has
-    // already ended the VM; the data itself is still consistent.
-    captures.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means a relay thread panicked, and the panic hook
+    // has already ended the VM; the data itself is still consistent.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Output read but not sent yet: one stream's bytes, in order.
-struct Batch<'a> {
+#[derive(Debug)]
+struct Batch {
     stage: Stage,
     stream: Stream,
     data: Vec<u8>,
-    outbox: &'a Sender<GuestMessage>,
+    outbox: Sender<GuestMessage>,
 }
 
-impl Batch<'_> {
+impl Batch {
     /// Appends `bytes` of `stream`, sending what came before first if the
     /// stream changes and whenever a frame is full.
     fn push(&mut self, stream: Stream, mut bytes: &[u8]) {
@@ -217,34 +331,19 @@ impl Window {
         Self(WINDOW)
     }
 
-    /// The window after a drain that read `bytes` (both streams).
+    /// The window after a drain that read `bytes`.
     fn after(self, bytes: usize) -> Self {
         let next = if bytes > WINDOW_FILL_BYTES { self.0 / 2 } else { self.0 * 2 };
         Self(next.clamp(WINDOW, MAX_WINDOW))
     }
 }
 
-/// The stream the relay is batching: it is read when its window ends or
-/// when the other stream writes, whichever comes first.
-#[derive(Debug, Clone, Copy)]
-struct Busy {
-    stream: usize,
-    until: Instant,
-    window: Window,
-}
-
-impl Busy {
-    fn new(stream: usize, now: Instant) -> Self {
-        Self { stream, until: now + WINDOW, window: Window::new() }
-    }
-}
-
-/// Puts the calling thread at [`RELAY_PRIORITY`]: the relay, and the host
-/// writer it hands frames to. Both must be above the program: if the relay
-/// blocked on a lock (the channel's, the allocator's) held by a thread the
-/// program outranks, the program would run on and write to both pipes
-/// before the relay's next read. At one real-time level (FIFO), neither
-/// preempts the other inside such a lock.
+/// Puts the calling thread at [`RELAY_PRIORITY`]: the relay threads, and the
+/// host writer they hand frames to. All must be above the program: if a relay
+/// thread blocked on a lock (the turn, the channel's, the allocator's) held
+/// by a thread the program outranks, the program would run on and write to
+/// both pipes before the relay's next read. At one real-time level (FIFO),
+/// none preempts another inside such a lock.
 ///
 /// Best effort: without the real-time priority (another kernel, a seccomp
 /// policy) order across the streams is only as good as the scheduler's
@@ -258,87 +357,92 @@ pub fn raise_priority() {
     }
 }
 
-fn pump(fds: [OwnedFd; 2], stage: Stage, shared: &Shared, outbox: &Sender<GuestMessage>) {
-    raise_priority();
-    let mut open = [true, true];
-    let mut buf = vec![0u8; OUTPUT_CHUNK];
-    let mut batch = Batch { stage, stream: Stream::Stdout, data: Vec::with_capacity(OUTPUT_CHUNK), outbox };
-    let mut busy: Option<Busy> = None;
-    while open.iter().any(|o| *o) {
-        let Some(current) = busy else {
-            // Quiet: the first write of either stream wakes the relay, and
-            // that stream becomes the busy one. Both ready at once only
-            // happens when the relay was not waiting yet (or on several
-            // vCPUs); then stdout goes first.
-            let ready = wait_readable(&fds, open, None);
-            let mut next = None;
-            for (i, _) in ready.iter().enumerate().filter(|(_, r)| **r) {
-                if drain(&fds, i, &mut open, &mut buf, shared, &mut batch).bytes > 0 {
-                    next = Some(i);
-                }
-            }
-            batch.flush();
-            busy = next.map(|i| Busy::new(i, Instant::now()));
-            continue;
-        };
-        // The window: wait on the other stream only.
-        let s = current.stream;
-        let mut others = open;
-        others[s] = false;
-        let ready = wait_readable(&fds, others, Some(current.until));
-        // What the busy stream holds was written before whatever woke us.
-        let drained = drain(&fds, s, &mut open, &mut buf, shared, &mut batch);
-        let o = 1 - s;
-        let switched = (ready[o] && drain(&fds, o, &mut open, &mut buf, shared, &mut batch).bytes > 0).then_some(o);
-        batch.flush();
-        let now = Instant::now();
-        busy = match switched {
-            Some(o) => Some(Busy::new(o, now)),
-            None if drained.more => Some(Busy { until: now, ..current }),
-            None if drained.bytes == 0 || !open[s] => None,
-            None => {
-                let window = if now >= current.until { current.window.after(drained.bytes) } else { current.window };
-                Some(Busy { stream: s, until: now + window.0, window })
-            }
-        };
-    }
-    batch.flush();
-}
-
-/// Blocks until an open stream in `open` has data or hung up, or until
-/// `deadline`; says which are ready. With no stream to wait on it just
-/// sleeps until the deadline.
-fn wait_readable(fds: &[OwnedFd; 2], open: [bool; 2], deadline: Option<Instant>) -> [bool; 2] {
-    let index: Vec<usize> = (0..2).filter(|i| open[*i]).collect();
-    let mut polled: Vec<PollFd<'_>> = index.iter().map(|i| PollFd::new(fds[*i].as_fd(), PollFlags::POLLIN)).collect();
+/// The relay thread of stream `s`: waits in a read until the program writes,
+/// then holds the window until the stream goes quiet or the other stream
+/// takes the window over; ends at the pipe's end of file.
+/// `bufs` are two read buffers of [`OUTPUT_CHUNK`] bytes: one for this
+/// stream's pipe, one for the other's while the first still holds what woke
+/// the thread.
+fn follow(s: usize, shared: &Shared, bufs: [Vec<u8>; 2]) {
+    let o = 1 - s;
+    let [mut buf, mut other] = bufs;
     loop {
-        let timeout = match deadline {
-            None => PollTimeout::NONE,
-            Some(d) => {
-                let left = d.saturating_duration_since(Instant::now());
-                // Rounded up: waking before the deadline would only poll again.
-                let ms = left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-                PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
-            }
+        // Waiting: the first write into the empty pipe wakes this read.
+        let Some(n) = read_blocking(&shared.fds[s], &mut buf) else {
+            lock(&shared.turn).phase[s] = Phase::Closed;
+            return;
         };
-        match poll(&mut polled, timeout) {
-            Err(Errno::EINTR) => continue,
-            Ok(0) => return [false, false],
-            Ok(_) => {
-                let mut ready = [false, false];
-                for (i, p) in index.iter().zip(&polled) {
-                    // Readable, hung up, even an error: found out by read.
-                    ready[*i] = p.revents().is_some_and(|r| !r.is_empty());
-                }
-                return ready;
+        let mut turn = lock(&shared.turn);
+        if turn.phase[o] == Phase::Window {
+            // What the busy stream holds was written before the write that
+            // woke us: it goes first, and its window is over.
+            drain(shared, o, &mut turn, &mut other);
+            turn.phase[o] = Phase::Waiting;
+            shared.window_over.notify_all();
+        }
+        keep(shared, s, n, &buf, &mut turn);
+        drain(shared, s, &mut turn, &mut buf);
+        // The first bytes after a quiet spell go out at once: streaming.
+        turn.batch.flush();
+        turn.phase[s] = Phase::Window;
+        let mut window = Window::new();
+        let mut until = Instant::now() + window.0;
+        loop {
+            turn = wait_window(shared, turn, s, until);
+            if turn.phase[s] != Phase::Window {
+                // The other stream took over and emptied this pipe.
+                break;
             }
-            // Not expected for pipes; reading tells what happened. Paced, so
-            // a poll that keeps failing cannot spin the real-time thread.
-            Err(_) => {
-                std::thread::sleep(WINDOW);
-                return open;
+            let drained = drain(shared, s, &mut turn, &mut buf);
+            turn.batch.flush();
+            let now = Instant::now();
+            if drained.more {
+                until = now;
+            } else if drained.bytes == 0 {
+                // Quiet for a whole window: wait in read again (this pipe
+                // is empty, so the next write wakes us).
+                turn.phase[s] = Phase::Waiting;
+                break;
+            } else {
+                window = window.after(drained.bytes);
+                until = now + window.0;
             }
         }
+    }
+}
+
+/// One blocking read of `fd` into `buf`: the number of bytes read, or `None`
+/// at end of file or when the pipe cannot be read any more (nothing more
+/// will come either way).
+fn read_blocking(fd: &OwnedFd, buf: &mut [u8]) -> Option<usize> {
+    loop {
+        // SAFETY: read into a live buffer of buf.len() bytes from a descriptor we own.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            n if n > 0 => return Some(n as usize),
+            n if n < 0 && Errno::last() == Errno::EINTR => continue,
+            _ => return None,
+        }
+    }
+}
+
+/// Sleeps until `until` or until the other stream ends stream `s`'s window,
+/// whichever comes first; gives the lock back held.
+fn wait_window<'a>(
+    shared: &'a Shared,
+    mut turn: MutexGuard<'a, Turn>,
+    s: usize,
+    until: Instant,
+) -> MutexGuard<'a, Turn> {
+    loop {
+        let now = Instant::now();
+        if turn.phase[s] != Phase::Window || now >= until {
+            return turn;
+        }
+        turn = match shared.window_over.wait_timeout(turn, until - now) {
+            Ok((guard, _)) => guard,
+            Err(poisoned) => poisoned.into_inner().0,
+        };
     }
 }
 
@@ -351,48 +455,57 @@ struct Drained {
     more: bool,
 }
 
-/// Reads what stream `i` holds into its capture and the batch.
-fn drain(
-    fds: &[OwnedFd; 2],
-    i: usize,
-    open: &mut [bool; 2],
-    buf: &mut [u8],
-    shared: &Shared,
-    batch: &mut Batch<'_>,
-) -> Drained {
+/// Bytes waiting in pipe `fd` (`FIONREAD`); 0 when it cannot tell (the
+/// pipe's own thread then finds out what happened in its blocking read).
+fn waiting(fd: &OwnedFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through a live pointer.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if rc == 0 {
+        usize::try_from(n).unwrap_or(0)
+    } else {
+        0
+    }
+}
+
+/// Reads what stream `i`'s pipe holds into its capture and the batch,
+/// through `buf` (not empty). Only under the turn lock, by the pipe's own
+/// thread or while that thread is in its window, so the bytes counted are
+/// there to read and no read blocks.
+fn drain(shared: &Shared, i: usize, turn: &mut Turn, buf: &mut [u8]) -> Drained {
     let mut drained = Drained::default();
-    while open[i] {
+    loop {
+        let ready = waiting(&shared.fds[i]).min(buf.len());
+        if ready == 0 {
+            break;
+        }
         if drained.bytes >= DRAIN_BUDGET {
             drained.more = true;
             break;
         }
-        // SAFETY: read into a live buffer of buf.len() bytes from a descriptor we own.
-        let n = unsafe { libc::read(fds[i].as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        // SAFETY: read into a live buffer of at least `ready` bytes from a descriptor we own.
+        let n = unsafe { libc::read(shared.fds[i].as_raw_fd(), buf.as_mut_ptr().cast(), ready) };
         let n = match n {
-            0 => {
-                open[i] = false;
-                break;
-            }
             n if n > 0 => n as usize,
-            _ => match Errno::last() {
-                Errno::EINTR => continue,
-                Errno::EAGAIN => break,
-                // Not a pipe we can read any more: nothing more will come.
-                _ => {
-                    open[i] = false;
-                    break;
-                }
-            },
+            n if n < 0 && Errno::last() == Errno::EINTR => continue,
+            // End of file or an error: the pipe's own blocking read finds out.
+            _ => break,
         };
         drained.bytes += n;
-        let mut captures = lock(&shared.captures);
-        let kept = captures[i].push(&buf[..n]);
-        if captures[i].truncated() {
-            shared.overflowed.store(true, Ordering::Relaxed);
-        }
-        batch.push(STREAMS[i], kept);
+        keep(shared, i, n, buf, turn);
     }
     drained
+}
+
+/// Passes the first `n` bytes of `buf`, read from stream `i`, through its
+/// capture into the batch.
+fn keep(shared: &Shared, i: usize, n: usize, buf: &[u8], turn: &mut Turn) {
+    let mut captures = lock(&shared.captures);
+    let kept = captures[i].push(&buf[..n]);
+    if captures[i].truncated() {
+        shared.overflowed.store(true, Ordering::Relaxed);
+    }
+    turn.batch.push(STREAMS[i], kept);
 }
 
 #[cfg(test)]
@@ -414,6 +527,24 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             })
             .collect()
+    }
+
+    /// Receives frames into `got` until one of `stream` ends with `tail`.
+    fn await_sent(rx: &mpsc::Receiver<GuestMessage>, got: &mut Vec<(Stream, Vec<u8>)>, stream: Stream, tail: &[u8]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(GuestMessage::Output { stage: Stage::Run, stream: s, data }) => {
+                    let done = s == stream && data.ends_with(tail);
+                    got.push((s, data));
+                    if done {
+                        return;
+                    }
+                }
+                other => panic!("waiting for {:?} on {stream:?}: {other:?}", String::from_utf8_lossy(tail)),
+            }
+        }
     }
 
     fn finish(relay: Relay) -> [Captured; 2] {
@@ -454,17 +585,21 @@ mod tests {
         let (err_r, mut err_w) = pipe();
         let (tx, rx) = mpsc::channel();
         let relay = Relay::start(out_r, err_r, Stage::Run, u64::MAX, tx).unwrap();
-        // A writer that waits for each piece to be read, like a program
-        // whose stdout and stderr go to one terminal, and one that does not.
+        // A writer that waits for each piece to be shown, like a program
+        // whose stdout and stderr go to one terminal.
+        let mut got = Vec::new();
         for i in 0..40 {
-            out_w.write_all(format!("out {i}\n").as_bytes()).unwrap();
-            std::thread::sleep(Duration::from_millis(5));
-            err_w.write_all(format!("err {i}\n").as_bytes()).unwrap();
-            std::thread::sleep(Duration::from_millis(5));
+            let line = format!("out {i}\n");
+            out_w.write_all(line.as_bytes()).unwrap();
+            await_sent(&rx, &mut got, Stream::Stdout, line.as_bytes());
+            let line = format!("err {i}\n");
+            err_w.write_all(line.as_bytes()).unwrap();
+            await_sent(&rx, &mut got, Stream::Stderr, line.as_bytes());
         }
         drop((out_w, err_w));
         let [(out, _), (err, _)] = finish(relay);
-        let frames = frames(rx);
+        got.extend(frames(rx));
+        let frames = got;
         let mut text = String::new();
         for (stream, data) in &frames {
             for line in String::from_utf8_lossy(data).lines() {
@@ -486,7 +621,12 @@ mod tests {
         let relay = Relay::start(out_r, err_r, Stage::Run, u64::MAX, tx).unwrap();
         // Stdout keeps the relay in its window (writes well inside MAX_WINDOW
         // of each other); each stderr line must still come between the stdout
-        // lines written around it, not after the window's stdout batch.
+        // lines written around it, not after the window's stdout batch. The
+        // writer goes on after a stderr line once it has been sent, as on the
+        // guest's one vCPU, where the woken real-time relay runs before the
+        // program: on a loaded test host a relay thread that gets no CPU for
+        // a while would otherwise find later stdout lines already written.
+        let mut got = Vec::new();
         let mut expected = String::new();
         for i in 0..30 {
             for j in 0..3 {
@@ -498,17 +638,92 @@ mod tests {
             let line = format!("err {i}\n");
             err_w.write_all(line.as_bytes()).unwrap();
             expected.push_str(&line);
-            std::thread::sleep(Duration::from_millis(1));
+            await_sent(&rx, &mut got, Stream::Stderr, line.as_bytes());
         }
         drop((out_w, err_w));
         finish(relay);
+        got.extend(frames(rx));
         let mut text = String::new();
-        for (stream, data) in frames(rx) {
+        for (stream, data) in got {
             let data = String::from_utf8(data).unwrap();
             assert!(data.lines().all(|l| l.starts_with(if stream == Stream::Stdout { "out" } else { "err" })));
             text.push_str(&data);
         }
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn a_full_read_behind_the_other_streams_window_keeps_order() {
+        let (out_r, mut out_w) = pipe();
+        let (err_r, mut err_w) = pipe();
+        let (tx, rx) = mpsc::channel();
+        let relay = Relay::start(out_r, err_r, Stage::Run, u64::MAX, tx).unwrap();
+        // Stderr opens its window; one stdout write larger than a read buffer
+        // then wakes the stdout thread with a full buffer, and what stderr
+        // holds must still go first, followed by every stdout byte.
+        let big: Vec<u8> = (0..OUTPUT_CHUNK * 3 / 2).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut expected: Vec<(Stream, Vec<u8>)> = Vec::new();
+        for round in 0..5 {
+            for j in 0..2 {
+                let line = format!("err {round}.{j}\n").into_bytes();
+                err_w.write_all(&line).unwrap();
+                expected.push((Stream::Stderr, line));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            out_w.write_all(&big).unwrap();
+            expected.push((Stream::Stdout, big.clone()));
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        drop((out_w, err_w));
+        let [(out, _), (err, _)] = finish(relay);
+        assert_eq!(out.len(), big.len() * 5);
+        assert_eq!(
+            err.len(),
+            expected.iter().filter(|(s, _)| *s == Stream::Stderr).map(|(_, d)| d.len()).sum::<usize>()
+        );
+        // Frames may split a stream's run of bytes, never reorder them.
+        let mut got: Vec<(Stream, Vec<u8>)> = Vec::new();
+        for (stream, data) in frames(rx) {
+            match got.last_mut() {
+                Some((s, d)) if *s == stream => d.extend_from_slice(&data),
+                _ => got.push((stream, data)),
+            }
+        }
+        let mut want: Vec<(Stream, Vec<u8>)> = Vec::new();
+        for (stream, data) in expected {
+            match want.last_mut() {
+                Some((s, d)) if *s == stream => d.extend_from_slice(&data),
+                _ => want.push((stream, data)),
+            }
+        }
+        assert!(got == want, "streams out of order: {:?}", got.iter().map(|(s, d)| (*s, d.len())).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn one_stream_closing_early_leaves_the_other_relayed() {
+        let (out_r, out_w) = pipe();
+        let (err_r, mut err_w) = pipe();
+        let (tx, rx) = mpsc::channel();
+        let relay = Relay::start(out_r, err_r, Stage::Run, u64::MAX, tx).unwrap();
+        drop(out_w);
+        let mut expected = Vec::new();
+        for i in 0..20_000 {
+            let line = format!("{i}\n");
+            err_w.write_all(line.as_bytes()).unwrap();
+            expected.extend_from_slice(line.as_bytes());
+        }
+        drop(err_w);
+        let [(out, _), (err, err_cut)] = finish(relay);
+        assert!(out.is_empty());
+        assert_eq!((err, err_cut), (expected.clone(), false));
+        let streamed: Vec<u8> = frames(rx)
+            .into_iter()
+            .flat_map(|(s, d)| {
+                assert_eq!(s, Stream::Stderr);
+                d
+            })
+            .collect();
+        assert_eq!(streamed, expected);
     }
 
     #[test]
@@ -553,12 +768,12 @@ mod tests {
     #[test]
     fn batches_split_at_the_frame_size_and_at_stream_changes() {
         let (tx, rx) = mpsc::channel();
-        let mut batch = Batch { stage: Stage::Run, stream: Stream::Stdout, data: Vec::new(), outbox: &tx };
+        let mut batch = Batch { stage: Stage::Run, stream: Stream::Stdout, data: Vec::new(), outbox: tx };
         batch.push(Stream::Stdout, &vec![b'a'; OUTPUT_CHUNK + 10]);
         batch.push(Stream::Stderr, b"e");
         batch.push(Stream::Stdout, b"b");
         batch.flush();
-        drop(tx);
+        drop(batch);
         let got: Vec<(Stream, usize)> = frames(rx).into_iter().map(|(s, d)| (s, d.len())).collect();
         assert_eq!(
             got,

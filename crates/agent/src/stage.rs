@@ -128,9 +128,7 @@ fn supervise(
         .env_clear()
         .envs(spec.command.env.iter().map(|(k, v)| (k, v)))
         .current_dir(WORKDIR)
-        .stdin(if spec.stdin.is_some() || session_stdin { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .stdin(if spec.stdin.is_some() || session_stdin { Stdio::piped() } else { Stdio::null() });
     // Not Command::uid/gid: std applies those before pre_exec, and an
     // unprivileged child could no longer join the root-owned cgroup.
     // SAFETY: apply() makes only async-signal-safe system calls on data
@@ -139,8 +137,20 @@ fn supervise(
         command.pre_exec(move || setup.apply());
     }
 
+    // The relay runs before the program does: its threads wait in their
+    // reads when the program's first write comes, so even the first writes
+    // to the two streams keep their order (see `relay`).
+    let (stdout_read, stdout_write) = output_pipe("stdout")?;
+    let (stderr_read, stderr_write) = output_pipe("stderr")?;
+    let relay = Relay::start(stdout_read, stderr_read, spec.stage, limits.output_bytes, outbox.clone())?;
+    command.stdout(Stdio::from(stdout_write)).stderr(Stdio::from(stderr_write));
+
     let started = Instant::now();
-    let mut child = match command.spawn() {
+    let spawned = command.spawn();
+    // The command holds the pipes' write ends: only the program may keep
+    // them, or the relay would never see the end of its output.
+    drop(command);
+    let mut child = match spawned {
         Ok(child) => child,
         Err(e) => return Ok(spawn_failure(&spec, &e, outbox)),
     };
@@ -168,9 +178,6 @@ fn supervise(
             }
         }
     }
-    let stdout_pipe = OwnedFd::from(child.stdout.take().expect("stdout is piped"));
-    let stderr_pipe = OwnedFd::from(child.stderr.take().expect("stderr is piped"));
-    let relay = Relay::start(stdout_pipe, stderr_pipe, spec.stage, limits.output_bytes, outbox.clone())?;
 
     let wall_limit = Duration::from_millis(limits.wall_ms);
     let cpu_limit_us = limits.cpu_ms.saturating_mul(1000);
@@ -290,6 +297,17 @@ fn supervise(
         spec.stage, result.status, exit, result.wall_ms, result.cpu_ms, result.peak_memory_bytes
     );
     Ok(result)
+}
+
+/// A pipe for one of the program's output streams, both ends close-on-exec
+/// (the child's `dup2` onto fd 1 or 2 clears the flag there only):
+/// `(read end, write end)`.
+///
+/// # Errors
+/// [`Error::OutputPipe`] when `pipe2(2)` fails (`EMFILE`/`ENFILE`: the agent
+/// is out of descriptors).
+fn output_pipe(stream: &'static str) -> Result<(OwnedFd, OwnedFd), Error> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::OutputPipe(stream, e))
 }
 
 /// Reaps every child that has exited. PID 1 inherits all orphans, so this

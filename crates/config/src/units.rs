@@ -1,6 +1,11 @@
 //! Human-friendly durations ("1.5s", "500ms") and sizes ("128M", "1GiB").
 
-/// Parses a duration into milliseconds. A bare number means seconds.
+/// Parses a duration into milliseconds: `ms`, `s`, `m` or `h`; a bare number
+/// means seconds. Whether it is in range is the caller's to say.
+///
+/// # Errors
+/// A message naming the input when it is not a non-negative number with one
+/// of those units, or exceeds `u64` milliseconds.
 pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let (num, mult) = if let Some(n) = t.strip_suffix("ms") {
@@ -9,12 +14,19 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
         (n, 1000.0)
     } else if let Some(n) = t.strip_suffix('m') {
         (n, 60_000.0)
+    } else if let Some(n) = t.strip_suffix('h') {
+        // Parsed, so that a limit too long is named as such by whoever
+        // checks the range, not called "invalid".
+        (n, 3_600_000.0)
     } else {
         (t, 1000.0)
     };
-    let v: f64 = num.trim().parse().map_err(|_| format!("invalid duration {s:?} (examples: 2s, 500ms, 1.5s)"))?;
+    let v: f64 = num.trim().parse().map_err(|_| format!("invalid duration {s:?} (examples: 2s, 500ms, 1.5s, 2m)"))?;
     if !v.is_finite() || v < 0.0 {
         return Err(format!("invalid duration {s:?}: must be a positive number"));
+    }
+    if v * mult >= u64::MAX as f64 {
+        return Err(format!("duration {s:?} is too long"));
     }
     Ok((v * mult).round() as u64)
 }
@@ -62,6 +74,8 @@ mod tests {
         assert_eq!(parse_duration_ms("250ms"), Ok(250));
         assert_eq!(parse_duration_ms("2"), Ok(2000));
         assert_eq!(parse_duration_ms("1m"), Ok(60_000));
+        assert_eq!(parse_duration_ms("2h"), Ok(7_200_000));
+        assert!(parse_duration_ms("1e300h").unwrap_err().contains("too long"));
         assert!(parse_duration_ms("soon").is_err());
         assert!(parse_duration_ms("-1s").is_err());
     }

@@ -15,6 +15,15 @@
 //! stand-in exits when the guest ends the VM, and its children die with it
 //! (`PR_SET_PDEATHSIG`).
 //!
+//! Guest time: under Firecracker (KVM) the guest keeps time with kvm-clock.
+//! Under TCG it has no such clock and no PIT or HPET to calibrate its TSC
+//! against, so it counts timer ticks, which a busy host loses (a guest saw
+//! 8.7 s while the host saw 80 s); its wall-time limits and timings then
+//! stretch by that factor. So, as TVM's QEMU backend does, the stand-in
+//! gives the guest the host's TSC frequency (`tsc_early_khz=… tsc=reliable`,
+//! from the `clock_args` its binary passes to [`main`]), ahead of the boot
+//! arguments the API configured, which therefore still win.
+//!
 //! Snapshots: `PATCH /vm` pauses and resumes the guest for real (QMP `stop`
 //! / `cont` on a monitor socketpair). `PUT /snapshot/create` asks QEMU
 //! whether it can migrate the VM (QMP `query-migrate`, `blocked-reasons`);
@@ -146,12 +155,17 @@ struct Ctx {
     spec: ApiSpec,
     args: Args,
     state: Mutex<State>,
+    /// Kernel arguments that keep the TCG guest's clock with the host's (see the module docs).
+    clock_args: fn() -> Option<String>,
 }
 
 /// The stand-in's `main`: parses its command line (Firecracker's
 /// `--api-sock` and `--id`, `--version`), serves the API until the guest
 /// ends the VM, and returns the exit status (0 when the guest rebooted).
-pub fn main() -> std::process::ExitCode {
+/// `clock_args` gives the kernel arguments that make a TCG guest keep time
+/// with the host's TSC, or `None` where that cannot be done (called once per
+/// InstanceStart; TVM passes `pyrovm::backend::qemu::tcg_tsc_cmdline`).
+pub fn main(clock_args: fn() -> Option<String>) -> std::process::ExitCode {
     let args = Args::parse();
     if args.version {
         println!("Firecracker v{SPEC_VERSION} (stand-in: firecracker-standin, QEMU microvm under TCG + vhost-device-vsock; not Firecracker)");
@@ -177,7 +191,7 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
-    let ctx = Arc::new(Ctx { spec, args, state: Mutex::new(State::default()) });
+    let ctx = Arc::new(Ctx { spec, args, state: Mutex::new(State::default()), clock_args });
     let code = rt.block_on(serve(ctx.clone(), &sock));
     let _ = std::fs::remove_file(&sock);
     std::process::ExitCode::from(code)
@@ -443,6 +457,16 @@ fn apply(ctx: &Ctx, method: &str, path: &str, v: Value) -> Result<Option<Value>,
     Ok(None)
 }
 
+/// The guest's kernel command line: `clock` (see the module docs) first, so
+/// the configured `boot_args` after it win where they set the same parameter.
+fn guest_cmdline(clock: Option<String>, boot_args: &str) -> String {
+    match clock {
+        Some(clock) if !boot_args.is_empty() => format!("{clock} {boot_args}"),
+        Some(clock) => clock,
+        None => boot_args.to_string(),
+    }
+}
+
 /// Runs a helper with PR_SET_PDEATHSIG, so it dies with the stand-in.
 fn spawn_child(cmd: &mut Command) -> std::io::Result<Child> {
     // SAFETY: prctl is async-signal-safe.
@@ -478,6 +502,7 @@ fn start(ctx: &Ctx, st: &mut State) -> Result<(), String> {
     let machine = st.machine.clone().unwrap_or(json!({"vcpu_count": 1, "mem_size_mib": 128}));
     let mem = machine["mem_size_mib"].as_u64().unwrap_or(128);
     let vcpus = machine["vcpu_count"].as_u64().unwrap_or(1);
+    let boot_args = guest_cmdline((ctx.clock_args)(), boot["boot_args"].as_str().unwrap_or_default());
     let mut qemu = Command::new(&ctx.args.qemu);
     qemu.args([
         "-M",
@@ -509,7 +534,7 @@ fn start(ctx: &Ctx, st: &mut State) -> Result<(), String> {
         "-kernel",
         boot["kernel_image_path"].as_str().unwrap_or_default(),
         "-append",
-        boot["boot_args"].as_str().unwrap_or_default(),
+        &boot_args,
     ]);
     if let Some(i) = boot["initrd_path"].as_str() {
         qemu.args(["-initrd", i]);
@@ -589,4 +614,20 @@ fn start(ctx: &Ctx, st: &mut State) -> Result<(), String> {
     st.children.extend(helpers);
     log(st, "InstanceStart: guest booting under QEMU microvm (TCG)");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_arguments_come_first_so_configured_ones_win() {
+        let clock = || Some("tsc_early_khz=2000000 tsc=reliable".to_string());
+        assert_eq!(
+            guest_cmdline(clock(), "console=ttyS0 reboot=k tsc=unstable"),
+            "tsc_early_khz=2000000 tsc=reliable console=ttyS0 reboot=k tsc=unstable"
+        );
+        assert_eq!(guest_cmdline(clock(), ""), "tsc_early_khz=2000000 tsc=reliable");
+        assert_eq!(guest_cmdline(None, "console=ttyS0"), "console=ttyS0");
+    }
 }

@@ -35,7 +35,18 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   apt-get update -qq
   # unsafe-io: a VM being provisioned loses nothing on a crash (this reruns), and dpkg fsyncs ~600 packages.
-  apt-get install -y -qq --no-install-recommends -o DPkg::Options::=--force-unsafe-io "${missing[@]}" >/dev/null
+  # apt's own output goes to a log: printed only when the install fails, with the disk space, because a
+  # full disk also truncates the error messages that would have said so.
+  apt_log=$(mktemp /tmp/tvm-provision-apt.XXXXXX)
+  if ! apt-get install -y -qq --no-install-recommends -o DPkg::Options::=--force-unsafe-io "${missing[@]}" \
+    >"$apt_log" 2>&1; then
+    tail -n 40 "$apt_log"
+    df -h / /tmp 2>/dev/null || true
+    rm -f "$apt_log"
+    echo "error: apt-get install failed (output above); if the disk is full, free space and rerun" >&2
+    exit 1
+  fi
+  rm -f "$apt_log"
 fi
 
 # 2. Under WSL2 the distro can start Windows programs and sees the Windows drives: untrusted

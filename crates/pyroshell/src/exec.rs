@@ -79,7 +79,12 @@ pub(crate) async fn prepare_with(
     adjust(&mut plan)?;
     match st.images.state(&plan.runtime.id) {
         ImageState::Ready => {}
-        other => {
+        // Nothing on this server will change these by waiting: no Retry-After.
+        other @ (ImageState::Failed(_) | ImageState::Unavailable(_)) => {
+            let reason = other.info().reason.unwrap_or_default();
+            return Err(ApiError::RuntimeUnavailable { runtime: plan.runtime.id.clone(), reason });
+        }
+        other @ (ImageState::Building | ImageState::Missing | ImageState::Probing(_)) => {
             let reason = other.info().reason.unwrap_or_default();
             return Err(ApiError::NotReady { runtime: plan.runtime.id.clone(), reason });
         }

@@ -258,6 +258,11 @@ impl Metrics {
                 "VMs (executions and pool) that cold booted although templates are on.",
                 m.template_fallbacks,
             );
+            let _ = writeln!(
+                out,
+                "# HELP tvm_template_builds_running VM template builds queued or running in the background (one runs at a time, in a VM outside admission control).\n# TYPE tvm_template_builds_running gauge\ntvm_template_builds_running {}",
+                t.running
+            );
             m.boot.render(&mut out, "tvm_vm_boot_seconds", "VM start to agent-ready.");
             m.execution.render(&mut out, "tvm_execution_seconds", "Job sent to result received.");
             m.queue_wait.render(&mut out, "tvm_queue_wait_seconds", "Time requests waited for capacity.");
@@ -282,7 +287,7 @@ mod tests {
         m.boot(Duration::from_millis(300));
         m.boot(Duration::from_secs(3));
         m.template_fallback();
-        let templates = pyrovm::TemplateCounts { built: 2, restore_failures: 1, ..Default::default() };
+        let templates = pyrovm::TemplateCounts { built: 2, restore_failures: 1, running: 1, ..Default::default() };
         let g = Gauges { queue_depth: 2, pools: vec![("python-3.11".into(), 1, 2)], templates, ..Default::default() };
         let t = m.render(&g);
         for line in [
@@ -302,6 +307,7 @@ mod tests {
             "tvm_template_restore_failures_total 1",
             "tvm_template_corrupt_total 0",
             "tvm_template_fallbacks_total 1",
+            "tvm_template_builds_running 1",
         ] {
             assert!(t.lines().any(|l| l == line), "missing {line:?} in\n{t}");
         }

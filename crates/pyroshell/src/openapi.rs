@@ -20,7 +20,8 @@ use crate::routes;
             Errors are `{\"error\": {\"code\", \"message\", \"field\"?}}`: 400 malformed body, 401 missing or \
             wrong API key (only when keys are configured), 408 body too slow, 413 body too large, 415 body \
             not declared JSON, 421 a Host this server does not answer to, 422 well-formed but cannot run, \
-            429 at capacity (with Retry-After), 503 draining, runtime not ready, or too many connections. \
+            429 at capacity (with Retry-After), 503 draining or runtime not ready (with Retry-After), runtime \
+            unavailable until the operator acts (no Retry-After: do not retry), or too many connections. \
             A failure of TVM itself during a run is a 200 with verdict `internal_error` and `error` set. \
             Every response carries `x-request-id` (the client's, if sent and plain, else generated); so do \
             the 400, 414 and 431 answers to requests that are not valid HTTP/1.1. The limits in this \

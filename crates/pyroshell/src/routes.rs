@@ -305,7 +305,7 @@ async fn read_body(req: Request, st: &Arc<AppState>) -> Result<Bytes, ApiError> 
         (status = 415, description = "Body not declared as JSON (`Content-Type: application/json`).", body = ErrorBody),
         (status = 422, description = "Cannot run: unknown runtime, limit out of range, bad base64, unsafe or conflicting file names, too many/large files or arguments, network refused, more guest RAM than the server has.", body = ErrorBody),
         (status = 429, description = "Queue full or queueing deadline passed; see Retry-After.", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait."))),
-        (status = 503, description = "Draining, or the runtime's image is not ready; see Retry-After when it is the image.", body = ErrorBody),
+        (status = 503, description = "Draining (Retry-After), the runtime's image not built yet (`runtime_not_ready`, Retry-After), or the runtime unavailable until the operator acts (`runtime_unavailable`: a failed image build or an unreachable registry; no Retry-After, do not retry).", body = ErrorBody),
     ),
     security((), ("bearer" = []), ("api_key" = []))
 )]
@@ -336,7 +336,7 @@ pub(crate) async fn create_execution(
         (status = 415, description = "Body not declared as JSON (`Content-Type: application/json`).", body = ErrorBody),
         (status = 422, description = "Cannot run: unknown runtime, limit out of range, bad base64, unsafe or conflicting file names, too many/large files or arguments, network refused, more guest RAM than the server has.", body = ErrorBody),
         (status = 429, description = "Queue full or queueing deadline passed; see Retry-After.", body = ErrorBody, headers(("Retry-After" = u64, description = "Seconds to wait."))),
-        (status = 503, description = "Draining, or the runtime's image is not ready; see Retry-After when it is the image.", body = ErrorBody),
+        (status = 503, description = "Draining (Retry-After), the runtime's image not built yet (`runtime_not_ready`, Retry-After), or the runtime unavailable until the operator acts (`runtime_unavailable`: a failed image build or an unreachable registry; no Retry-After, do not retry).", body = ErrorBody),
     ),
     security((), ("bearer" = []), ("api_key" = []))
 )]

@@ -66,11 +66,7 @@ pub fn resolve<V: Vmm>(
     if choice == Accel::Tcg {
         return Ok(tcg("TCG forced by configuration".into()));
     }
-    let probe = match kvm_device_usable() {
-        Err(why) => Err(why),
-        Ok(()) => cached_probe(vmm, kernel, cache_dir),
-    };
-    match (probe, choice) {
+    match (probe(vmm, kernel, cache_dir), choice) {
         (Ok(ms), _) => Ok(AccelDecision {
             kind: AccelKindName::Kvm,
             reason: format!("{} KVM probe passed in {ms} ms", vmm.kind().as_str()),
@@ -78,6 +74,17 @@ pub fn resolve<V: Vmm>(
         (Err(why), Accel::Kvm) => Err(KvmUnusable(why)),
         (Err(why), _) => Ok(tcg(format!("KVM unusable ({why}); using TCG software emulation"))),
     }
+}
+
+/// Whether KVM runs `kernel` under `vmm`: `/dev/kvm` opens read-write and the
+/// backend's probe boot passes (cached per kernel, VMM binary and host boot
+/// in `cache_dir/probe`).
+///
+/// # Errors
+/// Why not, as one line of text.
+pub fn probe<V: Vmm>(vmm: &V, kernel: &Kernel, cache_dir: &Path) -> Result<u64, String> {
+    kvm_device_usable()?;
+    cached_probe(vmm, kernel, cache_dir)
 }
 
 fn kvm_device_usable() -> Result<(), String> {
@@ -88,6 +95,11 @@ fn kvm_device_usable() -> Result<(), String> {
         .map(drop)
         .map_err(|e| format!("cannot open /dev/kvm: {e}"))
 }
+
+/// Part of every cached verdict's key: bump it when a backend's probe changes
+/// what it proves, or a verdict of the old probe answers for the new one
+/// (2: Firecracker boots the kernel, where 1 only called `KVM_CREATE_VM`).
+const PROBE_METHOD: u32 = 2;
 
 #[derive(Serialize, Deserialize)]
 struct ProbeRecord {
@@ -101,7 +113,7 @@ fn cached_probe<V: Vmm>(vmm: &V, kernel: &Kernel, cache_dir: &Path) -> Result<u6
     let vmm_id = which(vmm.binary())
         .and_then(|p| std::fs::metadata(&p).ok().map(|m| format!("{}:{}", p.display(), m.len())))
         .unwrap_or_default();
-    let key = hex::encode(&Sha256::digest(format!("{}|{vmm_id}|{}", kernel.key, boot_id.trim()))[..12]);
+    let key = hex::encode(&Sha256::digest(format!("{PROBE_METHOD}|{}|{vmm_id}|{}", kernel.key, boot_id.trim()))[..12]);
     let path = cache_dir.join("probe").join(format!("kvm-{key}.json"));
     if let Some(r) = std::fs::read(&path).ok().and_then(|b| serde_json::from_slice::<ProbeRecord>(&b).ok()) {
         return if r.ok { Ok(r.ms) } else { Err(r.detail) };

@@ -37,6 +37,25 @@ pub struct Report {
     pub checks: Vec<Check>,
 }
 
+/// Whether VMs start from templates, and what the template cache holds
+/// (never a fault: a missing template means a cold boot).
+fn templates_check(settings: &Settings) -> Check {
+    if !settings.templates {
+        return Check::new("templates", true, "off: every VM cold boots (templates = false / TVM_TEMPLATES=0)");
+    }
+    let store = crate::template::Templates::new(&settings.cache_dir);
+    let cap = match settings.template_cache_mib {
+        0 => "no cap".to_string(),
+        mib => format!("cap {}", format_bytes(mib << 20)),
+    };
+    let detail = format!(
+        "on: VMs restore from templates ({} built, {}; {cap}; built on first use or by tvm image build)",
+        store.list().len(),
+        format_bytes(store.total_bytes()),
+    );
+    Check::new("templates", true, detail)
+}
+
 fn tool(name: &str, path: &Path, package: &str) -> Check {
     match crate::accel::which(path) {
         Some(p) => Check::new(name, true, p.display().to_string()),
@@ -96,8 +115,11 @@ pub async fn diagnose(settings: &Settings, catalog: &Catalog) -> Report {
         None => Check::new("guest kernel", false, format!("not built for {arch}: tvm kernel build")),
     });
     if arch != host {
-        // Cross builds: the kernel needs Debian's cross compiler, images need
-        // qemu-user in binfmt_misc (mmdebstrap runs the packages' scripts).
+        // Cross builds: the kernel needs Debian's cross compiler. Images are
+        // extracted and set up natively; only Python's byte-compilation runs
+        // one emulated process (qemu-<arch>-static, no binfmt_misc needed).
+        // Recipes with build steps (pip, customize, ...) still need
+        // qemu-user in binfmt_misc: reported, not required.
         let cc = crate::kernel::KbuildTarget::of(arch, host).cross_compile.to_string() + "gcc";
         checks.push(match crate::accel::which(Path::new(&cc)) {
             Some(p) => Check::new("cross compiler", true, p.display().to_string()),
@@ -110,17 +132,34 @@ pub async fn diagnose(settings: &Settings, catalog: &Catalog) -> Report {
                 format!("missing: apt-get install gcc-{}", cc.trim_end_matches("-gcc")),
             ),
         });
+        let emulator = format!("qemu-{arch}-static");
         let handler = format!("/proc/sys/fs/binfmt_misc/qemu-{arch}");
-        let enabled = std::fs::read_to_string(&handler).is_ok_and(|s| s.starts_with("enabled"));
-        checks.push(Check::new(
-            "image emulation",
-            enabled,
-            if enabled {
-                format!("{handler} enabled ({} images can be built)", arch.debian())
-            } else {
-                format!("{handler} missing: apt-get install qemu-user-static and register it (docs/arm64.md)")
-            },
-        ));
+        let binfmt = std::fs::read_to_string(&handler).is_ok_and(|s| s.starts_with("enabled"));
+        checks.push(match crate::accel::which(Path::new(&emulator)) {
+            Some(p) => Check::new(
+                "image emulation",
+                true,
+                format!(
+                    "{} ({} images; binfmt_misc {}: {})",
+                    p.display(),
+                    arch.debian(),
+                    if binfmt { "enabled" } else { "not registered" },
+                    if binfmt {
+                        "recipes with pip/npm/gem/customize steps can be built too"
+                    } else {
+                        "recipes with pip/npm/gem/customize steps cannot be built"
+                    }
+                ),
+            ),
+            None => Check::new(
+                "image emulation",
+                false,
+                format!(
+                    "{emulator} missing (byte-compiles Python in {} images): apt-get install qemu-user-static",
+                    arch.debian()
+                ),
+            ),
+        });
     }
     checks.extend(
         crate::isolation_checks(&settings.qemu, settings.vmm_uid_base).into_iter().map(|(name, ok, detail)| Check {
@@ -130,8 +169,8 @@ pub async fn diagnose(settings: &Settings, catalog: &Catalog) -> Report {
         }),
     );
     // The VMM backend: which, why, versions, KVM, the jailer (runs binaries: blocking).
-    let s = settings.clone();
-    match tokio::task::spawn_blocking(move || crate::vmm_checks(&s)).await {
+    let (s, k) = (settings.clone(), kernel.clone());
+    match tokio::task::spawn_blocking(move || crate::vmm_checks(&s, k.as_ref())).await {
         Ok(v) => checks.extend(v.into_iter().map(|(name, ok, detail)| Check { name, ok, detail })),
         Err(e) => checks.push(Check::new("vmm", false, format!("probe task failed: {e}"))),
     }
@@ -148,8 +187,9 @@ pub async fn diagnose(settings: &Settings, catalog: &Catalog) -> Report {
             Err(e) => checks.push(Check::new("accelerator", false, format!("probe task failed: {e}"))),
         }
     }
-    let registries = crate::registry::registries_of(settings, catalog.runtimes());
-    let _ = tokio::task::spawn_blocking(move || crate::registry::probe_blocking(registries)).await;
+    checks.push(templates_check(settings));
+    let registries = crate::image::registry::registries_of(settings, catalog.runtimes());
+    let _ = tokio::task::spawn_blocking(move || crate::image::registry::probe_blocking(registries)).await;
     for r in catalog.runtimes() {
         let detail = match runtime_state(settings, r) {
             RuntimeState::Probing(registry) => format!("unknown: registry {registry} did not answer the probe in time"),

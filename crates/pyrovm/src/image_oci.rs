@@ -13,6 +13,7 @@ use std::fs::File;
 use std::io::{self, BufReader, Read};
 use std::path::{Component, Path, PathBuf};
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -26,8 +27,8 @@ use tokio::io::AsyncWrite;
 use tracing::{info, warn};
 use tvm_config::{GuestArch, ImageRecipe, Settings};
 
+use super::{customize, find_image, io_err, pack_and_publish, Image, ImageBuildError, ImageMeta};
 use crate::cache::{remove_tree, BuildCancel, Cache};
-use crate::image::{customize, find_image, io_err, pack_and_publish, Image, ImageBuildError, ImageMeta};
 use crate::progress::Progress;
 
 /// Largest compressed layer (or imported archive member) accepted.
@@ -140,13 +141,70 @@ fn credentials(reference: &Reference) -> Result<RegistryAuth, ImageBuildError> {
     }
 }
 
-/// The digest of the `linux/<arch>` image in an index's entries (GOARCH
-/// names, as the OCI image index spec uses: `amd64`, `arm64`).
+/// The CPU variant every guest of `arch` runs (the OCI image index spec's
+/// platform variants: `v8` for arm64; GOAMD64's `v1` for amd64). Later
+/// variants need CPU features a guest may lack (under KVM it has the host's
+/// CPU), so they are never chosen.
+fn baseline_variant(arch: GuestArch) -> &'static str {
+    match arch {
+        GuestArch::X86_64 => "v1",
+        GuestArch::Aarch64 => "v8",
+    }
+}
+
+/// Whether an index entry is an image for guests of `arch`: `os` linux, the
+/// GOARCH name (`amd64`, `arm64`), and no variant or the baseline one.
+fn is_for(entry: &ImageIndexEntry, arch: GuestArch) -> bool {
+    entry.platform.as_ref().is_some_and(|p| {
+        p.os == "linux"
+            && p.architecture == arch.debian()
+            && p.variant.as_deref().is_none_or(|v| v == baseline_variant(arch))
+    })
+}
+
+/// The digest of the first image for guests of `arch` in an index's entries
+/// ([`is_for`]), in the index's order.
 fn platform_image(manifests: &[ImageIndexEntry], arch: GuestArch) -> Option<String> {
-    manifests
+    manifests.iter().find(|e| is_for(e, arch)).map(|e| e.digest.clone())
+}
+
+/// An index's platforms for an error: `linux/amd64, linux/arm/v7,
+/// unknown/unknown`, `none` when it lists nothing, `?` for an entry without one.
+fn offered_platforms(manifests: &[ImageIndexEntry]) -> String {
+    let names: Vec<String> = manifests
         .iter()
-        .find(|e| e.platform.as_ref().is_some_and(|p| p.os == "linux" && p.architecture == arch.debian()))
-        .map(|e| e.digest.clone())
+        .map(|e| match &e.platform {
+            Some(p) => match &p.variant {
+                Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
+                None => format!("{}/{}", p.os, p.architecture),
+            },
+            None => "?".into(),
+        })
+        .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// What the registry client's platform resolver saw in an index that had no
+/// image for the guests ([`offered_platforms`]); `None` while it found one or
+/// saw no index. The client reports that case only as "not found".
+type Unmatched = Arc<Mutex<Option<String>>>;
+
+/// The pull error for `text`: [`ImageBuildError::NoPlatform`] when the
+/// resolver found no image for `arch` in the index, else the client's error.
+fn pull_error(
+    text: &str,
+    arch: GuestArch,
+    unmatched: &Unmatched,
+    source: oci_client::errors::OciDistributionError,
+) -> ImageBuildError {
+    match unmatched.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        Some(offered) => ImageBuildError::NoPlatform { reference: text.to_string(), arch: arch.debian(), offered },
+        None => ImageBuildError::Pull { reference: text.to_string(), source },
+    }
 }
 
 /// Pulls the manifest (an index resolved to the guest's linux platform) and
@@ -159,10 +217,11 @@ async fn pull(
     label: &str,
     progress: &Progress,
 ) -> Result<LocalImage, ImageBuildError> {
-    let pull_err = |source| ImageBuildError::Pull { reference: text.to_string(), source };
-    let (client, auth) = client_for(reference, text, arch)?;
+    let (client, auth, unmatched) = client_for(reference, text, arch)?;
+    let pull_err = |source| pull_error(text, arch, &unmatched, source);
     let (manifest, manifest_digest) = client.pull_image_manifest(reference, &auth).await.map_err(pull_err)?;
     check_layers(&manifest)?;
+    check_config_platform(&client, reference, text, arch, &manifest).await?;
     let mut layers = Vec::new();
     for (i, desc) in manifest.layers.iter().enumerate() {
         progress.set_message(format!(
@@ -181,21 +240,95 @@ async fn pull(
     Ok(LocalImage { manifest_digest, layers })
 }
 
+/// Largest image config accepted (read for its platform).
+const MAX_CONFIG_BYTES: u64 = 4 << 20;
+
+/// Fails when the image's config names another architecture than the
+/// guests' ([`ImageBuildError::WrongPlatform`]): a reference that is one image
+/// rather than an index is what the registry serves for every platform. The
+/// config blob is checked against its digest by the client and capped at
+/// [`MAX_CONFIG_BYTES`]; [`config_platform`] judges it.
+///
+/// # Errors
+/// [`ImageBuildError::Pull`] (the blob), [`ImageBuildError::OciImage`] (not
+/// JSON), [`ImageBuildError::WrongPlatform`].
+async fn check_config_platform(
+    client: &Client,
+    reference: &Reference,
+    text: &str,
+    arch: GuestArch,
+    manifest: &OciImageManifest,
+) -> Result<(), ImageBuildError> {
+    let mut out = CappedWriter { inner: Vec::new(), left: MAX_CONFIG_BYTES };
+    client
+        .pull_blob(reference, &manifest.config, &mut out)
+        .await
+        .map_err(|source| ImageBuildError::Pull { reference: text.to_string(), source })?;
+    config_platform(&out.inner, text, arch)
+}
+
+/// Whether the image config `config` (JSON, the OCI image spec's
+/// `architecture`, `os`, `variant`) is for guests of `arch`: a config naming
+/// no architecture passes (nothing says it would not run); `text` names the
+/// image in errors.
+///
+/// # Errors
+/// [`ImageBuildError::OciImage`] (not JSON), [`ImageBuildError::WrongPlatform`].
+fn config_platform(config: &[u8], text: &str, arch: GuestArch) -> Result<(), ImageBuildError> {
+    #[derive(Deserialize)]
+    struct Platform {
+        #[serde(default)]
+        architecture: Option<String>,
+        #[serde(default)]
+        os: Option<String>,
+        #[serde(default)]
+        variant: Option<String>,
+    }
+    let config: Platform = serde_json::from_slice(config)
+        .map_err(|e| ImageBuildError::OciImage { problem: format!("the image config of {text} is unreadable: {e}") })?;
+    match config.architecture {
+        Some(a) if a != arch.debian() => {
+            let os = config.os.unwrap_or_else(|| "?".into());
+            let found = match config.variant {
+                Some(v) => format!("{os}/{a}/{v}"),
+                None => format!("{os}/{a}"),
+            };
+            Err(ImageBuildError::WrongPlatform { reference: text.to_string(), found, arch: arch.debian() })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A registry client for `reference` (plain HTTP to this machine's
-/// registries, index manifests resolved to linux/`arch`) and its credentials.
-fn client_for(reference: &Reference, text: &str, arch: GuestArch) -> Result<(Client, RegistryAuth), ImageBuildError> {
+/// registries, index manifests resolved to linux/`arch` by [`platform_image`]),
+/// its credentials, and what its resolver saw when an index had no image for
+/// `arch` (for [`pull_error`]).
+fn client_for(
+    reference: &Reference,
+    text: &str,
+    arch: GuestArch,
+) -> Result<(Client, RegistryAuth, Unmatched), ImageBuildError> {
     let auth = credentials(reference)?;
     let protocol = if is_loopback(reference.resolve_registry()) { ClientProtocol::Http } else { ClientProtocol::Https };
+    let unmatched = Unmatched::default();
+    let seen = unmatched.clone();
+    let resolver = move |m: &[ImageIndexEntry]| {
+        let found = platform_image(m, arch);
+        if found.is_none() {
+            *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(offered_platforms(m));
+        }
+        found
+    };
     let config = ClientConfig {
         protocol,
-        platform_resolver: Some(Box::new(move |m: &[ImageIndexEntry]| platform_image(m, arch))),
+        platform_resolver: Some(Box::new(resolver)),
         read_timeout: Some(READ_TIMEOUT),
         connect_timeout: Some(CONNECT_TIMEOUT),
         ..ClientConfig::default()
     };
     let client =
         Client::try_from(config).map_err(|source| ImageBuildError::Pull { reference: text.to_string(), source })?;
-    Ok((client, auth))
+    Ok((client, auth, unmatched))
 }
 
 /// Whether `recipe` takes its root from an OCI reference that names a tag
@@ -220,17 +353,18 @@ fn pinned_reference(reference: &Reference, digest: &str) -> String {
 ///
 /// # Errors
 /// [`ImageBuildError::OciReference`], [`ImageBuildError::Credentials`],
-/// [`ImageBuildError::Pull`] (unreachable, refused, no such tag, digest mismatch).
+/// [`ImageBuildError::Pull`] (unreachable, refused, no such tag, digest mismatch),
+/// [`ImageBuildError::NoPlatform`] (an index without an image for `arch`).
 pub(crate) fn resolve_tag(text: &str, arch: GuestArch) -> Result<String, ImageBuildError> {
     let reference = parse_reference(text)?;
     let io = |source| ImageBuildError::Io { action: "starting the resolve runtime for", path: text.into(), source };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(io)?;
     let digest = rt.block_on(async {
-        let (client, auth) = client_for(&reference, text, arch)?;
+        let (client, auth, unmatched) = client_for(&reference, text, arch)?;
         let (_, digest) = client
             .pull_image_manifest(&reference, &auth)
             .await
-            .map_err(|source| ImageBuildError::Pull { reference: text.to_string(), source })?;
+            .map_err(|source| pull_error(text, arch, &unmatched, source))?;
         Ok::<_, ImageBuildError>(digest)
     })?;
     info!(reference = text, digest, "tag resolved");
@@ -425,12 +559,12 @@ fn check_layers(manifest: &OciImageManifest) -> Result<(), ImageBuildError> {
 
 /// A file writer that fails once more than `left` bytes arrive, so a registry
 /// cannot fill the disk with a blob larger than its descriptor's cap.
-struct CappedWriter {
-    inner: tokio::fs::File,
+struct CappedWriter<W> {
+    inner: W,
     left: u64,
 }
 
-impl AsyncWrite for CappedWriter {
+impl<W: AsyncWrite + Unpin> AsyncWrite for CappedWriter<W> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         if buf.len() as u64 > self.left {
             return Poll::Ready(Err(io::Error::other("blob larger than the size cap")));
@@ -781,7 +915,7 @@ pub fn import(
     let key = keyed.key();
     let lock_name = format!("image-{key}");
     let _lock = cache.lock(&lock_name).map_err(io_err("locking", &cache.root().join("locks").join(&lock_name)))?;
-    let built = match crate::image::load(&cache, &key) {
+    let built = match super::load(&cache, &key) {
         // The same content imported or pulled before (under this or another tag).
         Some(found) => found,
         None => {
@@ -880,15 +1014,36 @@ fn names(reference: &Reference, name: &str) -> bool {
 fn from_layout(layout: &Path, reference: &Reference, arch: GuestArch) -> Result<LocalImage, ImageBuildError> {
     let index: OciImageIndex = read_json(&layout.join("index.json"))?;
     let annotated = |e: &ImageIndexEntry, key: &str| e.annotations.as_ref().and_then(|a| a.get(key)).cloned();
-    let chosen = match reference.digest() {
-        Some(d) => index.manifests.iter().find(|e| e.digest == d),
-        None => index.manifests.iter().find(|e| {
-            ["io.containerd.image.name", "org.opencontainers.image.ref.name"]
-                .iter()
-                .any(|k| annotated(e, k).is_some_and(|n| names(reference, &n)))
-        }),
+    let named: Vec<ImageIndexEntry> = match reference.digest() {
+        Some(d) => index.manifests.iter().filter(|e| e.digest == d).cloned().collect(),
+        None => index
+            .manifests
+            .iter()
+            .filter(|e| {
+                ["io.containerd.image.name", "org.opencontainers.image.ref.name"]
+                    .iter()
+                    .any(|k| annotated(e, k).is_some_and(|n| names(reference, &n)))
+            })
+            .cloned()
+            .collect(),
+    };
+    let named = if named.is_empty() && index.manifests.len() == 1 && reference.digest().is_none() {
+        index.manifests.clone()
+    } else {
+        named
+    };
+    // One name may label an image per platform (a layout written with every
+    // platform of an index): the guests' one, else the only one.
+    let chosen = if named.iter().any(|e| e.platform.is_some()) {
+        let digest = platform_image(&named, arch).ok_or_else(|| ImageBuildError::NoPlatform {
+            reference: format!("{} (in {})", reference.whole(), layout.display()),
+            arch: arch.debian(),
+            offered: offered_platforms(&named),
+        })?;
+        named.iter().find(|e| e.digest == digest)
+    } else {
+        named.first()
     }
-    .or(if index.manifests.len() == 1 && reference.digest().is_none() { index.manifests.first() } else { None })
     .ok_or_else(|| ImageBuildError::OciImage {
         problem: format!("{} holds no image {}", layout.display(), reference.whole()),
     })?;
@@ -899,14 +1054,27 @@ fn from_layout(layout: &Path, reference: &Reference, arch: GuestArch) -> Result<
         let value: serde_json::Value = read_json(&path)?;
         if value.get("manifests").is_some() {
             let inner: OciImageIndex = read_json(&path)?;
-            let digest = platform_image(&inner.manifests, arch).ok_or_else(|| ImageBuildError::OciImage {
-                problem: format!("index {} has no linux/{} image", entry.digest, arch.debian()),
+            let digest = platform_image(&inner.manifests, arch).ok_or_else(|| ImageBuildError::NoPlatform {
+                reference: format!("{} (index {})", reference.whole(), entry.digest),
+                arch: arch.debian(),
+                offered: offered_platforms(&inner.manifests),
             })?;
             entry = inner.manifests.into_iter().find(|e| e.digest == digest).unwrap_or(entry);
             continue;
         }
         let manifest: OciImageManifest = read_json(&path)?;
         check_layers(&manifest)?;
+        // As for a pulled image: an entry without a platform may still be
+        // another architecture's image, which its config says.
+        let config = layout_blob(layout, &manifest.config.digest)?;
+        let size = std::fs::metadata(&config).map_err(io_err("reading", &config))?.len();
+        if size > MAX_CONFIG_BYTES {
+            return Err(ImageBuildError::OciImage {
+                problem: format!("the image config {} is {size} bytes (at most {MAX_CONFIG_BYTES})", config.display()),
+            });
+        }
+        let bytes = std::fs::read(&config).map_err(io_err("reading", &config))?;
+        config_platform(&bytes, &format!("{} (in {})", reference.whole(), layout.display()), arch)?;
         let layers = manifest
             .layers
             .iter()
@@ -1223,6 +1391,178 @@ mod tests {
         let mut rt = tvm_config::Catalog::builtin().get("python").unwrap().clone();
         rt.env.push(("PATH".into(), "/opt/py/bin".into()));
         assert_eq!(RequiredCommands::of(&rt).path, "/opt/py/bin");
+    }
+
+    /// Index entries with `(architecture, variant)` platforms (`os` linux, but
+    /// `unknown` for Docker's attestation manifests); digest `i` is `sha256:<i>...`.
+    fn index(platforms: &[(&str, Option<&str>)]) -> Vec<ImageIndexEntry> {
+        let entries: Vec<serde_json::Value> = platforms
+            .iter()
+            .enumerate()
+            .map(|(i, (arch, variant))| {
+                let os = if *arch == "unknown" { "unknown" } else { "linux" };
+                let mut platform = serde_json::json!({ "architecture": arch, "os": os });
+                if let Some(v) = variant {
+                    platform["variant"] = (*v).into();
+                }
+                serde_json::json!({
+                    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": digest(i), "size": 1000, "platform": platform,
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!(entries)).unwrap()
+    }
+
+    fn digest(i: usize) -> String {
+        format!("sha256:{}", i.to_string().repeat(64).chars().take(64).collect::<String>())
+    }
+
+    #[test]
+    fn an_index_resolves_to_the_guests_platform_or_names_what_it_offers() {
+        use GuestArch::{Aarch64, X86_64};
+        // As Docker Hub serves official images: arm/v7 (32-bit) before arm64/v8,
+        // attestation manifests last.
+        let hub = index(&[
+            ("amd64", None),
+            ("arm", Some("v7")),
+            ("arm64", Some("v8")),
+            ("unknown", Some("unknown")),
+            ("unknown", Some("unknown")),
+        ]);
+        assert_eq!(platform_image(&hub, X86_64), Some(digest(0)));
+        assert_eq!(platform_image(&hub, Aarch64), Some(digest(2)));
+        // The variant is optional; later variants need CPU features guests may lack.
+        let plain = index(&[("arm64", Some("v9")), ("amd64", Some("v3")), ("arm64", None), ("amd64", Some("v1"))]);
+        assert_eq!(platform_image(&plain, Aarch64), Some(digest(2)));
+        assert_eq!(platform_image(&plain, X86_64), Some(digest(3)));
+        // No arm64 image: none chosen, and the error says what there is.
+        let amd64_only = index(&[("amd64", None), ("arm", Some("v7")), ("unknown", Some("unknown"))]);
+        assert_eq!(platform_image(&amd64_only, Aarch64), None);
+        assert_eq!(offered_platforms(&amd64_only), "linux/amd64, linux/arm/v7, unknown/unknown/unknown");
+        assert_eq!(offered_platforms(&[]), "none");
+        let unmatched = Unmatched::new(Mutex::new(Some(offered_platforms(&amd64_only))));
+        let not_found = || oci_client::errors::OciDistributionError::ImageManifestNotFoundError("no entry".into());
+        let e = pull_error("127.0.0.1:5000/tvm/py:1", Aarch64, &unmatched, not_found());
+        assert_eq!(
+            e.to_string(),
+            "the OCI image 127.0.0.1:5000/tvm/py:1 has no linux/arm64 image \
+             (its index offers linux/amd64, linux/arm/v7, unknown/unknown/unknown)"
+        );
+        // Taken once: any other failure of the client is its own.
+        assert!(matches!(pull_error("r", Aarch64, &unmatched, not_found()), ImageBuildError::Pull { .. }));
+    }
+
+    /// The index entries of a whole manifest document, parsed as the registry
+    /// client parses what a registry serves (`OciManifest`, untagged).
+    fn entries_of(document: &str) -> Vec<ImageIndexEntry> {
+        match serde_json::from_str::<oci_client::manifest::OciManifest>(document).unwrap() {
+            oci_client::manifest::OciManifest::ImageIndex(i) => i.manifests,
+            oci_client::manifest::OciManifest::Image(_) => panic!("parsed as an image manifest"),
+        }
+    }
+
+    #[test]
+    fn real_index_documents_resolve_to_the_guests_platform() {
+        use GuestArch::{Aarch64, X86_64};
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        // A Docker manifest list (schema 2) as Docker Hub serves the official
+        // images that predate attestations: amd64, arm/v5, arm/v7, arm64/v8,
+        // 386, mips64le, ppc64le, s390x.
+        let list = format!(
+            r#"{{
+   "manifests": [
+      {{"digest": "{}", "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "platform": {{"architecture": "amd64", "os": "linux"}}, "size": 529}},
+      {{"digest": "{}", "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "platform": {{"architecture": "arm", "os": "linux", "variant": "v5"}}, "size": 529}},
+      {{"digest": "{}", "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "platform": {{"architecture": "arm", "os": "linux", "variant": "v7"}}, "size": 529}},
+      {{"digest": "{}", "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "platform": {{"architecture": "arm64", "os": "linux", "variant": "v8"}}, "size": 529}},
+      {{"digest": "{}", "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "platform": {{"architecture": "386", "os": "linux"}}, "size": 529}},
+      {{"digest": "{}", "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "platform": {{"architecture": "mips64le", "os": "linux"}}, "size": 529}},
+      {{"digest": "{}", "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "platform": {{"architecture": "ppc64le", "os": "linux"}}, "size": 529}},
+      {{"digest": "{}", "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "platform": {{"architecture": "s390x", "os": "linux"}}, "size": 529}}
+   ],
+   "mediaType": "application/vnd.docker.distribution.manifest.list.v2+json",
+   "schemaVersion": 2
+}}"#,
+            d('a'),
+            d('b'),
+            d('c'),
+            d('d'),
+            d('e'),
+            d('f'),
+            d('1'),
+            d('2')
+        );
+        let list = entries_of(&list);
+        assert_eq!(platform_image(&list, X86_64), Some(d('a')));
+        assert_eq!(platform_image(&list, Aarch64), Some(d('d')));
+
+        // An OCI image index as `docker buildx` pushes it (Docker Hub's
+        // official images today): arm64 first, Windows and attestation
+        // manifests (`unknown/unknown`, annotated) beside the Linux images.
+        let index = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[
+{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":1022,
+  "annotations":{{"org.opencontainers.image.base.name":"debian:trixie-slim"}},
+  "platform":{{"architecture":"arm64","os":"linux","variant":"v8"}}}},
+{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":1022,
+  "platform":{{"architecture":"amd64","os":"windows","os.version":"10.0.20348.2966"}}}},
+{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":1022,
+  "platform":{{"architecture":"amd64","os":"linux"}}}},
+{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{}","size":566,
+  "annotations":{{"vnd.docker.reference.digest":"{}","vnd.docker.reference.type":"attestation-manifest"}},
+  "platform":{{"architecture":"unknown","os":"unknown"}}}}]}}"#,
+            d('a'),
+            d('b'),
+            d('c'),
+            d('d'),
+            d('a')
+        );
+        let index = entries_of(&index);
+        assert_eq!(platform_image(&index, X86_64), Some(d('c')), "not the Windows image listed first");
+        assert_eq!(platform_image(&index, Aarch64), Some(d('a')));
+
+        // The image-spec's own example (image-index.md): ppc64le and an amd64
+        // image with `os.features`; nothing for arm64, and the error says so.
+        let spec = format!(
+            r#"{{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+  "manifests": [
+    {{"mediaType": "application/vnd.oci.image.manifest.v1+json", "size": 7143, "digest": "{}",
+      "platform": {{"architecture": "ppc64le", "os": "linux"}}}},
+    {{"mediaType": "application/vnd.oci.image.manifest.v1+json", "size": 7682, "digest": "{}",
+      "platform": {{"architecture": "amd64", "os": "linux", "os.features": ["sse4"]}}}}
+  ],
+  "annotations": {{"com.example.key1": "value1"}}}}"#,
+            d('a'),
+            d('b')
+        );
+        let spec = entries_of(&spec);
+        assert_eq!(platform_image(&spec, X86_64), Some(d('b')));
+        assert_eq!(platform_image(&spec, Aarch64), None);
+        assert_eq!(offered_platforms(&spec), "linux/ppc64le, linux/amd64");
+    }
+
+    #[test]
+    fn an_image_without_an_index_must_be_for_the_guests_architecture() {
+        use GuestArch::{Aarch64, X86_64};
+        let arm = br#"{"architecture": "arm64", "os": "linux", "variant": "v8", "config": {}, "rootfs": {"type": "layers", "diff_ids": []}}"#;
+        assert!(config_platform(arm, "r", Aarch64).is_ok());
+        let e = config_platform(arm, "127.0.0.1:5000/tvm/py@sha256:ab", X86_64).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "the OCI image 127.0.0.1:5000/tvm/py@sha256:ab is for linux/arm64/v8, not for the guests' linux/amd64"
+        );
+        // No architecture: nothing says it would not run.
+        assert!(config_platform(br#"{"rootfs": {"type": "layers", "diff_ids": []}}"#, "r", Aarch64).is_ok());
+        assert!(matches!(config_platform(b"not json", "r", X86_64), Err(ImageBuildError::OciImage { .. })));
     }
 
     #[test]

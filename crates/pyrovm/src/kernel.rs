@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tracing::info;
 use tvm_config::{GuestArch, Settings};
 
-use crate::cache::{run_streaming, which, Cache};
+use crate::cache::{run_cancellable, which, BuildCancel, Cache, RunError};
 use crate::progress::Progress;
 
 /// The pinned configuration fragment (x86_64).
@@ -165,6 +165,11 @@ pub enum KernelBuildError {
         /// Exit status and the last lines of stderr.
         tail: String,
     },
+    /// The build was stopped through its [`BuildCancel`] (`tvm kernel build`
+    /// got a signal, or the caller waiting for it went away): the compiler's
+    /// process group was killed and the scratch directory removed.
+    #[error("the kernel build was cancelled")]
+    Cancelled,
     /// Filesystem work (cache, scratch directory, lock) failed.
     #[error("{action} {}", path.display())]
     Io {
@@ -176,6 +181,14 @@ pub enum KernelBuildError {
         #[source]
         source: io::Error,
     },
+}
+
+/// A build tool's failure as `kind`, unless it was cancelled.
+fn tool_failed(e: RunError, kind: impl FnOnce(String) -> KernelBuildError) -> KernelBuildError {
+    match e {
+        RunError::Cancelled => KernelBuildError::Cancelled,
+        e => kind(e.describe()),
+    }
 }
 
 fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> KernelBuildError {
@@ -214,7 +227,15 @@ pub fn find_kernel(settings: &Settings) -> Result<Option<Kernel>, KernelBuildErr
 
 /// Returns the cached kernel or builds it (about 5 minutes on 2 cores). Holds
 /// the cache lock while building, so concurrent callers wait and reuse it.
-pub fn ensure_kernel(settings: &Settings, progress: &Progress) -> Result<Kernel, KernelBuildError> {
+/// `cancel` stops a build: its tools' process group is killed and the ~1.5 GB
+/// scratch directory removed before this returns [`KernelBuildError::Cancelled`]
+/// (a build whose process dies first leaves it to the next start's sweep,
+/// [`Cache::sweep_stale_scratch`]).
+pub fn ensure_kernel(
+    settings: &Settings,
+    progress: &Progress,
+    cancel: &BuildCancel,
+) -> Result<Kernel, KernelBuildError> {
     if let Some(k) = find_kernel(settings)? {
         progress.clear();
         return Ok(k);
@@ -232,7 +253,7 @@ pub fn ensure_kernel(settings: &Settings, progress: &Progress) -> Result<Kernel,
     }
     cache.sweep_stale_scratch();
     let started = Instant::now();
-    match build(settings, &cache, &key, progress) {
+    match build(settings, &cache, &key, progress, cancel) {
         Ok(k) => {
             let secs = started.elapsed().as_secs();
             info!(key, seconds = secs, "guest kernel built");
@@ -269,7 +290,13 @@ fn check_tools(arch: GuestArch) -> Result<(), KernelBuildError> {
 
 /// Unpacks, configures, verifies, compiles and publishes; the scratch directory
 /// (about 1.5 GB) is removed on return, whatever happened.
-fn build(settings: &Settings, cache: &Cache, key: &str, progress: &Progress) -> Result<Kernel, KernelBuildError> {
+fn build(
+    settings: &Settings,
+    cache: &Cache,
+    key: &str,
+    progress: &Progress,
+    cancel: &BuildCancel,
+) -> Result<Kernel, KernelBuildError> {
     let scratch = cache.scratch("kernel").map_err(io_err("creating a scratch directory in", &cache.tmp_dir()))?;
     let src = scratch.join("src");
     std::fs::create_dir(&src).map_err(io_err("creating", &src))?;
@@ -286,14 +313,15 @@ fn build(settings: &Settings, cache: &Cache, key: &str, progress: &Progress) -> 
     progress.set_message(format!("unpacking {name}"));
     let mut tar = Command::new("tar");
     tar.arg("-xf").arg(tarball).arg("--strip-components=1").arg("-C").arg(&src);
-    run_streaming(&mut tar, |_| {}, |_| {})
-        .map_err(|e| KernelBuildError::Extract { tarball: tarball.clone(), tail: e.describe() })?;
+    run_cancellable(&mut tar, Some(cancel), |_| {}, |_| {})
+        .map_err(|e| tool_failed(e, |tail| KernelBuildError::Extract { tarball: tarball.clone(), tail }))?;
 
     progress.set_message("configuring the guest kernel");
     let fragment = scratch.join("tvm-guest.fragment");
     std::fs::write(&fragment, fragment_text).map_err(io_err("writing", &fragment))?;
     let configure = |step: &'static str, cmd: &mut Command| {
-        run_streaming(cmd, |_| {}, |_| {}).map_err(|e| KernelBuildError::Configure { step, tail: e.describe() })
+        run_cancellable(cmd, Some(cancel), |_| {}, |_| {})
+            .map_err(|e| tool_failed(e, |tail| KernelBuildError::Configure { step, tail }))
     };
     configure("make tinyconfig", make(&src, kbuild).arg("tinyconfig"))?;
     let mut merge = Command::new("sh");
@@ -315,8 +343,9 @@ fn build(settings: &Settings, cache: &Cache, key: &str, progress: &Progress) -> 
     let mut steps = 0u64;
     let mut compile = make(&src, kbuild);
     compile.arg(format!("-j{jobs}")).arg(kbuild.target);
-    run_streaming(
+    run_cancellable(
         &mut compile,
+        Some(cancel),
         |line| {
             if is_build_step(line) {
                 steps += 1;
@@ -325,7 +354,7 @@ fn build(settings: &Settings, cache: &Cache, key: &str, progress: &Progress) -> 
         },
         |_| {},
     )
-    .map_err(|e| KernelBuildError::Compile { tail: e.describe() })?;
+    .map_err(|e| tool_failed(e, |tail| KernelBuildError::Compile { tail }))?;
     info!(steps, expected = KERNEL_BUILD_STEPS, "kernel compile steps");
 
     // Everything is inside the scratch dir (one filesystem), so renames suffice;

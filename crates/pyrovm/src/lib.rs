@@ -23,13 +23,9 @@ pub mod cache;
 #[cfg(target_os = "linux")]
 pub mod doctor;
 #[cfg(target_os = "linux")]
-mod fc_start;
-#[cfg(target_os = "linux")]
 pub mod hostcg;
 #[cfg(target_os = "linux")]
 pub mod image;
-#[cfg(target_os = "linux")]
-pub mod image_oci;
 #[cfg(target_os = "linux")]
 pub mod initrd;
 #[cfg(target_os = "linux")]
@@ -42,8 +38,10 @@ pub mod plan;
 pub mod progress;
 #[cfg(target_os = "linux")]
 pub mod reaper;
+/// OCI registry reachability, part of [`image`] (its OCI sources); here too
+/// for the callers that probe before asking for runtime states.
 #[cfg(target_os = "linux")]
-pub mod registry;
+pub use image::registry;
 #[cfg(target_os = "linux")]
 pub mod spec;
 #[cfg(target_os = "linux")]
@@ -202,14 +200,19 @@ pub fn isolation_checks(qemu: &std::path::Path, vmm_uid_base: u32) -> Vec<(Strin
 
 #[cfg(target_os = "linux")]
 /// `tvm doctor` lines on the VMM backend: `(name, ok, detail)`: which
-/// backend and why, binary versions, KVM state and the jailer.
-pub fn vmm_checks(settings: &Settings) -> Vec<(String, bool, String)> {
+/// backend and why (after the probe boot when the guest `kernel` is built,
+/// as [`choose_vmm`] decides), binary versions, KVM state and the jailer.
+pub fn vmm_checks(settings: &Settings, kernel: Option<&kernel::Kernel>) -> Vec<(String, bool, String)> {
     let sandbox = backend::qemu::sandbox_supported(&settings.qemu);
     let fc = backend::probe_firecracker(settings);
     let mut checks = Vec::new();
-    match backend::select(settings, sandbox) {
+    let chosen = match kernel {
+        Some(k) => choose_vmm(settings, sandbox, k).map(|(sel, _)| sel).map_err(|e| error_chain(&e)),
+        None => backend::select(settings, sandbox).map_err(|e| error_chain(&e)),
+    };
+    match chosen {
         Ok(sel) => checks.push(("vmm".into(), true, format!("{}: {}", sel.backend.kind().as_str(), sel.reason))),
-        Err(e) => checks.push(("vmm".into(), false, e.to_string())),
+        Err(e) => checks.push(("vmm".into(), false, e)),
     }
     let qemu_version = cache::which_path(&settings.qemu)
         .and_then(|q| std::process::Command::new(q).arg("--version").output().ok())
@@ -245,20 +248,78 @@ pub fn vmm_checks(settings: &Settings) -> Vec<(String, bool, String)> {
 }
 
 #[cfg(target_os = "linux")]
-/// The accelerator decision for the VMM `settings` select (QEMU when the
+/// The accelerator decision for the VMM `settings` choose (QEMU when the
 /// configured VMM cannot run here, so `tvm doctor` still reports one).
 ///
 /// # Errors
 /// [`accel::KvmUnusable`] when `accel = "kvm"` and the probe fails.
 pub fn accel_for(settings: &Settings, kernel: &kernel::Kernel) -> Result<AccelDecision, accel::KvmUnusable> {
     let sandbox = backend::qemu::sandbox_supported(&settings.qemu);
-    let backend = backend::select(settings, sandbox).map(|s| s.backend).unwrap_or_else(|_| {
-        Backend::Qemu(backend::qemu::Qemu::new(&settings.qemu, sandbox).with_arch(settings.guest_arch))
-    });
-    match &backend {
-        Backend::Qemu(q) => accel::resolve(settings.accel, q, kernel, &settings.cache_dir),
-        Backend::Firecracker(f) => accel::resolve(settings.accel, f, kernel, &settings.cache_dir),
+    match choose_vmm(settings, sandbox, kernel) {
+        Ok((_, accel)) => Ok(accel),
+        Err(ChooseVmmError::Accel(e)) => Err(e),
+        Err(ChooseVmmError::Select(_)) => {
+            let q = backend::qemu::Qemu::new(&settings.qemu, sandbox).with_arch(settings.guest_arch);
+            accel::resolve(settings.accel, &q, kernel, &settings.cache_dir)
+        }
     }
+}
+
+/// Why no VMM and accelerator could be chosen ([`choose_vmm`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ChooseVmmError {
+    /// The configured VMM cannot run here.
+    #[error(transparent)]
+    Select(#[from] backend::SelectVmmError),
+    /// `accel = "kvm"` and the chosen VMM's probe boot failed.
+    #[error(transparent)]
+    Accel(#[from] accel::KvmUnusable),
+}
+
+impl From<ChooseVmmError> for PrepareError {
+    fn from(e: ChooseVmmError) -> Self {
+        match e {
+            ChooseVmmError::Select(e) => PrepareError::Vmm(e),
+            ChooseVmmError::Accel(e) => PrepareError::Accel(e),
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+/// The backend and accelerator for `settings` on this host:
+/// [`backend::select`], then [`accel::resolve`] by the backend's probe boot
+/// (cached per kernel, VMM binary and host boot). With `vmm = "auto"`,
+/// Firecracker is kept only when its probe boot proves that KVM runs a guest
+/// (a nested, paravirtualised KVM may create VMs and still not run one);
+/// otherwise QEMU is chosen and the selection's reason says why. With
+/// `vmm = "firecracker"` a failed probe boot is an error.
+///
+/// # Errors
+/// [`ChooseVmmError::Select`] when the configured VMM cannot run here (for
+/// Firecracker: also when its probe boot fails),
+/// [`ChooseVmmError::Accel`] when `accel = "kvm"` and the probe boot fails.
+pub fn choose_vmm(
+    settings: &Settings,
+    qemu_sandbox: bool,
+    kernel: &kernel::Kernel,
+) -> Result<(backend::Selection, AccelDecision), ChooseVmmError> {
+    let sel = backend::select(settings, qemu_sandbox)?;
+    let accel = match &sel.backend {
+        Backend::Qemu(q) => accel::resolve(settings.accel, q, kernel, &settings.cache_dir)?,
+        // The stand-in boots QEMU under TCG by design; its accelerator is TCG.
+        Backend::Firecracker(f) if f.standin() => accel::resolve(settings.accel, f, kernel, &settings.cache_dir)?,
+        Backend::Firecracker(f) => match accel::probe(f, kernel, &settings.cache_dir) {
+            Ok(_) => accel::resolve(settings.accel, f, kernel, &settings.cache_dir)?,
+            Err(why) if settings.vmm == tvm_config::VmmChoice::Auto => {
+                let q = backend::qemu::Qemu::new(&settings.qemu, qemu_sandbox).with_arch(settings.guest_arch);
+                let accel = accel::resolve(settings.accel, &q, kernel, &settings.cache_dir)?;
+                let reason = format!("auto: QEMU, because Firecracker's KVM probe boot failed ({why})");
+                return Ok((backend::Selection { backend: Backend::Qemu(q), reason }, accel));
+            }
+            Err(why) => return Err(backend::SelectVmmError::FirecrackerNeedsKvm(why).into()),
+        },
+    };
+    Ok((sel, accel))
 }
 
 /// An error and its causes on one line (`what failed: why: deeper why`), for
@@ -333,6 +394,9 @@ pub struct Pyrovm {
     vmm: Selection,
     templates: Arc<Templates>,
     template_builds: TemplateBuilds,
+    /// Templates were asked for, but the backend cannot make them (and
+    /// why): every VM cold boots, and says so, without a build attempt.
+    templates_unsupported: Option<&'static str>,
 }
 
 #[cfg(target_os = "linux")]
@@ -362,15 +426,29 @@ pub struct StartedVm {
 impl Pyrovm {
     /// Reaps leftovers of crashed predecessors, finds (or, if `build`, builds)
     /// the kernel, packs the agent and decides the accelerator.
+    /// Dropping the future (a signal ends `tvm run`) cancels a kernel build
+    /// in progress, which then removes its scratch directory.
     pub async fn prepare(settings: Settings, catalog: Catalog, build: bool) -> Result<Self, PrepareError> {
         let s = settings.clone();
-        tokio::task::spawn_blocking(move || Self::prepare_blocking(s, catalog, build))
+        let cancel = BuildCancel::new();
+        let on_drop = CancelOnDrop::new(cancel.clone());
+        let prepared = tokio::task::spawn_blocking(move || Self::prepare_blocking(s, catalog, build, &cancel))
             .await
-            .map_err(|e| PrepareError::Task(e.to_string()))?
+            .map_err(|e| PrepareError::Task(e.to_string()))?;
+        on_drop.disarm();
+        prepared
     }
 
-    fn prepare_blocking(settings: Settings, catalog: Catalog, build: bool) -> Result<Self, PrepareError> {
+    fn prepare_blocking(
+        settings: Settings,
+        catalog: Catalog,
+        build: bool,
+        cancel: &BuildCancel,
+    ) -> Result<Self, PrepareError> {
         reaper::reap(&settings.runtime_dir);
+        // A template build of a killed `tvm` (each CLI run and server may
+        // build one) leaves its scratch directory in the cache.
+        cache::Cache::new(&settings.cache_dir).sweep_stale_scratch();
         let host_cgroups = match hostcg::HostCgroups::detect() {
             Ok(cgs) => {
                 cgs.reap();
@@ -389,7 +467,17 @@ impl Pyrovm {
             }
         };
         let qemu_sandbox = backend::qemu::sandbox_supported(&settings.qemu);
-        let vmm = backend::select(&settings, qemu_sandbox)?;
+        // Fails early on a configured VMM that cannot run here, before any kernel build.
+        backend::select(&settings, qemu_sandbox)?;
+        let jail = jail::ConfinementReport::detect(settings.vmm_uid_base);
+        info!(confinement = %jail.describe(), "VMM confinement");
+        let kernel = match kernel::find_kernel(&settings)? {
+            Some(k) => k,
+            None if build => kernel::ensure_kernel(&settings, &Progress::spinner("building guest kernel"), cancel)?,
+            None => return Err(PrepareError::KernelNotBuilt),
+        };
+        let initrd = initrd::ensure_initrd(&agent_path(&settings), &settings.cache_dir.join("initrd"))?;
+        let (vmm, accel) = choose_vmm(&settings, qemu_sandbox, &kernel)?;
         info!(vmm = vmm.backend.kind().as_str(), reason = %vmm.reason, "VMM chosen");
         if !qemu_sandbox && vmm.backend.kind() == VmmKind::Qemu {
             warn!(qemu = %settings.qemu.display(), "QEMU rejects -sandbox (built without seccomp?): VMMs run without it");
@@ -402,22 +490,20 @@ impl Pyrovm {
                 backend::firecracker::JailerUse::Skipped(why) => info!(reason = %why, "firecracker jailer skipped"),
             }
         }
-        let jail = jail::ConfinementReport::detect(settings.vmm_uid_base);
-        info!(confinement = %jail.describe(), "VMM confinement");
-        let kernel = match kernel::find_kernel(&settings)? {
-            Some(k) => k,
-            None if build => kernel::ensure_kernel(&settings, &Progress::spinner("building guest kernel"))?,
-            None => return Err(PrepareError::KernelNotBuilt),
-        };
-        let initrd = initrd::ensure_initrd(&agent_path(&settings), &settings.cache_dir.join("initrd"))?;
-        let accel = match &vmm.backend {
-            Backend::Qemu(q) => accel::resolve(settings.accel, q, &kernel, &settings.cache_dir)?,
-            Backend::Firecracker(f) => accel::resolve(settings.accel, f, &kernel, &settings.cache_dir)?,
-        };
         info!(accel = ?accel.kind, reason = %accel.reason, "accelerator chosen");
         let templates = Arc::new(
             Templates::new(&settings.cache_dir).with_max_bytes(settings.template_cache_mib.saturating_mul(1 << 20)),
         );
+        // The cap holds from the start, not only after this process's first build: a
+        // lowered `template_cache_mib`, or templates left by builds of other versions.
+        templates.evict_to_fit("");
+        let templates_unsupported = vmm.backend.templates_unsupported().filter(|_| settings.templates);
+        let mut settings = settings;
+        if let (Some(why), true) = (templates_unsupported, settings.templates) {
+            // Said once here; each start then names it, and nothing retries.
+            info!(reason = why, "templates off for this VMM: every VM cold boots");
+            settings.templates = false;
+        }
         Ok(Self {
             settings,
             catalog,
@@ -428,12 +514,15 @@ impl Pyrovm {
             vmm,
             templates,
             template_builds: TemplateBuilds::Inline,
+            templates_unsupported,
         })
     }
 
-    /// Turns starting from templates on or off (`Settings::templates`).
+    /// Turns starting from templates on or off (`Settings::templates`); a
+    /// backend that cannot make them ([`Backend::templates_unsupported`])
+    /// stays off.
     pub fn with_templates(mut self, on: bool) -> Self {
-        self.settings.templates = on;
+        self.settings.templates = on && self.vmm.backend.templates_unsupported().is_none();
         self
     }
 
@@ -549,49 +638,50 @@ impl Pyrovm {
         };
         let image = self.ensure_image(runtime, progress).await?;
         let spec = self.vm_spec(&image, memory_mib);
-        let (id, host, timeout) = (new_vm_id(), self.vmm_host(), self.boot_timeout());
-        let (vm, note) = match &self.vmm.backend {
-            Backend::Qemu(q) => {
-                let note = if self.settings.templates {
-                    match self.restore(q, runtime, &image, &spec).await {
-                        Ok(vm) => return Ok(StartedVm { vm, note: None }),
-                        Err(reason) => Some(reason),
-                    }
-                } else {
-                    None
-                };
-                return Ok(StartedVm { vm: Vm::boot(&id, &host, q, &spec, timeout).await?, note });
+        match &self.vmm.backend {
+            Backend::Qemu(q) => self.start_under(q, runtime, &image, &spec).await,
+            Backend::Firecracker(f) => self.start_under(f, runtime, &image, &spec).await,
+        }
+    }
+
+    /// [`Pyrovm::start_vm`] under the backend `vmm`: the one start flow for
+    /// every VMM (what differs per VMM is behind [`template::TemplateVmm`]).
+    async fn start_under<B: template::TemplateVmm>(
+        &self,
+        vmm: &B,
+        runtime: &Runtime,
+        image: &image::Image,
+        spec: &spec::VmSpec,
+    ) -> Result<StartedVm, ExecuteError> {
+        let note = if self.settings.templates {
+            match self.restore(vmm, runtime, image, spec).await {
+                Ok(vm) => return Ok(StartedVm { vm, note: None }),
+                Err(reason) => Some(reason),
             }
-            Backend::Firecracker(f) => {
-                // Templates are Firecracker snapshots here (`fc_start`).
-                let note = if self.settings.templates {
-                    match self.restore_firecracker(f, runtime, &image, &spec).await {
-                        Ok(vm) => return Ok(StartedVm { vm, note: None }),
-                        Err(reason) => Some(reason),
-                    }
-                } else {
-                    None
-                };
-                (Vm::boot(&id, &host, f, &spec, timeout).await?, note)
-            }
+        } else {
+            self.templates_unsupported.map(|why| format!("templates unsupported: {why}"))
         };
+        let vm = Vm::boot(&new_vm_id(), &self.vmm_host(), vmm, spec, self.boot_timeout()).await?;
         Ok(StartedVm { vm, note })
     }
 
-    /// Restores a VM from the template for (`runtime`, `image`, `spec`), or
-    /// says why not. Missing: built inline (then restored) or in the
-    /// background (`Err`: cold boot now). Corrupt: removed, then rebuilt in
-    /// the background (server) or by the next start (CLI). A failed restore
-    /// removes the template (a broken one must not fail every start) and
-    /// schedules a rebuild.
-    async fn restore(
+    /// Restores a VM from the template for (`runtime`, `image`, `spec`)
+    /// under `vmm`, or says why not. Missing: built inline (then restored)
+    /// or in the background (`Err`: cold boot now). Corrupt: removed, then
+    /// rebuilt in the background (server) or by the next start (CLI). A
+    /// failed restore removes the template (a broken one must not fail every
+    /// start) and schedules a rebuild. A VMM whose API refuses to snapshot
+    /// is a failed build like any other; a backend known never to snapshot
+    /// (the Firecracker stand-in, [`Backend::templates_unsupported`]) never
+    /// gets here: templates are off for it from the start.
+    async fn restore<B: template::TemplateVmm>(
         &self,
-        qemu: &backend::qemu::Qemu,
+        vmm: &B,
         runtime: &Runtime,
         image: &image::Image,
         spec: &spec::VmSpec,
     ) -> Result<Vm, String> {
-        let inputs = self.template_inputs(runtime, image, spec);
+        let inputs = vmm.template_inputs(spec, &self.kernel.key, &image.key, warmup_command(runtime));
         let key = inputs.key();
         let template = match self.templates.find(&key) {
             Ok(t) => t,
@@ -599,8 +689,13 @@ impl Pyrovm {
                 if let Some(why) = self.templates.recent_failure(&key) {
                     return Err(format!("template build failed recently: {why}"));
                 }
-                let req = self.build_request(qemu, runtime, inputs.clone(), spec);
-                match self.templates.build(req).await {
+                let req = self.build_request(vmm, runtime, inputs.clone(), spec);
+                // Once per runtime and VM shape: without a word the first run would seem to hang.
+                let progress = Progress::spinner(&format!("building the VM template of {} (once)", runtime.id));
+                progress.set_message(format!("building the VM template of {} (once)", runtime.id));
+                let built = self.templates.build(req).await;
+                progress.clear();
+                match built {
                     Ok(t) => t,
                     Err(e) => {
                         warn!(runtime = %runtime.id, key, error = %error_chain(&e), "template build failed; cold boot");
@@ -618,13 +713,13 @@ impl Pyrovm {
                 // execution, leaving its half-booted template VM and scratch
                 // directory for the reaper and costing this run a core.
                 if self.template_builds == TemplateBuilds::Background {
-                    self.rebuild_in_background(qemu, runtime, inputs, spec);
+                    self.rebuild_in_background(vmm, runtime, inputs, spec);
                 }
                 return Err(error_chain(&e));
             }
         };
-        let state = match self.templates.open_state(&template) {
-            Ok(state) => state,
+        let (restoring, extras) = match vmm.restore_launch(&self.templates, &template) {
+            Ok(launch) => launch,
             Err(e) => {
                 // Deleted or rewritten since `find`: no VM ran from it, so
                 // nothing to mark as failing; a changed file is removed.
@@ -635,8 +730,7 @@ impl Pyrovm {
                 return Err(error_chain(&e));
             }
         };
-        let launch = template::restore_launch(state);
-        let restored = Vm::launch(&new_vm_id(), &self.vmm_host(), qemu, spec, self.boot_timeout(), launch).await;
+        let restored = Vm::launch(&new_vm_id(), &self.vmm_host(), &restoring, spec, self.boot_timeout(), extras).await;
         restored.map_err(|e| {
             let e = TemplateError::Vm(e);
             self.templates.count_restore_failure();
@@ -646,84 +740,87 @@ impl Pyrovm {
             // must not cost every start a build and a failed restore.
             self.templates.note_failure(&key, &format!("restore failed: {}", error_chain(&e)));
             if self.template_builds == TemplateBuilds::Background {
-                self.rebuild_in_background(qemu, runtime, inputs, spec);
+                self.rebuild_in_background(vmm, runtime, inputs, spec);
             }
             format!("restore failed: {}", error_chain(&e))
         })
     }
 
-    /// Builds the template for `runtime` at `memory_mib` unless it exists
-    /// (`tvm image build`, benchmarks).
+    /// Builds the template for `runtime` at `memory_mib` (MiB of guest RAM)
+    /// under the chosen backend unless it exists (`tvm image build`,
+    /// benchmarks).
     ///
     /// # Errors
-    /// The image or the template could not be built.
+    /// [`ExecuteError::Image`] / [`ExecuteError::Plan`] when the image cannot
+    /// be had, [`ExecuteError::Template`] when the template cannot be built.
     pub async fn ensure_template(
         &self,
         runtime: &Runtime,
         memory_mib: u64,
     ) -> Result<template::Template, ExecuteError> {
-        let qemu = match &self.vmm.backend {
-            Backend::Qemu(q) => q,
-            Backend::Firecracker(f) => return self.ensure_template_firecracker(f, runtime, memory_mib).await,
-        };
         let image = self.ensure_image(runtime, Progress::hidden()).await?;
         let spec = self.vm_spec(&image, memory_mib);
-        let inputs = self.template_inputs(runtime, &image, &spec);
-        let req = self.build_request(qemu, runtime, inputs, &spec);
-        self.templates.build(req).await.map_err(|source| ExecuteError::Template { runtime: runtime.id.clone(), source })
+        let built = match &self.vmm.backend {
+            Backend::Qemu(q) => self.build_template(q, runtime, &image, &spec).await,
+            Backend::Firecracker(f) => self.build_template(f, runtime, &image, &spec).await,
+        };
+        built.map_err(|source| ExecuteError::Template { runtime: runtime.id.clone(), source })
     }
 
-    /// The template key inputs of a VM for `runtime` from `spec`.
-    fn template_inputs(
+    async fn build_template<B: template::TemplateVmm>(
         &self,
+        vmm: &B,
         runtime: &Runtime,
         image: &image::Image,
         spec: &spec::VmSpec,
-    ) -> template::TemplateInputs {
-        template::TemplateInputs::new(spec, &self.settings.qemu, &self.kernel.key, &image.key, warmup_command(runtime))
+    ) -> Result<template::Template, TemplateError> {
+        let inputs = vmm.template_inputs(spec, &self.kernel.key, &image.key, warmup_command(runtime));
+        self.templates.build(self.build_request(vmm, runtime, inputs, spec)).await
     }
 
-    fn build_request(
+    fn build_request<B: template::TemplateVmm>(
         &self,
-        qemu: &backend::qemu::Qemu,
+        vmm: &B,
         runtime: &Runtime,
         inputs: template::TemplateInputs,
         spec: &spec::VmSpec,
-    ) -> template::BuildRequest<'_> {
+    ) -> template::BuildRequest<'_, B> {
         template::BuildRequest {
             runtime: runtime.id.clone(),
             inputs,
             spec: spec.clone(),
             host: self.vmm_host(),
-            qemu: qemu.clone(),
+            vmm: vmm.clone(),
             boot_timeout: self.boot_timeout(),
         }
     }
 
-    /// Starts one background build of the template (none if one runs already).
-    fn rebuild_in_background(
+    /// Starts one background build of the template (none if one of it is
+    /// claimed already or one failed recently); it waits for the process's
+    /// one background build slot ([`Templates::background_slot`]).
+    fn rebuild_in_background<B: template::TemplateVmm>(
         &self,
-        qemu: &backend::qemu::Qemu,
+        vmm: &B,
         runtime: &Runtime,
         inputs: template::TemplateInputs,
         spec: &spec::VmSpec,
     ) {
         let key = inputs.key();
-        if self.templates.recent_failure(&key).is_some() || !self.templates.claim_build(&key) {
+        if self.templates.recent_failure(&key).is_some() {
             return;
         }
+        let Some(claim) = self.templates.claim_build(&key) else { return };
         let this = self.clone();
-        let runtime = runtime.clone();
-        let spec = spec.clone();
-        let qemu = qemu.clone();
-        let span = info_span!("template", key = %key, runtime = %runtime.id);
+        let (runtime, spec, vmm) = (runtime.clone(), spec.clone(), vmm.clone());
+        let span = info_span!("template", key = %key, runtime = %runtime.id, vmm = vmm.kind().as_str());
         tokio::spawn(
             async move {
-                let req = this.build_request(&qemu, &runtime, inputs, &spec);
+                let _slot = this.templates.background_slot().await;
+                let req = this.build_request(&vmm, &runtime, inputs, &spec);
                 if let Err(e) = this.templates.build(req).await {
                     warn!(error = %error_chain(&e), "background template build failed");
                 }
-                this.templates.release_build(&key);
+                drop(claim);
             }
             .instrument(span),
         );
@@ -801,6 +898,149 @@ mod tests {
     #[error("{0}")]
     struct Text(String, #[source] Option<Box<Text>>);
 
+    /// Every `.rs` file under `dir`, recursively.
+    fn rust_files(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                rust_files(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                out.push(path);
+            }
+        }
+    }
+
+    /// The identifier at the start of `s` (after spaces).
+    fn ident(s: &str) -> &str {
+        let s = s.trim_start();
+        let end = s.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(s.len());
+        &s[..end]
+    }
+
+    /// The crate-level modules each top-level module of `src` names through
+    /// `crate::` paths (`crate::a::b`, `use crate::{a, b::c}`), comments
+    /// dropped. A file below `src/x/`, or included with `#[path]` from
+    /// `x.rs`, belongs to `x`; `lib.rs` (the facade on top) is left out.
+    fn module_graph(src: &std::path::Path) -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+        let mut files = Vec::new();
+        rust_files(src, &mut files);
+        let top = |f: &PathBuf| -> String {
+            let rel = f.strip_prefix(src).unwrap();
+            let first = rel.components().next().unwrap().as_os_str().to_string_lossy().into_owned();
+            first.trim_end_matches(".rs").to_string()
+        };
+        // `#[path = "y.rs"] mod m;` in x.rs: y belongs to x.
+        let mut owner: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+        for f in &files {
+            let text = std::fs::read_to_string(f).unwrap();
+            for part in text.split("#[path = \"").skip(1) {
+                let included = part.split('"').next().unwrap().trim_end_matches(".rs").to_string();
+                owner.insert(included, top(f));
+            }
+        }
+        let mut graph = std::collections::BTreeMap::<String, std::collections::BTreeSet<String>>::new();
+        for f in &files {
+            let mut module = top(f);
+            while let Some(o) = owner.get(&module) {
+                module = o.clone();
+            }
+            if module == "lib" {
+                continue;
+            }
+            let text: String = std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| l.split("//").next().unwrap_or_default())
+                .collect::<Vec<_>>()
+                .join("\n");
+            let mut named = std::collections::BTreeSet::new();
+            for after in text.split("crate::").skip(1) {
+                match after.strip_prefix('{') {
+                    // A group: the first identifier of each top-level item.
+                    Some(group) => {
+                        let mut depth = 0;
+                        let mut item_start = true;
+                        for (i, c) in group.char_indices() {
+                            if item_start && depth == 0 && !c.is_whitespace() {
+                                named.insert(ident(&group[i..]).to_string());
+                                item_start = false;
+                            }
+                            match c {
+                                '{' => depth += 1,
+                                '}' if depth == 0 => break,
+                                '}' => depth -= 1,
+                                ',' if depth == 0 => item_start = true,
+                                _ => {}
+                            }
+                        }
+                    }
+                    None => {
+                        named.insert(ident(after).to_string());
+                    }
+                }
+            }
+            named.remove(&module);
+            graph.entry(module).or_default().extend(named);
+        }
+        let modules: std::collections::BTreeSet<String> = graph.keys().cloned().collect();
+        for deps in graph.values_mut() {
+            deps.retain(|d| modules.contains(d));
+        }
+        graph
+    }
+
+    /// A circle in `graph` (`a → b → … → a`), if there is one.
+    fn find_circle(
+        graph: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    ) -> Option<Vec<String>> {
+        fn visit(
+            m: &str,
+            graph: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+            path: &mut Vec<String>,
+            done: &mut std::collections::BTreeSet<String>,
+        ) -> Option<Vec<String>> {
+            if let Some(i) = path.iter().position(|p| p == m) {
+                let mut circle = path[i..].to_vec();
+                circle.push(m.to_string());
+                return Some(circle);
+            }
+            if done.contains(m) {
+                return None;
+            }
+            path.push(m.to_string());
+            for d in graph.get(m).into_iter().flatten() {
+                if let Some(c) = visit(d, graph, path, done) {
+                    return Some(c);
+                }
+            }
+            path.pop();
+            done.insert(m.to_string());
+            None
+        }
+        let mut done = std::collections::BTreeSet::new();
+        graph.keys().find_map(|m| visit(m, graph, &mut Vec::new(), &mut done))
+    }
+
+    /// pyrovm's modules import each other in one direction only (issue #11):
+    /// `spec` at the bottom, the backends, `vm` and `template` above, the
+    /// `Pyrovm` facade on top; a circle would make every layer depend on all.
+    #[test]
+    fn modules_import_no_circle() {
+        let graph = module_graph(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
+        assert!(graph.get("vm").is_some_and(|d| d.contains("backend")), "the scan sees imports: {graph:?}");
+        assert!(
+            !graph.contains_key("image_oci") && !graph.contains_key("session"),
+            "#[path] files belong to their owner"
+        );
+        if let Some(circle) = find_circle(&graph) {
+            panic!("pyrovm modules import each other in a circle: {}", circle.join(" → "));
+        }
+        // The checker finds one where there is one.
+        let mut with_circle = graph.clone();
+        with_circle.get_mut("spec").unwrap().insert("vm".into());
+        assert!(find_circle(&with_circle).is_some());
+    }
+
     #[test]
     fn causes_are_printed_once_even_when_a_message_repeats_its_source() {
         let inner = Text("bad digest".into(), None);
@@ -840,5 +1080,54 @@ mod tests {
         let chain = error_chain(&e);
         assert!(chain.starts_with("config file /nowhere is not valid: "), "{chain}");
         assert_eq!(chain.matches("line 1").count(), 1, "{chain}");
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod choose_tests {
+    use super::*;
+
+    /// `vmm = "auto"` with a Firecracker binary present: `/bin/true` passes
+    /// for one (it exits at once, as a Firecracker on a KVM that cannot run a
+    /// guest would end its probe boot without the expected panic).
+    #[test]
+    fn auto_keeps_firecracker_only_after_a_probe_boot() {
+        let cache = tempfile::tempdir().unwrap();
+        let settings = Settings {
+            vmm: tvm_config::VmmChoice::Auto,
+            firecracker: "/bin/true".into(),
+            cache_dir: cache.path().to_path_buf(),
+            ..Settings::default()
+        };
+        let kernel = kernel::Kernel {
+            key: "probe-test".into(),
+            bzimage: cache.path().join("bzImage"),
+            vmlinux: cache.path().join("vmlinux"),
+            config: cache.path().join("config"),
+        };
+        let (sel, accel) = choose_vmm(&settings, false, &kernel).unwrap();
+        assert_eq!(sel.backend.kind(), VmmKind::Qemu, "{}", sel.reason);
+        assert_eq!(accel.kind(), spec::AccelKind::Tcg, "no kernel to boot: {}", accel.reason);
+        match backend::firecracker::kvm_usable() {
+            // KVM_CREATE_VM works (as on this nested host): select took Firecracker, its probe boot refused it.
+            Ok(()) => assert!(
+                sel.reason.starts_with("auto: QEMU, because Firecracker's KVM probe boot failed (probe boot ended"),
+                "{}",
+                sel.reason
+            ),
+            Err(why) => assert!(sel.reason.contains(&why), "{}", sel.reason),
+        }
+        // Asked for by name, the same Firecracker is a one-line error naming the probe and the fix.
+        if backend::firecracker::kvm_usable().is_ok() {
+            let explicit = Settings { vmm: tvm_config::VmmChoice::Firecracker, ..settings.clone() };
+            let msg = error_chain(&choose_vmm(&explicit, false, &kernel).unwrap_err());
+            assert!(
+                msg.contains("needs KVM") && msg.contains("probe boot ended") && msg.contains("vmm = \"qemu\""),
+                "{msg}"
+            );
+        }
+        // The vmm line of `tvm doctor` says the same.
+        let doctor = vmm_checks(&settings, Some(&kernel));
+        assert!(doctor.iter().any(|(n, ok, d)| n == "vmm" && *ok && d.starts_with("qemu: auto: QEMU")), "{doctor:?}");
     }
 }

@@ -292,7 +292,8 @@ pub fn plan(catalog: &Catalog, req: &ExecutionRequest, vm_overhead_mib: u64) -> 
         interactive: false,
     };
     let compile_mem = job.compile.is_some().then_some(compile_limits.memory_bytes);
-    let vm_memory_mib = vm_memory_mib(run_limits.memory_bytes, compile_mem, job.workdir_bytes, vm_overhead_mib);
+    let needed = vm_memory_mib(run_limits.memory_bytes, compile_mem, job.workdir_bytes, vm_overhead_mib);
+    let vm_memory_mib = vm_shape_mib(needed, default_vm_memory_mib(catalog, runtime, vm_overhead_mib));
     Ok(Plan { runtime: runtime.clone(), job, vm_memory_mib })
 }
 
@@ -342,8 +343,27 @@ pub fn add_tests(plan: &mut Plan, req: &ExecutionRequest, tests: &[TestRequest])
         .iter()
         .map(|t| TestRun { argv: base.iter().chain(&t.args).cloned().collect(), stdin: t.stdin.clone() })
         .collect();
-    plan.vm_memory_mib += plan.job.workdir_bytes.div_ceil(1 << 20);
+    plan.vm_memory_mib =
+        (plan.vm_memory_mib + plan.job.workdir_bytes.div_ceil(1 << 20)).next_multiple_of(VM_SHAPE_STEP_MIB);
     Ok(())
+}
+
+/// Guest RAM steps, MiB, above a runtime's default VM size.
+const VM_SHAPE_STEP_MIB: u64 = 64;
+
+/// The VM size, MiB, for a job that needs `needed_mib` where the runtime's
+/// default limits need `default_mib`: never below the default, above it
+/// rounded up to [`VM_SHAPE_STEP_MIB`]. The stages' memory limits are
+/// enforced exactly by their cgroups inside the guest, not by the VM's size,
+/// so a VM may be larger than a job needs; few sizes mean few templates (each
+/// size is its own template and pool) instead of one per MiB a client asks
+/// for, and a smaller limit reuses the default's template and pool.
+fn vm_shape_mib(needed_mib: u64, default_mib: u64) -> u64 {
+    if needed_mib <= default_mib {
+        default_mib
+    } else {
+        needed_mib.next_multiple_of(VM_SHAPE_STEP_MIB)
+    }
 }
 
 /// Guest RAM, MiB, for stages with these memory limits (bytes), the work dir
@@ -488,13 +508,33 @@ mod tests {
         let p = plan(&c, &r, 160).unwrap();
         assert_eq!(p.job.run.limits.wall_ms, 1000);
         assert_eq!(p.job.run.limits.cpu_ms, 1000, "cpu is clamped to wall");
-        assert_eq!(p.vm_memory_mib, 128 + 64 + 160);
         let python = c.get("python").unwrap();
+        assert_eq!(p.vm_memory_mib, default_vm_memory_mib(&c, python, 160), "a smaller limit runs in the default VM");
         let defaults = plan(&c, &req("python", &[("a.py", "")]), 160).unwrap();
         assert_eq!(default_vm_memory_mib(&c, python, 160), defaults.vm_memory_mib);
         let cc = c.get("c").unwrap();
         let defaults = plan(&c, &req("c", &[("a.c", "")]), 160).unwrap();
         assert_eq!(default_vm_memory_mib(&c, cc, 160), defaults.vm_memory_mib);
+    }
+
+    /// Found by a new-user run: limits of 200, 201, … 205 MiB each made a VM
+    /// size of its own, so a template build each, evicting the defaults'.
+    #[test]
+    fn nearby_memory_limits_share_one_vm_size() {
+        let c = Catalog::builtin();
+        let python = c.get("python").unwrap();
+        let default = default_vm_memory_mib(&c, python, 160);
+        let mib = |limit_mib: u64| {
+            let mut r = req("python", &[("a.py", "")]);
+            r.run_limits.memory_bytes = Some(limit_mib << 20);
+            plan(&c, &r, 160).unwrap().vm_memory_mib
+        };
+        for small in [1, 100, 200, 205] {
+            assert_eq!(mib(small), default, "{small} MiB");
+        }
+        assert_eq!(mib(300), mib(301));
+        assert!(mib(300) >= 300 + 160 && mib(300) % VM_SHAPE_STEP_MIB == 0, "{}", mib(300));
+        assert!(mib(1024) >= 1024 + 160, "{}", mib(1024));
     }
 
     #[test]

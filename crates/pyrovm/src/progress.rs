@@ -2,7 +2,10 @@
 //!
 //! On a terminal this is an indicatif bar or spinner. Elsewhere (CI logs,
 //! redirected stderr) indicatif draws nothing, so a plain line is printed at
-//! most every [`PLAIN_INTERVAL`] and once at the end.
+//! most every [`PLAIN_INTERVAL`] and once at the end. The first plain line
+//! carries no elapsed time: it would always read `0s`, and for work that
+//! ends without a last line (a progress cleared when done) it would stay
+//! the only one, a timer that looks frozen.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -170,24 +173,23 @@ impl Progress {
             Some(t) => now.duration_since(t) >= PLAIN_INTERVAL,
         };
         if last || due {
+            let elapsed = (last || last_line.is_some()).then(|| self.bar.elapsed());
             *last_line = Some(now);
-            eprintln!(
-                "{}",
-                plain_line(&self.bar.message(), self.bar.position(), self.bar.length(), self.bar.elapsed())
-            );
+            eprintln!("{}", plain_line(&self.bar.message(), self.bar.position(), self.bar.length(), elapsed));
         }
     }
 }
 
-/// One plain progress line: message, steps (for bars with a length) and elapsed seconds.
-fn plain_line(msg: &str, pos: u64, len: Option<u64>, elapsed: Duration) -> String {
-    let secs = elapsed.as_secs();
-    match len {
-        Some(len) if len > 0 => {
-            let pct = pos.min(len) * 100 / len;
-            format!("{msg} [{pos}/{len} {pct}%] {secs}s")
-        }
-        _ => format!("{msg} {secs}s"),
+/// One plain progress line: message, steps (for bars with a length) and
+/// elapsed seconds (`None`: the first line, which says only what started).
+fn plain_line(msg: &str, pos: u64, len: Option<u64>, elapsed: Option<Duration>) -> String {
+    let steps = match len {
+        Some(len) if len > 0 => format!(" [{pos}/{len} {}%]", pos.min(len) * 100 / len),
+        _ => String::new(),
+    };
+    match elapsed {
+        Some(e) => format!("{msg}{steps} {}s", e.as_secs()),
+        None => format!("{msg}{steps}"),
     }
 }
 
@@ -197,10 +199,17 @@ mod tests {
 
     #[test]
     fn plain_line_shows_percent_only_for_bars() {
-        assert_eq!(plain_line("compiling", 50, Some(200), Duration::from_secs(7)), "compiling [50/200 25%] 7s");
-        assert_eq!(plain_line("compiling", 500, Some(200), Duration::ZERO), "compiling [500/200 100%] 0s");
-        assert_eq!(plain_line("bootstrapping", 0, None, Duration::from_secs(3)), "bootstrapping 3s");
-        assert_eq!(plain_line("starting", 0, Some(0), Duration::ZERO), "starting 0s");
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(plain_line("compiling", 50, Some(200), secs(7)), "compiling [50/200 25%] 7s");
+        assert_eq!(plain_line("compiling", 500, Some(200), secs(0)), "compiling [500/200 100%] 0s");
+        assert_eq!(plain_line("bootstrapping", 0, None, secs(3)), "bootstrapping 3s");
+        assert_eq!(plain_line("starting", 0, Some(0), secs(0)), "starting 0s");
+        // The first line has no timer that could look frozen at 0s.
+        assert_eq!(
+            plain_line("building the VM template of c (once)", 0, None, None),
+            "building the VM template of c (once)"
+        );
+        assert_eq!(plain_line("compiling", 0, Some(200), None), "compiling [0/200 0%]");
     }
 
     #[test]

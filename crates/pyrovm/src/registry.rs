@@ -107,7 +107,7 @@ pub fn registries_of<'a>(settings: &Settings, runtimes: impl IntoIterator<Item =
         .into_iter()
         .filter(|r| r.unavailable.is_none())
         .filter_map(|r| r.image.as_ref())
-        .filter(|recipe| recipe.oci.is_some() && crate::image::find_image(settings, recipe).is_none())
+        .filter(|recipe| recipe.oci.is_some() && super::find_image(settings, recipe).is_none())
         .filter_map(|recipe| recipe.oci.as_deref().and_then(registry_of))
         .collect();
     out.sort();
@@ -117,7 +117,7 @@ pub fn registries_of<'a>(settings: &Settings, runtimes: impl IntoIterator<Item =
 
 /// One probe of `registry`, in a runtime of its own (called on a probe thread).
 fn probe(registry: &str) -> Reachability {
-    let scheme = if crate::image_oci::is_loopback(registry) { "http" } else { "https" };
+    let scheme = if super::oci::is_loopback(registry) { "http" } else { "https" };
     let url = format!("{scheme}://{registry}/v2/");
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -17,11 +17,11 @@ use tokio::net::UnixStream;
 use tracing::{debug, info_span, warn, Instrument};
 use tvm_protocol::{
     read_frame_async, write_frame_async, FrameDecoder, FrameError, GuestMessage, HostMessage, Job, JobResult, Stage,
-    StageResult, Stream, Uniqueness, MAX_GUEST_FRAME, PROTOCOL_VERSION,
+    StageResult, Stream, Uniqueness, ENTROPY_BYTES, MAX_GUEST_FRAME, PROTOCOL_VERSION,
 };
 
 use crate::backend::{Console, LaunchContext, LaunchError, Vmm, VmmKind};
-use crate::hostcg::{HostCgroups, VmCgroup, VmmLimits, VMM_PIDS};
+use crate::hostcg::{HostCgroups, VmCgroup, VmmLimits, VMM_OVERHEAD_MIB, VMM_PIDS};
 use crate::jail::{ConfineVmmError, Confinement};
 use crate::reaper::RunDir;
 use crate::spec::VmSpec;
@@ -30,10 +30,20 @@ use crate::spec::VmSpec;
 mod session;
 pub use session::{SessionEvent, SessionInput};
 
-/// Host memory a VMM may use beyond its guest's RAM: the VMM itself, device
-/// buffers and, under TCG, the translation cache (measured at ~100 MiB for
-/// a Python job; the rest is margin, the cap is against runaways).
-pub const VMM_OVERHEAD_MIB: u64 = 256;
+/// Fresh entropy ([`ENTROPY_BYTES`] from the host's RNG) and the host clock
+/// (Unix ns) for one job or resume: a VM restored from a template shares
+/// both with its siblings until the agent applies these.
+///
+/// # Panics
+/// If the host's random number generator fails: a VM that would run with
+/// its template's RNG state must not start.
+pub fn uniqueness() -> Uniqueness {
+    let mut entropy = vec![0u8; ENTROPY_BYTES];
+    getrandom::fill(&mut entropy).expect("the host's random number generator works");
+    let unix_time_ns =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    Uniqueness { entropy, unix_time_ns }
+}
 
 /// Why a VM could not be brought to agent-ready.
 #[derive(Debug, thiserror::Error)]
@@ -594,7 +604,7 @@ pub(super) async fn send_job(
     // template shares both with its siblings until the agent applies these.
     let mut job = job.clone();
     job.interactive = interactive;
-    job.uniqueness = Some(crate::template::uniqueness());
+    job.uniqueness = Some(uniqueness());
     write_frame_async(wr, &HostMessage::Run(job)).await.map_err(RunJobError::Send)?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(deadline_ms);
     // `Done` repeats the captured output (base64), so its frame may exceed the chunk-sized
@@ -644,5 +654,19 @@ fn kill_and_reap(child: &mut std::process::Child) {
 async fn wait_exit(child: &mut std::process::Child) {
     while let Ok(None) = child.try_wait() {
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniqueness_is_fresh_each_time() {
+        let (a, b) = (uniqueness(), uniqueness());
+        assert_eq!(a.entropy.len(), ENTROPY_BYTES);
+        assert_ne!(a.entropy, b.entropy);
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        assert!(now.abs_diff(a.unix_time_ns) < 5_000_000_000);
     }
 }

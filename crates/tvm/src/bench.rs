@@ -77,10 +77,24 @@ fn native_ms(s: &Sample, dir: &Path) -> Option<f64> {
     Some(t.elapsed().as_secs_f64() * 1000.0)
 }
 
-/// Resident memory of a process in bytes (`VmRSS`), if readable.
-fn own_rss_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: u64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+/// What [`mem_bytes`] reads of a process.
+#[derive(Debug, Clone, Copy)]
+enum Mem {
+    /// Resident memory (`VmRSS`): pages shared with other processes count whole.
+    Rss,
+    /// Proportional set size (`Pss` in `smaps_rollup`): a page shared by n
+    /// processes counts 1/n, so clones sharing their template's pages show it.
+    Pss,
+}
+
+/// [`Mem`] of one process in bytes, if readable.
+fn own_mem_bytes(pid: u32, what: Mem) -> Option<u64> {
+    let (file, key) = match what {
+        Mem::Rss => ("status", "VmRSS:"),
+        Mem::Pss => ("smaps_rollup", "Pss:"),
+    };
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).ok()?;
+    let kb: u64 = text.lines().find(|l| l.starts_with(key))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
 
@@ -88,7 +102,13 @@ fn own_rss_bytes(pid: u32) -> Option<u64> {
 /// stand-in's guest lives in its QEMU child (plus vhost-device-vsock), so
 /// the VMM process alone would undercount it. Bounded walk (64 processes).
 fn rss_bytes(pid: u32) -> Option<u64> {
-    let mut total = own_rss_bytes(pid)?;
+    mem_bytes(pid, Mem::Rss)
+}
+
+/// [`rss_bytes`] for any [`Mem`].
+fn mem_bytes(pid: u32, what: Mem) -> Option<u64> {
+    let own = |p| own_mem_bytes(p, what);
+    let mut total = own(pid)?;
     let mut queue = vec![pid];
     let mut seen = 1;
     while let Some(p) = queue.pop() {
@@ -98,7 +118,7 @@ fn rss_bytes(pid: u32) -> Option<u64> {
                 return Some(total);
             }
             seen += 1;
-            total += own_rss_bytes(c).unwrap_or(0);
+            total += own(c).unwrap_or(0);
             queue.push(c);
         }
     }
@@ -122,7 +142,7 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
     println!("accelerator: {} ({})", vmm.accel().kind().as_str(), vmm.accel().reason);
     println!("runs per row: {runs} (each VM run starts a fresh VM)\n");
     println!(
-        "{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
         "runtime",
         "native",
         "cold",
@@ -134,6 +154,7 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
         "snapshot",
         "RSS cold",
         "RSS tmpl",
+        "PSS tmpl",
         "cold/n",
         "tmpl/n"
     );
@@ -208,11 +229,16 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
             m.template.push(t.elapsed().as_secs_f64() * 1000.0);
             anyhow::ensure!(r.verdict == tvm_protocol::Verdict::Ok, "{}: verdict {}", rt.id, r.verdict);
 
-            // Pooled: a restored VM idles at agent-ready (its host RSS is read
-            // then), and only the job is on the clock.
+            // Pooled: a restored VM idles at agent-ready (its host RSS and
+            // PSS are read then, beside a second idle clone as in a pool:
+            // the pages both only read are shared), and only the job is on
+            // the clock.
             let vm = tpl_vmm.start_vm(&plan.runtime, plan.vm_memory_mib).await?.vm;
+            let twin = tpl_vmm.start_vm(&plan.runtime, plan.vm_memory_mib).await?.vm;
             tokio::time::sleep(IDLE_SETTLE).await;
             m.rss_template.extend(rss_bytes(vm.vmm_pid()).map(|b| b as f64));
+            m.pss_template.extend(mem_bytes(vm.vmm_pid(), Mem::Pss).map(|b| b as f64));
+            drop(twin);
             let t = Instant::now();
             let r = vm.execute(&plan.job, |_, _, _| {}).await?;
             m.pooled.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -246,7 +272,7 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
             }
         };
         println!(
-            "{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>8} {:>8}",
+            "{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
             rt.id,
             native_col,
             ms(c50),
@@ -255,9 +281,13 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
             ms(percentile(&mut m.pooled, 0.5)),
             ms(percentile(&mut m.boot_ready, 0.5)),
             ms(percentile(&mut m.restore_ready, 0.5)),
-            template.as_ref().map(|t| tvm_config::format_bytes(t.meta.state_bytes)).unwrap_or_else(|| "-".into()),
+            template
+                .as_ref()
+                .map(|t| tvm_config::format_bytes(t.meta.state_bytes + t.meta.ram.as_ref().map_or(0, |r| r.data_bytes)))
+                .unwrap_or_else(|| "-".into()),
             mib(&mut m.rss_cold),
             mib(&mut m.rss_template),
+            mib(&mut m.pss_template),
             cold_ratio,
             tpl_ratio
         );
@@ -269,8 +299,10 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
     println!("template = the same restored from the runtime's template (what `tvm run` pays now);");
     println!("pooled = job sent to result on a restored VM already at agent-ready (a warm-pool hit);");
     println!("boot>rdy / rest>rdy = VMM start to agent-ready, cold boot / template restore;");
-    println!("snapshot = the template's saved state; RSS = host resident memory of one idle VMM");
-    println!("(with its child processes: the stand-in's QEMU and vhost-device-vsock);");
+    println!("snapshot = the template's saved state (device state plus the RAM's non-zero pages);");
+    println!("RSS = host resident memory of one idle VMM (with its child processes: the stand-in's");
+    println!("QEMU and vhost-device-vsock); PSS tmpl = its proportional share while a second clone");
+    println!("idles beside it (pages both map from the template count half);");
     println!("cold/n, tmpl/n = cold and template p50 over native p50 (the host's own toolchain,");
     println!("whatever version it has; '-' where the host has none).");
     Ok(())
@@ -287,4 +319,5 @@ struct Samples {
     restore_ready: Vec<f64>,
     rss_cold: Vec<f64>,
     rss_template: Vec<f64>,
+    pss_template: Vec<f64>,
 }

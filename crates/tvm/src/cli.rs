@@ -50,7 +50,7 @@ pub enum Command {
         command: ImageCommand,
     },
     /// VM templates (snapshots of booted, prewarmed VMs that executions are
-    /// restored from with `templates = true`; a cache, rebuilt on first use).
+    /// restored from unless `templates = false`; a cache, rebuilt on first use).
     Template {
         #[command(subcommand)]
         command: TemplateCommand,
@@ -88,13 +88,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub stdin: Option<PathBuf>,
     /// Wall-clock limit of the run stage (e.g. 2s, 500ms).
-    #[arg(long)]
+    // Hyphen values are taken, so `-1` gets the unit parser's message, not
+    // clap's tip to pass it after `--` (which would make it a program argument).
+    #[arg(long, allow_hyphen_values = true)]
     pub time_limit: Option<String>,
     /// Memory limit of the run stage (e.g. 128M).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub memory_limit: Option<String>,
     /// Output cap per stream (e.g. 64K).
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub output_limit: Option<String>,
     /// Print the result document of `POST /v1/executions` (the same with --server)
     /// instead of the program's output.
@@ -217,6 +219,11 @@ pub struct ImageBuildArgs {
     /// (dpkg, then mkfs.erofs); builds of one Debian suite share downloaded packages.
     #[arg(long, short = 'j', default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=8))]
     pub jobs: u8,
+    /// Build only the images, not the VM templates of these runtimes (with
+    /// templates on, the default, each is built after the images, `--jobs`
+    /// at a time; otherwise the first execution of each builds its own).
+    #[arg(long)]
+    pub no_templates: bool,
 }
 
 /// `tvm bench`.
@@ -234,11 +241,20 @@ pub struct BenchArgs {
     /// Writes per relay-bench run.
     #[arg(long, default_value_t = 200_000, requires = "relay")]
     pub lines: u64,
+    /// Relay-bench rows to run: those whose program name contains one of
+    /// these (case-insensitive, repeatable; default every row), e.g.
+    /// `--program "C write"`.
+    #[arg(long, value_name = "NAME", requires = "relay")]
+    pub program: Vec<String>,
     /// Instead: this many tests (1-64) of a C++ solution as the `tests` of
     /// one execution (compile once, run many) next to as many separate
     /// executions.
     #[arg(long, value_name = "N", conflicts_with_all = ["runtimes", "relay"])]
     pub tests: Option<usize>,
+    /// Instead: what the HTTP API adds to a Python hello served by a warm
+    /// pool VM (round trip minus in-guest wall), through an in-process server.
+    #[arg(long, conflicts_with_all = ["runtimes", "relay", "tests"])]
+    pub api: bool,
 }
 
 /// `tvm soak`.
@@ -284,7 +300,25 @@ pub fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let ctx = Context::load(cli.accel, cli.vmm)?;
-    match cli.command {
+    // `serve` drains, `image build` and `kernel build` cancel their builds on a signal themselves.
+    #[cfg(target_os = "linux")]
+    let handles_signals = matches!(
+        &cli.command,
+        Command::Serve(_)
+            | Command::Image { command: ImageCommand::Build(_) }
+            | Command::Kernel { command: KernelCommand::Build }
+    );
+    #[cfg(not(target_os = "linux"))]
+    let handles_signals = false;
+    if handles_signals {
+        command(ctx, cli.command).await
+    } else {
+        commands::until_signal(command(ctx, cli.command)).await
+    }
+}
+
+async fn command(ctx: Context, command: Command) -> Result<ExitCode> {
+    match command {
         Command::Run(args) => commands::run::run(ctx, args).await,
         Command::Runtimes(args) => commands::runtimes::runtimes(&ctx, &args).await,
         Command::Lima(args) => commands::lima::lima(args).await,

@@ -15,6 +15,8 @@
 //! `tvm lima up` ([`commands::linux_only`]).
 
 #[cfg(target_os = "linux")]
+mod api_bench;
+#[cfg(target_os = "linux")]
 mod bench;
 mod cli;
 mod commands;

@@ -24,6 +24,9 @@ struct Program {
     runtime: &'static str,
     file: &'static str,
     source: &'static str,
+    /// Whether the program has the `pipe` mode (Java cannot put a pipe of
+    /// its own on a file descriptor it writes with `write(2)` per line).
+    floor: bool,
 }
 
 /// How often the `pipe` mode empties its pipe: 4096 lines of at most 7 bytes
@@ -73,6 +76,7 @@ const PROGRAMS: &[Program] = &[
         name: "C write(2) per line",
         runtime: "c",
         file: "main.c",
+        floor: true,
         source: concat!(
             c_prelude!(),
             r#"int main(int argc, char **argv) {
@@ -96,6 +100,7 @@ const PROGRAMS: &[Program] = &[
         name: "C printf+fflush per line",
         runtime: "c",
         file: "main.c",
+        floor: true,
         source: concat!(
             c_prelude!(),
             r#"int main(int argc, char **argv) {
@@ -120,6 +125,7 @@ const PROGRAMS: &[Program] = &[
         name: "C printf per line, no fflush",
         runtime: "c",
         file: "main.c",
+        floor: true,
         source: concat!(
             c_prelude!(),
             r#"int main(int argc, char **argv) {
@@ -142,6 +148,7 @@ const PROGRAMS: &[Program] = &[
         name: "Python print per line",
         runtime: "python",
         file: "main.py",
+        floor: true,
         source: r#"import fcntl, os, sys, time
 n = int(sys.argv[1])
 mode = sys.argv[2] if len(sys.argv) > 2 else "relay"
@@ -179,8 +186,32 @@ print(f"loop_ns={time.monotonic_ns() - t}", file=sys.stderr)
         runtime: "ruby",
         file: "main.rb",
         source: RUBY,
+        floor: true,
     },
-    Program { name: "Ruby puts per line, buffered", runtime: "ruby", file: "buffered.rb", source: RUBY },
+    Program { name: "Ruby puts per line, buffered", runtime: "ruby", file: "buffered.rb", source: RUBY, floor: true },
+    Program {
+        // `System.out` is a PrintStream flushing each line: one write(2) per
+        // println. The `null` mode's stream is built the same way.
+        name: "Java System.out.println per line",
+        runtime: "java",
+        file: "Main.java",
+        source: r#"import java.io.*;
+
+public class Main {
+    public static void main(String[] args) throws IOException {
+        int n = Integer.parseInt(args[0]);
+        if (args.length > 1 && args[1].equals("null")) {
+            System.setOut(new PrintStream(new BufferedOutputStream(new FileOutputStream("/dev/null"), 8192), true));
+        }
+        long t = System.nanoTime();
+        for (int i = 0; i < n; i++) System.out.println(i);
+        System.out.flush();
+        System.err.println("loop_ns=" + (System.nanoTime() - t));
+    }
+}
+"#,
+        floor: false,
+    },
 ];
 
 /// The Ruby row's program; named `buffered.rb` it turns `$stdout.sync` off.
@@ -328,8 +359,16 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// Runs every program `runs` times through the relay and to `/dev/null`,
-/// `lines` writes each, and prints a Markdown table (medians).
+/// Whether a row named `name` is asked for: no filter, or one it contains
+/// (case-insensitive).
+fn selected(name: &str, only: &[String]) -> bool {
+    only.is_empty() || only.iter().any(|o| name.to_lowercase().contains(&o.to_lowercase()))
+}
+
+/// Runs every program (or those whose name contains one of `only`,
+/// case-insensitive) `runs` times through the relay, to its own pipe (the
+/// floor, where it has one) and to `/dev/null`, `lines` writes each, and
+/// prints a Markdown table (medians).
 ///
 /// A run that fails (a VM that cannot boot, a verdict other than `ok`,
 /// output that did not arrive complete and in order) is reported in its
@@ -337,14 +376,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 ///
 /// # Errors
 /// None of its own today; kept fallible for the command's signature.
-pub async fn run(vmm: &Pyrovm, runs: usize, lines: u64) -> Result<()> {
+pub async fn run(vmm: &Pyrovm, runs: usize, lines: u64, only: &[String]) -> Result<()> {
     println!("accelerator: {} ({})", vmm.accel().kind().as_str(), vmm.accel().reason);
     println!("{lines} short writes per run, {runs} run(s) per cell, medians; each run boots a fresh VM\n");
     println!(
         "| program | relay writes/s | pipe floor writes/s | /dev/null writes/s | relay / floor | relay / null | run wall (relay) | stdout frames | note |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---|");
-    for p in PROGRAMS {
+    for p in PROGRAMS.iter().filter(|p| selected(p.name, only)) {
         let (mut relay, mut floor, mut null, mut wall, mut frames, mut notes) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..runs.max(1) {
@@ -362,9 +401,11 @@ pub async fn run(vmm: &Pyrovm, runs: usize, lines: u64) -> Result<()> {
             wall.push(m.wall_ms as f64);
             frames.push(m.frames as f64);
             notes.extend(m.note);
-            let f = measure(vmm, p, lines, Sink::Pipe).await.unwrap_or_else(failed);
-            floor.push(f.writes_per_sec);
-            notes.extend(f.note.map(|n| format!("pipe floor: {n}")));
+            if p.floor {
+                let f = measure(vmm, p, lines, Sink::Pipe).await.unwrap_or_else(failed);
+                floor.push(f.writes_per_sec);
+                notes.extend(f.note.map(|n| format!("pipe floor: {n}")));
+            }
             let n = measure(vmm, p, lines, Sink::Null).await.unwrap_or_else(failed);
             null.push(n.writes_per_sec);
             notes.extend(n.note.map(|n| format!("/dev/null: {n}")));
@@ -393,7 +434,9 @@ pub async fn run(vmm: &Pyrovm, runs: usize, lines: u64) -> Result<()> {
     }
     println!("\nwrites/s: lines / the program's own write-loop time (monotonic clock in the guest);");
     println!("pipe floor: fd 1 is a pipe nobody else reads (the program empties it every {FLOOR_DRAIN_LINES} lines),");
-    println!("i.e. what the pipe write alone costs; relay / floor and relay / null: how many times longer a");
+    println!(
+        "i.e. what the pipe write alone costs (none for Java); relay / floor and relay / null: how many times longer a"
+    );
     println!("write takes through the relay (1.00x = free); run wall: the run stage's wall time, startup and");
     println!("exit included; stdout frames: Output chunks received.");
     Ok(())
@@ -409,5 +452,9 @@ mod tests {
         assert_eq!(loop_ns(b"warn\nloop_ns=1234\n"), Some(1234));
         assert_eq!(loop_ns(b"nothing"), None);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert!(median(vec![]).is_nan(), "a row without a floor shows none");
+        assert!(selected("C write(2) per line", &[]));
+        assert!(selected("C write(2) per line", &["c WRITE".into(), "python".into()]));
+        assert!(!selected("Ruby puts per line (sync)", &["C write".into()]));
     }
 }

@@ -10,7 +10,7 @@ mod common;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use common::server::{footprint, wait_until, Server};
+use common::server::{footprint, wait_for_footprint, Server};
 use common::{vmm_processes, Env};
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
@@ -50,6 +50,16 @@ fn fault_mid_run(env: &Env, server: &Server, sig: Signal, wall_ms: u64) -> Value
     serde_json::from_str(data).unwrap_or_else(|e| panic!("bad result ({e}): {text}"))
 }
 
+/// A server whose Python template is built: its first execution may cold
+/// boot while the template builds in a VM of its own, which the footprint
+/// and the VM count of [`fault_mid_run`] would otherwise see.
+fn settled_server(env: &Env) -> Server {
+    let server = Server::start(env, &[]);
+    assert_still_serving(&server);
+    server.wait_templates_idle();
+    server
+}
+
 fn assert_still_serving(server: &Server) {
     let r = server.execute(&json!({"runtime": "python", "files": [{"name": "main.py", "content": "print('alive')"}]}));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -62,13 +72,13 @@ fn assert_still_serving(server: &Server) {
 #[test]
 fn vmm_killed_mid_run() {
     let env = Env::new();
-    let server = Server::start(&env, &[]);
+    let server = settled_server(&env);
     let before = footprint(&env, Some(server.pid()));
     let v = fault_mid_run(&env, &server, Signal::SIGKILL, 60_000);
     assert_eq!(v["verdict"], "internal_error", "{v}");
     let err = v["error"].as_str().unwrap_or_default();
     assert!(err.contains("VM exited before reporting a result"), "{v}");
-    wait_until("VM torn down", Duration::from_secs(10), || footprint(&env, Some(server.pid())) == before);
+    wait_for_footprint(&env, server.pid(), &before, Duration::from_secs(30));
     assert_still_serving(&server);
     assert_eq!(footprint(&env, Some(server.pid())).vmms, 0);
     server.stop();
@@ -82,13 +92,13 @@ fn vmm_killed_mid_run() {
 #[test]
 fn stalled_guest_hits_the_host_deadline() {
     let env = Env::new();
-    let server = Server::start(&env, &[]);
+    let server = settled_server(&env);
     let before = footprint(&env, Some(server.pid()));
     let v = fault_mid_run(&env, &server, Signal::SIGSTOP, 5_000);
     assert_eq!(v["verdict"], "internal_error", "{v}");
     let err = v["error"].as_str().unwrap_or_default();
     assert!(err.contains("host deadline of 25000 ms"), "{v}");
-    wait_until("VM torn down", Duration::from_secs(10), || footprint(&env, Some(server.pid())) == before);
+    wait_for_footprint(&env, server.pid(), &before, Duration::from_secs(30));
     assert_still_serving(&server);
     server.stop();
     env.assert_clean();

@@ -18,45 +18,10 @@ use std::time::{Duration, Instant};
 
 use common::cache::Cache;
 use common::server::{
-    children, connect, http, open_fds, read_body, read_head, wait_until, write_request, Resp, Server, STARTUP,
+    children, connect, http, open_fds, read_body, read_head, sse, wait_until, write_request, Resp, Server, STARTUP,
 };
 use common::{vmm_processes, Env};
 use serde_json::{json, Value};
-
-#[derive(Debug)]
-struct TimedEvent {
-    event: String,
-    data: Value,
-    at: Instant,
-}
-
-fn sse(addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<TimedEvent>) {
-    let mut s = connect(addr);
-    write_request(&mut s, addr, "POST", path, headers, body);
-    let mut r = BufReader::new(s);
-    let (status, h) = read_head(&mut r);
-    let mut events = Vec::new();
-    let mut buf = String::new();
-    read_body(&mut r, &h, |b| {
-        buf.push_str(&String::from_utf8_lossy(b));
-        while let Some(end) = buf.find("\n\n") {
-            let block: String = buf.drain(..end + 2).collect();
-            let mut event = "message".to_string();
-            let mut data = String::new();
-            for line in block.lines() {
-                if let Some(v) = line.strip_prefix("event:") {
-                    event = v.trim().to_string();
-                } else if let Some(v) = line.strip_prefix("data:") {
-                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
-                }
-            }
-            if !data.is_empty() {
-                events.push(TimedEvent { event, data: serde_json::from_str(&data).unwrap(), at: Instant::now() });
-            }
-        }
-    });
-    (status, events)
-}
 
 fn hello(src: &str) -> Value {
     json!({"runtime": "python", "files": [{"name": "main.py", "content": src}]})
@@ -413,8 +378,10 @@ fn bounded_load_ends_in_200_or_429_and_leaves_nothing() {
     let env = Env::new();
     let server = Arc::new(Server::start(&env, &["--max-vms", "2", "--queue", "1", "--queue-timeout", "60s"]));
     let pid = server.child.id();
-    // Warm up the server's own lazily created resources before taking the baseline.
+    // Warm up the server's own lazily created resources before taking the baseline
+    // (and let the template that execution may have started building finish).
     assert_eq!(server.execute(&hello("print('warm-up')")).status, 200);
+    server.wait_templates_idle();
     let fds_before = open_fds(pid);
 
     let next = Arc::new(Mutex::new(0usize));
@@ -480,7 +447,12 @@ fn bounded_load_ends_in_200_or_429_and_leaves_nothing() {
 #[test]
 fn kill_9_then_restart_leaves_nothing() {
     let env = Env::new();
-    let server = Arc::new(Server::start(&env, &[]));
+    let server = Server::start(&env, &[]);
+    // With the template built, each execution below is one VMM (a missing
+    // template would add the VM that builds it in the background).
+    assert_eq!(server.execute(&hello("print('warm-up')")).status, 200);
+    server.wait_templates_idle();
+    let server = Arc::new(server);
     let clients: Vec<_> = (0..2)
         .map(|_| {
             let s = server.clone();

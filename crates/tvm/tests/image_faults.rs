@@ -1,7 +1,7 @@
 //! Faults in the image cache: a build killed mid-way (tvm and mmdebstrap
 //! SIGKILLed together while the chroot has /proc, /sys and /dev mounted), a
-//! server stopped (SIGTERM) during its background build, and a cache disk
-//! that fills up. Each uses a private cache dir; afterwards no
+//! server stopped (SIGTERM) during its background build, `tvm kernel build`
+//! stopped by SIGTERM, and a cache disk that fills up. Each uses a private cache dir; afterwards no
 //! build process, mount or scratch dir may remain (after the sweep the next
 //! build runs, for the killed one).
 //!
@@ -267,4 +267,85 @@ fn image_build_interrupted_cleans_up_before_exit() {
     let (status, log) = stop_mid_build("int", &["image", "build", "python"], nix::sys::signal::Signal::SIGINT);
     assert_eq!(status.code(), Some(130), "{log}");
     assert!(log.contains("was cancelled and cleaned up"), "{log}");
+}
+
+/// Processes working in `dir` or naming it (the kernel build's tar, make and
+/// compilers run in the source tree inside the scratch directory).
+fn processes_in(dir: &Path) -> Vec<u32> {
+    let me = std::process::id();
+    let mut pids = processes_mentioning(dir);
+    pids.extend(
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+            .filter(|&pid| pid != me)
+            .filter(|pid| std::fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(dir))),
+    );
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Fault: `tvm kernel build` gets SIGTERM (what `timeout`, CI cancellation
+/// and systemd send) once the source is unpacked and configured in its
+/// scratch directory (~1.5 GB when compiled). Expected: the build's tools are
+/// killed and the scratch directory is removed before tvm exits 143, without
+/// any later sweep, and no kernel is published. Deleting the unpacked tree
+/// (~75,000 files) is most of the wait: seconds on an idle host, but 60 s
+/// was not enough at a load average of 15 (the arm64 suite's SIGTERMed
+/// build, 70% compiled, took ~150 s there), hence the generous bound.
+#[test]
+fn kernel_build_stopped_cleans_up_before_exit() {
+    let env = Env::new();
+    let cache = CacheDir::named("kernel", None);
+    let mut child = env
+        .tvm()
+        .args(["kernel", "build"])
+        .env("TVM_CACHE_DIR", &cache.path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut { stderr }, &mut text);
+        text
+    });
+    // The configured tree: `.config` in the scratch directory's source tree.
+    let configured = || {
+        std::fs::read_dir(cache.path.join("tmp"))
+            .map(|d| d.flatten().any(|e| e.path().join("src/.config").is_file()))
+            .unwrap_or(false)
+    };
+    let t = Instant::now();
+    while !configured() {
+        if child.try_wait().unwrap().is_some() {
+            panic!("tvm kernel build ended before configuring:\n{}", log.join().unwrap());
+        }
+        assert!(t.elapsed() < Duration::from_secs(600), "no configured source tree after 10 minutes");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(scratch_dirs(&cache.path), 1, "one build running");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(t.elapsed() < Duration::from_secs(600), "tvm kernel build still running 600 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = log.join().unwrap();
+    eprintln!("tvm kernel build: exited {status} {:.1} s after SIGTERM", t.elapsed().as_secs_f64());
+    assert_eq!(status.code(), Some(143), "{log}");
+    assert!(log.contains("the kernel build was cancelled and cleaned up"), "{log}");
+    // Checked right at exit: no sweep has run since.
+    assert_eq!(processes_in(&cache.path), Vec::<u32>::new(), "build processes survive");
+    assert_eq!(scratch_dirs(&cache.path), 0, "scratch dir left behind\n{log}");
+    assert!(
+        std::fs::read_dir(cache.path.join("kernel")).map(|d| d.count()).unwrap_or(0) == 0,
+        "no half kernel published"
+    );
 }

@@ -504,6 +504,31 @@ fn an_image_pulled_with_auth_from_a_real_registry_runs_and_faults_leave_nothing(
                 assert_eq!(ok, ("missing".to_string(), "the image is not built".to_string()));
                 assert_eq!(closed_state.0, "unavailable");
                 assert!(closed_state.1.starts_with("registry unreachable (GET http://"), "{closed_state:?}");
+                // Waiting does not bring the registry back: 503 without Retry-After, so
+                // clients (the SDK) give up at once instead of retrying.
+                let body =
+                    serde_json::json!({"runtime": "py-closed", "files": [{"name": "main.py", "content": "print(1)"}]});
+                let r = server.execute(&body);
+                let e = r.error(503, "runtime_unavailable");
+                assert_eq!(r.header("retry-after"), None, "{e}");
+                assert!(e["message"].as_str().unwrap().contains("registry unreachable"), "{e}");
+                assert_eq!(e["field"], "runtime");
+                // The CLI through the server and on its own host: exit status 69
+                // (unavailable), not 70 (a fault in TVM), with the cause on one line.
+                let prog = env.file("closed.py", "print(1)\n");
+                let url = format!("http://{}", server.addr);
+                for remote in [true, false] {
+                    let mut cmd = tvm(&docker);
+                    cmd.args(["run", "--runtime", "py-closed"]);
+                    if remote {
+                        cmd.args(["--server", &url]);
+                    }
+                    let out = cmd.arg(&prog).output().unwrap();
+                    let err = lossy(&out.stderr);
+                    assert_eq!(out.status.code(), Some(69), "remote {remote}: {err}");
+                    assert!(err.contains("registry unreachable") || err.contains(&closed), "remote {remote}: {err}");
+                }
+                env.assert_clean();
                 break;
             }
             assert!(Instant::now() < deadline, "the server's probes did not finish: {ok:?} {closed_state:?}");

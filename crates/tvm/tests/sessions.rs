@@ -84,8 +84,11 @@ fn stdout_text(msgs: &[Value], kind: &str) -> String {
     msgs.iter().filter(|m| m["type"] == kind && m["stream"] != "stderr").filter_map(|m| m["data"].as_str()).collect()
 }
 
-/// Waits (boundedly) until no VMM process and no run dir of this server is left.
-fn assert_nothing_left(env: &Env) {
+/// Waits (boundedly) until no VMM process and no run dir of this server is
+/// left, once no template builds in the background (a session whose
+/// template was missing cold booted while the server built it in a VM of its own).
+fn assert_nothing_left(env: &Env, server: &Server) {
+    server.wait_templates_idle();
     let t = Instant::now();
     loop {
         let dirs = std::fs::read_dir(env.runtime_dir.path()).map(|d| d.count()).unwrap_or(0);
@@ -181,7 +184,7 @@ fn native_sessions_stream_stdin_eof_signals_and_end_their_vms() {
         assert!(result["run"]["stdout"].as_str().unwrap().contains("echo: hello"), "{result}");
         let close = next(&mut ws).await;
         assert_eq!((close["close"].clone(), close["reason"].clone()), (json!(1000), json!("runtime_error")));
-        assert_nothing_left(&env);
+        assert_nothing_left(&env, &server);
 
         // A bad message mid-session ends it (and its VM) with 4400.
         let mut ws = open(&addr, "/v1/sessions").await;
@@ -192,7 +195,7 @@ fn native_sessions_stream_stdin_eof_signals_and_end_their_vms() {
         let err = m.last().unwrap();
         assert_eq!((err["type"].clone(), err["code"].clone()), (json!("error"), json!("bad_message")), "{err}");
         assert_eq!(next(&mut ws).await["close"], 4400);
-        assert_nothing_left(&env);
+        assert_nothing_left(&env, &server);
 
         // A client that just goes away ends the VM.
         let mut ws = open(&addr, "/v1/sessions").await;
@@ -200,7 +203,7 @@ fn native_sessions_stream_stdin_eof_signals_and_end_their_vms() {
         collect_text(&mut ws, "up").await;
         assert!(!common::vmm_processes(env.runtime_dir.path()).is_empty());
         drop(ws);
-        assert_nothing_left(&env);
+        assert_nothing_left(&env, &server);
     });
     eprintln!("native sessions: {:.1} s", t0.elapsed().as_secs_f64());
     assert!(server.get("/healthz").status == 200, "the server keeps serving");
@@ -238,7 +241,7 @@ fn a_queued_session_answers_pings_and_keeps_early_stdin() {
         send(&mut queued, json!({"type": "eof"})).await;
         collect_text(&mut queued, "eof\n").await;
         drop(queued);
-        assert_nothing_left(&env);
+        assert_nothing_left(&env, &server);
     });
     assert!(server.get("/healthz").status == 200, "the server keeps serving");
 }
@@ -301,7 +304,7 @@ fn piston_connect_speaks_pistons_protocol() {
         assert!(data.contains("rest 3"), "{m:?}");
         assert!(m.iter().any(|v| *v == json!({"type": "exit", "stage": "run", "code": 0, "signal": null})), "{m:?}");
         assert_eq!(m.last().unwrap(), &json!({"close": 4999, "reason": "Job Completed"}));
-        assert_nothing_left(&env);
+        assert_nothing_left(&env, &server);
     });
     eprintln!("piston connect: {:.1} s", t0.elapsed().as_secs_f64());
 }

@@ -14,19 +14,21 @@ use std::process::{Command, Output};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::cache::Cache;
-use common::{lossy, Env};
+use common::{assert_no_cgroups_of, lossy, Env};
 use serde_json::Value;
 
 /// `tvm run --json` of `file` with this test's cache; the JSON and the pid
 /// of the `tvm` process (host cgroups are named after their owner's pid).
 fn run(env: &Env, cache: &Cache, file: &Path, extra_env: &[(&str, &str)]) -> (Value, u32) {
     let mut cmd = env.tvm();
-    // Templates are off by default (until validated on the CI host): on here.
+    // On by default; explicit here, so these tests do not depend on the default.
     cmd.env("TVM_CACHE_DIR", cache.dir.path()).env("TVM_TEMPLATES", "1").envs(extra_env.iter().copied());
     cmd.arg("run").arg("--json").arg(file);
     let (out, pid) = output_with_pid(cmd);
     let v: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): stdout={} stderr={}", lossy(&out.stdout), lossy(&out.stderr)));
+    // Warnings (a corrupt template, a fallback) reach a pipe as plain text.
+    assert!(!out.stderr.contains(&0x1b), "colour codes on a non-terminal stderr: {}", lossy(&out.stderr));
     env.assert_clean();
     assert_no_cgroups_of(pid);
     (v, pid)
@@ -36,18 +38,6 @@ fn output_with_pid(mut cmd: Command) -> (Output, u32) {
     let child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let pid = child.id();
     (child.wait_with_output().unwrap(), pid)
-}
-
-/// No host cgroup of a VM started by `tvm` process `pid` is left.
-fn assert_no_cgroups_of(pid: u32) {
-    let Ok(cgs) = pyrovm::hostcg::HostCgroups::detect() else { return };
-    let mine = format!(".{pid}.");
-    let left: Vec<_> = cgs
-        .vm_cgroups()
-        .into_iter()
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(&mine)))
-        .collect();
-    assert!(left.is_empty(), "host cgroups left: {left:?}");
 }
 
 /// The agent the debug `tvm` uses (as `pyrovm::agent_path` finds it).
@@ -147,6 +137,21 @@ fn a_corrupt_template_means_a_cold_boot_then_a_rebuild() {
 
     let (v, _) = run(&env, &cache, &f, &[]);
     assert_eq!((start(&v), stdout(&v).as_str()), ("template", "hello\n"), "rebuilt: {v}");
+
+    // The guest's RAM is a file of its own, checked like the state: one
+    // page changed (same size) is a cold boot, the template removed, and
+    // the next start rebuilds it whole.
+    let dir = cache.only();
+    let ram = std::fs::OpenOptions::new().write(true).open(dir.join("ram")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&ram, &[0xa5; 4096], 1 << 20).unwrap();
+    drop(ram);
+    let (v, _) = run(&env, &cache, &f, &[]);
+    assert_eq!((v["verdict"].as_str(), stdout(&v).as_str()), (Some("ok"), "hello\n"), "{v}");
+    assert_eq!(start(&v), "cold", "{v}");
+    assert!(v["start_note"].as_str().unwrap_or_default().contains("RAM sha256"), "{v}");
+    assert!(cache.built().is_empty(), "the corrupt template is removed");
+    let (v, _) = run(&env, &cache, &f, &[]);
+    assert_eq!((start(&v), stdout(&v).as_str()), ("template", "hello\n"), "rebuilt: {v}");
     cache.assert_no_scratch();
 }
 
@@ -221,10 +226,67 @@ fn a_changed_agent_makes_a_new_template() {
     assert_ne!(meta(&first)["inputs"]["initrd"], meta(second)["inputs"]["initrd"]);
     assert_eq!(meta(&first)["inputs"]["image"], meta(second)["inputs"]["image"], "the image is not rebuilt");
 
+    // Listed with what they take on disk (state plus the RAM's non-zero pages).
+    let out = env.tvm().env("TVM_CACHE_DIR", cache.dir.path()).args(["template", "list"]).output().unwrap();
+    let text = lossy(&out.stdout);
+    let header: Vec<&str> = text.lines().next().unwrap_or_default().split_whitespace().collect();
+    assert_eq!(header, ["KEY", "RUNTIME", "RAM", "SIZE", "BOOT", "WARMUP"], "{text}");
+    let rows = text.lines().filter(|l| l.split_whitespace().next().is_some_and(|k| k.len() == 24));
+    assert!(rows.clone().count() == 2 && rows.clone().all(|l| l.contains(" MiB ")), "{text}");
+
     // Templates are removable like images.
     let out = env.tvm().env("TVM_CACHE_DIR", cache.dir.path()).args(["template", "remove", "--all"]).output().unwrap();
     assert!(out.status.success(), "{}", lossy(&out.stderr));
     assert!(cache.built().is_empty());
+    cache.assert_no_scratch();
+}
+
+/// A `tvm` SIGKILLed while it builds a template (before its VM's execution)
+/// cannot clean up: the template VM's VMM dies with it (PDEATHSIG), its run
+/// dir, its host cgroups and the build's scratch directory in the cache stay.
+/// `tvm reap` removes all three, nothing half-built was published, and the
+/// next start builds the template whole.
+#[test]
+fn a_template_build_killed_midway_leaves_nothing_after_reap() {
+    let (env, cache) = (Env::new(), Cache::new());
+    let f = env.file("hello.py", "print('hello')");
+    let mut cmd = env.tvm();
+    cmd.env("TVM_CACHE_DIR", cache.dir.path()).env("TVM_TEMPLATES", "1").arg("run").arg("--json").arg(&f);
+    let mut child = cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    let pid = child.id();
+    // The template's VM (run dir `vm-tpl…`) is running: the build is under way.
+    let building = || {
+        std::fs::read_dir(env.runtime_dir.path())
+            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with("vm-tpl")))
+            .unwrap_or(false)
+            && !common::vmm_processes(env.runtime_dir.path()).is_empty()
+    };
+    let t = std::time::Instant::now();
+    while !building() {
+        assert!(t.elapsed() < Duration::from_secs(120), "the template VM never started");
+        assert!(child.try_wait().unwrap().is_none(), "tvm ended before building a template");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let t = std::time::Instant::now();
+    while !common::vmm_processes(env.runtime_dir.path()).is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "the template VM's VMM survived its tvm");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(cache.built().is_empty(), "nothing half-built is published");
+    let scratch = std::fs::read_dir(cache.dir.path().join("tmp")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(scratch, 1, "a SIGKILLed build cannot remove its scratch directory");
+
+    let out = env.tvm().env("TVM_CACHE_DIR", cache.dir.path()).arg("reap").output().unwrap();
+    assert!(out.status.success(), "{}", lossy(&out.stderr));
+    assert!(lossy(&out.stdout).contains("1 scratch directories"), "{}", lossy(&out.stdout));
+    env.assert_clean();
+    cache.assert_no_scratch();
+    assert_no_cgroups_of(pid);
+
+    let (v, _) = run(&env, &cache, &f, &[]);
+    assert_eq!((start(&v), stdout(&v).as_str()), ("template", "hello\n"), "built whole: {v}");
     cache.assert_no_scratch();
 }
 

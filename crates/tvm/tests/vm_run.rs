@@ -143,6 +143,8 @@ fn bad_input_gets_one_line_errors() {
         (vec!["run".into(), "/nonexistent/x.py".into()], "cannot read"),
         (vec!["run".into(), "--memory-limit".into(), "64G".into(), f.display().to_string()], "out of range"),
         (vec!["run".into(), "--time-limit".into(), "soon".into(), f.display().to_string()], "invalid duration"),
+        // A well-formed limit that is too long is named as such, with the maximum.
+        (vec!["run".into(), "--time-limit".into(), "2h".into(), f.display().to_string()], "out of range"),
         (vec!["run".into(), env.file("x.unknownext", "").display().to_string()], "cannot tell the language"),
     ];
     for (args, want) in cases {

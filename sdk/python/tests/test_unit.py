@@ -156,6 +156,19 @@ def test_retry_after_beyond_the_limit_raises_at_once():
     assert e.value.retry_after == 120 and len(calls) == 1
 
 
+def test_a_runtime_unavailable_until_the_operator_acts_is_not_retried():
+    calls = []
+
+    def handler(req):
+        calls.append(1)
+        return error(503, "runtime_unavailable", "runtime py-oci is unavailable on this server: registry unreachable",
+                     field="runtime")
+
+    with client_with(handler) as c, pytest.raises(ServiceUnavailableError) as e:
+        c.executions.create({"a.py": "x"}, runtime="py-oci")
+    assert e.value.code == "runtime_unavailable" and e.value.retry_after is None and len(calls) == 1
+
+
 def test_retries_stop_after_max_retries():
     calls = []
 

@@ -259,8 +259,13 @@ fn build(st: &AppState, spec: &Spec) -> Result<Built, Errors> {
         .into_request(st.vmm.catalog(), false)
         .map_err(|e| (e.field().unwrap_or_else(|| "base".into()), e.to_string()))
         .and_then(|req| {
-            pyrovm::plan(st.vmm.catalog(), &req, st.vmm.settings().vm_overhead_mib)
-                .map_err(|e| (judge0_field(e.field()), e.to_string()))
+            pyrovm::plan(st.vmm.catalog(), &req, st.vmm.settings().vm_overhead_mib).map_err(|e| match &e {
+                pyrovm::PlanError::LimitOutOfRange { stage: "run", field, value, min, max } => {
+                    judge0_limit_error(field, *value, *min, *max)
+                        .unwrap_or_else(|| (judge0_field(e.field()), e.to_string()))
+                }
+                _ => (judge0_field(e.field()), e.to_string()),
+            })
         })
         .and_then(|mut plan| {
             add_compiler_options(&mut plan, &built.compiler_options).map_err(|m| ("compiler_options".into(), m))
@@ -270,6 +275,34 @@ fn build(st: &AppState, spec: &Spec) -> Result<Built, Errors> {
         return Err(errors);
     }
     Ok(built)
+}
+
+/// A run limit out of range, as the Judge0 attribute it came from, in that
+/// attribute's unit (KB, seconds) and Rails' wording: `memory_limit` "must be
+/// greater than or equal to 8192". `None` for a limit no Judge0 attribute sets.
+fn judge0_limit_error(field: &str, value: u64, min: u64, max: u64) -> Option<(String, String)> {
+    let (attr, unit): (&str, fn(u64) -> String) = match field {
+        "memory_bytes" => ("memory_limit", |b| (b / 1024).to_string()),
+        "file_size_bytes" => ("max_file_size", |b| (b / 1024).to_string()),
+        "processes" => ("max_processes_and_or_threads", |n| n.to_string()),
+        "wall_time_ms" => ("wall_time_limit", |ms| wire_seconds(ms)),
+        "cpu_time_ms" => ("cpu_time_limit", |ms| wire_seconds(ms)),
+        _ => return None,
+    };
+    let message = if value < min {
+        // Rounded up, so the bound named is one that passes.
+        let min = if field.ends_with("_bytes") { min.div_ceil(1024) * 1024 } else { min };
+        format!("must be greater than or equal to {}", unit(min))
+    } else {
+        format!("must be less than or equal to {}", unit(max))
+    };
+    Some((attr.to_string(), message))
+}
+
+/// Milliseconds as Judge0 writes seconds: `2.5`, `0.001`, `10`.
+fn wire_seconds(ms: u64) -> String {
+    let s = format!("{:.3}", ms as f64 / 1000.0);
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// A TVM request field as the Judge0 attribute it came from.
@@ -763,4 +796,32 @@ async fn workers(Extension(j): Extension<Arc<Judge0>>) -> Json<Value> {
         "paused": 0,
         "failed": 0,
     }]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_limits_out_of_range_are_named_as_judge0_attributes_in_their_units() {
+        let e = |f, v, min, max| judge0_limit_error(f, v, min, max).unwrap();
+        assert_eq!(
+            e("memory_bytes", 1024, 8 << 20, 4 << 30),
+            ("memory_limit".into(), "must be greater than or equal to 8192".into())
+        );
+        assert_eq!(
+            e("memory_bytes", 8 << 30, 8 << 20, 4 << 30),
+            ("memory_limit".into(), "must be less than or equal to 4194304".into())
+        );
+        // A byte minimum that is not whole KB names the next whole KB, a value that passes.
+        assert_eq!(e("memory_bytes", 0, 1500, 4096).1, "must be greater than or equal to 2");
+        assert_eq!(e("wall_time_ms", 90_000, 1, 20_500).1, "must be less than or equal to 20.5");
+        assert_eq!(e("cpu_time_ms", 0, 1, 15_000).1, "must be greater than or equal to 0.001");
+        assert_eq!(e("file_size_bytes", 1 << 40, 1, 4 << 20).0, "max_file_size");
+        assert_eq!(
+            e("processes", 10_000, 1, 256),
+            ("max_processes_and_or_threads".into(), "must be less than or equal to 256".into())
+        );
+        assert_eq!(judge0_limit_error("output_bytes", 0, 1, 2), None);
+    }
 }

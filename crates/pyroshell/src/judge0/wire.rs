@@ -311,7 +311,12 @@ pub(crate) fn validate(
             None
         }
         Some(v) => {
-            let n = v.as_u64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()));
+            // Rails casts `109.0` and `"109"` to the integer 109; so do we (integral values only).
+            let integral = |f: f64| (f.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&f)).then_some(f as u64);
+            let n = v
+                .as_u64()
+                .or_else(|| v.as_f64().and_then(integral))
+                .or_else(|| v.as_str().and_then(|s| s.trim().parse::<f64>().ok()).and_then(integral));
             match n.and_then(|n| u32::try_from(n).ok()) {
                 Some(id) => Some(id),
                 None => {
@@ -663,6 +668,17 @@ mod tests {
         assert!(e["callback_url"][0].starts_with("is not a valid URL"), "{e:?}");
         let e = check(json!({"source_code": "x", "language_id": 92, "compiler_options": "x".repeat(513)})).unwrap_err();
         assert_eq!(e["compiler_options"], vec!["is too long (maximum is 512 characters)"]);
+    }
+
+    #[test]
+    fn language_id_is_cast_as_rails_casts_an_integer() {
+        for id in [json!(92), json!(92.0), json!("92"), json!(" 92.0 ")] {
+            assert_eq!(check(json!({"source_code": "x", "language_id": id})).unwrap().language_id, 92, "{id}");
+        }
+        for id in [json!(92.5), json!(-92), json!("92x"), json!(true), json!(1e20)] {
+            let e = check(json!({"source_code": "x", "language_id": id})).unwrap_err();
+            assert_eq!(e["language_id"], vec![format!("language with id {id} doesn't exist")]);
+        }
     }
 
     #[test]

@@ -242,6 +242,23 @@ pub fn boot_requests(spec: &VmSpec, paths: &FcPaths) -> Vec<ApiRequest> {
     r
 }
 
+/// Firecracker's `--config-file` for the KVM probe boot (the `VmmConfig`
+/// document: one key per API resource, e.g. `boot-source` holding the
+/// `PUT /boot-source` body): the guest kernel alone on 1 vCPU and 128 MiB, no
+/// drive, no vsock, so the guest panics at its root mount and, with
+/// `panic=-1 reboot=k`, Firecracker exits.
+pub fn probe_config(vmlinux: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "boot-source": BootSource {
+            kernel_image_path: vmlinux.to_string_lossy().into_owned(),
+            initrd_path: None,
+            boot_args: Some(kernel_cmdline(false, 'k', None)),
+        },
+        "drives": [],
+        "machine-config": MachineConfiguration { vcpu_count: 1, mem_size_mib: 128, smt: Some(false) },
+    })
+}
+
 /// Whether and how Firecracker runs through the jailer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JailerUse {
@@ -508,13 +525,22 @@ impl Vmm for Firecracker {
         Ok(AgentChannel { stream, keep: Some(Box::new(Live { api, files_dir: pending.files_dir, _drains: drains })) })
     }
 
-    fn probe_kvm(&self, _kernel: &Kernel) -> Result<u64, String> {
+    /// `KVM_CREATE_VM` working proves little (a nested, paravirtualised KVM
+    /// passes it and then cannot run a guest), so this boots the guest kernel
+    /// under Firecracker itself: `--no-api --config-file` ([`probe_config`]).
+    fn probe_kvm(&self, kernel: &Kernel) -> Result<u64, String> {
         if self.standin {
             return Err("the Firecracker stand-in runs QEMU under TCG".into());
         }
-        let started = Instant::now();
         kvm_usable()?;
-        Ok(started.elapsed().as_millis() as u64)
+        super::probe_boot(VmmKind::Firecracker, |scratch| {
+            let config = scratch.join("vm-config.json");
+            let body = serde_json::to_vec(&probe_config(&kernel.vmlinux)).map_err(|e| format!("probe config: {e}"))?;
+            std::fs::write(&config, body).map_err(|e| format!("probe config: {e}"))?;
+            let mut cmd = std::process::Command::new(&self.binary);
+            cmd.arg("--no-api").arg("--config-file").arg(&config).args(["--level", "Error"]);
+            Ok(cmd)
+        })
     }
 }
 
@@ -885,7 +911,7 @@ impl Firecracker {
             Some(from) => snapshot::restore_requests(spec.debug, &paths, from),
         };
         let files_dir = FilesDir { vmm: String::new(), host: root.clone() };
-        let memory = (spec.memory_mib + crate::vm::VMM_OVERHEAD_MIB) << 20;
+        let memory = (spec.memory_mib + crate::hostcg::VMM_OVERHEAD_MIB) << 20;
         let args = jailer_args(&exec, &id, uid, uid, memory, crate::hostcg::VMM_PIDS);
         info!(jail = %jail_dir.display(), uid, "firecracker runs through the jailer");
         Ok(Launch {

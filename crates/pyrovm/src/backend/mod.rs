@@ -16,6 +16,7 @@
 
 pub mod firecracker;
 pub mod qemu;
+pub mod qmp;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -318,6 +319,18 @@ impl Backend {
             Backend::Firecracker(f) => f.kind(),
         }
     }
+
+    /// Why this backend cannot make templates at all, if it cannot: the
+    /// Firecracker stand-in refuses every snapshot (its QEMU 7.2 will not
+    /// migrate `vhost-user-vsock-device`), so every build would fail.
+    pub fn templates_unsupported(&self) -> Option<&'static str> {
+        match self {
+            Backend::Firecracker(f) if f.standin() => {
+                Some("the Firecracker stand-in cannot snapshot (its QEMU 7.2 will not migrate vhost-user-vsock-device)")
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The backend chosen for this host and why.
@@ -432,9 +445,94 @@ pub fn select(settings: &Settings, qemu_sandbox: bool) -> Result<Selection, Sele
     }
 }
 
+/// Longest a KVM probe boot may take: a guest that cannot even reach its root
+/// mount in this time is no use under this accelerator.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs a KVM probe boot and judges it: `command(scratch)` returns the VMM
+/// command booting the guest kernel alone (no initramfs, no drive) under KVM;
+/// it may write its configuration into the private `scratch` dir. The guest
+/// must reach the kernel's "VFS: Unable to mount root" panic and the VMM must
+/// exit (`panic=-1`, the backend's reboot method) within 10 s. The VMM is
+/// killed with tvm (`PR_SET_PDEATHSIG`) and at the deadline; the scratch dir
+/// and its console log are removed on return.
+///
+/// # Errors
+/// Why KVM did not prove usable, as text for `tvm doctor` and the accelerator
+/// decision: the VMM could not start, died with a KVM internal error, missed
+/// the deadline, or ended without the expected panic.
+pub(crate) fn probe_boot(
+    vmm: VmmKind,
+    command: impl FnOnce(&Path) -> Result<std::process::Command, String>,
+) -> Result<u64, String> {
+    use std::os::unix::process::CommandExt;
+    let scratch =
+        tempfile::Builder::new().prefix("tvm-kvm-probe-").tempdir().map_err(|e| format!("probe scratch dir: {e}"))?;
+    let log_path = scratch.path().join("console.log");
+    let log = std::fs::File::create(&log_path).map_err(|e| format!("probe log: {e}"))?;
+    let mut cmd = command(scratch.path())?;
+    cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone().map_err(|e| format!("probe log: {e}"))?).stderr(log);
+    let parent = std::process::id();
+    // SAFETY: prctl and getppid are async-signal-safe and touch no memory of the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                return Err(std::io::Error::other("parent exited"));
+            }
+            Ok(())
+        });
+    }
+    let binary = cmd.get_program().to_string_lossy().into_owned();
+    let started = std::time::Instant::now();
+    let mut child = cmd.spawn().map_err(|e| format!("cannot start {binary}: {e}"))?;
+    let finished = loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break true;
+        }
+        if started.elapsed() > PROBE_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let console = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let result = judge_probe(&console, finished, ms);
+    tracing::info!(vmm = vmm.as_str(), ok = result.is_ok(), ms, "KVM probe boot");
+    result
+}
+
+/// The verdict on a probe boot's console output (see [`probe_boot`]).
+fn judge_probe(console: &str, finished: bool, ms: u64) -> Result<u64, String> {
+    if console.contains("KVM internal error") {
+        Err("probe boot died with a KVM internal error".to_string())
+    } else if !finished {
+        Err(format!("probe boot did not finish within {} s", PROBE_TIMEOUT.as_secs()))
+    } else if console.contains("Kernel panic") && console.contains("VFS") {
+        Ok(ms)
+    } else {
+        Err(format!("probe boot ended unexpectedly: {}", console.lines().last().unwrap_or("no output")))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_probe_boot_passes_only_on_the_root_mount_panic_in_time() {
+        let panic = "[    0.9] VFS: Unable to mount root fs on unknown-block(0,0)\n[    0.9] Kernel panic - not syncing: VFS: Unable to mount root fs";
+        assert_eq!(judge_probe(panic, true, 900), Ok(900));
+        assert!(judge_probe(panic, false, 10_000).unwrap_err().contains("did not finish within 10 s"));
+        assert!(judge_probe("KVM internal error. Suberror: 1", true, 5).unwrap_err().contains("KVM internal error"));
+        let odd = judge_probe("booting\nsomething else", true, 5).unwrap_err();
+        assert!(odd.ends_with("something else"), "{odd}");
+        assert!(judge_probe("", true, 5).unwrap_err().ends_with("no output"));
+    }
 
     #[test]
     fn console_keeps_a_bounded_tail_and_finds_panics() {

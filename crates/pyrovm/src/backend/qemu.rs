@@ -8,20 +8,17 @@
 //! serial console for diagnostics. The same kernel boots under Firecracker,
 //! which also describes virtio-mmio devices on the kernel command line.
 
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tokio::net::UnixStream;
-use tracing::info;
 
 use super::{AgentChannel, Console, Launch, LaunchContext, LaunchError, Vmm, VmmKind};
 use crate::jail::{install_prefix, HostPath, VmmFiles, VmmIo};
 use crate::kernel::Kernel;
 use crate::spec::{kernel_cmdline, AccelKind, AgentTransport, VmSpec};
 use tvm_config::GuestArch;
-
-/// How long a KVM probe boot may take; a working KVM needs well under a second.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Kernel arguments that make an x86_64 guest under TCG keep time with the
 /// host's TSC: `tsc_early_khz=<host TSC kHz> tsc=reliable`, or `None` when
@@ -84,13 +81,25 @@ pub struct Qemu {
     binary: PathBuf,
     sandbox: bool,
     arch: GuestArch,
+    /// `Some(fd)`: the VM is restored from a template whose device state
+    /// the VMM inherits as descriptor `fd` (see [`Qemu::restoring`]).
+    incoming: Option<RawFd>,
 }
 
 impl Qemu {
     /// `binary` (`qemu-system-x86_64`), run under `-sandbox` if `sandbox`,
     /// for x86_64 guests (`microvm`).
     pub fn new(binary: &Path, sandbox: bool) -> Self {
-        Self { binary: binary.to_path_buf(), sandbox, arch: GuestArch::X86_64 }
+        Self { binary: binary.to_path_buf(), sandbox, arch: GuestArch::X86_64, incoming: None }
+    }
+
+    /// The same QEMU restoring a template (the QEMU side of templates): it
+    /// starts with `-incoming defer` and a QMP monitor on an inherited
+    /// socketpair; once it runs, TVM turns on `x-ignore-shared` (the guest's
+    /// RAM comes from its memory backend, not the stream) and has it load
+    /// the device state from its inherited descriptor `state_fd`.
+    pub(crate) fn restoring(&self, state_fd: RawFd) -> Self {
+        Self { incoming: Some(state_fd), ..self.clone() }
     }
 
     /// The same QEMU for guests of `arch` (`qemu-system-aarch64` with
@@ -112,8 +121,13 @@ impl Qemu {
 }
 
 /// QEMU's end of the agent channel is inherited; ours is ready at once.
+/// A restore also holds our end of its QMP monitor and the number of the
+/// state descriptor to load.
 #[derive(Debug)]
-pub struct Pending(UnixStream);
+pub struct Pending {
+    agent: UnixStream,
+    incoming: Option<(std::os::unix::net::UnixStream, RawFd)>,
+}
 
 impl Vmm for Qemu {
     type Pending = Pending;
@@ -153,9 +167,20 @@ impl Vmm for Qemu {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().map_err(prep)?;
         ours.set_nonblocking(true).map_err(prep)?;
         let ours = UnixStream::from_std(ours).map_err(prep)?;
-        let files = VmmFiles::open(spec, spec.agent.map(|_| theirs.into()))?;
+        let mut files = VmmFiles::open(spec, spec.agent.map(|_| theirs.into()))?;
         let mut args = qemu_args_for(self.arch, spec, &files.io(), self.sandbox);
         args.extend(["-name".to_string(), format!("tvm-{}", ctx.id)]);
+        let incoming = match self.incoming {
+            Some(state_fd) => {
+                let prep = |source| LaunchError::Prepare { what: "the QMP socketpair", source };
+                let (qmp, theirs) = std::os::unix::net::UnixStream::pair().map_err(prep)?;
+                let theirs = OwnedFd::from(theirs);
+                args.extend(super::qmp::restore_args(theirs.as_raw_fd()));
+                files.inherit([theirs]);
+                Some((qmp, state_fd))
+            }
+            None => None,
+        };
         Ok(Launch {
             program: self.binary.clone(),
             args,
@@ -165,17 +190,26 @@ impl Vmm for Qemu {
             confine: true,
             leftovers: Vec::new(),
             cleanup: None,
-            pending: Pending(ours),
+            pending: Pending { agent: ours, incoming },
         })
     }
 
+    /// For a restore, first has the VMM load the template's device state
+    /// over QMP (the caller bounds the wait and ends it if the VMM exits).
     async fn agent_channel(
         &self,
         pending: Pending,
         _console: Console,
         _deadline: tokio::time::Instant,
     ) -> Result<AgentChannel, LaunchError> {
-        Ok(AgentChannel { stream: pending.0, keep: None })
+        if let Some((qmp, state_fd)) = pending.incoming {
+            let api = |message: String| LaunchError::Api { vmm: "qemu", path: "QMP migrate-incoming".into(), message };
+            tokio::task::spawn_blocking(move || super::qmp::start_incoming(qmp, state_fd))
+                .await
+                .map_err(|e| api(format!("QMP task: {e}")))?
+                .map_err(|e| api(crate::error_chain(&e)))?;
+        }
+        Ok(AgentChannel { stream: pending.agent, keep: None })
     }
 
     fn probe_kvm(&self, kernel: &Kernel) -> Result<u64, String> {
@@ -298,7 +332,11 @@ pub fn probe_kvm(qemu: &Path, kernel: &Path) -> Result<u64, String> {
     probe_kvm_for(GuestArch::X86_64, qemu, kernel)
 }
 
-/// [`probe_kvm`] for a guest of `arch` (its machine and console).
+/// [`probe_kvm`] for a guest of `arch` (its machine and console); judged by
+/// [`super::probe_boot`].
+///
+/// # Errors
+/// Why KVM did not prove usable (see [`super::probe_boot`]).
 pub fn probe_kvm_for(arch: GuestArch, qemu: &Path, kernel: &Path) -> Result<u64, String> {
     let spec = VmSpec {
         kernel: kernel.to_path_buf(),
@@ -311,48 +349,14 @@ pub fn probe_kvm_for(arch: GuestArch, qemu: &Path, kernel: &Path) -> Result<u64,
         debug: false,
         extra_cmdline: None,
     };
-    let out = std::env::temp_dir().join(format!(
-        "tvm-kvm-probe-{}-{}.log",
-        std::process::id(),
-        uuid::Uuid::new_v4().simple()
-    ));
-    let file = std::fs::File::create(&out).map_err(|e| format!("probe log: {e}"))?;
-    let started = Instant::now();
     // Our own kernel and no guest code: the probe needs no descriptor passing
     // and no sandbox (it decides about KVM only).
     let io = VmmIo { kernel: kernel.to_string_lossy().into_owned(), initrd: None, rootfs_fd: None, agent_fd: None };
-    let mut child = std::process::Command::new(qemu)
-        .args(qemu_args_for(arch, &spec, &io, false))
-        .stdin(std::process::Stdio::null())
-        .stdout(file.try_clone().map_err(|e| e.to_string())?)
-        .stderr(file)
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", qemu.display()))?;
-    let status = loop {
-        if let Ok(Some(st)) = child.try_wait() {
-            break Some(st);
-        }
-        if started.elapsed() > PROBE_TIMEOUT {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let ms = started.elapsed().as_millis() as u64;
-    let log = std::fs::read_to_string(&out).unwrap_or_default();
-    let _ = std::fs::remove_file(&out);
-    let result = if log.contains("KVM internal error") {
-        Err("probe boot died with a KVM internal error".to_string())
-    } else if status.is_none() {
-        Err(format!("probe boot did not finish within {} s", PROBE_TIMEOUT.as_secs()))
-    } else if log.contains("Kernel panic") && log.contains("VFS") {
-        Ok(ms)
-    } else {
-        Err(format!("probe boot ended unexpectedly: {}", log.lines().last().unwrap_or("no output")))
-    };
-    info!(ok = result.is_ok(), ms, "KVM probe (QEMU)");
-    result
+    super::probe_boot(VmmKind::Qemu, |_| {
+        let mut cmd = std::process::Command::new(qemu);
+        cmd.args(qemu_args_for(arch, &spec, &io, false));
+        Ok(cmd)
+    })
 }
 
 #[cfg(test)]

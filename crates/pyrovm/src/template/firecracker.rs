@@ -20,15 +20,19 @@
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use tracing::{debug, info};
+use tracing::debug;
+use tvm_protocol::Command;
 
-use super::{io_err, prewarm, sha256_file, Template, TemplateError, TemplateInputs, TemplateMeta, Templates};
+use super::{
+    boot_and_warm, io_err, sha256_file, BuildRequest, Template, TemplateError, TemplateInputs, TemplateMeta,
+    TemplateVmm, Templates, WarmVm,
+};
 use crate::backend::firecracker::{snapshot, Firecracker, Live};
 use crate::backend::{LaunchError, Vmm};
 use crate::spec::VmSpec;
-use crate::vm::{StartExtras, Vm, VmmHost};
+use crate::vm::{uniqueness, StartExtras};
 
 /// The microVM state file in a Firecracker template.
 pub const VMSTATE: &str = "vmstate";
@@ -52,93 +56,46 @@ pub fn backend_name(fc: &Firecracker) -> &'static str {
     }
 }
 
-/// The template inputs of a Firecracker VM made from `spec`.
-pub fn inputs(
-    fc: &Firecracker,
-    spec: &VmSpec,
-    kernel_key: &str,
-    image_key: &str,
-    warmup: Option<tvm_protocol::Command>,
-) -> TemplateInputs {
-    let mut inputs = TemplateInputs::new(spec, fc.binary(), kernel_key, image_key, warmup);
-    inputs.backend = backend_name(fc).into();
-    inputs
-}
+impl TemplateVmm for Firecracker {
+    /// As QEMU's, with `backend` naming whether the jailer is used ([`backend_name`]).
+    fn template_inputs(
+        &self,
+        spec: &VmSpec,
+        kernel_key: &str,
+        image_key: &str,
+        warmup: Option<Command>,
+    ) -> TemplateInputs {
+        let mut inputs = TemplateInputs::new(spec, self.binary(), kernel_key, image_key, warmup);
+        inputs.backend = backend_name(self).into();
+        inputs
+    }
 
-/// What [`Templates::build_firecracker`] needs.
-#[derive(Debug)]
-pub struct FcBuildRequest<'a> {
-    /// Runtime id (for the metadata and logs).
-    pub runtime: String,
-    /// The key inputs (must describe `spec`, see [`inputs`]).
-    pub inputs: TemplateInputs,
-    /// The VM to boot.
-    pub spec: VmSpec,
-    /// VMM host settings.
-    pub host: VmmHost<'a>,
-    /// The Firecracker backend the template VM runs under.
-    pub fc: Firecracker,
-    /// Boot timeout.
-    pub boot_timeout: Duration,
+    async fn save(dir: &Path, key: &str, req: &BuildRequest<'_, Self>) -> Result<TemplateMeta, TemplateError> {
+        save_snapshot(dir, key, req).await
+    }
+
+    /// This backend restoring the template's files, and the descriptors
+    /// it inherits (none through the jailer, which gets hard links in its
+    /// chroot instead).
+    fn restore_launch(&self, templates: &Templates, t: &Template) -> Result<(Self, StartExtras), TemplateError> {
+        let mem = templates.open_state(t)?;
+        let vmstate = templates.open_vmstate(t)?;
+        let jailed = self.jailed();
+        let fds = (!jailed).then(|| {
+            use std::os::fd::AsRawFd;
+            (vmstate.as_raw_fd(), mem.as_raw_fd())
+        });
+        let from = snapshot::RestoreFrom { snapshot: t.dir.join(VMSTATE), mem: t.state_path(), fds };
+        let extras = StartExtras {
+            fds: if jailed { Vec::new() } else { vec![vmstate, mem] },
+            args: Vec::new(),
+            resume: Some(uniqueness()),
+        };
+        Ok((self.restoring(from), extras))
+    }
 }
 
 impl Templates {
-    /// Builds the Firecracker template for `req.inputs` unless another
-    /// process built it meanwhile (the cache lock `template-<key>`
-    /// serializes builders), as [`Templates::build`] does for QEMU.
-    ///
-    /// # Errors
-    /// Any [`TemplateError`] (a VMM that cannot snapshot:
-    /// [`TemplateError::Snapshot`]); nothing is published then.
-    pub async fn build_firecracker(&self, req: FcBuildRequest<'_>) -> Result<Template, TemplateError> {
-        let key = req.inputs.key();
-        let cache = self.cache.clone();
-        let lock_name = format!("template-{key}");
-        let lock_path = cache.root().join("locks").join(&lock_name);
-        let _lock = tokio::task::spawn_blocking(move || cache.lock(&lock_name))
-            .await
-            .map_err(|e| TemplateError::Io {
-                action: "locking",
-                path: lock_path.clone(),
-                source: std::io::Error::other(e),
-            })?
-            .map_err(io_err("locking", &lock_path))?;
-        match self.find(&key) {
-            Ok(t) => return Ok(t),
-            Err(TemplateError::Corrupt { .. }) => {
-                self.remove(&key)?;
-            }
-            Err(_) => {}
-        }
-        let result = self.build_locked_firecracker(&key, &req).await;
-        match &result {
-            Ok(_) => {
-                self.counters.built.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let _ = std::fs::remove_file(self.failure_marker(&key));
-                self.evict_to_fit(&key);
-            }
-            Err(e) => {
-                self.counters.build_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.note_failure(&key, &crate::error_chain(e))
-            }
-        }
-        result
-    }
-
-    async fn build_locked_firecracker(&self, key: &str, req: &FcBuildRequest<'_>) -> Result<Template, TemplateError> {
-        let scratch = self.cache.scratch("template").map_err(io_err("creating a scratch dir in", &self.dir()))?;
-        let staged = scratch.join(key);
-        std::fs::create_dir(&staged).map_err(io_err("creating", &staged))?;
-        let meta = save(&staged, key, req).await?;
-        std::fs::write(staged.join("meta.json"), serde_json::to_vec_pretty(&meta).unwrap_or_default())
-            .map_err(io_err("writing", &staged.join("meta.json")))?;
-        let dir = self.template_dir(key);
-        scratch.publish(&staged, &dir).map_err(io_err("publishing", &dir))?;
-        info!(key, runtime = %meta.runtime, state_bytes = meta.state_bytes, boot_ms = meta.boot_ms,
-            warmup_ms = meta.warmup_ms, save_ms = meta.save_ms, "firecracker template built");
-        self.find(key)
-    }
-
     /// The microVM state file of a Firecracker template, opened and checked
     /// against its recorded sha256 (a mismatch removes nothing: the caller
     /// treats it as corrupt).
@@ -166,46 +123,15 @@ impl Templates {
     }
 }
 
-/// How a clone of `t` starts under `fc`: the backend restoring the
-/// template's files, and the descriptors it inherits (none through the
-/// jailer, which gets hard links in its chroot instead).
-///
-/// # Errors
-/// [`TemplateError`] when the template's files cannot be opened or fail their checks.
-pub(crate) fn restore_launch(
-    templates: &Templates,
-    t: &Template,
-    fc: &Firecracker,
-) -> Result<(Firecracker, StartExtras), TemplateError> {
-    let mem = templates.open_state(t)?;
-    let vmstate = templates.open_vmstate(t)?;
-    let jailed = fc.jailed();
-    let fds = (!jailed).then(|| {
-        use std::os::fd::AsRawFd;
-        (vmstate.as_raw_fd(), mem.as_raw_fd())
-    });
-    let from = snapshot::RestoreFrom { snapshot: t.dir.join(VMSTATE), mem: t.state_path(), fds };
-    let extras = StartExtras {
-        fds: if jailed { Vec::new() } else { vec![vmstate, mem] },
-        args: Vec::new(),
-        resume: Some(super::uniqueness()),
-    };
-    Ok((fc.restoring(from), extras))
-}
-
 /// Boots the template VM under Firecracker, warms it, pauses it and saves
 /// its snapshot into `dir`.
-async fn save(dir: &Path, key: &str, req: &FcBuildRequest<'_>) -> Result<TemplateMeta, TemplateError> {
-    let id = format!("tpl{}", &uuid::Uuid::new_v4().simple().to_string()[..9]);
-    let fc = req.fc.for_snapshot();
-    let mut vm = Vm::launch(&id, &req.host, &fc, &req.spec, req.boot_timeout, StartExtras::cold())
-        .await
-        .map_err(TemplateError::Vm)?;
-    let boot_ms = vm.boot_time().as_millis() as u64;
-    let warmup_ms = match &req.inputs.warmup {
-        Some(command) => prewarm(&mut vm, command).await?,
-        None => 0,
-    };
+async fn save_snapshot(
+    dir: &Path,
+    key: &str,
+    req: &BuildRequest<'_, Firecracker>,
+) -> Result<TemplateMeta, TemplateError> {
+    let WarmVm { mut vm, boot_ms, warmup_ms } =
+        boot_and_warm(req, &req.vmm.for_snapshot(), StartExtras::cold()).await?;
     let started = Instant::now();
     let live = vm.backend_state::<Live>().ok_or(TemplateError::Snapshot(LaunchError::Unsupported {
         vmm: "firecracker",
@@ -228,22 +154,10 @@ async fn save(dir: &Path, key: &str, req: &FcBuildRequest<'_>) -> Result<Templat
     move_file(&mem_at, &state_path)?;
     move_file(&vmstate_at, &vmstate_path)?;
     drop(vm);
-    let state_bytes = std::fs::metadata(&state_path).map_err(io_err("reading", &state_path))?.len();
-    let state_sha256 = sha256_file(&state_path).map_err(io_err("hashing", &state_path))?;
     let vmstate_sha256 = sha256_file(&vmstate_path).map_err(io_err("hashing", &vmstate_path))?;
     let sum = dir.join(VMSTATE_SUM);
     std::fs::write(&sum, vmstate_sha256).map_err(io_err("writing", &sum))?;
-    Ok(TemplateMeta {
-        key: key.into(),
-        runtime: req.runtime.clone(),
-        inputs: req.inputs.clone(),
-        state_sha256,
-        state_bytes,
-        created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        boot_ms,
-        warmup_ms,
-        save_ms,
-    })
+    TemplateMeta::saved(key, req, (&state_path, None), (boot_ms, warmup_ms), save_ms)
 }
 
 /// Moves a file the VMM wrote into the template (a copy across file
@@ -269,6 +183,21 @@ fn move_file(from: &Path, to: &Path) -> Result<(), TemplateError> {
 mod tests {
     use super::*;
 
+    /// A VM shape for key tests (nothing boots).
+    fn spec() -> VmSpec {
+        VmSpec {
+            kernel: "/k".into(),
+            initrd: None,
+            rootfs: None,
+            memory_mib: 256,
+            vcpus: 1,
+            accel: crate::spec::AccelKind::Kvm,
+            agent: None,
+            debug: false,
+            extra_cmdline: None,
+        }
+    }
+
     #[test]
     fn a_changed_vmstate_is_corrupt() {
         let cache = tempfile::tempdir().unwrap();
@@ -281,25 +210,10 @@ mod tests {
         let meta = TemplateMeta {
             key: "k1".into(),
             runtime: "python-3.13".into(),
-            inputs: TemplateInputs::new(
-                &crate::spec::VmSpec {
-                    kernel: "/k".into(),
-                    initrd: None,
-                    rootfs: None,
-                    memory_mib: 256,
-                    vcpus: 1,
-                    accel: crate::spec::AccelKind::Kvm,
-                    agent: None,
-                    debug: false,
-                    extra_cmdline: None,
-                },
-                Path::new("/nonexistent/firecracker"),
-                "kern",
-                "img",
-                None,
-            ),
+            inputs: TemplateInputs::new(&spec(), Path::new("/nonexistent/firecracker"), "kern", "img", None),
             state_sha256: String::new(),
             state_bytes: 0,
+            ram: None,
             created_unix: 0,
             boot_ms: 0,
             warmup_ms: 0,
@@ -319,22 +233,11 @@ mod tests {
         let settings = tvm_config::Settings { jailer: "/nonexistent/jailer".into(), ..Default::default() };
         let fc = Firecracker::new(&settings, true);
         assert_eq!(backend_name(&fc), "firecracker");
-        let spec = crate::spec::VmSpec {
-            kernel: "/k".into(),
-            initrd: None,
-            rootfs: None,
-            memory_mib: 256,
-            vcpus: 1,
-            accel: crate::spec::AccelKind::Kvm,
-            agent: None,
-            debug: false,
-            extra_cmdline: None,
-        };
-        let fc_inputs = inputs(&fc, &spec, "k", "i", None);
+        let fc_inputs = fc.template_inputs(&spec(), "k", "i", None);
         let mut jailed = fc_inputs.clone();
         jailed.backend = "firecracker-jailer".into();
         assert_ne!(fc_inputs.key(), jailed.key());
-        let qemu = TemplateInputs::new(&spec, Path::new("/nonexistent/firecracker"), "k", "i", None);
+        let qemu = TemplateInputs::new(&spec(), Path::new("/nonexistent/firecracker"), "k", "i", None);
         assert_ne!(fc_inputs.key(), qemu.key(), "a QEMU template never loads into Firecracker");
     }
 }

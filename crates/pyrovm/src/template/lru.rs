@@ -5,7 +5,8 @@
 //! every restore ([`Templates::open_state`]); a template never restored
 //! counts from when it was built (its `meta.json`). The cap is enforced
 //! after each build, the only time the cache grows, and never removes the
-//! template just built. Removal is [`Templates::remove`]: renamed aside
+//! template just built; and when a process prepares to run VMs
+//! (`Pyrovm::prepare`), so a lowered cap holds at once. Removal is [`Templates::remove`]: renamed aside
 //! first, so a process restoring from it meanwhile keeps its open state
 //! file and others see the template whole or not at all.
 
@@ -110,11 +111,20 @@ fn mark_used(key: &str, dir: &Path) {
     }
 }
 
+/// The bytes a file takes: its length, or less for a sparse file (a
+/// template's `ram` is mostly holes).
+fn disk_bytes(m: &std::fs::Metadata) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    m.len().min(m.blocks().saturating_mul(512))
+}
+
 fn entry(key: String, dir: &Path) -> Entry {
     let mtime = |name: &str| std::fs::metadata(dir.join(name)).and_then(|m| m.modified()).ok();
     let used = mtime(USED).or_else(|| mtime("meta.json")).or_else(|| mtime(".")).unwrap_or(SystemTime::UNIX_EPOCH);
     let bytes = std::fs::read_dir(dir)
-        .map(|files| files.flatten().filter_map(|f| f.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+        .map(|files| {
+            files.flatten().filter_map(|f| f.metadata().ok()).filter(|m| m.is_file()).map(|m| disk_bytes(&m)).sum()
+        })
         .unwrap_or(0);
     Entry { key, bytes, used }
 }

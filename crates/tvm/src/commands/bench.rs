@@ -1,7 +1,8 @@
 //! `tvm bench`: cold-start latency against native runs (the harness is
 //! [`crate::bench`]); `tvm bench --relay`: the output relay's writes per second
 //! ([`crate::relay_bench`]); `tvm bench --tests N`: compile once, run many
-//! against separate executions ([`crate::tests_bench`]).
+//! against separate executions ([`crate::tests_bench`]); `tvm bench --api`:
+//! the HTTP API's overhead on a pool hit ([`crate::api_bench`]).
 
 use std::process::ExitCode;
 
@@ -14,10 +15,12 @@ use crate::cli::BenchArgs;
 /// Prepares the VM manager (building the kernel if needed) and prints the bench table.
 pub async fn bench(ctx: Context, args: &BenchArgs) -> Result<ExitCode> {
     let vmm = Pyrovm::prepare(ctx.settings, ctx.catalog, true).await?;
-    if let Some(n) = args.tests {
+    if args.api {
+        crate::api_bench::run(vmm, args.runs.max(1)).await?;
+    } else if let Some(n) = args.tests {
         crate::tests_bench::run(&vmm, args.runs.max(1), n).await?;
     } else if args.relay {
-        crate::relay_bench::run(&vmm, args.runs.max(1), args.lines.max(1)).await?;
+        crate::relay_bench::run(&vmm, args.runs.max(1), args.lines.max(1), &args.program).await?;
     } else {
         crate::bench::run(&vmm, args.runs.max(1), &args.runtimes).await?;
     }

@@ -124,8 +124,12 @@ pub async fn build(ctx: Context, args: ImageBuildArgs) -> Result<ExitCode> {
     for (id, why) in &failed {
         println!("  {id}: {why}");
     }
-    if ctx.settings.templates && !ready.is_empty() {
-        templates(&ctx, &ready).await;
+    if ctx.settings.templates && !args.no_templates && !ready.is_empty() {
+        // A template that fails is not this command's failure: it is a
+        // cache, and executions of its runtime cold boot (the line says why).
+        if !templates(&ctx, &ready, args.jobs, started_unix, &mut stop).await {
+            return Ok(ExitCode::from(130));
+        }
     }
     Ok(if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
@@ -153,25 +157,88 @@ fn by_alternating_suite(runtimes: Vec<Runtime>) -> Vec<Runtime> {
     out
 }
 
-/// Builds the template of each runtime for its default VM shape, so first
-/// executions restore instead of booting (with `templates = true`).
-async fn templates(ctx: &Context, ready: &[tvm_config::Runtime]) {
+/// Builds the template of each runtime in `ready` for its default VM shape,
+/// `jobs` at a time, so their first executions restore instead of booting
+/// (see [`pyrovm::Templates`]). A runtime's failure is printed and counted,
+/// never fatal: its executions cold boot until a later build succeeds.
+/// Lines are printed as builds finish. `false` when SIGINT or SIGTERM
+/// stopped it: the builds running were dropped, which kills their VMs and
+/// removes their scratch directories before this returns.
+async fn templates(
+    ctx: &Context,
+    ready: &[Runtime],
+    jobs: u8,
+    started_unix: u64,
+    stop: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> bool {
     let vmm = match pyrovm::Pyrovm::prepare(ctx.settings.clone(), ctx.catalog.clone(), false).await {
         Ok(vmm) => vmm,
         Err(e) => {
             println!("templates: not built ({})", pyrovm::error_chain(&e));
-            return;
+            return true;
         }
     };
-    for r in ready {
-        let memory = pyrovm::default_vm_memory_mib(&ctx.catalog, r, ctx.settings.vm_overhead_mib);
-        match vmm.ensure_template(r, memory).await {
-            Ok(t) => {
-                println!("{:<14} template {} ({}, {memory} MiB)", r.id, t.key, format_bytes(t.meta.state_bytes))
+    if let Some(why) = vmm.vmm().backend.templates_unsupported() {
+        println!("templates: not built ({why})");
+        return true;
+    }
+    let started = std::time::Instant::now();
+    let mut queue: VecDeque<Runtime> = ready.iter().cloned().collect();
+    let mut running = JoinSet::new();
+    let (mut built, mut cached, mut failed) = (0usize, 0usize, 0usize);
+    loop {
+        while running.len() < usize::from(jobs) {
+            let Some(r) = queue.pop_front() else { break };
+            let (vmm, memory) =
+                (vmm.clone(), pyrovm::default_vm_memory_mib(&ctx.catalog, &r, ctx.settings.vm_overhead_mib));
+            running.spawn(async move {
+                let t = std::time::Instant::now();
+                let res = vmm.ensure_template(&r, memory).await;
+                (r, memory, t.elapsed(), res)
+            });
+        }
+        let done = tokio::select! {
+            done = running.join_next() => done,
+            _ = &mut *stop => {
+                running.shutdown().await;
+                eprintln!("tvm: interrupted; the template builds in progress were cancelled and cleaned up");
+                return false;
             }
-            Err(e) => println!("{:<14} template FAILED: {:#}", r.id, anyhow::Error::from(e)),
+        };
+        let Some(done) = done else { break };
+        let (r, memory, took, res) = match done {
+            Ok(done) => done,
+            Err(e) => {
+                failed += 1;
+                println!("template build task failed: {e}");
+                continue;
+            }
+        };
+        match res {
+            Ok(t) => {
+                let how = if t.meta.created_unix < started_unix {
+                    cached += 1;
+                    "cached"
+                } else {
+                    built += 1;
+                    "built "
+                };
+                println!(
+                    "{:<14} template {how} {} ({}, {memory} MiB VM) in {:.1} s",
+                    r.id,
+                    t.key,
+                    format_bytes(t.meta.state_bytes),
+                    took.as_secs_f64()
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                println!("{:<14} template FAILED: {}", r.id, pyrovm::error_chain(&e));
+            }
         }
     }
+    println!("templates: {built} built, {cached} cached, {failed} failed, in {:.1} s", started.elapsed().as_secs_f64());
+    true
 }
 
 /// Lists built images ([`pyrovm::image::list_images`]) with the runtimes using each.
@@ -187,7 +254,7 @@ pub fn list(ctx: &Context, json: bool) -> Result<ExitCode> {
         .collect();
     let users =
         |key: &str| -> Vec<String> { found.iter().filter(|(_, k)| k == key).map(|(id, _)| id.clone()).collect() };
-    let tags = pyrovm::image_oci::tag_records(&ctx.settings);
+    let tags = pyrovm::image::oci::tag_records(&ctx.settings);
     // Where an OCI image came from: the tags resolved to it, then its digest.
     let source = |i: &pyrovm::image::Image| -> String {
         let Some(pulled) = &i.meta.oci_reference else { return String::new() };
@@ -237,7 +304,7 @@ pub fn list(ctx: &Context, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `tvm image import PATH RUNTIME` ([`pyrovm::image_oci::import`]): the
+/// `tvm image import PATH RUNTIME` ([`pyrovm::image::oci::import`]): the
 /// runtime's image from a local OCI layout or `docker save` tarball.
 pub fn import(ctx: &Context, args: &ImageImportArgs) -> Result<ExitCode> {
     let r = ctx
@@ -248,7 +315,7 @@ pub fn import(ctx: &Context, args: &ImageImportArgs) -> Result<ExitCode> {
         return Err(usage(format!("runtime {} has no image recipe", r.id)));
     }
     let progress = Progress::spinner(&format!("image {}", r.id));
-    match pyrovm::image_oci::import(&ctx.settings, r, &args.path, &progress) {
+    match pyrovm::image::oci::import(&ctx.settings, r, &args.path, &progress) {
         Ok(img) => {
             let digest = img.meta.manifest_digest.as_deref().unwrap_or("-");
             println!("{:<14} imported {} ({}) from {digest}", r.id, img.key, format_bytes(img.meta.size_bytes));

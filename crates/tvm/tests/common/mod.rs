@@ -82,6 +82,19 @@ pub fn lossy(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// No host cgroup of a VM started by `tvm` process `pid` is left (host
+/// cgroups are named after their owner's pid).
+pub fn assert_no_cgroups_of(pid: u32) {
+    let Ok(cgs) = pyrovm::hostcg::HostCgroups::detect() else { return };
+    let mine = format!(".{pid}.");
+    let left: Vec<_> = cgs
+        .vm_cgroups()
+        .into_iter()
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.contains(&mine)))
+        .collect();
+    assert!(left.is_empty(), "host cgroups left: {left:?}");
+}
+
 /// Pids of the VMM processes whose run dir lies in `dir`.
 pub fn vmm_processes(dir: &Path) -> Vec<u32> {
     pyrovm::reaper::vmm_processes(dir)

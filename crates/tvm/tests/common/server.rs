@@ -223,6 +223,16 @@ impl Server {
         }
     }
 
+    /// Waits until no template build runs in the background. With templates
+    /// on (the default), a VM whose template is missing cold boots while the
+    /// server builds that template in a VM of its own (an extra VMM process,
+    /// child, run dir and host cgroup); a test that counts those waits here
+    /// after the request (or pool refill) that may have started a build:
+    /// builds are claimed before the VM that needed one starts.
+    pub fn wait_templates_idle(&self) {
+        self.wait_metric("tvm_template_builds_running ", |v| v == 0.0, "background template builds to finish");
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -290,7 +300,46 @@ pub fn footprint(env: &Env, server_pid: Option<u32>) -> HostFootprint {
         vmms: super::vmm_processes(env.runtime_dir.path()).len(),
         run_dirs: std::fs::read_dir(env.runtime_dir.path()).map(|d| d.count()).unwrap_or(0),
         cgroups: server_pid.map(host_vm_cgroups).unwrap_or(0),
-        mounts: std::fs::read_to_string("/proc/self/mounts").map(|m| m.lines().count()).unwrap_or(0),
+        mounts: mounts_under(&[env.runtime_dir.path(), env.work.path(), &super::cache::shared_cache()]),
+    }
+}
+
+/// Mounts whose mount point lies under one of `dirs`: the places a TVM
+/// server or its builds mount anything. Counting every mount of the host
+/// would make a test fail for another process's mount (a parallel test, an
+/// image build of another checkout) instead of a leak of its own.
+fn mounts_under(dirs: &[&std::path::Path]) -> usize {
+    let table = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    table
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| dirs.iter().any(|d| std::path::Path::new(m).starts_with(d)))
+        .count()
+}
+
+/// Waits (up to `timeout`) until the host footprint of `server_pid` is back
+/// at `before`: same children, VMMs, run dirs, host cgroups and mounts, and
+/// at most two descriptors more (the runtime keeps a few lazily, e.g. for
+/// its blocking pool). On timeout it panics showing both footprints, so a
+/// failure says what was left, not only that something was.
+pub fn wait_for_footprint(env: &Env, server_pid: u32, before: &HostFootprint, timeout: Duration) {
+    let t = Instant::now();
+    loop {
+        let now = footprint(env, Some(server_pid));
+        let back = now.children == before.children
+            && now.vmms == before.vmms
+            && now.run_dirs == before.run_dirs
+            && now.cgroups == before.cgroups
+            && now.mounts == before.mounts
+            && now.fds <= before.fds + 2;
+        if back {
+            return;
+        }
+        assert!(
+            t.elapsed() < timeout,
+            "footprint not back to the baseline after {timeout:?}: before {before:?}, now {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 
@@ -324,4 +373,42 @@ pub fn children(pid: u32) -> Vec<u32> {
 
 pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+/// One server-sent event: its name, its JSON data, and when it was read.
+#[derive(Debug)]
+pub struct TimedEvent {
+    pub event: String,
+    pub data: Value,
+    pub at: Instant,
+}
+
+/// POSTs `body` to an event-stream endpoint and reads every event until the
+/// server closes the stream: the status and the events, in arrival order.
+pub fn sse(addr: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> (u16, Vec<TimedEvent>) {
+    let mut s = connect(addr);
+    write_request(&mut s, addr, "POST", path, headers, body);
+    let mut r = BufReader::new(s);
+    let (status, h) = read_head(&mut r);
+    let mut events = Vec::new();
+    let mut buf = String::new();
+    read_body(&mut r, &h, |b| {
+        buf.push_str(&String::from_utf8_lossy(b));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut event = "message".to_string();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                }
+            }
+            if !data.is_empty() {
+                events.push(TimedEvent { event, data: serde_json::from_str(&data).unwrap(), at: Instant::now() });
+            }
+        }
+    });
+    (status, events)
 }

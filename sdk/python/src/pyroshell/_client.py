@@ -153,6 +153,8 @@ class _Retry:
         if attempt >= self.max_retries:
             return None
         backoff = min(8.0, 0.5 * (2**attempt)) * (0.75 + random.random() / 2)
+        if isinstance(err, ServiceUnavailableError) and err.code == "runtime_unavailable":
+            return None  # waiting does not bring back a failed image or an unreachable registry
         if isinstance(err, (RateLimitError, ServiceUnavailableError)):
             wait = err.retry_after if err.retry_after is not None else backoff
             return wait if wait <= self.max_wait else None

@@ -174,7 +174,9 @@ class InternalServerError(APIStatusError):
 
 
 class ServiceUnavailableError(InternalServerError, _RetryAfterMixin):
-    """503: the server is draining (shutting down) or not ready; see ``retry_after``."""
+    """503: the server is draining (shutting down) or the runtime is not ready; see ``retry_after``.
+    ``code == "runtime_unavailable"`` (no ``retry_after``): the runtime cannot run on that server until
+    its operator acts (a failed image build, an unreachable registry); retrying does not help."""
 
     def __init__(self, *args: Any, retry_after: Optional[float] = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

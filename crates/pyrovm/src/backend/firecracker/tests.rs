@@ -266,3 +266,15 @@ async fn hybrid_vsock_refuses_garbage_and_gives_up_at_the_deadline() {
     let err = connect_vsock(&dir.path().join("missing.sock"), 1024, deadline(100)).await.unwrap_err();
     assert!(err.to_string().contains("connect:"), "{err}");
 }
+
+#[test]
+fn the_probe_boot_config_file_holds_spec_bodies_and_no_device() {
+    let api = ApiSpec::load().unwrap();
+    let cfg = probe_config(Path::new("/cache/kernel/k/vmlinux"));
+    api.validate("BootSource", &cfg["boot-source"]).unwrap();
+    api.validate("MachineConfiguration", &cfg["machine-config"]).unwrap();
+    assert_eq!(cfg["drives"], serde_json::json!([]), "no root device: the guest must panic at its root mount");
+    assert!(cfg.get("vsock").is_none() && cfg["boot-source"].get("initrd_path").is_none(), "{cfg}");
+    let args = cfg["boot-source"]["boot_args"].as_str().unwrap();
+    assert!(args.contains("panic=-1") && args.contains("reboot=k"), "the VMM must exit after the panic: {args}");
+}
