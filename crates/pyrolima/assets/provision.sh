@@ -25,7 +25,12 @@ step() {
 # 1. What TVM and `tvm doctor` need: QEMU, the guest kernel's source and build tools,
 #    mmdebstrap + erofs-utils for images, npm for the Node.js builds the JavaScript images carry.
 step 1 "Debian packages"
-PKGS=(qemu-system-x86 linux-source-6.1 mmdebstrap erofs-utils make gcc flex bison bc libelf-dev libssl-dev
+# QEMU for the VM's own architecture: guests run natively (KVM where nested virtualization works).
+case "$(dpkg --print-architecture)" in
+  arm64) QEMU_PKG=qemu-system-arm ;;   # provides qemu-system-aarch64
+  *) QEMU_PKG=qemu-system-x86 ;;
+esac
+PKGS=("$QEMU_PKG" linux-source-6.1 mmdebstrap erofs-utils make gcc flex bison bc libelf-dev libssl-dev
   xz-utils npm ca-certificates curl)
 missing=()
 for p in "${PKGS[@]}"; do
@@ -89,7 +94,15 @@ for bin in tvm tvm-agent; do
     exit 1
   fi
 done
-/usr/local/bin/tvm --version
+# A tvm linked against a newer glibc than this Debian 12's (2.36), e.g. one cross-built in a trixie
+# root, fails here with "GLIBC_2.xx not found": say so and how to build one that runs.
+if ! version=$(/usr/local/bin/tvm --version 2>&1); then
+  echo "$version" >&2
+  echo "tvm-lima: the staged tvm does not run in this Debian 12 VM ($(uname -m), glibc $(ldd --version | head -n 1 | awk '{print $NF}')):" \
+    "build it for $(uname -m) Linux against glibc <= 2.36 (docs/lima.md#tvms-linux-binaries) and run \`tvm lima up\` again" >&2
+  exit 1
+fi
+echo "$version"
 
 # 4. The service: the API on the VM's loopback only; Lima forwards that one port to the
 #    host's 127.0.0.1 (template.rs: GUEST_PORT). Root, because TVM gives each VMM its own uid.

@@ -46,13 +46,6 @@ impl InstancePaths {
 /// Why `tvm lima up` stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum UpError {
-    /// The host is arm64: TVM inside would need an aarch64 build that does not exist yet.
-    #[error(
-        "this host is arm64, so its Lima VM is aarch64, and TVM has no aarch64 build yet: it needs tvm and \
-         tvm-agent built for aarch64 Linux, an arm64 guest kernel config and arm64 runtime images (the aarch64 \
-         port is its own issue). Nothing was created; `tvm lima template` shows the template it will use"
-    )]
-    Arm64Host,
     /// The instance name is not one Lima accepts.
     #[error("instance name {0:?}: use letters, digits and single '.', '_' or '-' between them")]
     Name(String),
@@ -62,16 +55,18 @@ pub enum UpError {
     /// The template options are invalid.
     #[error(transparent)]
     Template(#[from] TemplateError),
-    /// TVM's Linux binaries are missing or not x86_64 Linux executables.
+    /// TVM's Linux binaries are missing or not Linux executables for the VM's architecture.
     #[error(
-        "{path}: {problem}. The VM needs TVM's x86_64 Linux binaries `tvm` and `tvm-agent` in one directory \
-         (pass --bin-dir DIR; build them on Debian 12 with `cargo build --release -p tvm` and scripts/build-agent.sh)"
+        "{path}: {problem}. The VM is {}, so it needs TVM's {} Linux binaries `tvm` and `tvm-agent` in one \
+         directory (pass --bin-dir DIR; {})", .arch.as_str(), .arch.as_str(), build_hint(*.arch)
     )]
     Binaries {
         /// The file at fault.
         path: String,
         /// What is wrong with it.
         problem: String,
+        /// The VM's architecture (the host's: Lima runs the host's architecture natively).
+        arch: Arch,
     },
     /// Writing the host-side files failed.
     #[error("cannot write {path}")]
@@ -161,7 +156,8 @@ pub struct UpOptions {
     /// The template's inputs (host, sizes, port, driver, image); its
     /// `staging_dir` is replaced by `paths.share`.
     pub template: TemplateOptions,
-    /// Directory holding the x86_64 Linux `tvm` and `tvm-agent`.
+    /// Directory holding the Linux `tvm` and `tvm-agent` for the VM's
+    /// architecture (`template.host.arch`).
     pub bin_dir: PathBuf,
     /// Host-side files of the instance.
     pub paths: InstancePaths,
@@ -251,12 +247,24 @@ pub fn valid_name(name: &str) -> bool {
     !name.is_empty() && !prev_sep && name.len() <= 76
 }
 
-/// Checks that `path` is an x86_64 ELF executable.
+/// How to build the binaries for `arch` (the fix in [`UpError::Binaries`]).
+fn build_hint(arch: Arch) -> &'static str {
+    match arch {
+        Arch::X86_64 => "build them on Debian 12 with `cargo build --release -p tvm` and scripts/build-agent.sh",
+        Arch::Aarch64 => {
+            "build them on arm64 Linux with glibc <= 2.36 (Debian 12, as in the VM) with `cargo build --release \
+             -p tvm` and scripts/build-agent.sh, or cross-build the static agent on x86_64 with \
+             scripts/build-agent-aarch64.sh (docs/lima.md#tvms-linux-binaries)"
+        }
+    }
+}
+
+/// Checks that `path` is a 64-bit little-endian Linux ELF executable for `arch`.
 ///
 /// # Errors
 ///
 /// A description of what it is instead.
-pub fn check_linux_x86_64(path: &Path) -> Result<(), String> {
+pub fn check_linux_elf(path: &Path, arch: Arch) -> Result<(), String> {
     use std::io::Read;
     let mut head = [0u8; 20];
     let mut f = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
@@ -264,28 +272,36 @@ pub fn check_linux_x86_64(path: &Path) -> Result<(), String> {
     if &head[..4] != b"\x7fELF" {
         return Err("not a Linux (ELF) executable".into());
     }
-    // EI_CLASS 2 = 64-bit, EI_DATA 1 = little-endian, e_machine 62 = x86-64.
-    if head[4] != 2 || head[5] != 1 || u16::from_le_bytes([head[18], head[19]]) != 62 {
-        return Err("an ELF file, but not for x86_64".into());
+    // EI_CLASS 2 = 64-bit, EI_DATA 1 = little-endian; e_machine (ELF gABI): 62 = x86-64, 183 = AArch64.
+    let machine = u16::from_le_bytes([head[18], head[19]]);
+    let found = match machine {
+        62 => Some(Arch::X86_64),
+        183 => Some(Arch::Aarch64),
+        _ => None,
+    };
+    if head[4] != 2 || head[5] != 1 || found != Some(arch) {
+        let what = found.map_or_else(|| format!("e_machine {machine}"), |a| a.as_str().to_string());
+        return Err(format!("an ELF file for {what}, not for {}", arch.as_str()));
     }
     Ok(())
 }
 
-/// Where `tvm lima up` looks for TVM's Linux binaries without `--bin-dir`:
-/// next to the running `tvm` when that is itself an x86_64 Linux build with
-/// `tvm-agent` beside it (a Linux host), else `linux-x86_64/` next to it (a
-/// macOS or Windows release ships them there).
-pub fn default_bin_dir(exe: &Path) -> PathBuf {
+/// Where `tvm lima up` looks for TVM's Linux binaries for a VM of `arch`
+/// without `--bin-dir`: next to the running `tvm` when that is itself a
+/// Linux build for `arch` with `tvm-agent` beside it (a Linux host), else
+/// `linux-<arch>/` next to it (`linux-x86_64/`, `linux-aarch64/`: where a
+/// macOS or Windows release ships them).
+pub fn default_bin_dir(exe: &Path, arch: Arch) -> PathBuf {
     let dir = exe.parent().unwrap_or(Path::new(".")).to_path_buf();
-    if check_linux_x86_64(exe).is_ok() && dir.join("tvm-agent").is_file() {
+    if check_linux_elf(exe, arch).is_ok() && dir.join("tvm-agent").is_file() {
         dir
     } else {
-        dir.join("linux-x86_64")
+        dir.join(format!("linux-{}", arch.as_str()))
     }
 }
 
 /// Copies `tvm` and `tvm-agent` from `bin_dir` into `share/bin` (only when changed).
-fn stage_binaries(bin_dir: &Path, share: &Path) -> Result<(), UpError> {
+fn stage_binaries(bin_dir: &Path, share: &Path, arch: Arch) -> Result<(), UpError> {
     let dest = share.join("bin");
     let files_err = |p: &Path| {
         let path = p.display().to_string();
@@ -294,7 +310,11 @@ fn stage_binaries(bin_dir: &Path, share: &Path) -> Result<(), UpError> {
     std::fs::create_dir_all(&dest).map_err(files_err(&dest))?;
     for name in ["tvm", "tvm-agent"] {
         let src = bin_dir.join(name);
-        check_linux_x86_64(&src).map_err(|problem| UpError::Binaries { path: src.display().to_string(), problem })?;
+        check_linux_elf(&src, arch).map_err(|problem| UpError::Binaries {
+            path: src.display().to_string(),
+            problem,
+            arch,
+        })?;
         let dst = dest.join(name);
         let same = std::fs::read(&src).ok().zip(std::fs::read(&dst).ok()).is_some_and(|(a, b)| a == b);
         if !same {
@@ -310,17 +330,14 @@ fn stage_binaries(bin_dir: &Path, share: &Path) -> Result<(), UpError> {
 ///
 /// # Errors
 ///
-/// [`UpError`]: arm64 host (before anything is created), bad options or
-/// binaries, a foreign instance of that name, limactl failures, or an API
+/// [`UpError`]: bad options, binaries missing or not for the VM's
+/// architecture (both before anything is created), a foreign instance of that name, limactl failures, or an API
 /// not ready within `ready_timeout`.
 pub async fn up(
     limactl: &Limactl,
     opts: &UpOptions,
     progress: &mut (dyn FnMut(&str) + Send),
 ) -> Result<UpReport, UpError> {
-    if opts.template.host.arch == Arch::Aarch64 {
-        return Err(UpError::Arm64Host);
-    }
     if !valid_name(&opts.name) {
         return Err(UpError::Name(opts.name.clone()));
     }
@@ -332,7 +349,7 @@ pub async fn up(
     if existing.as_ref().is_some_and(|i| !i.is_tvm()) {
         return Err(UpError::NotTvm(name.into()));
     }
-    stage_binaries(&opts.bin_dir, &opts.paths.share)?;
+    stage_binaries(&opts.bin_dir, &opts.paths.share, opts.template.host.arch)?;
     let start_err = |source| UpError::Start { name: name.into(), source };
     let created = match &existing {
         None => {
@@ -568,17 +585,27 @@ mod tests {
     }
 
     #[test]
-    fn binaries_default_next_to_a_linux_tvm_else_in_linux_x86_64() {
+    fn binaries_default_next_to_a_linux_tvm_of_the_vm_arch_else_in_linux_arch() {
         let dir = tempfile::tempdir().unwrap();
         let tvm = dir.path().join("tvm");
         std::fs::write(&tvm, b"MZ not a Linux binary").unwrap();
-        assert_eq!(default_bin_dir(&tvm), dir.path().join("linux-x86_64"));
+        assert_eq!(default_bin_dir(&tvm, Arch::X86_64), dir.path().join("linux-x86_64"));
+        assert_eq!(default_bin_dir(&tvm, Arch::Aarch64), dir.path().join("linux-aarch64"));
         if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
             std::fs::copy(std::env::current_exe().unwrap(), &tvm).unwrap();
-            assert_eq!(default_bin_dir(&tvm), dir.path().join("linux-x86_64"), "no agent beside it");
+            assert_eq!(default_bin_dir(&tvm, Arch::X86_64), dir.path().join("linux-x86_64"), "no agent beside it");
             std::fs::write(dir.path().join("tvm-agent"), b"").unwrap();
-            assert_eq!(default_bin_dir(&tvm), dir.path());
+            assert_eq!(default_bin_dir(&tvm, Arch::X86_64), dir.path());
+            // An x86_64 tvm is no use to an arm64 VM: look in linux-aarch64/.
+            assert_eq!(default_bin_dir(&tvm, Arch::Aarch64), dir.path().join("linux-aarch64"));
         }
+    }
+
+    /// The first 20 bytes of a 64-bit little-endian ELF header for `machine`.
+    fn elf_head(machine: u16) -> Vec<u8> {
+        let mut h = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0".to_vec();
+        h.extend_from_slice(&machine.to_le_bytes());
+        h
     }
 
     #[test]
@@ -586,14 +613,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         std::fs::write(&p, b"#!/bin/sh\necho not elf\n").unwrap();
-        assert_eq!(check_linux_x86_64(&p), Err("not a Linux (ELF) executable".into()));
-        let mut arm = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0".to_vec();
-        arm.extend_from_slice(&183u16.to_le_bytes());
-        std::fs::write(&p, &arm).unwrap();
-        assert_eq!(check_linux_x86_64(&p), Err("an ELF file, but not for x86_64".into()));
+        assert_eq!(check_linux_elf(&p, Arch::X86_64), Err("not a Linux (ELF) executable".into()));
+        std::fs::write(&p, elf_head(183)).unwrap();
+        assert_eq!(check_linux_elf(&p, Arch::X86_64), Err("an ELF file for aarch64, not for x86_64".into()));
+        assert_eq!(check_linux_elf(&p, Arch::Aarch64), Ok(()));
+        std::fs::write(&p, elf_head(62)).unwrap();
+        assert_eq!(check_linux_elf(&p, Arch::Aarch64), Err("an ELF file for x86_64, not for aarch64".into()));
+        std::fs::write(&p, elf_head(243)).unwrap(); // RISC-V
+        assert_eq!(check_linux_elf(&p, Arch::Aarch64), Err("an ELF file for e_machine 243, not for aarch64".into()));
         if cfg!(all(target_os = "linux", target_arch = "x86_64")) {
-            assert_eq!(check_linux_x86_64(&std::env::current_exe().unwrap()), Ok(()));
+            assert_eq!(check_linux_elf(&std::env::current_exe().unwrap(), Arch::X86_64), Ok(()));
         }
-        assert!(check_linux_x86_64(&dir.path().join("missing")).unwrap_err().starts_with("cannot open"));
+        assert!(check_linux_elf(&dir.path().join("missing"), Arch::X86_64).unwrap_err().starts_with("cannot open"));
     }
 }

@@ -220,25 +220,64 @@ async fn limactl_saying_already_exists_is_named() {
     assert!(matches!(err, UpError::Exists(ref n) if n == "tvm"), "{err}");
 }
 
-#[tokio::test]
-async fn an_arm64_host_is_told_what_is_missing_and_nothing_is_created() {
-    let _g = LOCK.lock().await;
-    let env = Env::new();
-    let mut opts = env.options("tvm", 8080);
+/// An Apple silicon Mac (macOS 15, M3): its Lima VM is aarch64.
+fn arm64_mac(opts: &mut UpOptions) {
     opts.template.host =
         HostPlatform { os: HostOs::Macos, arch: Arch::Aarch64, macos_major: Some(15), apple_chip: Some(3) };
-    let err = pyrolima::up(&env.limactl, &opts, &mut |_: &str| {}).await.unwrap_err();
-    assert!(matches!(err, UpError::Arm64Host));
-    let msg = err.to_string();
-    for needed in ["arm64", "aarch64", "tvm-agent", "guest kernel", "runtime images", "Nothing was created"] {
-        assert!(msg.contains(needed), "{needed}: {msg}");
+}
+
+/// Replaces the x86_64 test binaries with files whose ELF header says AArch64
+/// (the check reads only the header; nothing runs them here).
+fn aarch64_binaries(env: &Env) {
+    let mut elf = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0\x02\0".to_vec();
+    elf.extend_from_slice(&183u16.to_le_bytes());
+    elf.resize(64, 0);
+    for name in ["tvm", "tvm-agent"] {
+        std::fs::write(env.bins.path().join(name), &elf).unwrap();
     }
-    assert_eq!(env.calls(), Vec::<String>::new());
-    assert!(!opts.paths.root.exists());
 }
 
 #[tokio::test]
-async fn binaries_that_are_not_x86_64_linux_are_refused() {
+async fn an_arm64_host_with_x86_64_binaries_is_told_how_to_build_aarch64_ones_and_nothing_is_created() {
+    let _g = LOCK.lock().await;
+    let env = Env::new();
+    let mut opts = env.options("tvm", 8080);
+    arm64_mac(&mut opts);
+    let err = pyrolima::up(&env.limactl, &opts, &mut |_: &str| {}).await.unwrap_err();
+    assert!(matches!(err, UpError::Binaries { arch: Arch::Aarch64, .. }), "{err}");
+    let msg = err.to_string();
+    for needed in ["aarch64", "x86_64", "--bin-dir", "glibc <= 2.36", "scripts/build-agent-aarch64.sh"] {
+        assert!(msg.contains(needed), "{needed}: {msg}");
+    }
+    assert!(!env.calls().iter().any(|c| c.starts_with("start")), "{:?}", env.calls());
+    assert!(!opts.paths.template.exists());
+}
+
+#[tokio::test]
+async fn an_arm64_host_with_aarch64_binaries_gets_an_aarch64_instance() {
+    let _g = LOCK.lock().await;
+    let env = Env::new();
+    aarch64_binaries(&env);
+    let port = api("200 OK", READY).await;
+    let mut opts = env.options("tvm", port);
+    arm64_mac(&mut opts);
+    let report = pyrolima::up(&env.limactl, &opts, &mut |_: &str| {}).await.unwrap();
+    assert!(report.created);
+    assert_eq!(report.api, Readiness::Ready);
+    let yaml = std::fs::read_to_string(&opts.paths.template).unwrap();
+    assert!(yaml.contains("arch: aarch64"), "{yaml}");
+    assert!(yaml.contains("nestedVirtualization: true"), "M3 on macOS 15 gets KVM inside: {yaml}");
+    for bin in ["tvm", "tvm-agent"] {
+        assert_eq!(std::fs::read(opts.paths.share.join("bin").join(bin)).unwrap()[18], 183);
+    }
+    // The same aarch64 binaries are refused for an x86_64 VM.
+    let err = pyrolima::up(&env.limactl, &env.options("tvm-x86", port), &mut |_: &str| {}).await.unwrap_err();
+    assert!(matches!(err, UpError::Binaries { arch: Arch::X86_64, .. }), "{err}");
+    assert!(err.to_string().contains("an ELF file for aarch64, not for x86_64"), "{err}");
+}
+
+#[tokio::test]
+async fn binaries_that_are_not_linux_executables_are_refused() {
     let _g = LOCK.lock().await;
     let env = Env::new();
     std::fs::write(env.bins.path().join("tvm-agent"), "#!/bin/sh\n").unwrap();

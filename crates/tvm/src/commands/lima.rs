@@ -108,8 +108,9 @@ struct UpArgs {
     name: NameArg,
     #[command(flatten)]
     vm: VmArgs,
-    /// Directory holding the x86_64 Linux `tvm` and `tvm-agent` to install in the VM
-    /// (default: next to this tvm if it is one, else its `linux-x86_64/`).
+    /// Directory holding the Linux `tvm` and `tvm-agent` to install in the VM, built for the
+    /// host's architecture (default: next to this tvm if it is one, else its `linux-x86_64/`
+    /// or `linux-aarch64/`).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
     /// How long to wait for the API once Lima has started the VM (e.g. 30m).
@@ -148,7 +149,7 @@ pub async fn lima(args: LimaArgs) -> Result<ExitCode> {
             let wait = tvm_config::parse_duration_ms(&a.wait).map_err(usage)?;
             let bin_dir = match a.bin_dir {
                 Some(d) => d,
-                None => pyrolima::default_bin_dir(&std::env::current_exe().context("locating tvm")?),
+                None => pyrolima::default_bin_dir(&std::env::current_exe().context("locating tvm")?, host.arch),
             };
             let share = paths.share.clone();
             let opts = UpOptions {
