@@ -88,7 +88,8 @@ pub enum Error {
     /// Setting the wall clock to the host's failed.
     #[error("setting the wall clock")]
     SetClock(#[source] nix::Error),
-    /// The pipe for a stage's output stream (named) could not be created.
+    /// The pipe for a stage's standard stream (named) could not be created
+    /// or given its mode.
     #[error("creating the {0} pipe")]
     OutputPipe(&'static str, #[source] nix::Error),
     /// A helper thread could not be started.

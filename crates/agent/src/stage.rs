@@ -3,7 +3,7 @@
 //! reap it and classify how the stage ended.
 
 use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::mpsc::Sender;
@@ -127,8 +127,17 @@ fn supervise(
         .args(&spec.command.argv[1..])
         .env_clear()
         .envs(spec.command.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(WORKDIR)
-        .stdin(if spec.stdin.is_some() || session_stdin { Stdio::piped() } else { Stdio::null() });
+        .current_dir(WORKDIR);
+    // Our own pipe rather than Stdio::piped(): its mode must allow the job to
+    // reopen it (`/dev/stdin`) before the program can start.
+    let stdin_write = if spec.stdin.is_some() || session_stdin {
+        let (read, write) = std_pipe("stdin")?;
+        command.stdin(Stdio::from(read));
+        Some(write)
+    } else {
+        command.stdin(Stdio::null());
+        None
+    };
     // Not Command::uid/gid: std applies those before pre_exec, and an
     // unprivileged child could no longer join the root-owned cgroup.
     // SAFETY: apply() makes only async-signal-safe system calls on data
@@ -140,8 +149,8 @@ fn supervise(
     // The relay runs before the program does: its threads wait in their
     // reads when the program's first write comes, so even the first writes
     // to the two streams keep their order (see `relay`).
-    let (stdout_read, stdout_write) = output_pipe("stdout")?;
-    let (stderr_read, stderr_write) = output_pipe("stderr")?;
+    let (stdout_read, stdout_write) = std_pipe("stdout")?;
+    let (stderr_read, stderr_write) = std_pipe("stderr")?;
     let relay = Relay::start(stdout_read, stderr_read, spec.stage, limits.output_bytes, outbox.clone())?;
     command.stdout(Stdio::from(stdout_write)).stderr(Stdio::from(stderr_write));
 
@@ -150,7 +159,7 @@ fn supervise(
     // The command holds the pipes' write ends: only the program may keep
     // them, or the relay would never see the end of its output.
     drop(command);
-    let mut child = match spawned {
+    let child = match spawned {
         Ok(child) => child,
         Err(e) => return Ok(spawn_failure(&spec, &e, outbox)),
     };
@@ -160,12 +169,12 @@ fn supervise(
     // The pipe is taken once, then given to the session's inbox or to a
     // writer thread (a tuple pattern with `take()` in it would drop the pipe,
     // closing stdin, whenever the pattern did not match).
-    if let Some(pipe) = child.stdin.take() {
+    if let Some(pipe) = stdin_write {
         match inbox.filter(|_| session_stdin) {
-            Some(inbox) => inbox.attach(OwnedFd::from(pipe)),
+            Some(inbox) => inbox.attach(pipe),
             None => {
                 let data = spec.stdin.unwrap_or_default();
-                let mut pipe = pipe;
+                let mut pipe = std::fs::File::from(pipe);
                 // A thread, so a program that never reads its input cannot stall the
                 // agent; dropping the pipe at the end sends EOF. Not joined: once the
                 // stage's processes are dead its write fails with EPIPE and it ends.
@@ -299,15 +308,26 @@ fn supervise(
     Ok(result)
 }
 
-/// A pipe for one of the program's output streams, both ends close-on-exec
-/// (the child's `dup2` onto fd 1 or 2 clears the flag there only):
-/// `(read end, write end)`.
+/// A pipe for one of the program's standard streams, both ends
+/// close-on-exec (the child's `dup2` onto fd 0, 1 or 2 clears the flag there
+/// only): `(read end, write end)`.
+///
+/// The pipe's inode is made openable by the unprivileged job in the
+/// direction it uses (stdin `0444`, stdout/stderr `0222`), as a pipe made by
+/// the user's own shell is: programs reopen `/dev/stdin`, `/dev/stdout` and
+/// `/dev/stderr` (`/proc/self/fd/N`, which checks the inode's mode), and a
+/// root-owned `0600` pipe answers them `EACCES`. Nobody else can reach the
+/// pipe: it exists only as these descriptors.
 ///
 /// # Errors
 /// [`Error::OutputPipe`] when `pipe2(2)` fails (`EMFILE`/`ENFILE`: the agent
-/// is out of descriptors).
-fn output_pipe(stream: &'static str) -> Result<(OwnedFd, OwnedFd), Error> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::OutputPipe(stream, e))
+/// is out of descriptors) or its mode cannot be set.
+fn std_pipe(stream: &'static str) -> Result<(OwnedFd, OwnedFd), Error> {
+    use nix::sys::stat::{fchmod, Mode};
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::OutputPipe(stream, e))?;
+    let mode = if stream == "stdin" { Mode::from_bits_truncate(0o444) } else { Mode::from_bits_truncate(0o222) };
+    fchmod(read.as_raw_fd(), mode).map_err(|e| Error::OutputPipe(stream, e))?;
+    Ok((read, write))
 }
 
 /// Reaps every child that has exited. PID 1 inherits all orphans, so this

@@ -627,3 +627,147 @@ fn system_data_in_every_suite() {
     }
     assert!(suites.len() >= 3, "one Python per suite: {suites:?}");
 }
+
+/// Programs that reopen their standard streams by name, as contest
+/// solutions and scripts do (`open("/dev/stdin")`, `fopen("/dev/stdout")`,
+/// `> /dev/stderr`): `/dev/std*` is `/proc/self/fd/N`, whose open checks the
+/// pipe's own mode, so a root-owned `0600` pipe answered the job `EACCES`
+/// where a shell's pipe (owned by the user) works. Each reads all of
+/// `/dev/stdin`, writes it upper-cased to `/dev/stdout` and `err` to
+/// `/dev/stderr`, every stream reopened by name.
+const REOPEN_PROGRAMS: &[(&str, &str)] = &[
+    (
+        "main.py",
+        "data = open('/dev/stdin').read()\nwith open('/dev/stdout', 'w') as f:\n    f.write(data.upper())\nwith open('/dev/stderr', 'w') as f:\n    f.write('err\\n')\n",
+    ),
+    (
+        "main.js",
+        "const fs = require('fs');\nconst data = fs.readFileSync('/dev/stdin', 'utf8');\nfs.writeFileSync('/dev/stdout', data.toUpperCase());\nfs.writeFileSync('/dev/stderr', 'err\\n');\n",
+    ),
+    (
+        "main.rb",
+        "data = File.read('/dev/stdin')\nFile.open('/dev/stdout', 'w') { |f| f.write(data.upcase) }\nFile.open('/dev/stderr', 'w') { |f| f.write(\"err\\n\") }\n",
+    ),
+    (
+        "main.go",
+        r#"package main
+
+import (
+	"io"
+	"os"
+	"strings"
+)
+
+func main() {
+	in, err := os.Open("/dev/stdin")
+	if err != nil {
+		panic(err)
+	}
+	data, err := io.ReadAll(in)
+	if err != nil {
+		panic(err)
+	}
+	out, err := os.OpenFile("/dev/stdout", os.O_WRONLY, 0)
+	if err != nil {
+		panic(err)
+	}
+	out.WriteString(strings.ToUpper(string(data)))
+	e, err := os.OpenFile("/dev/stderr", os.O_WRONLY, 0)
+	if err != nil {
+		panic(err)
+	}
+	e.WriteString("err\n")
+}
+"#,
+    ),
+    (
+        "main.rs",
+        r#"use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+
+fn main() {
+    let mut s = String::new();
+    File::open("/dev/stdin").expect("/dev/stdin").read_to_string(&mut s).unwrap();
+    let mut out = OpenOptions::new().write(true).open("/dev/stdout").expect("/dev/stdout");
+    out.write_all(s.to_uppercase().as_bytes()).unwrap();
+    let mut err = OpenOptions::new().write(true).open("/dev/stderr").expect("/dev/stderr");
+    err.write_all(b"err\n").unwrap();
+}
+"#,
+    ),
+    (
+        "Main.java",
+        r#"import java.nio.file.Files;
+import java.nio.file.Paths;
+
+public class Main {
+    public static void main(String[] args) throws Exception {
+        String s = new String(Files.readAllBytes(Paths.get("/dev/stdin")));
+        Files.write(Paths.get("/dev/stdout"), s.toUpperCase().getBytes());
+        Files.write(Paths.get("/dev/stderr"), "err\n".getBytes());
+    }
+}
+"#,
+    ),
+    (
+        "main.c",
+        r#"#include <ctype.h>
+#include <stdio.h>
+
+int main(void) {
+    FILE *in = fopen("/dev/stdin", "r"), *out = fopen("/dev/stdout", "w"), *err = fopen("/dev/stderr", "w");
+    if (!in || !out || !err) {
+        perror("fopen");
+        return 1;
+    }
+    for (int c; (c = fgetc(in)) != EOF;)
+        fputc(toupper(c), out);
+    fputs("err\n", err);
+    return 0;
+}
+"#,
+    ),
+    (
+        "main.cpp",
+        r#"#include <algorithm>
+#include <cctype>
+#include <fstream>
+#include <iterator>
+#include <string>
+
+int main() {
+    std::ifstream in("/dev/stdin");
+    std::ofstream out("/dev/stdout"), err("/dev/stderr");
+    if (!in || !out || !err) return 1;
+    std::string s((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::toupper(c); });
+    out << s;
+    err << "err\n";
+}
+"#,
+    ),
+];
+
+/// In the default version of every language: `/dev/stdin`, `/dev/stdout`
+/// and `/dev/stderr` reopened by name work as under a shell.
+#[test]
+fn standard_streams_reopened_by_name_in_every_language() {
+    let catalog = tvm_config::Catalog::builtin();
+    let mut failures = Vec::new();
+    let env = Env::new();
+    let input = env.file("input.txt", "hello from stdin\n");
+    for (file, source) in REOPEN_PROGRAMS {
+        let ext = file.rsplit_once('.').map(|(_, e)| e).unwrap();
+        let Some(rt) = catalog.for_extension(ext) else { continue };
+        let f = env.file(file, source);
+        let v = json_with_args(&env, &f, &["--time-limit", "10s", "--stdin", input.to_str().unwrap()], &[]);
+        let (stdout, stderr) = (stdout_of(&v), v["run"]["stderr"].as_str().unwrap_or("").to_string());
+        if v["verdict"] != "ok" || stdout != "HELLO FROM STDIN\n" || stderr != "err\n" {
+            failures.push(format!("{}: verdict {}, stdout {stdout:?}, stderr {stderr:?}", rt.id, v["verdict"]));
+        }
+    }
+    let languages: std::collections::HashSet<&str> =
+        catalog.runtimes().iter().filter(|r| r.unavailable.is_none()).map(|r| r.language.as_str()).collect();
+    assert!(failures.is_empty(), "reopening /dev/std* by name:\n{}", failures.join("\n"));
+    assert_eq!(REOPEN_PROGRAMS.len(), languages.len(), "a program for every language: {languages:?}");
+}
