@@ -72,7 +72,7 @@ fi
 #    tvm, where tvm looks for it first.
 step 3 "TVM binaries"
 changed=0
-# Lima sets up reverse-sshfs mounts from the host while boot scripts already run: give the
+# Lima sets up the host mounts (reverse-sshfs, virtiofs) while boot scripts already run: give the
 # staging mount up to 2 minutes to appear (less when a previous boot installed the binaries).
 wait_s=120
 [ -x /usr/local/bin/tvm ] && wait_s=20

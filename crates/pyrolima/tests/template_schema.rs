@@ -94,9 +94,13 @@ fn the_template_says_what_the_issue_asks() {
     assert_eq!(doc["containerd"], json!({"system": false, "user": false}));
     assert!(doc["probes"][0]["script"].as_str().unwrap().contains("/readyz"));
     let script = doc["provision"][0]["script"].as_str().unwrap();
-    for needed in
-        ["tvm kernel build", "tvm image build --defaults", "tvm serve --listen 127.0.0.1:8080", "qemu-system-x86"]
-    {
+    for needed in [
+        "tvm kernel build",
+        "tvm image build --defaults",
+        "tvm serve --listen 127.0.0.1:8080",
+        "qemu-system-x86",
+        "qemu-system-arm",
+    ] {
         assert!(script.contains(needed), "provision script lacks {needed}");
     }
 }

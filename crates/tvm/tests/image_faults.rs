@@ -349,3 +349,43 @@ fn kernel_build_stopped_cleans_up_before_exit() {
         "no half kernel published"
     );
 }
+
+/// `tvm image build --defaults` for aarch64 guests (what the Lima VM of an
+/// Apple silicon Mac runs at its first boot) skips the defaults whose catalog
+/// entry lacks aarch64 with the reason, rather than building images no
+/// execution may use (or failing the provisioning on them). The mirror is
+/// unreachable, so the supported ones fail at once: only which were tried
+/// matters here.
+#[test]
+fn defaults_for_another_architecture_skip_what_it_lacks() {
+    let env = Env::new();
+    let cache = CacheDir::named("arm64-defaults", None);
+    let out = env
+        .tvm()
+        .args(["image", "build", "--defaults", "--no-templates", "--jobs", "1"])
+        .env("TVM_CACHE_DIR", &cache.path)
+        .env("TVM_GUEST_ARCH", "aarch64")
+        .env("TVM_DEBIAN_MIRROR", "http://127.0.0.1:9/debian")
+        .output()
+        .unwrap();
+    let stdout = common::lossy(&out.stdout);
+    let catalog = tvm_config::Catalog::builtin();
+    let defaults: Vec<_> = catalog.runtimes().iter().filter(|r| tvm_config::matrix::is_default(&catalog, r)).collect();
+    let (supported, lacking): (Vec<&tvm_config::Runtime>, Vec<&tvm_config::Runtime>) =
+        defaults.into_iter().partition(|r| r.architectures.contains(&tvm_config::GuestArch::Aarch64));
+    assert!(!lacking.is_empty() && !supported.is_empty(), "{supported:?} / {lacking:?}");
+    for r in &lacking {
+        let line = format!(
+            "unavailable: not supported on aarch64 guests (architectures: {})",
+            tvm_config::matrix::architectures_of(r)
+        );
+        assert!(stdout.lines().any(|l| l.starts_with(&r.id) && l.contains(&line)), "{}: no {line:?} in {stdout}", r.id);
+        assert!(!stdout.lines().any(|l| l.starts_with(&r.id) && l.contains("FAILED")), "{} was tried: {stdout}", r.id);
+    }
+    for r in &supported {
+        assert!(stdout.lines().any(|l| l.starts_with(&r.id) && l.contains("FAILED")), "{} not tried: {stdout}", r.id);
+    }
+    assert_eq!(out.status.code(), Some(1), "the supported ones failed (no mirror): {stdout}");
+    assert_eq!(scratch_dirs(&cache.path), 0);
+    assert_eq!(mounts_under(&cache.path), 0);
+}

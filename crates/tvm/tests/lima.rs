@@ -192,7 +192,7 @@ fn limactl_not_installed_is_one_line_with_the_install_command() {
         .env_remove("TVM_LIMACTL")
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(69), "unavailable, as README's exit table says");
     let err = text(&out.stderr);
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("tvm: limactl not found on PATH: install Lima first: "), "{err}");

@@ -28,7 +28,23 @@ fn selected(ctx: &Context, args: &ImageBuildArgs) -> Result<Vec<Runtime>> {
         return Ok(all);
     }
     if args.defaults {
-        return Ok(catalog.runtimes().iter().filter(|r| tvm_config::matrix::is_default(catalog, r)).cloned().collect());
+        // A default the guests' architecture lacks (most languages on aarch64) is
+        // skipped with the reason, as with --all: building it would fail, or make
+        // an image no execution may use.
+        let mut defaults = Vec::new();
+        for r in catalog.runtimes().iter().filter(|r| tvm_config::matrix::is_default(catalog, r)) {
+            if r.architectures.contains(&ctx.settings.guest_arch) {
+                defaults.push(r.clone());
+            } else {
+                println!(
+                    "{:<14} unavailable: not supported on {} guests (architectures: {})",
+                    r.id,
+                    ctx.settings.guest_arch,
+                    tvm_config::matrix::architectures_of(r)
+                );
+            }
+        }
+        return Ok(defaults);
     }
     if args.runtimes.is_empty() {
         return Err(usage("name runtimes to build, or pass --all or --defaults"));

@@ -98,9 +98,14 @@ pub fn linux_only(what: &str) -> anyhow::Error {
 /// The exit status for a command that failed with `e`: 2 for usage errors
 /// and for a configured VMM or accelerator that cannot run here (the fix is
 /// the caller's: `--vmm`, `--accel`, the config file), 69 for a runtime or
-/// server that is unavailable ([`EXIT_UNAVAILABLE`]), 70 otherwise.
+/// server that is unavailable, or `limactl` not installed ([`EXIT_UNAVAILABLE`]),
+/// 70 otherwise.
 pub fn exit_status_of(e: &anyhow::Error) -> u8 {
     let unavailable = e.chain().any(|c| {
+        // A prerequisite that is not installed (sysexits: "a support program ... does not exist").
+        if matches!(c.downcast_ref::<pyrolima::LocateError>(), Some(pyrolima::LocateError::NotInstalled { .. })) {
+            return true;
+        }
         #[cfg(target_os = "linux")]
         if matches!(c.downcast_ref::<pyrovm::ExecuteError>(), Some(pyrovm::ExecuteError::Image { .. })) {
             return true;
