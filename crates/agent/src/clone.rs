@@ -62,6 +62,7 @@ pub fn await_job(link: &mut Link) -> Result<tvm_protocol::Job, Error> {
         };
         match msg {
             HostMessage::Run(job) => {
+                crate::trace::begin();
                 link.stop_listening();
                 if let Some(fresh) = &job.uniqueness {
                     match make_unique(fresh) {
@@ -71,6 +72,7 @@ pub fn await_job(link: &mut Link) -> Result<tvm_protocol::Job, Error> {
                         // A cold-booted kernel seeded itself; the host's bytes only add to it.
                         Err(e) => debug!("not reseeded from the host: {}", crate::error::chain(&e)),
                     }
+                    crate::trace::mark("unique");
                 }
                 return Ok(job);
             }

@@ -34,7 +34,9 @@ pub fn execute_with(mut job: Job, outbox: &Sender<GuestMessage>, inbox: Option<&
         write_file(Path::new(WORKDIR), plan, file).map_err(|e| Error::WriteFile(file.path.clone(), e))?;
     }
     debug!("work dir ready: {} files", job.files.len());
+    crate::trace::mark("workdir");
     sandbox::enable_controllers()?;
+    crate::trace::mark("controllers");
 
     let compile = match &job.compile {
         Some(command) => {
@@ -50,7 +52,7 @@ pub fn execute_with(mut job: Job, outbox: &Sender<GuestMessage>, inbox: Option<&
         }
         // Per-test verdicts travel in `TestDone`; this one says the build went through.
         let verdict = if compiled { Verdict::Ok } else { Verdict::CompileError };
-        return Ok(JobResult { verdict, compile, run: None });
+        return Ok(JobResult { verdict, compile, run: None, trace: Vec::new() });
     }
     let run = if compiled {
         // A session's stdin comes through the inbox (which got the job's own stdin first).
@@ -61,7 +63,7 @@ pub fn execute_with(mut job: Job, outbox: &Sender<GuestMessage>, inbox: Option<&
         None
     };
     let verdict = Verdict::from_stages(compile.as_ref(), run.as_ref());
-    Ok(JobResult { verdict, compile, run })
+    Ok(JobResult { verdict, compile, run, trace: Vec::new() })
 }
 
 /// Runs a stage; in a session, announces its start and exit to the host.

@@ -22,6 +22,7 @@ mod runmany;
 mod sandbox;
 mod stage;
 mod support;
+mod trace;
 mod transport;
 
 use tvm_protocol::{GuestMessage, PROTOCOL_VERSION};
@@ -94,8 +95,11 @@ fn run() -> Result<(), Error> {
         None
     };
     let outbox = link.into_outbox()?;
+    trace::mark("channels");
     let last = match job::execute_with(job, &outbox.sender(), inbox.as_ref()) {
-        Ok(result) => {
+        Ok(mut result) => {
+            trace::mark("result");
+            result.trace = trace::take();
             debug!("job done: {}", result.verdict);
             GuestMessage::Done(result)
         }

@@ -84,7 +84,6 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -163,15 +162,22 @@ struct Shared {
     overflowed: AtomicBool,
     fds: [OwnedFd; 2],
     turn: Mutex<Turn>,
-    /// Signalled when a stream's window is ended by the other stream.
+    /// Signalled when a stream's window is ended by the other stream, or
+    /// when every writer is gone ([`Shared::closing`]).
     window_over: Condvar,
+    /// Set (under [`Shared::turn`]) once the stage's processes are all dead:
+    /// no window is worth waiting out, the pipes only hold what is left.
+    closing: AtomicBool,
 }
 
 /// The threads relaying one stage's output.
 #[derive(Debug)]
 pub struct Relay {
     shared: Arc<Shared>,
-    threads: [JoinHandle<()>; 2],
+    /// Disconnected once both threads have ended (each holds a sender). The
+    /// threads are not joined: one blocked on a pipe that an unkillable
+    /// process holds open is abandoned with the VM.
+    done: mpsc::Receiver<()>,
 }
 
 /// What one stream captured: the kept bytes and whether more was cut.
@@ -208,11 +214,14 @@ impl Relay {
                 batch: Batch { stage, stream: Stream::Stdout, data: Vec::with_capacity(OUTPUT_CHUNK), outbox },
             }),
             window_over: Condvar::new(),
+            closing: AtomicBool::new(false),
         });
         let (ready_tx, ready) = mpsc::channel();
+        let (done_tx, done) = mpsc::channel::<()>();
         let spawn = |s: usize| {
             let state = Arc::clone(&shared);
             let ready = ready_tx.clone();
+            let done = done_tx.clone();
             std::thread::Builder::new()
                 .name(if s == 0 { "stdout relay" } else { "stderr relay" }.into())
                 .spawn(move || {
@@ -223,10 +232,13 @@ impl Relay {
                     // The receiver may have given up waiting: nothing to tell then.
                     let _ = ready.send(());
                     follow(s, &state, bufs);
+                    drop(done);
                 })
                 .map_err(|e| Error::SpawnThread("output relay", e))
         };
-        let threads = [spawn(0)?, spawn(1)?];
+        spawn(0)?;
+        spawn(1)?;
+        drop(done_tx);
         // Both threads at the relay's priority before the program's first
         // writes can matter: a thread that has not run yet cannot keep the
         // order of writes made before it does. Bounded: a thread that is
@@ -238,17 +250,28 @@ impl Relay {
                 break;
             }
         }
-        Ok(Self { shared, threads })
+        Ok(Self { shared, done })
+    }
+
+    /// Called once every process that could write the pipes is dead: ends
+    /// any window at once (what the pipes hold is all that will come) and
+    /// waits at most `timeout` for both threads to read their end of file
+    /// and send everything. `true` when they did; a pipe still held open by
+    /// an unkillable process keeps its thread, which is then abandoned.
+    pub fn wait_finished(&self, timeout: Duration) -> bool {
+        {
+            // Under the lock a window's wait checks the flag, so the
+            // notification cannot fall between its check and its sleep.
+            let _turn = lock(&self.shared.turn);
+            self.shared.closing.store(true, Ordering::Relaxed);
+            self.shared.window_over.notify_all();
+        }
+        matches!(self.done.recv_timeout(timeout), Err(mpsc::RecvTimeoutError::Disconnected))
     }
 
     /// Whether either stream went past its cap (the stage must be killed).
     pub fn overflowed(&self) -> bool {
         self.shared.overflowed.load(Ordering::Relaxed)
-    }
-
-    /// Whether both streams reached end of file and everything was sent.
-    pub fn finished(&self) -> bool {
-        self.threads.iter().all(JoinHandle::is_finished)
     }
 
     /// The captured stdout and stderr. Works even if a thread is still
@@ -436,7 +459,7 @@ fn wait_window<'a>(
 ) -> MutexGuard<'a, Turn> {
     loop {
         let now = Instant::now();
-        if turn.phase[s] != Phase::Window || now >= until {
+        if turn.phase[s] != Phase::Window || now >= until || shared.closing.load(Ordering::Relaxed) {
             return turn;
         }
         turn = match shared.window_over.wait_timeout(turn, until - now) {
@@ -548,11 +571,7 @@ mod tests {
     }
 
     fn finish(relay: Relay) -> [Captured; 2] {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !relay.finished() {
-            assert!(Instant::now() < deadline, "relay did not finish");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        assert!(relay.wait_finished(Duration::from_secs(10)), "relay did not finish");
         relay.take()
     }
 

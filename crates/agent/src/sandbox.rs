@@ -91,9 +91,38 @@ impl Cgroup {
         Ok(())
     }
 
-    /// Whether any process is still in the cgroup.
-    pub fn populated(&self) -> Result<bool, Error> {
-        Ok(self.read_key("cgroup.events", "populated")? != 0)
+    /// Waits at most `timeout` for the cgroup to hold no process; `Ok(true)`
+    /// once it is empty. Sleeps on the kernel's change notification of
+    /// `cgroup.events` (`POLLPRI`), so it returns as the last process leaves,
+    /// not at the next tick of a polling loop.
+    ///
+    /// # Errors
+    /// [`Error::ReadCgroup`] when `cgroup.events` cannot be opened or read.
+    pub fn wait_empty(&self, timeout: std::time::Duration) -> Result<bool, Error> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        use std::os::unix::fs::FileExt;
+        let path = self.path.join("cgroup.events");
+        let file = std::fs::File::open(&path).map_err(|e| Error::ReadCgroup(path.clone(), e))?;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = [0u8; 256];
+        loop {
+            // Each read from offset 0 re-arms the notification (kernfs
+            // compares the file's event count with the one seen at the last
+            // read), so a change between this read and the poll is not lost.
+            let n = file.read_at(&mut buf, 0).map_err(|e| Error::ReadCgroup(path.clone(), e))?;
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if keyed_value(&text, "populated") == Some(0) {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLPRI)];
+            // EINTR or a spurious wake-up: the loop reads again.
+            let _ = poll(&mut fds, PollTimeout::try_from(left).unwrap_or(PollTimeout::MAX));
+        }
     }
 
     /// Total CPU time of every process that ever ran in the cgroup.

@@ -100,6 +100,7 @@ pub fn run_attached(
 ) -> Result<StageResult, Error> {
     check_command(spec.command)?;
     let cgroup = Cgroup::create(spec.cgroup, &spec.command.limits)?;
+    mark(spec.stage, "cgroup");
     let result = supervise(spec, &cgroup, outbox, inbox);
     if let Some(inbox) = inbox {
         inbox.detach();
@@ -153,6 +154,7 @@ fn supervise(
     let (stderr_read, stderr_write) = std_pipe("stderr")?;
     let relay = Relay::start(stdout_read, stderr_read, spec.stage, limits.output_bytes, outbox.clone())?;
     command.stdout(Stdio::from(stdout_write)).stderr(Stdio::from(stderr_write));
+    mark(spec.stage, "relay");
 
     let started = Instant::now();
     let spawned = command.spawn();
@@ -164,6 +166,8 @@ fn supervise(
         Err(e) => return Ok(spawn_failure(&spec, &e, outbox)),
     };
     let main = Pid::from_raw(child.id() as i32);
+    let exit_watch = ExitWatch::open(main);
+    mark(spec.stage, "spawned");
     debug!("{:?} stage started as pid {main}", spec.stage);
 
     // The pipe is taken once, then given to the session's inbox or to a
@@ -248,30 +252,33 @@ fn supervise(
             }
             Some(_) => {}
         }
-        std::thread::sleep(TICK);
+        exit_watch.sleep(TICK);
     }
     let (exit, ended) = exit.expect("the loop only ends with an exit");
     let wall_ms = ended.duration_since(started).as_millis() as u64;
+    mark(spec.stage, "exited");
 
     // The main process is gone; anything it left behind (daemons, orphans
     // holding the output pipes) goes with it.
     cgroup.kill()?;
     let deadline = Instant::now() + KILL_TIMEOUT;
     let mut scratch = None;
-    while cgroup.populated()? {
+    // Reaping between waits: PID 1 inherits the stage's orphans.
+    while !cgroup.wait_empty(TICK)? {
         reap(main, &mut scratch);
         if Instant::now() > deadline {
             debug!("{:?} stage: cgroup still populated after kill", spec.stage);
             break;
         }
-        std::thread::sleep(TICK);
     }
     reap(main, &mut scratch);
+    mark(spec.stage, "emptied");
 
-    let deadline = Instant::now() + READER_TIMEOUT;
-    while !relay.finished() && Instant::now() < deadline {
-        std::thread::sleep(TICK);
+    // Every writer is dead: what the pipes hold is all there will be.
+    if !relay.wait_finished(READER_TIMEOUT) {
+        debug!("{:?} stage: output relay not finished after {READER_TIMEOUT:?}", spec.stage);
     }
+    mark(spec.stage, "drained");
 
     let cpu_us = cgroup.cpu_usage_us()?;
     let observed = Observed {
@@ -301,11 +308,59 @@ fn supervise(
         cpu_ms: cpu_us / 1000,
         peak_memory_bytes: cgroup.memory_peak(),
     };
+    mark(spec.stage, "accounted");
     debug!(
         "{:?} stage: {:?} exit={:?} wall={}ms cpu={}ms peak={}B",
         spec.stage, result.status, exit, result.wall_ms, result.cpu_ms, result.peak_memory_bytes
     );
     Ok(result)
+}
+
+/// A pidfd of a stage's main process: it becomes readable when the process
+/// exits, so the supervisor wakes at the exit instead of at its next tick.
+/// `None` when `pidfd_open(2)` is refused (then the supervisor just ticks).
+struct ExitWatch(Option<OwnedFd>);
+
+impl ExitWatch {
+    fn open(pid: Pid) -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+        match libc::c_int::try_from(fd) {
+            // SAFETY: a descriptor pidfd_open just returned, owned by nobody else.
+            Ok(fd) if fd >= 0 => Self(Some(unsafe { OwnedFd::from_raw_fd(fd) })),
+            _ => {
+                debug!(
+                    "pidfd_open({pid}) failed: {}; exits are seen at the next tick",
+                    std::io::Error::last_os_error()
+                );
+                Self(None)
+            }
+        }
+    }
+
+    /// Sleeps for `timeout`, or less if the process exits (or has exited).
+    fn sleep(&self, timeout: Duration) {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        match &self.0 {
+            Some(fd) => {
+                let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+                // EINTR only shortens the sleep; the caller's loop checks again.
+                let _ = poll(&mut fds, PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX));
+            }
+            None => std::thread::sleep(timeout),
+        }
+    }
+}
+
+/// Marks the end of one of a stage's steps in the job's trace.
+fn mark(stage: Stage, step: &str) {
+    let stage = match stage {
+        Stage::Compile => "compile",
+        Stage::Run => "run",
+    };
+    crate::trace::mark(&format!("{stage}.{step}"));
 }
 
 /// A pipe for one of the program's standard streams, both ends

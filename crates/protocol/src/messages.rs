@@ -385,6 +385,25 @@ pub struct JobResult {
     pub compile: Option<StageResult>,
     /// The run stage, unless compilation failed.
     pub run: Option<StageResult>,
+    /// Where the agent's time went: one mark per step, in order (at most
+    /// [`MAX_TRACE_MARKS`]). Empty from agents that predate it, so old and
+    /// new agents and hosts interoperate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trace: Vec<TraceMark>,
+}
+
+/// Most marks a [`JobResult::trace`] carries; the agent stops marking there.
+pub const MAX_TRACE_MARKS: usize = 32;
+
+/// One step of the agent's work on a job, for benchmarks (`tvm bench --api
+/// --breakdown`): the step just finished and when, in µs since the agent
+/// decoded the job frame (guest monotonic clock).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TraceMark {
+    /// Step name, `<stage>.<step>` inside a stage (e.g. `run.spawned`).
+    pub step: String,
+    /// µs since the job frame was decoded.
+    pub at_us: u64,
 }
 
 /// Checks a submitted file path: relative, normal components only, no NUL,

@@ -511,6 +511,25 @@ pub struct ExecutionResult {
     /// it was restored, pooled, or templates are off. Set by `tvm run`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_note: Option<String>,
+    /// Where the time went, when the server runs with `trace = true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<ExecutionTrace>,
+}
+
+/// Where an execution's time went (server option `trace = true`; used by
+/// `tvm bench --api --breakdown`). Host figures are the host's monotonic
+/// clock, agent marks the guest's: compare durations, not instants.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecutionTrace {
+    /// Host: from sending the job to the agent until its result was read,
+    /// µs (covers the whole agent trace plus the frames' transport both
+    /// ways; for a session also the VM's teardown, which a plain execution
+    /// does off the response path).
+    pub execute_us: u64,
+    /// The agent's steps in order: `{step, at_us}`, µs since it decoded the
+    /// job frame (see the agent's `trace` module for the step names).
+    #[schema(value_type = Vec<Object>)]
+    pub agent: Vec<tvm_protocol::TraceMark>,
 }
 
 impl ExecutionResult {
@@ -534,6 +553,7 @@ impl ExecutionResult {
             tests: None,
             summary: None,
             start_note: exec.start_note.clone(),
+            trace: None,
         }
     }
 
@@ -556,6 +576,7 @@ impl ExecutionResult {
             tests: None,
             summary: None,
             start_note: None,
+            trace: None,
         }
     }
 }

@@ -27,6 +27,12 @@ pub struct ServeConfig {
     pub pool_sizes: BTreeMap<String, usize>,
     /// Pool VMs idle longer than this are destroyed and replaced (ms).
     pub pool_max_idle_ms: u64,
+    /// Run the runtime's warm-up (`warmup` in the catalog) in each new pool
+    /// VM before it waits for a job, so a pool hit finds the runtime's and
+    /// the agent's code already translated (under TCG the biggest part of a
+    /// short job; see `Pyrovm::warm_up`). Costs the warm-up's CPU once per
+    /// pool VM.
+    pub pool_warm_up: bool,
     /// Most VMs alive at once, pool included; derived from cores and memory when unset.
     pub max_vms: Option<usize>,
     /// Guest RAM all VMs together may be given (MiB); host memory minus 1 GiB when unset.
@@ -69,6 +75,10 @@ pub struct ServeConfig {
     pub allow_network: bool,
     /// Build missing runtime images in the background at startup.
     pub build_images: bool,
+    /// Add `trace` (where each execution's time went, host and agent steps)
+    /// to native API results. Off by default: it is for `tvm bench --api
+    /// --breakdown` and for finding where a slow execution spent its time.
+    pub trace: bool,
     /// Log as JSON lines (read by the binary when it installs the subscriber; see [`crate::init_tracing`]).
     pub json_logs: bool,
     /// The Judge0-compatible API (`[judge0]`).
@@ -83,6 +93,7 @@ impl Default for ServeConfig {
             pool_size: 0,
             pool_sizes: BTreeMap::new(),
             pool_max_idle_ms: 10 * 60_000,
+            pool_warm_up: true,
             max_vms: None,
             memory_budget_mib: None,
             queue_capacity: 64,
@@ -101,6 +112,7 @@ impl Default for ServeConfig {
             drain_grace_ms: 30_000,
             allow_network: false,
             build_images: true,
+            trace: false,
             json_logs: false,
             judge0: crate::judge0::Judge0Config::default(),
         }
@@ -220,6 +232,15 @@ pub struct ServeArgs {
     /// Recycle pool VMs idle longer than this (e.g. 10m).
     #[arg(long, value_name = "DUR")]
     pub pool_max_idle: Option<String>,
+    /// Park new pool VMs without running their runtime's warm-up first
+    /// (saves the warm-up's CPU per pool VM; pool hits then pay the
+    /// runtime's first start, under TCG about half a Python hello).
+    #[arg(long)]
+    pub no_pool_warm_up: bool,
+    /// Add `trace` to native API results: where each execution's time went
+    /// (host and agent steps, µs).
+    #[arg(long)]
+    pub trace: bool,
     /// Most VMs at once, pool included [default: from cores and memory].
     #[arg(long)]
     pub max_vms: Option<usize>,
@@ -294,6 +315,12 @@ impl ServeArgs {
         }
         if let Some(v) = ms(&self.pool_max_idle)? {
             c.pool_max_idle_ms = v;
+        }
+        if self.no_pool_warm_up {
+            c.pool_warm_up = false;
+        }
+        if self.trace {
+            c.trace = true;
         }
         if let Some(v) = ms(&self.queue_timeout)? {
             c.queue_timeout_ms = v;

@@ -15,7 +15,8 @@ use tvm_protocol::{Stage, Stream, Verdict};
 
 use crate::admission::VmPermit;
 use crate::api::{
-    ExecutionBody, ExecutionResult, StageBody, TestResultBody, TestSummary, TestVerdict, COMPARISON_RULE,
+    ExecutionBody, ExecutionResult, ExecutionTrace, StageBody, TestResultBody, TestSummary, TestVerdict,
+    COMPARISON_RULE,
 };
 use crate::error::ApiError;
 use crate::images::ImageState;
@@ -213,13 +214,18 @@ async fn run_inner(
         tests: None,
         summary: None,
         start_note: None,
+        trace: None,
     };
     if !plan.job.tests.is_empty() {
         result.summary = Some(TestSummary::of(plan.job.tests.len(), &tests));
         result.tests = Some(tests);
     }
     let started_as = match outcome {
-        Ok((job, started)) => {
+        Ok((mut job, started)) => {
+            if st.config.trace {
+                result.trace =
+                    Some(ExecutionTrace { execute_us: started.execute_us, agent: std::mem::take(&mut job.trace) });
+            }
             result.verdict = job.verdict;
             result.compile = job.compile.as_ref().map(StageBody::from);
             result.run = job.run.as_ref().map(StageBody::from);
@@ -255,12 +261,30 @@ struct Started {
     kind: Option<StartKind>,
     /// Why a fresh VM cold booted although templates are on.
     note: Option<String>,
+    /// Job sent to VM torn down, µs (0 until the job ran).
+    execute_us: u64,
 }
 
 impl Started {
     fn none() -> Self {
-        Self { pooled: false, boot_ms: 0, kind: None, note: None }
+        Self { pooled: false, boot_ms: 0, kind: None, note: None, execute_us: 0 }
     }
+}
+
+/// Destroys a VM that has served its job without holding up the response:
+/// killing and reaping a QEMU takes 6–25 ms under TCG here (its guest RAM is
+/// unmapped on exit), which a pool hit's answer would otherwise wait for.
+/// Its capacity (`permit`) is freed only once it is gone, and the drain
+/// waits for it ([`crate::state::Lifecycle::teardown`]); should the runtime
+/// refuse the task (shutting down), dropping the closure destroys the VM
+/// right there all the same.
+fn tear_down(st: &AppState, vm: pyrovm::Vm, permit: VmPermit) {
+    let in_flight = st.life.teardown();
+    tokio::task::spawn_blocking(move || {
+        drop(vm);
+        drop(permit);
+        drop(in_flight);
+    });
 }
 
 type JobOutcome = Result<(tvm_protocol::JobResult, Started), (String, Started)>;
@@ -295,15 +319,19 @@ async fn run_job(
         };
         let boot_ms = vm_now.boot_time().as_millis() as u64;
         let kind = if pooled { StartKind::Pool } else { vm_now.start_kind() };
-        let started = Started { pooled, boot_ms, kind: Some(kind), note };
+        let mut started = Started { pooled, boot_ms, kind: Some(kind), note, execute_us: 0 };
         let vm_id = vm_now.id().to_string();
+        // Kept out of the job for a plain execution, so it is destroyed off the response path.
+        let mut vm_now = Some(vm_now);
         let t = Instant::now();
         // Two callbacks note it (and the future must stay Send), hence an atomic.
         let produced = std::sync::atomic::AtomicBool::new(false);
         let res = match inputs.as_deref_mut() {
             None => {
                 vm_now
-                    .execute_each(
+                    .as_mut()
+                    .expect("set above")
+                    .run_job(
                         &plan.job,
                         |stage, stream, data| {
                             produced.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -317,18 +345,23 @@ async fn run_job(
                     .await
             }
             Some(rx) => {
-                vm_now
-                    .execute_interactive(&plan.job, rx, |ev| {
-                        produced.store(true, std::sync::atomic::Ordering::Relaxed);
-                        on_event(ev)
-                    })
-                    .await
+                // Consumed: a session's VM is destroyed inside, whatever happens.
+                let vm = vm_now.take().expect("set above");
+                vm.execute_interactive(&plan.job, rx, |ev| {
+                    produced.store(true, std::sync::atomic::Ordering::Relaxed);
+                    on_event(ev)
+                })
+                .await
             }
         };
         st.metrics.execution(t.elapsed());
+        started.execute_us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
         match res {
             Ok(job) => {
-                drop(permit);
+                match vm_now {
+                    Some(vm) => tear_down(st, vm, permit),
+                    None => drop(permit),
+                }
                 return Ok((job, started));
             }
             Err(RunJobError::Send(e))

@@ -199,7 +199,9 @@ pub async fn serve_until(
         warn!(listen = %config.listen, "not on loopback and no allowed hosts: any Host header is accepted");
     }
     let images = Arc::new(Images::scan(vmm.clone()));
-    let pool = Arc::new(Pool::new(&vmm, &targets, Duration::from_millis(config.pool_max_idle_ms)));
+    let pool = Arc::new(
+        Pool::new(&vmm, &targets, Duration::from_millis(config.pool_max_idle_ms)).warm_up_vms(config.pool_warm_up),
+    );
     let life = Arc::new(Lifecycle::new());
     let st = Arc::new(AppState {
         vmm: vmm.clone(),

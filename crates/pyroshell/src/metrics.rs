@@ -52,6 +52,8 @@ struct Inner {
     rejections: BTreeMap<&'static str, u64>,
     connections_closed: BTreeMap<&'static str, u64>,
     pool_boot_failures: u64,
+    /// Pool VM warm-ups by outcome (`ok`, `failed`).
+    pool_warmups: BTreeMap<&'static str, u64>,
     template_fallbacks: u64,
     starts: BTreeMap<&'static str, u64>,
     pool_starts: BTreeMap<&'static str, u64>,
@@ -136,6 +138,12 @@ impl Metrics {
     /// A pool VM failed to boot.
     pub fn pool_boot_failed(&self) {
         self.with(|m| m.pool_boot_failures += 1);
+    }
+
+    /// A new pool VM ran its runtime's warm-up before parking (`ok`) or
+    /// failed it and was destroyed (`ok == false`).
+    pub fn pool_warm_up(&self, ok: bool) {
+        self.with(|m| *m.pool_warmups.entry(if ok { "ok" } else { "failed" }).or_default() += 1);
     }
 
     /// A VM (of an execution or the pool) cold booted although templates
@@ -229,6 +237,11 @@ impl Metrics {
             let _ = writeln!(out, "# HELP tvm_pool_boot_failures_total Pool VMs that failed to boot.");
             let _ = writeln!(out, "# TYPE tvm_pool_boot_failures_total counter");
             let _ = writeln!(out, "tvm_pool_boot_failures_total {}", m.pool_boot_failures);
+            let _ = writeln!(out, "# HELP tvm_pool_warmups_total Pool VMs that ran their runtime's warm-up before parking, by outcome (a failed one is destroyed).");
+            let _ = writeln!(out, "# TYPE tvm_pool_warmups_total counter");
+            for (outcome, n) in &m.pool_warmups {
+                let _ = writeln!(out, "tvm_pool_warmups_total{{outcome=\"{outcome}\"}} {n}");
+            }
             let _ = writeln!(out, "# HELP tvm_vm_starts_total Executions by how their VM started (template restore, cold boot, warm pool).");
             let _ = writeln!(out, "# TYPE tvm_vm_starts_total counter");
             for (kind, n) in &m.starts {

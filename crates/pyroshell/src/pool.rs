@@ -184,6 +184,8 @@ pub struct Pool {
     parked: Notify,
     pressure: Mutex<Option<Instant>>,
     warm: WarmLatch,
+    /// Run each new VM's runtime warm-up before parking it ([`Pool::warm_up_vms`]).
+    warm_up: bool,
 }
 
 /// Readiness's view of the pools: cold until every pool has reached its
@@ -235,7 +237,21 @@ impl Pool {
                 }))
             })
             .collect();
-        Self { pools, max_idle, parked: Notify::new(), pressure: Mutex::new(None), warm: WarmLatch::default() }
+        Self {
+            pools,
+            max_idle,
+            parked: Notify::new(),
+            pressure: Mutex::new(None),
+            warm: WarmLatch::default(),
+            warm_up: false,
+        }
+    }
+
+    /// Whether a new VM runs its runtime's warm-up before it is parked
+    /// (`pool_warm_up`; see [`pyrovm::Pyrovm::warm_up`] for why).
+    pub fn warm_up_vms(mut self, on: bool) -> Self {
+        self.warm_up = on;
+        self
     }
 
     /// Every runtime's pool.
@@ -380,7 +396,38 @@ pub async fn refill_loop(ctx: RefillCtx, rp: Arc<RuntimePool>, mut stop: watch::
                 rp.booting.fetch_sub(1, Ordering::AcqRel);
                 match outcome {
                     None => break,
-                    Some(Ok(pyrovm::StartedVm { vm, note })) => {
+                    Some(Ok(pyrovm::StartedVm { mut vm, note })) => {
+                        if ctx.pool.warm_up {
+                            let warmed = tokio::select! {
+                                r = ctx.vmm.warm_up(&mut vm, &rp.runtime) => Some(r),
+                                _ = stop.wait_for(|s| *s) => None,
+                            };
+                            match warmed {
+                                // Dropping the VM destroys it.
+                                None => break,
+                                Some(Ok(ms)) => {
+                                    if ms.is_some() {
+                                        ctx.metrics.pool_warm_up(true);
+                                    }
+                                    debug!(vm = vm.id(), warmup_ms = ms, "pool VM warmed up");
+                                }
+                                Some(Err(e)) => {
+                                    ctx.metrics.pool_warm_up(false);
+                                    // A VM whose warm-up failed is in no known state: never park it.
+                                    warn!(vm = vm.id(), error = %pyrovm::error_chain(&e), "pool VM warm-up failed; VM destroyed");
+                                    drop(vm);
+                                    drop(permit);
+                                    failures = failures.saturating_add(1);
+                                    ctx.metrics.pool_boot_failed();
+                                    let backoff = Duration::from_secs(1u64 << failures.min(6));
+                                    tokio::select! {
+                                        _ = tokio::time::sleep(backoff) => {}
+                                        _ = stop.wait_for(|s| *s) => break,
+                                    }
+                                    continue;
+                                }
+                            }
+                        }
                         failures = 0;
                         if let Some(note) = note {
                             ctx.metrics.template_fallback();

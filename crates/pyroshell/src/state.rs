@@ -93,6 +93,13 @@ impl Lifecycle {
         Ok(guard)
     }
 
+    /// Counts a VM being destroyed off the response path as in flight (the
+    /// drain waits for it like for an execution; never refused).
+    pub fn teardown(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight { life: self.clone() }
+    }
+
     pub fn start_drain(&self) {
         self.draining.store(true, Ordering::Release);
     }

@@ -859,6 +859,32 @@ impl Pyrovm {
         Duration::from_millis(self.settings.boot_timeout_ms)
     }
 
+    /// Runs `runtime`'s warm-up in `vm`, a VM that waits for its job (a warm
+    /// pool's), as a template build does: as the job user in a throwaway
+    /// cgroup and work dir, everything it left in RAM wiped afterwards
+    /// ([`tvm_protocol::HostMessage::Prewarm`]). No user code has run in the
+    /// VM, and none runs here: it is still a fresh VM for its one job.
+    ///
+    /// Why: under TCG each QEMU process translates guest code the first time
+    /// it runs, and a restored VM starts with an empty translation cache, so
+    /// the agent's job path and the runtime's start-up would be translated
+    /// on the job's time (a python-3.13 hello: about half its run). A pool VM
+    /// has idle time to pay that in advance. Under KVM it only warms the page
+    /// cache further, at the cost of the warm-up's CPU time.
+    ///
+    /// Returns the warm-up's guest wall time in ms, `None` when the runtime
+    /// declares no warm-up (nothing is sent).
+    ///
+    /// # Errors
+    /// [`TemplateError::Warmup`] when the warm-up fails, times out (twice
+    /// its wall limit plus 30 s) or the VM dies: do not give that VM a job.
+    pub async fn warm_up(&self, vm: &mut Vm, runtime: &Runtime) -> Result<Option<u64>, TemplateError> {
+        match warmup_command(runtime) {
+            Some(command) => template::prewarm(vm, &command).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Runs one request in a fresh VM; `on_output` sees output as it streams.
     pub async fn execute(
         &self,

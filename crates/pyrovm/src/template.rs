@@ -826,8 +826,9 @@ impl TemplateMeta {
     }
 }
 
-/// Sends the warm-up and waits (bounded) for its report.
-async fn prewarm(vm: &mut Vm, command: &Command) -> Result<u64, TemplateError> {
+/// Sends the warm-up and waits (bounded) for its report: the guest wall of
+/// the warm-up, ms.
+pub(crate) async fn prewarm(vm: &mut Vm, command: &Command) -> Result<u64, TemplateError> {
     let timeout = Duration::from_millis(command.limits.wall_ms * 2 + 30_000);
     let exchange = async {
         write_frame_async(&mut vm.stream, &HostMessage::Prewarm(command.clone()))

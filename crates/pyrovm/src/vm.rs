@@ -512,6 +512,21 @@ impl Vm {
     pub async fn execute_each(
         mut self,
         job: &Job,
+        on_output: impl FnMut(Stage, Stream, &[u8]),
+        on_test: impl FnMut(u32, StageResult),
+    ) -> Result<JobResult, RunJobError> {
+        self.run_job(job, on_output, on_test).await
+    }
+
+    /// [`Vm::execute_each`] without destroying the VM at the end: the caller
+    /// drops it, e.g. off its response path ([`Vm::into_teardown`]). The VM
+    /// has served its one job either way: never send it another.
+    ///
+    /// # Errors
+    /// As [`Vm::execute_each`].
+    pub async fn run_job(
+        &mut self,
+        job: &Job,
         mut on_output: impl FnMut(Stage, Stream, &[u8]),
         mut on_test: impl FnMut(u32, StageResult),
     ) -> Result<JobResult, RunJobError> {
@@ -625,7 +640,9 @@ pub(super) async fn vm_gone(console: &Console) -> RunJobError {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        let t = Instant::now();
         kill_and_reap(&mut self.child);
+        debug!(vm = %self.id, kill_us = t.elapsed().as_micros() as u64, "VMM killed and reaped");
     }
 }
 

@@ -35,6 +35,12 @@ struct Sample {
     round_trip: f64,
     server_total: f64,
     guest_wall: f64,
+    /// Server: job sent to result read (its `trace.execute_us`).
+    execute: f64,
+    /// The agent's steps: `(step, ms the step took since the previous mark)`.
+    agent_steps: Vec<(String, f64)>,
+    /// The agent's whole span: job frame decoded to result ready.
+    agent_span: f64,
 }
 
 /// Runs `runs` pool-hit requests through an in-process server and prints
@@ -53,6 +59,7 @@ pub async fn run(vmm: Pyrovm, runs: usize) -> Result<()> {
         build_images: false,
         pool_size: 0,
         pool_sizes: [(runtime.clone(), 1)].into(),
+        trace: true,
         ..pyroshell::ServeConfig::default()
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -94,7 +101,22 @@ async fn measure(url: &str, runtime: &str, req: &ExecutionRequest, runs: usize) 
             misses += 1;
             continue;
         }
-        samples.push(Sample { round_trip, server_total: r.total_ms as f64, guest_wall: run.wall_time_ms as f64 });
+        // An agent older than the trace sends no marks: only the host's figure then.
+        let trace = r.trace.clone().unwrap_or_default();
+        let mut agent_steps = Vec::with_capacity(trace.agent.len());
+        let mut previous = 0;
+        for mark in &trace.agent {
+            agent_steps.push((mark.step.clone(), ms(mark.at_us.saturating_sub(previous))));
+            previous = mark.at_us;
+        }
+        samples.push(Sample {
+            round_trip,
+            server_total: r.total_ms as f64,
+            guest_wall: run.wall_time_ms as f64,
+            execute: ms(trace.execute_us),
+            agent_steps,
+            agent_span: ms(previous),
+        });
     }
     Ok((samples, misses))
 }
@@ -118,6 +140,10 @@ async fn wait_for_idle_vm(url: &str, runtime: &str) -> Result<()> {
     }
 }
 
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
 fn print_table(runtime: &str, vmm: &Pyrovm, samples: &[Sample], misses: usize) {
     println!(
         "API overhead on a pool hit: {runtime} `{}`, {} requests (+{misses} pool misses not counted), accel {}, \
@@ -136,9 +162,28 @@ fn print_table(runtime: &str, vmm: &Pyrovm, samples: &[Sample], misses: usize) {
     ];
     println!("{:<46} {:>9} {:>9} {:>9} {:>9}", "ms", "p50", "p95", "min", "max");
     for (name, get) in rows {
-        let mut v: Vec<f64> = samples.iter().map(get).collect();
-        v.sort_by(|a, b| a.total_cmp(b));
-        let at = |p: f64| v.get(((v.len().saturating_sub(1)) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN);
-        println!("{name:<46} {:>9.1} {:>9.1} {:>9.1} {:>9.1}", at(0.5), at(0.95), at(0.0), at(1.0));
+        print_row(name, samples.iter().map(get).collect());
     }
+    // Where the server's part goes (issue #12: the overhead must be found before it can be cut).
+    println!("\nbreakdown of the server's part (host and guest clocks: durations only)");
+    print_row(
+        "server outside the VM (total_ms - execute)",
+        samples.iter().map(|s| s.server_total - s.execute).collect(),
+    );
+    print_row("frames' transport (execute - agent span)", samples.iter().map(|s| s.execute - s.agent_span).collect());
+    print_row("agent span (job decoded to result ready)", samples.iter().map(|s| s.agent_span).collect());
+    let steps: Vec<&str> =
+        samples.first().map(|s| s.agent_steps.iter().map(|(n, _)| n.as_str()).collect()).unwrap_or_default();
+    for (i, step) in steps.iter().enumerate() {
+        let v =
+            samples.iter().filter_map(|s| s.agent_steps.get(i).filter(|(n, _)| n == step).map(|(_, d)| *d)).collect();
+        print_row(&format!("  agent: until {step}"), v);
+    }
+}
+
+/// One table row: p50, p95, min and max of `v` (ms).
+fn print_row(name: &str, mut v: Vec<f64>) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |p: f64| v.get(((v.len().saturating_sub(1)) as f64 * p).round() as usize).copied().unwrap_or(f64::NAN);
+    println!("{name:<46} {:>9.1} {:>9.1} {:>9.1} {:>9.1}", at(0.5), at(0.95), at(0.0), at(1.0));
 }

@@ -207,8 +207,10 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
             anyhow::ensure!(r.verdict == tvm_protocol::Verdict::Ok, "{}: verdict {}", rt.id, r.verdict);
 
             if template.is_none() {
-                // Pooled without templates: a cold-booted VM idles at agent-ready.
-                let vm = cold_vmm.start_vm(&plan.runtime, plan.vm_memory_mib).await?.vm;
+                // Pooled without templates: a cold-booted VM idles at
+                // agent-ready, warmed up as the server's pool does.
+                let mut vm = cold_vmm.start_vm(&plan.runtime, plan.vm_memory_mib).await?.vm;
+                cold_vmm.warm_up(&mut vm, rt).await?;
                 let t = Instant::now();
                 let r = vm.execute(&plan.job, |_, _, _| {}).await?;
                 m.pooled.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -233,8 +235,10 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
             // PSS are read then, beside a second idle clone as in a pool:
             // the pages both only read are shared), and only the job is on
             // the clock.
-            let vm = tpl_vmm.start_vm(&plan.runtime, plan.vm_memory_mib).await?.vm;
+            let mut vm = tpl_vmm.start_vm(&plan.runtime, plan.vm_memory_mib).await?.vm;
             let twin = tpl_vmm.start_vm(&plan.runtime, plan.vm_memory_mib).await?.vm;
+            // As the server's pool does (`pool_warm_up`): see `Pyrovm::warm_up`.
+            tpl_vmm.warm_up(&mut vm, rt).await?;
             tokio::time::sleep(IDLE_SETTLE).await;
             m.rss_template.extend(rss_bytes(vm.vmm_pid()).map(|b| b as f64));
             m.pss_template.extend(mem_bytes(vm.vmm_pid(), Mem::Pss).map(|b| b as f64));
@@ -297,7 +301,8 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
     }
     println!("\nAll columns p50 unless named. cold = VMM start to result with a kernel boot (templates off);");
     println!("template = the same restored from the runtime's template (what `tvm run` pays now);");
-    println!("pooled = job sent to result on a restored VM already at agent-ready (a warm-pool hit);");
+    println!("pooled = job sent to result on a restored VM already at agent-ready and warmed up (the");
+    println!("runtime's warm-up run once in it, as the server's pool does: a warm-pool hit);");
     println!("boot>rdy / rest>rdy = VMM start to agent-ready, cold boot / template restore;");
     println!("snapshot = the template's saved state (device state plus the RAM's non-zero pages);");
     println!("RSS = host resident memory of one idle VMM (with its child processes: the stand-in's");

@@ -56,7 +56,7 @@ fn fault_mid_run(env: &Env, server: &Server, sig: Signal, wall_ms: u64) -> Value
 fn settled_server(env: &Env) -> Server {
     let server = Server::start(env, &[]);
     assert_still_serving(&server);
-    server.wait_templates_idle();
+    server.wait_settled();
     server
 }
 

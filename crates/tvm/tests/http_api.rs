@@ -230,8 +230,10 @@ fn every_endpoint_and_error_status() {
 #[test]
 fn warm_pool_skips_the_boot() {
     let env = Env::new();
-    let server = Server::start(&env, &["--pool-size", "python=2"]);
+    let server = Server::start(&env, &["--pool-size", "python=2", "--trace"]);
     wait_until("pool warm (readyz 200)", STARTUP, || server.get("/readyz").status == 200);
+    // Each pool VM ran the runtime's warm-up before it was parked.
+    assert!(server.metric("tvm_pool_warmups_total{outcome=\"ok\"}").unwrap_or(0.0) >= 2.0, "{}", server.log());
     let rts = server.get("/v1/runtimes").json();
     let py = rts["runtimes"].as_array().unwrap().iter().find(|r| r["id"] == "python-3.13").unwrap().clone();
     assert_eq!((py["pool"]["target"].clone(), py["pool"]["idle"].clone()), (json!(2), json!(2)));
@@ -240,6 +242,20 @@ fn warm_pool_skips_the_boot() {
     assert_eq!((warm["verdict"].clone(), warm["pooled"].clone()), (json!("ok"), json!(true)), "{warm}");
     assert_eq!(warm["start"], "pool", "{warm}");
     assert_eq!(warm["run"]["stdout"], "warm\n");
+    // `--trace`: the agent's steps, in order, inside the host's figure.
+    let steps: Vec<(String, u64)> = warm["trace"]["agent"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no trace: {warm}"))
+        .iter()
+        .map(|m| (m["step"].as_str().unwrap().to_string(), m["at_us"].as_u64().unwrap()))
+        .collect();
+    let at = |step: &str| steps.iter().position(|(s, _)| s == step).unwrap_or_else(|| panic!("no {step}: {steps:?}"));
+    assert!(
+        at("workdir") < at("run.spawned") && at("run.spawned") < at("run.exited") && at("run.exited") < at("result")
+    );
+    assert!(steps.windows(2).all(|w| w[0].1 <= w[1].1), "{steps:?}");
+    let execute_us = warm["trace"]["execute_us"].as_u64().unwrap();
+    assert!(execute_us >= steps.last().unwrap().1, "host {execute_us} µs < agent span: {steps:?}");
     // More memory than a pool VM has: a miss, booted on demand.
     let mut cold_req = hello("print('cold')");
     cold_req["run_limits"] = json!({"memory_bytes": 768u64 << 20});
@@ -264,6 +280,34 @@ fn warm_pool_skips_the_boot() {
     env.assert_clean();
 }
 
+/// A pool VM whose warm-up fails is destroyed, never parked: the pool stays
+/// empty (and says so in its metrics) while requests still run, booted on
+/// demand. The catalog's python-3.13 warm-up is made to fail; templates are
+/// off so that no template build (which runs the same warm-up) is involved.
+#[test]
+fn a_pool_vm_whose_warm_up_fails_is_never_parked() {
+    let env = Env::new();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let catalog = std::fs::read_to_string(repo.join("catalog/runtimes.toml")).unwrap();
+    let good = r#"warmup = ["python3.13", "-c", "pass"]"#;
+    assert!(catalog.contains(good), "the catalog's python-3.13 warm-up changed; update this test");
+    let broken = catalog.replace(good, r#"warmup = ["python3.13", "-c", "raise SystemExit(3)"]"#);
+    let path = env.work.path().join("runtimes.toml");
+    std::fs::write(&path, broken).unwrap();
+    let vars = [("TVM_CATALOG", path.as_os_str()), ("TVM_TEMPLATES", "0".as_ref())];
+    let server = Server::start_with_env(&env, &["--pool-size", "python=1"], &vars);
+    server.wait_metric("tvm_pool_warmups_total{outcome=\"failed\"}", |v| v >= 1.0, "a failed pool warm-up");
+    assert_eq!(server.metric("tvm_pool_idle{runtime=\"python-3.13\"}"), Some(0.0), "{}", server.log());
+    assert!(server.metric("tvm_pool_warmups_total{outcome=\"ok\"}").is_none(), "{}", server.log());
+    assert!(server.log().contains("pool VM warm-up failed"), "{}", server.log());
+
+    let v = server.execute(&hello("print('still served')")).json();
+    assert_eq!((v["verdict"].as_str(), v["pooled"].as_bool()), (Some("ok"), Some(false)), "{v}");
+    assert_eq!(v["run"]["stdout"], "still served\n");
+    server.stop();
+    env.assert_clean();
+}
+
 /// How each VM started reaches the result (`start`, `start_note`) and the
 /// metrics. Templates on, with a cache of the test's own and no template yet:
 /// the first execution cold boots (saying why) while the server builds the
@@ -283,6 +327,7 @@ fn vm_starts_and_failed_restores_are_reported() {
     };
     let first = run("print('one')", "one\n");
     assert_eq!(first["start"], "cold", "{first}");
+    assert!(first.get("trace").is_none(), "trace only with --trace: {first}");
     assert!(first["start_note"].as_str().unwrap_or_default().contains("no template"), "{first}");
     server.wait_metric("tvm_template_builds_total ", |v| v == 1.0, "the template built in the background");
 

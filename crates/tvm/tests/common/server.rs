@@ -233,6 +233,25 @@ impl Server {
         self.wait_metric("tvm_template_builds_running ", |v| v == 0.0, "background template builds to finish");
     }
 
+    /// Waits until no background template build runs and every VM holding
+    /// capacity is a parked pool VM (`tvm_vms` = the pools' idle VMs): a VM
+    /// that served its job is destroyed off the response path, so for a few
+    /// ms after a response its VMM may still be exiting. A test that takes a
+    /// footprint as its baseline waits here first.
+    pub fn wait_settled(&self) {
+        self.wait_templates_idle();
+        wait_until("every served VM torn down", Duration::from_secs(30), || {
+            let m = self.get("/metrics").text();
+            let vms = m.lines().find_map(|l| l.strip_prefix("tvm_vms ")?.trim().parse::<f64>().ok());
+            let parked: f64 = m
+                .lines()
+                .filter(|l| l.starts_with("tvm_pool_idle{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum();
+            vms == Some(parked)
+        });
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
