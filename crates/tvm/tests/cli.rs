@@ -224,3 +224,40 @@ fn json_is_the_api_document_locally_and_through_a_server() {
     server.stop();
     env.assert_clean();
 }
+
+/// `--accel` and `--vmm` belong to the commands that start VMs here; the
+/// others neither list nor take them (clap's usual refusal, exit status 2),
+/// and `TVM_VMM` still reaches the ones that do. Argument parsing only: no VM.
+#[test]
+fn vm_flags_are_offered_only_where_vms_start() {
+    let env = Env::new();
+    let out = env.tvm().args(["lima", "up", "--vmm", "qemu"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", lossy(&out.stderr));
+    assert!(lossy(&out.stderr).contains("unexpected argument '--vmm'"), "{}", lossy(&out.stderr));
+    let help = |args: &[&str]| {
+        let out = env.tvm().args(args).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", lossy(&out.stderr));
+        lossy(&out.stdout)
+    };
+    for args in [
+        &["lima", "up"][..],
+        &["lima", "template"],
+        &["lima", "status"],
+        &["runtimes"],
+        &["kernel", "build"],
+        &["reap"],
+        &["image", "list"],
+        &["template", "list"],
+    ] {
+        let text = help(args);
+        assert!(!text.contains("--accel <") && !text.contains("--vmm <"), "{args:?} offers VM flags:\n{text}");
+    }
+    for args in [&["run"][..], &["serve"], &["bench"], &["soak"], &["doctor"], &["image", "build"]] {
+        let text = help(args);
+        assert!(text.contains("--accel <") && text.contains("--vmm <"), "{args:?} lacks VM flags:\n{text}");
+    }
+    // The environment is read where the flag is: a bad value is a parse error naming the flag.
+    let out = env.tvm().arg("doctor").env("TVM_VMM", "bochs").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", lossy(&out.stderr));
+    assert!(lossy(&out.stderr).contains("'--vmm <VMM>'"), "{}", lossy(&out.stderr));
+}
