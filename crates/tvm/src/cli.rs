@@ -27,7 +27,7 @@ pub enum Command {
     ///
     /// Exit status: the program's own (128+N if killed by signal N); 1 for a
     /// compile error; 124 time limit; 137 memory limit; 125 output limit;
-    /// 70 TVM internal error; 2 bad input.
+    /// 69 runtime or server unavailable; 70 TVM internal error; 2 bad input.
     Run(RunArgs),
     /// List the runtime catalog.
     Runtimes(RuntimesArgs),

@@ -102,8 +102,9 @@ pub fn linux_only(what: &str) -> anyhow::Error {
 /// The exit status for a command that failed with `e`: 2 for usage errors
 /// and for a configured VMM or accelerator that cannot run here (the fix is
 /// the caller's: `--vmm`, `--accel`, the config file), 69 for a runtime or
-/// server that is unavailable, or `limactl` not installed ([`EXIT_UNAVAILABLE`]),
-/// 70 otherwise.
+/// server that is unavailable (an image that cannot be built or pulled, a
+/// runtime the guests' architecture lacks), or `limactl` not installed
+/// ([`EXIT_UNAVAILABLE`]), 70 otherwise.
 pub fn exit_status_of(e: &anyhow::Error) -> u8 {
     let unavailable = e.chain().any(|c| {
         // A prerequisite that is not installed (sysexits: "a support program ... does not exist").
@@ -111,7 +112,10 @@ pub fn exit_status_of(e: &anyhow::Error) -> u8 {
             return true;
         }
         #[cfg(target_os = "linux")]
-        if matches!(c.downcast_ref::<pyrovm::ExecuteError>(), Some(pyrovm::ExecuteError::Image { .. })) {
+        if matches!(
+            c.downcast_ref::<pyrovm::ExecuteError>(),
+            Some(pyrovm::ExecuteError::Image { .. } | pyrovm::ExecuteError::UnsupportedArch { .. })
+        ) {
             return true;
         }
         matches!(
