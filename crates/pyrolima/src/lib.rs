@@ -20,7 +20,7 @@ pub mod limactl;
 pub mod limayaml;
 pub mod template;
 
-pub use host::{HostOs, HostPlatform};
+pub use host::{HostFactsError, HostOs, HostOverrides, HostPlatform};
 pub use lifecycle::{
     default_bin_dir, delete, down, status, up, Accelerator, InstanceError, InstancePaths, Readiness, Status, UpError,
     UpOptions, UpReport,

@@ -106,6 +106,9 @@ pub enum TemplateError {
         /// The host OS.
         os: HostOs,
     },
+    /// vz on a macOS older than Lima's vz driver needs.
+    #[error("vmType vz needs macOS 13 or later, but the host is macOS {0}: pass --vm-type qemu")]
+    VzMacos(u32),
     /// YAML emission failed.
     #[error("cannot emit the template as YAML")]
     Emit(#[source] serde_norway::Error),
@@ -126,7 +129,7 @@ pub fn default_vm_type(host: &HostPlatform) -> VmType {
 /// # Errors
 ///
 /// [`TemplateError`] for out-of-range sizes, CPUs or port, or a driver the
-/// host OS lacks.
+/// host OS (or its version) lacks.
 pub fn build(opts: &TemplateOptions) -> Result<LimaYaml, TemplateError> {
     check_size("memory", &opts.memory, 2 << 30)?;
     check_size("disk", &opts.disk, 20 << 30)?;
@@ -140,6 +143,12 @@ pub fn build(opts: &TemplateOptions) -> Result<LimaYaml, TemplateError> {
     match (vm_type, opts.host.os) {
         (VmType::Vz, os) if os != HostOs::Macos => return Err(TemplateError::VmType { vm_type: "vz", os }),
         (VmType::Wsl2, os) if os != HostOs::Windows => return Err(TemplateError::VmType { vm_type: "wsl2", os }),
+        // Lima's vz driver (Virtualization.framework) needs macOS 13.0 or later.
+        (VmType::Vz, _) => {
+            if let Some(v) = opts.host.macos_major.filter(|&v| v < 13) {
+                return Err(TemplateError::VzMacos(v));
+            }
+        }
         _ => {}
     }
     let arch = opts.host.arch;
@@ -313,6 +322,16 @@ mod tests {
         assert!(matches!(build(&o), Err(TemplateError::VmType { vm_type: "vz", .. })));
         o.vm_type = Some(VmType::Wsl2);
         assert!(matches!(build(&o), Err(TemplateError::VmType { vm_type: "wsl2", .. })));
+        // vz exists from macOS 13 on; an unknown version is not refused.
+        for (major, ok) in [(Some(12), false), (Some(13), true), (None, true)] {
+            let mut o = opts(host(HostOs::Macos, Arch::X86_64, major, None));
+            o.vm_type = Some(VmType::Vz);
+            assert_eq!(build(&o).is_ok(), ok, "macOS {major:?}");
+        }
+        let mut o = opts(host(HostOs::Macos, Arch::Aarch64, Some(12), Some(1)));
+        o.vm_type = Some(VmType::Vz);
+        let e = build(&o).unwrap_err().to_string();
+        assert!(e.contains("macOS 13") && e.ends_with("pass --vm-type qemu"), "{e}");
     }
 
     #[test]

@@ -213,7 +213,7 @@ impl ServeConfig {
 }
 
 /// The `tvm serve` flags, ready to flatten into the binary's clap parser
-/// (`Serve(pyroshell::ServeArgs)`); [`ServeArgs::into_config`] applies them
+/// (beside its `--accel`/`--vmm`); [`ServeArgs::into_config`] applies them
 /// over the config file. Durations and sizes take human units ("30s", "32M").
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ServeArgs {

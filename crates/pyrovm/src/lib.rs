@@ -117,6 +117,21 @@ pub enum ExecuteError {
     /// The request is invalid (the caller's fault).
     #[error(transparent)]
     Plan(#[from] PlanError),
+    /// The runtime's catalog entry does not list the guests' architecture,
+    /// so no image of it can be built or booted here: the answer before
+    /// any kernel, image or template work ([`check_guest_arch`]).
+    #[error(
+        "runtime {runtime} is unavailable: not supported on {arch} guests (architectures: {architectures}); \
+         `tvm runtimes` shows what runs on {arch} guests"
+    )]
+    UnsupportedArch {
+        /// Runtime id.
+        runtime: String,
+        /// The guests' architecture (`guest_arch`, `TVM_GUEST_ARCH`).
+        arch: tvm_config::GuestArch,
+        /// The architectures the entry lists, comma-separated.
+        architectures: String,
+    },
     /// The runtime's image is missing and could not be built.
     #[error("image for {runtime}")]
     Image {
@@ -340,6 +355,26 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
         cause = c.source();
     }
     out
+}
+
+#[cfg(target_os = "linux")]
+/// Refuses `runtime` when its catalog entry does not list the guests'
+/// architecture ([`image::runtime_state`] calls it unavailable for the same
+/// reason). Reads nothing but the catalog entry and settings, so callers run
+/// it before [`Pyrovm::prepare`]: an aarch64 guest kernel built for a
+/// runtime that cannot run on it is minutes wasted.
+///
+/// # Errors
+/// [`ExecuteError::UnsupportedArch`].
+pub fn check_guest_arch(settings: &Settings, runtime: &Runtime) -> Result<(), ExecuteError> {
+    if runtime.architectures.contains(&settings.guest_arch) {
+        return Ok(());
+    }
+    Err(ExecuteError::UnsupportedArch {
+        runtime: runtime.id.clone(),
+        arch: settings.guest_arch,
+        architectures: tvm_config::matrix::architectures_of(runtime),
+    })
 }
 
 #[cfg(target_os = "linux")]
@@ -587,7 +622,8 @@ impl Pyrovm {
     ///
     /// # Errors
     /// [`ExecuteError::Plan`] for a runtime without an image recipe,
-    /// [`ExecuteError::Image`] when the build fails or is cancelled.
+    /// [`ExecuteError::UnsupportedArch`] for one the guests' architecture
+    /// lacks, [`ExecuteError::Image`] when the build fails or is cancelled.
     pub async fn ensure_image_cancellable(
         &self,
         runtime: &Runtime,
@@ -600,6 +636,9 @@ impl Pyrovm {
                 reason: runtime.unavailable.clone().unwrap_or_default(),
             }));
         }
+        // Every image, template and VM start passes here: none of them for an
+        // architecture the entry does not list (its recipe was never verified there).
+        check_guest_arch(&self.settings, runtime)?;
         let settings = self.settings.clone();
         let id = runtime.id.clone();
         let rt = runtime.clone();

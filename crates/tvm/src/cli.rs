@@ -14,12 +14,6 @@ use crate::commands::{self, Context};
 #[derive(Parser, Debug)]
 #[command(name = "tvm", version, about = "Run untrusted code in microVMs", propagate_version = true)]
 pub struct Cli {
-    /// Accelerator: auto (KVM if a probe boot works, else TCG), kvm or tcg.
-    #[arg(long, global = true, env = "TVM_ACCEL")]
-    pub accel: Option<Accel>,
-    /// VMM: auto (Firecracker if its binary exists and KVM works, else QEMU), qemu or firecracker.
-    #[arg(long, global = true, env = "TVM_VMM")]
-    pub vmm: Option<VmmChoice>,
     /// Log level filter (e.g. info, debug, pyrovm=debug).
     #[arg(long, global = true, env = "TVM_LOG", default_value = "warn")]
     pub log: String,
@@ -33,7 +27,7 @@ pub enum Command {
     ///
     /// Exit status: the program's own (128+N if killed by signal N); 1 for a
     /// compile error; 124 time limit; 137 memory limit; 125 output limit;
-    /// 70 TVM internal error; 2 bad input.
+    /// 69 runtime or server unavailable; 70 TVM internal error; 2 bad input.
     Run(RunArgs),
     /// List the runtime catalog.
     Runtimes(RuntimesArgs),
@@ -59,7 +53,7 @@ pub enum Command {
     Reap,
     /// Serve the HTTP API (pyroshell) until SIGTERM/SIGINT.
     #[cfg(target_os = "linux")]
-    Serve(Box<pyroshell::ServeArgs>),
+    Serve(Box<ServeCommandArgs>),
     /// Serve the HTTP API (Linux only: on this host, `tvm lima up` runs it in a Lima VM).
     #[cfg(not(target_os = "linux"))]
     Serve(LinuxOnlyArgs),
@@ -69,6 +63,33 @@ pub enum Command {
     Soak(SoakArgs),
     /// TVM on macOS and Windows: a Lima VM running `tvm serve`, its API forwarded to 127.0.0.1.
     Lima(commands::lima::LimaArgs),
+}
+
+/// `--accel` and `--vmm`: taken only by the commands that start VMs on this
+/// host (`run`, `serve`, `bench`, `soak`, `doctor`, `image build`), since
+/// nowhere else are they read, and a flag that is accepted but does nothing
+/// misleads. `TVM_ACCEL`, `TVM_VMM` and the config file reach every command
+/// through [`tvm_config::Settings`] all the same.
+#[derive(Args, Debug, Default, Clone, Copy)]
+pub struct VmmArgs {
+    /// Accelerator: auto (KVM if a probe boot works, else TCG), kvm or tcg.
+    #[arg(long, env = "TVM_ACCEL")]
+    pub accel: Option<Accel>,
+    /// VMM: auto (Firecracker if its binary exists and KVM works, else QEMU), qemu or firecracker.
+    #[arg(long, env = "TVM_VMM")]
+    pub vmm: Option<VmmChoice>,
+}
+
+/// `tvm serve`: pyroshell's flags and the VM backend's. (Not `ServeArgs`:
+/// clap names each flattened struct's argument group after its type, and
+/// two groups of one name panic at startup in debug builds.)
+#[cfg(target_os = "linux")]
+#[derive(Args, Debug)]
+pub struct ServeCommandArgs {
+    #[command(flatten)]
+    pub serve: pyroshell::ServeArgs,
+    #[command(flatten)]
+    pub vmm: VmmArgs,
 }
 
 /// `tvm run`.
@@ -108,6 +129,8 @@ pub struct RunArgs {
     /// API key for --server.
     #[arg(long, env = "TVM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    #[command(flatten)]
+    pub vmm: VmmArgs,
     /// Arguments passed to the program.
     #[arg(last = true)]
     pub args: Vec<String>,
@@ -151,6 +174,8 @@ pub struct DoctorArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub vmm: VmmArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -224,6 +249,9 @@ pub struct ImageBuildArgs {
     /// at a time; otherwise the first execution of each builds its own).
     #[arg(long)]
     pub no_templates: bool,
+    // Read when templates are built (they boot VMs).
+    #[command(flatten)]
+    pub vmm: VmmArgs,
 }
 
 /// `tvm bench`.
@@ -255,6 +283,8 @@ pub struct BenchArgs {
     /// pool VM (round trip minus in-guest wall), through an in-process server.
     #[arg(long, conflicts_with_all = ["runtimes", "relay", "tests"])]
     pub api: bool,
+    #[command(flatten)]
+    pub vmm: VmmArgs,
 }
 
 /// `tvm soak`.
@@ -269,13 +299,15 @@ pub struct SoakArgs {
     /// Stop sending after this long (e.g. 30m).
     #[arg(long, default_value = "30m")]
     pub duration: String,
+    #[command(flatten)]
+    pub vmm: VmmArgs,
 }
 
 /// Entry point: runs the CLI and turns errors into one-line messages.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     #[cfg(target_os = "linux")]
-    let json_logs = matches!(&cli.command, Command::Serve(a) if a.json_logs);
+    let json_logs = matches!(&cli.command, Command::Serve(a) if a.serve.json_logs);
     #[cfg(not(target_os = "linux"))]
     let json_logs = false;
     pyroshell::init_tracing(&cli.log, json_logs);
@@ -299,7 +331,7 @@ pub fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
-    let ctx = Context::load(cli.accel, cli.vmm)?;
+    let ctx = Context::load(cli.command.vmm_args())?;
     // `serve` drains, `image build` and `kernel build` cancel their builds on a signal themselves.
     #[cfg(target_os = "linux")]
     let handles_signals = matches!(
@@ -338,13 +370,29 @@ async fn command(ctx: Context, command: Command) -> Result<ExitCode> {
         #[cfg(target_os = "linux")]
         Command::Reap => commands::reap::reap(&ctx),
         #[cfg(target_os = "linux")]
-        Command::Serve(args) => commands::serve::serve(ctx, *args).await,
+        Command::Serve(args) => commands::serve::serve(ctx, args.serve).await,
         #[cfg(target_os = "linux")]
         Command::Bench(args) => commands::bench::bench(ctx, &args).await,
         #[cfg(target_os = "linux")]
         Command::Soak(args) => commands::soak::soak(ctx, &args).await,
         #[cfg(not(target_os = "linux"))]
         command => Err(commands::linux_only(&format!("`tvm {}`", command.name()))),
+    }
+}
+
+impl Command {
+    /// The `--accel`/`--vmm` of the commands that take them; none elsewhere.
+    fn vmm_args(&self) -> VmmArgs {
+        match self {
+            Command::Run(a) => a.vmm,
+            Command::Doctor(a) => a.vmm,
+            Command::Image { command: ImageCommand::Build(a) } => a.vmm,
+            #[cfg(target_os = "linux")]
+            Command::Serve(a) => a.vmm,
+            Command::Bench(a) => a.vmm,
+            Command::Soak(a) => a.vmm,
+            _ => VmmArgs::default(),
+        }
     }
 }
 
@@ -364,6 +412,60 @@ impl Command {
             Command::Bench(_) => "bench",
             Command::Soak(_) => "soak",
             Command::Lima(_) => "lima",
+        }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use clap::error::ErrorKind;
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every subcommand path below `cmd` ("image build"), with whether it
+    /// takes `--accel` and whether it takes `--vmm`.
+    fn vm_flags(cmd: &clap::Command, prefix: &str, out: &mut Vec<(String, bool, bool)>) {
+        for sub in cmd.get_subcommands() {
+            let path = format!("{prefix}{}", sub.get_name()).trim().to_string();
+            let takes = |id: &str| sub.get_arguments().any(|a| a.get_id() == id);
+            out.push((path.clone(), takes("accel"), takes("vmm")));
+            vm_flags(sub, &format!("{path} "), out);
+        }
+    }
+
+    #[test]
+    fn accel_and_vmm_are_taken_only_by_the_commands_that_start_vms() {
+        Cli::command().debug_assert();
+        let top = Cli::command();
+        assert!(!top.get_arguments().any(|a| a.get_id() == "accel" || a.get_id() == "vmm"), "no global VM flags");
+        let mut all = Vec::new();
+        vm_flags(&top, "", &mut all);
+        let taking: Vec<&str> = all.iter().filter(|(_, a, v)| *a || *v).map(|(p, _, _)| p.as_str()).collect();
+        assert_eq!(taking, ["run", "doctor", "image build", "serve", "bench", "soak"]);
+        assert!(all.iter().all(|(_, a, v)| a == v), "both or neither: {all:?}");
+        for path in taking {
+            // `run` needs a file; the flags come after the subcommand.
+            let mut argv: Vec<&str> = std::iter::once("tvm").chain(path.split(' ')).collect();
+            argv.extend(if path == "run" { &["x.py"][..] } else { &[] });
+            argv.extend(["--accel", "tcg", "--vmm", "qemu"]);
+            let cli = Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+            let flags = cli.command.vmm_args();
+            assert_eq!((flags.accel, flags.vmm), (Some(Accel::Tcg), Some(VmmChoice::Qemu)), "{argv:?} reaches Context");
+        }
+        // Elsewhere, and before the subcommand, clap's usual refusal (exit status 2).
+        for argv in [
+            &["tvm", "lima", "up", "--vmm", "qemu"][..],
+            &["tvm", "lima", "template", "--accel", "tcg"],
+            &["tvm", "runtimes", "--accel", "kvm"],
+            &["tvm", "kernel", "build", "--vmm", "qemu"],
+            &["tvm", "reap", "--accel", "tcg"],
+            &["tvm", "image", "list", "--vmm", "qemu"],
+            &["tvm", "--accel", "tcg", "run", "x.py"],
+        ] {
+            let e = Cli::try_parse_from(argv).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::UnknownArgument, "{argv:?}: {e}");
+            assert_eq!(e.exit_code(), 2);
         }
     }
 }

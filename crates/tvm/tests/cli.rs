@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
 
 use common::server::Server;
 use common::{lossy, Env};
@@ -222,5 +223,82 @@ fn json_is_the_api_document_locally_and_through_a_server() {
         assert!(same, "{id}: CLI {state}, server {api_state}");
     }
     server.stop();
+    env.assert_clean();
+}
+
+/// `--accel` and `--vmm` belong to the commands that start VMs here; the
+/// others neither list nor take them (clap's usual refusal, exit status 2),
+/// and `TVM_VMM` still reaches the ones that do. Argument parsing only: no VM.
+#[test]
+fn vm_flags_are_offered_only_where_vms_start() {
+    let env = Env::new();
+    let out = env.tvm().args(["lima", "up", "--vmm", "qemu"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", lossy(&out.stderr));
+    assert!(lossy(&out.stderr).contains("unexpected argument '--vmm'"), "{}", lossy(&out.stderr));
+    let help = |args: &[&str]| {
+        let out = env.tvm().args(args).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", lossy(&out.stderr));
+        lossy(&out.stdout)
+    };
+    for args in [
+        &["lima", "up"][..],
+        &["lima", "template"],
+        &["lima", "status"],
+        &["runtimes"],
+        &["kernel", "build"],
+        &["reap"],
+        &["image", "list"],
+        &["template", "list"],
+    ] {
+        let text = help(args);
+        assert!(!text.contains("--accel <") && !text.contains("--vmm <"), "{args:?} offers VM flags:\n{text}");
+    }
+    for args in [&["run"][..], &["serve"], &["bench"], &["soak"], &["doctor"], &["image", "build"]] {
+        let text = help(args);
+        assert!(text.contains("--accel <") && text.contains("--vmm <"), "{args:?} lacks VM flags:\n{text}");
+    }
+    // The environment is read where the flag is: a bad value is a parse error naming the flag.
+    let out = env.tvm().arg("doctor").env("TVM_VMM", "bochs").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", lossy(&out.stderr));
+    assert!(lossy(&out.stderr).contains("'--vmm <VMM>'"), "{}", lossy(&out.stderr));
+}
+
+/// A runtime the guests' architecture lacks is refused from the catalog
+/// alone, before the guest kernel (minutes under TCG), an image or a
+/// template is built: exit status 69 with the reason, and nothing in a
+/// fresh cache.
+#[test]
+fn a_runtime_the_guest_arch_lacks_is_refused_before_any_build() {
+    let env = Env::new();
+    let cache = common::TempDir::default();
+    let catalog = tvm_config::Catalog::builtin();
+    let ruby = catalog.for_extension("rb").unwrap();
+    assert!(!ruby.architectures.contains(&tvm_config::GuestArch::Aarch64), "ruby now runs on aarch64: pick another");
+    let f = env.file("hello.rb", "puts 'hello'\n");
+    let started = Instant::now();
+    let out = env
+        .tvm()
+        .arg("run")
+        .arg(&f)
+        .env("TVM_GUEST_ARCH", "aarch64")
+        .env("TVM_CACHE_DIR", cache.path())
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let err = lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "{err}");
+    assert_eq!(
+        err,
+        format!(
+            "tvm: runtime {} is unavailable: not supported on aarch64 guests (architectures: {}); \
+             `tvm runtimes` shows what runs on aarch64 guests\n",
+            ruby.id,
+            tvm_config::matrix::architectures_of(ruby)
+        )
+    );
+    assert!(out.stdout.is_empty(), "{}", lossy(&out.stdout));
+    let made: Vec<_> = std::fs::read_dir(cache.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(made.is_empty(), "the cache was written (a kernel build started?): {made:?}");
+    assert!(took < Duration::from_secs(30), "took {took:?}");
     env.assert_clean();
 }

@@ -119,6 +119,37 @@ fn bad_flags_are_usage_errors() {
     assert!(!lima.calls().contains("start"), "{}", lima.calls());
 }
 
+/// Host flags that cannot be true together are refused before anything is
+/// rendered, each with one line that says the fix; consistent ones render.
+#[test]
+fn contradicting_host_flags_are_refused_with_the_fix() {
+    let lima = Lima::new();
+    for (args, fix) in [
+        (&["template", "--host-os", "macos", "--host-arch", "x86_64", "--apple-chip", "3"][..], "--host-arch aarch64"),
+        (&["template", "--host-arch", "x86_64", "--apple-chip", "3"], "implies an arm64 host"),
+        (&["template", "--host-os", "macos", "--host-arch", "aarch64", "--apple-chip", "0"], "start at 1"),
+        (&["template", "--host-os", "macos", "--macos-version", "0"], "start at 10"),
+        // This host is Linux: macOS facts need --host-os macos.
+        (&["template", "--apple-chip", "3"], "add --host-os macos --host-arch aarch64"),
+        (&["template", "--host-os", "windows", "--macos-version", "15"], "add --host-os macos"),
+        (&["template", "--host-os", "macos", "--macos-version", "12", "--vm-type", "vz"], "--vm-type qemu"),
+    ] {
+        let out = lima.tvm(args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("tvm: ") && err.contains(fix), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}: nothing rendered");
+    }
+    for ok in [
+        &["template", "--host-os", "macos", "--host-arch", "aarch64", "--apple-chip", "1"][..],
+        &["template", "--host-os", "macos", "--host-arch", "x86_64", "--macos-version", "13", "--vm-type", "vz"],
+    ] {
+        let out = lima.tvm(ok);
+        assert!(out.status.success(), "{ok:?}: {}", text(&out.stderr));
+    }
+}
+
 #[test]
 fn up_status_shell_down_delete() {
     let lima = Lima::new();

@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::{Context as _, Result};
 use clap::{Args, Subcommand};
 use pyrolima::limayaml::{Arch, VmType};
-use pyrolima::{HostOs, HostPlatform, InstancePaths, Limactl, Readiness, TemplateOptions, UpError, UpOptions};
+use pyrolima::{
+    HostOs, HostOverrides, HostPlatform, InstancePaths, Limactl, Readiness, TemplateOptions, UpError, UpOptions,
+};
 
 use super::usage;
 
@@ -94,10 +96,10 @@ struct TemplateArgs {
     /// Render for another host architecture: x86_64 or aarch64.
     #[arg(long)]
     host_arch: Option<Arch>,
-    /// With --host-os macos: the macOS major version (15 for 15.x).
+    /// With --host-os macos: the macOS major version (15 for 15.x; from 10).
     #[arg(long)]
     macos_version: Option<u32>,
-    /// With --host-os macos: the Apple chip generation (3 for M3).
+    /// With --host-os macos on Apple silicon (aarch64): the Apple chip generation (3 for M3; from 1).
     #[arg(long)]
     apple_chip: Option<u32>,
 }
@@ -129,13 +131,14 @@ fn template_options(vm: &VmArgs, host: HostPlatform, paths: &InstancePaths) -> T
 pub async fn lima(args: LimaArgs) -> Result<ExitCode> {
     match args.command {
         LimaCommand::Template(a) => {
-            let mut host = HostPlatform::detect().map_err(usage)?;
-            if let Some(os) = a.host_os {
-                host = HostPlatform { os, arch: host.arch, macos_major: None, apple_chip: None };
-            }
-            host.arch = a.host_arch.unwrap_or(host.arch);
-            host.macos_major = a.macos_version.or(host.macos_major);
-            host.apple_chip = a.apple_chip.or(host.apple_chip);
+            let stated = HostOverrides {
+                os: a.host_os,
+                arch: a.host_arch,
+                macos_major: a.macos_version,
+                apple_chip: a.apple_chip,
+            };
+            // Contradicting host flags are the caller's mistake: one line, exit status 2.
+            let host = HostPlatform::detect().map_err(usage)?.overridden(&stated).map_err(|e| usage(e.to_string()))?;
             let paths = InstancePaths::default_for(&a.name.name)?;
             let template =
                 pyrolima::template::build(&template_options(&a.vm, host, &paths)).map_err(|e| usage(e.to_string()))?;

@@ -30,7 +30,9 @@ pub mod template;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result};
-use tvm_config::{Accel, Catalog, Settings, VmmChoice};
+use tvm_config::{Catalog, Settings};
+
+use crate::cli::VmmArgs;
 
 /// Exit code when TVM itself failed (sysexits' EX_SOFTWARE).
 pub const EXIT_INTERNAL: u8 = 70;
@@ -43,8 +45,9 @@ pub const EXIT_USAGE: u8 = 2;
 /// elsewhere" from a fault in TVM.
 pub const EXIT_UNAVAILABLE: u8 = 69;
 
-/// What every subcommand starts from: settings (file, environment, global
-/// flags) and the runtime catalog they name.
+/// What every subcommand starts from: settings (file, environment, and the
+/// `--accel`/`--vmm` of the commands that start VMs) and the runtime catalog
+/// they name.
 #[derive(Debug)]
 pub struct Context {
     /// Settings in force (read by the commands that run VMs here, which are
@@ -56,16 +59,17 @@ pub struct Context {
 }
 
 impl Context {
-    /// Loads settings and the catalog; global flags override the settings.
+    /// Loads settings and the catalog; the command's `--accel`/`--vmm`
+    /// override the settings.
     ///
     /// # Errors
     /// The settings or the catalog file are unreadable or invalid.
-    pub fn load(accel: Option<Accel>, vmm: Option<VmmChoice>) -> Result<Self> {
+    pub fn load(flags: VmmArgs) -> Result<Self> {
         let mut settings = Settings::load().context("loading settings")?;
-        if let Some(a) = accel {
+        if let Some(a) = flags.accel {
             settings.accel = a;
         }
-        if let Some(v) = vmm {
+        if let Some(v) = flags.vmm {
             settings.vmm = v;
         }
         let catalog = Catalog::assemble(settings.catalog.as_deref(), &settings.runtimes_dir)?;
@@ -98,8 +102,9 @@ pub fn linux_only(what: &str) -> anyhow::Error {
 /// The exit status for a command that failed with `e`: 2 for usage errors
 /// and for a configured VMM or accelerator that cannot run here (the fix is
 /// the caller's: `--vmm`, `--accel`, the config file), 69 for a runtime or
-/// server that is unavailable, or `limactl` not installed ([`EXIT_UNAVAILABLE`]),
-/// 70 otherwise.
+/// server that is unavailable (an image that cannot be built or pulled, a
+/// runtime the guests' architecture lacks), or `limactl` not installed
+/// ([`EXIT_UNAVAILABLE`]), 70 otherwise.
 pub fn exit_status_of(e: &anyhow::Error) -> u8 {
     let unavailable = e.chain().any(|c| {
         // A prerequisite that is not installed (sysexits: "a support program ... does not exist").
@@ -107,7 +112,10 @@ pub fn exit_status_of(e: &anyhow::Error) -> u8 {
             return true;
         }
         #[cfg(target_os = "linux")]
-        if matches!(c.downcast_ref::<pyrovm::ExecuteError>(), Some(pyrovm::ExecuteError::Image { .. })) {
+        if matches!(
+            c.downcast_ref::<pyrovm::ExecuteError>(),
+            Some(pyrovm::ExecuteError::Image { .. } | pyrovm::ExecuteError::UnsupportedArch { .. })
+        ) {
             return true;
         }
         matches!(

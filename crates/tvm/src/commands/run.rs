@@ -187,6 +187,11 @@ fn read_own_stdin() -> Result<Vec<u8>> {
 /// ([`super::until_signal`]), which destroys the VM.
 #[cfg(target_os = "linux")]
 async fn run_local(ctx: Context, req: &ExecutionRequest, json: bool, echo: &mut Echo) -> Result<ExecutionResult> {
+    // Before `prepare`, which may build the guest kernel for minutes: a runtime
+    // the guests' architecture lacks is known from the catalog alone (exit 69).
+    if let Some(runtime) = ctx.catalog.get(&req.runtime) {
+        pyrovm::check_guest_arch(&ctx.settings, runtime)?;
+    }
     let vmm = Pyrovm::prepare(ctx.settings, ctx.catalog, true).await?;
     let exec = vmm.execute(req, |stage, stream, data| {
         // Compile output is shown only if compilation fails (from the result).

@@ -101,28 +101,75 @@ fn print_list(ctx: &Context, json: bool) -> Result<()> {
 
 /// The list's columns, one runtime a line.
 fn print_table(rows: Vec<Value>) {
-    println!(
-        "{:<14} {:<11} {:<8} {:<22} {:<12} {:<9} STATE",
-        "ID", "LANGUAGE", "VERSION", "ALIASES", "EXTENSIONS", "SOURCE"
-    );
-    for r in rows {
-        let list = |k: &str| {
-            r[k].as_array()
-                .map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(","))
-                .unwrap_or_default()
-        };
-        let s = |k: &str| r[k].as_str().unwrap_or("").to_string();
-        println!(
-            "{:<14} {:<11} {:<8} {:<22} {:<12} {:<9} {}",
-            s("id"),
-            s("language"),
-            s("version"),
-            list("aliases"),
-            list("extensions"),
-            s("source"),
-            s("state")
-        );
+    for line in table_lines(&rows) {
+        println!("{line}");
     }
+}
+
+/// At most this many characters of a runtime's aliases in the table; `--json`
+/// has them all. Enough for the first three or four of a language's usual names.
+const ALIASES_WIDTH: usize = 24;
+
+/// The list as aligned lines (header first): every column as wide as its
+/// widest cell, so an overlay's long id or path never shifts the columns
+/// after it, except ALIASES, which is cut to [`ALIASES_WIDTH`] at an alias
+/// boundary with an ellipsis (a runtime may have many). STATE comes last
+/// and runs on, since its reason can be a sentence.
+fn table_lines(rows: &[Value]) -> Vec<String> {
+    let list = |r: &Value, k: &str| {
+        r[k].as_array().map(|a| a.iter().filter_map(|v| v.as_str()).collect::<Vec<_>>().join(",")).unwrap_or_default()
+    };
+    let s = |r: &Value, k: &str| r[k].as_str().unwrap_or("").to_string();
+    let header = ["ID", "LANGUAGE", "VERSION", "ALIASES", "EXTENSIONS", "SOURCE", "STATE"].map(str::to_string);
+    let mut cells = vec![header];
+    for r in rows {
+        cells.push([
+            s(r, "id"),
+            s(r, "language"),
+            s(r, "version"),
+            shorten_list(&list(r, "aliases"), ALIASES_WIDTH),
+            list(r, "extensions"),
+            s(r, "source"),
+            s(r, "state"),
+        ]);
+    }
+    let chars = |c: &String| c.chars().count();
+    let widths: Vec<usize> = (0..6).map(|i| cells.iter().map(|row| chars(&row[i])).max().unwrap_or(0)).collect();
+    cells
+        .iter()
+        .map(|row| {
+            let mut line = String::new();
+            for (cell, &width) in row.iter().zip(&widths) {
+                line.push_str(cell);
+                line.push_str(&" ".repeat(width - chars(cell) + 1));
+            }
+            line.push_str(&row[6]);
+            line
+        })
+        .collect()
+}
+
+/// `list` (comma-separated) in at most `max` characters: whole items while
+/// they fit, then `…` (so `python,python3,py,…`, never half an alias).
+fn shorten_list(list: &str, max: usize) -> String {
+    if list.chars().count() <= max {
+        return list.to_string();
+    }
+    let mut out = String::new();
+    for item in list.split(',') {
+        // The item, its comma and the ellipsis must still fit.
+        if out.chars().count() + item.chars().count() + 2 > max {
+            break;
+        }
+        out.push_str(item);
+        out.push(',');
+    }
+    if out.is_empty() {
+        // A single alias longer than the column: cut it.
+        out = list.chars().take(max - 1).collect();
+    }
+    out.push('…');
+    out
 }
 
 /// The runtime `id` names (ids are unique in a catalog).
@@ -181,4 +228,63 @@ fn print_matrix(ctx: &Context, json: bool) -> Result<()> {
         ctx.settings.guest_arch
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_alias_lists_are_cut_at_an_alias_with_an_ellipsis() {
+        assert_eq!(shorten_list("rb,ruby", 24), "rb,ruby");
+        let node = "node,nodejs,javascript,js,node24,nodejs-24";
+        let cut = shorten_list(node, 24);
+        assert_eq!(cut, "node,nodejs,javascript,…");
+        assert!(cut.chars().count() <= 24);
+        assert_eq!(shorten_list("python,python3,py,python3.13,py3.13", 24), "python,python3,py,…");
+        let one = "a-very-long-single-alias-name-indeed";
+        assert_eq!(shorten_list(one, 24).chars().count(), 24);
+        assert!(shorten_list(one, 24).ends_with('…'));
+    }
+
+    #[test]
+    fn table_columns_line_up_whatever_the_cell_lengths() {
+        let rows = vec![
+            json!({"id": "python-3.13", "language": "python", "version": "3.13",
+                "aliases": ["python", "python3", "py", "python3.13", "py3.13"], "extensions": ["py"],
+                "source": "built-in", "state": "ready"}),
+            json!({"id": "node-24", "language": "javascript", "version": "24",
+                "aliases": ["node", "nodejs", "javascript", "js", "node24", "nodejs-24"],
+                "extensions": ["js", "mjs", "cjs"], "source": "built-in", "state": "buildable"}),
+            // An overlay's runtime: long id, many aliases, a file as its source.
+            json!({"id": "python-3.12-company-internal", "language": "python", "version": "3.12",
+                "aliases": (0..30).map(|i| format!("alias{i}")).collect::<Vec<_>>(), "extensions": ["py", "pyw"],
+                "source": "/etc/tvm/runtimes.d/company.toml", "state": "unavailable: no source"}),
+        ];
+        let lines = table_lines(&rows);
+        assert_eq!(lines.len(), 4);
+        // Each column starts where its header does, on every line.
+        let header = &lines[0];
+        let starts: Vec<usize> = ["LANGUAGE", "VERSION", "ALIASES", "EXTENSIONS", "SOURCE", "STATE"]
+            .iter()
+            .map(|h| header.find(h).unwrap())
+            .collect();
+        for (line, row) in lines[1..].iter().zip(&rows) {
+            let chars: Vec<char> = line.chars().collect();
+            for (&start, key) in starts.iter().zip(["language", "version", "aliases", "extensions", "source", "state"])
+            {
+                let cell = match &row[key] {
+                    Value::Array(a) => a[0].as_str().unwrap().to_string(),
+                    v => v.as_str().unwrap().to_string(),
+                };
+                let at: String = chars[start..].iter().collect();
+                assert!(at.starts_with(&cell), "{key} not at column {start}: {line}");
+                assert_eq!(chars[start - 1], ' ', "{key} joined to the cell before it: {line}");
+            }
+        }
+        // The aliases column is capped: the table stays narrow, --json keeps them all.
+        assert!(lines[3].contains("alias0,alias1,alias2,…"), "{}", lines[3]);
+        assert!(!lines[3].contains("alias29"), "{}", lines[3]);
+        assert_eq!(rows[2]["aliases"].as_array().unwrap().len(), 30);
+    }
 }
