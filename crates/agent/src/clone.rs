@@ -198,6 +198,8 @@ pub fn prewarm(command: &Command) -> Result<GuestMessage, Error> {
         empty_dir(Path::new(dir));
     }
     remove_sysv_ipc();
+    // The warm-up's stage took the spare: the job's gets a new one now.
+    stage::prepare_spare();
     let result = result?;
     unmounted?;
     debug!("warm-up {:?} in {} ms", result.status, result.wall_ms);

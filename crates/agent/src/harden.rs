@@ -128,6 +128,22 @@ pub fn filters() -> Result<Vec<BpfProgram>, Error> {
     [eperm, clone3].into_iter().map(|f| BpfProgram::try_from(f).map_err(Error::Seccomp)).collect()
 }
 
+/// [`filters`], compiled once per agent: every stage installs the same
+/// programs. Compiled at start-up, before the agent reports ready
+/// (`main`), so the clones of a template inherit them compiled and a job
+/// does not pay for it (a few ms of first-time code under TCG).
+///
+/// # Errors
+/// As [`filters`]; a failure is not cached, so the next stage tries again.
+pub fn stage_filters() -> Result<&'static [BpfProgram], Error> {
+    static FILTERS: std::sync::OnceLock<Vec<BpfProgram>> = std::sync::OnceLock::new();
+    if let Some(compiled) = FILTERS.get() {
+        return Ok(compiled);
+    }
+    let compiled = filters()?;
+    Ok(FILTERS.get_or_init(|| compiled))
+}
+
 /// Installs `programs` in the calling thread. Needs `no_new_privs` (set
 /// earlier by the sandbox) or CAP_SYS_ADMIN. Async-signal-safe: a raw system
 /// call on prepared memory.

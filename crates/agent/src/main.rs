@@ -65,7 +65,12 @@ fn run() -> Result<(), Error> {
     // A failure here is reported to the host as the job's `Failed` once the
     // link is up, which says more than a VM that just stops.
     let setup = boot::configure();
+    // Compiled now, so that a template's clones have them (see the function).
+    if let Err(e) = harden::stage_filters() {
+        debug!("seccomp filters not compiled at start-up (each stage tries again): {}", chain(&e));
+    }
 
+    stage::prepare_spare();
     let mut link = transport::connect()?;
     link.send(&ready())?;
     debug!("ready sent, waiting for the job");

@@ -49,7 +49,7 @@
 //! its write calls, from its first instruction on.
 //!
 //! How: the stage's pipes are created and both relay threads are waiting in
-//! their `read`s before the program is spawned ([`Relay::start`] returns
+//! their `read`s before the program is spawned ([`Relay::spawn`] returns
 //! once both run at [`RELAY_PRIORITY`]). At most one stream is in its window
 //! at a time, and all output passes one batch under one lock ([`Turn`]).
 //! The other stream's thread waits in its `read`, so the program's first
@@ -125,7 +125,7 @@ const DRAIN_BUDGET: usize = 2 * PIPE_BYTES as usize;
 /// the relay is read before the writer goes on.
 const RELAY_PRIORITY: libc::c_int = 1;
 
-/// How long [`Relay::start`] waits for its threads to run at the relay's
+/// How long [`Relay::spawn`] waits for its threads to run at the relay's
 /// priority (milliseconds at most on an idle guest).
 const READY_WAIT: Duration = Duration::from_secs(1);
 
@@ -195,6 +195,7 @@ impl Relay {
     /// [`Error::SpawnThread`] if a relay thread cannot be created. The
     /// pipes are then closed with whatever thread did start (it ends at the
     /// end of file of its pipe).
+    #[cfg(test)]
     pub fn start(
         stdout: OwnedFd,
         stderr: OwnedFd,
@@ -202,16 +203,37 @@ impl Relay {
         cap: u64,
         outbox: Sender<GuestMessage>,
     ) -> Result<Self, Error> {
+        let relay = Self::spawn(stdout, stderr)?;
+        relay.configure(stage, cap, outbox);
+        Ok(relay)
+    }
+
+    /// Starts the relay threads ahead of time, before the stage is known: the
+    /// threads wait in their reads; [`Relay::configure`] must be called
+    /// before anything writes the pipes (bytes before it would be counted
+    /// against a cap of 0 and sent nowhere). The agent makes one spare this
+    /// way before its job arrives (`stage::prepare_spare`).
+    ///
+    /// # Errors
+    /// [`Error::SpawnThread`] if a relay thread cannot be created. The
+    /// pipes are then closed with whatever thread did start (it ends at the
+    /// end of file of its pipe).
+    pub fn spawn(stdout: OwnedFd, stderr: OwnedFd) -> Result<Self, Error> {
         for fd in [&stdout, &stderr] {
             prepare_pipe(fd);
         }
         let shared = Arc::new(Shared {
-            captures: Mutex::new([Capture::new(cap), Capture::new(cap)]),
+            captures: Mutex::new([Capture::new(0), Capture::new(0)]),
             overflowed: AtomicBool::new(false),
             fds: [stdout, stderr],
             turn: Mutex::new(Turn {
                 phase: [Phase::Waiting; 2],
-                batch: Batch { stage, stream: Stream::Stdout, data: Vec::with_capacity(OUTPUT_CHUNK), outbox },
+                batch: Batch {
+                    stage: Stage::Run,
+                    stream: Stream::Stdout,
+                    data: Vec::with_capacity(OUTPUT_CHUNK),
+                    outbox: None,
+                },
             }),
             window_over: Condvar::new(),
             closing: AtomicBool::new(false),
@@ -251,6 +273,16 @@ impl Relay {
             }
         }
         Ok(Self { shared, done })
+    }
+
+    /// Says which stage the output belongs to, keeps at most `cap` bytes of
+    /// each stream, and streams them to `outbox`. Call before the program
+    /// that writes the pipes starts.
+    pub fn configure(&self, stage: Stage, cap: u64, outbox: Sender<GuestMessage>) {
+        let mut turn = lock(&self.shared.turn);
+        turn.batch.stage = stage;
+        turn.batch.outbox = Some(outbox);
+        *lock(&self.shared.captures) = [Capture::new(cap), Capture::new(cap)];
     }
 
     /// Called once every process that could write the pipes is dead: ends
@@ -311,7 +343,8 @@ struct Batch {
     stage: Stage,
     stream: Stream,
     data: Vec<u8>,
-    outbox: Sender<GuestMessage>,
+    /// `None` only before [`Relay::configure`], when nothing can be written.
+    outbox: Option<Sender<GuestMessage>>,
 }
 
 impl Batch {
@@ -337,7 +370,9 @@ impl Batch {
         if !self.data.is_empty() {
             let data = std::mem::replace(&mut self.data, Vec::with_capacity(OUTPUT_CHUNK));
             // The writer only goes away with the VM.
-            let _ = self.outbox.send(GuestMessage::Output { stage: self.stage, stream: self.stream, data });
+            if let Some(outbox) = &self.outbox {
+                let _ = outbox.send(GuestMessage::Output { stage: self.stage, stream: self.stream, data });
+            }
         }
     }
 }
@@ -770,6 +805,31 @@ mod tests {
         assert_eq!(streamed, 1000, "exactly the kept bytes are streamed");
     }
 
+    /// The agent's spare: threads started long before the stage is known,
+    /// configured just before the program runs, relay exactly as a relay
+    /// started for the stage (its stage label, its cap).
+    #[test]
+    fn a_relay_spawned_ahead_and_configured_later_relays_for_its_stage() {
+        let (out_r, mut out_w) = pipe();
+        let (err_r, mut err_w) = pipe();
+        let relay = Relay::spawn(out_r, err_r).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        let (tx, rx) = mpsc::channel();
+        relay.configure(Stage::Compile, 5, tx);
+        out_w.write_all(b"hello world\n").unwrap();
+        err_w.write_all(b"e\n").unwrap();
+        drop((out_w, err_w));
+        let [(out, out_cut), (err, err_cut)] = finish(relay);
+        assert_eq!((out.as_slice(), out_cut), (&b"hello"[..], true));
+        assert_eq!((err.as_slice(), err_cut), (&b"e\n"[..], false));
+        let msgs: Vec<GuestMessage> = rx.try_iter().collect();
+        assert!(!msgs.is_empty());
+        assert!(
+            msgs.iter().all(|m| matches!(m, GuestMessage::Output { stage: Stage::Compile, .. })),
+            "every frame is labelled with the configured stage: {msgs:?}"
+        );
+    }
+
     #[test]
     fn window_widens_while_busy_and_narrows_when_the_pipe_fills() {
         let mut w = Window::new();
@@ -787,7 +847,7 @@ mod tests {
     #[test]
     fn batches_split_at_the_frame_size_and_at_stream_changes() {
         let (tx, rx) = mpsc::channel();
-        let mut batch = Batch { stage: Stage::Run, stream: Stream::Stdout, data: Vec::new(), outbox: tx };
+        let mut batch = Batch { stage: Stage::Run, stream: Stream::Stdout, data: Vec::new(), outbox: Some(tx) };
         batch.push(Stream::Stdout, &vec![b'a'; OUTPUT_CHUNK + 10]);
         batch.push(Stream::Stderr, b"e");
         batch.push(Stream::Stdout, b"b");

@@ -254,7 +254,7 @@ pub fn cpu_rlimit_secs(cpu_ms: u64) -> (u64, u64) {
 pub struct ChildSetup {
     cgroup_procs: CString,
     rlimits: [(Resource, u64, u64); 5],
-    seccomp: Vec<seccompiler::BpfProgram>,
+    seccomp: &'static [seccompiler::BpfProgram],
 }
 
 impl ChildSetup {
@@ -282,7 +282,7 @@ impl ChildSetup {
                 // probes), which would spend the memory limit at startup.
                 (Resource::RLIMIT_STACK, libc::RLIM_INFINITY, libc::RLIM_INFINITY),
             ],
-            seccomp: crate::harden::filters()?,
+            seccomp: crate::harden::stage_filters()?,
         })
     }
 
@@ -314,7 +314,7 @@ impl ChildSetup {
         setgid(Gid::from_raw(RUNNER_GID))?;
         setuid(Uid::from_raw(RUNNER_UID))?;
         crate::harden::clear_capability_sets()?;
-        crate::harden::install(&self.seccomp)
+        crate::harden::install(self.seccomp)
     }
 }
 
