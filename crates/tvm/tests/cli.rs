@@ -184,7 +184,9 @@ fn json_is_the_api_document_locally_and_through_a_server() {
         let input = env.file("in.txt", "x");
         let stdin = input.to_str().unwrap();
         let local = env.run_json(&f, &["--time-limit", "60s", "--stdin", stdin]).0;
-        let remote = env.run_json(&f, &["--time-limit", "60s", "--stdin", stdin, "--server", &url]).0;
+        let remote = env.run_json_only(&f, &["--time-limit", "60s", "--stdin", stdin, "--server", &url]).0;
+        server.wait_settled();
+        env.assert_clean();
         assert_eq!(local["verdict"], verdict, "{local}");
         assert_eq!(remote["verdict"], verdict, "{remote}");
         assert_eq!(paths(&local), paths(&remote), "{name}: one shape\nlocal: {local}\nremote: {remote}");
