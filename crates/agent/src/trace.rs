@@ -1,6 +1,6 @@
 //! Where the agent's time goes in its one job ([`tvm_protocol::JobResult::trace`]):
 //! named marks in µs since the job frame was decoded, read by `tvm bench
-//! --api --breakdown`. A VM runs exactly one job, so the trace is one per
+//! --api` (through `tvm serve --trace`). A VM runs exactly one job, so the trace is one per
 //! process; marks past [`MAX_TRACE_MARKS`] are dropped (the set is fixed, so
 //! only a job with many stages could get there).
 

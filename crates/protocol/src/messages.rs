@@ -395,8 +395,8 @@ pub struct JobResult {
 /// Most marks a [`JobResult::trace`] carries; the agent stops marking there.
 pub const MAX_TRACE_MARKS: usize = 32;
 
-/// One step of the agent's work on a job, for benchmarks (`tvm bench --api
-/// --breakdown`): the step just finished and when, in µs since the agent
+/// One step of the agent's work on a job, for benchmarks (`tvm bench --api`,
+/// `tvm serve --trace`): the step just finished and when, in µs since the agent
 /// decoded the job frame (guest monotonic clock).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceMark {

@@ -517,7 +517,7 @@ pub struct ExecutionResult {
 }
 
 /// Where an execution's time went (server option `trace = true`; used by
-/// `tvm bench --api --breakdown`). Host figures are the host's monotonic
+/// `tvm bench --api`). Host figures are the host's monotonic
 /// clock, agent marks the guest's: compare durations, not instants.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ExecutionTrace {

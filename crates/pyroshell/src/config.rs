@@ -76,8 +76,8 @@ pub struct ServeConfig {
     /// Build missing runtime images in the background at startup.
     pub build_images: bool,
     /// Add `trace` (where each execution's time went, host and agent steps)
-    /// to native API results. Off by default: it is for `tvm bench --api
-    /// --breakdown` and for finding where a slow execution spent its time.
+    /// to native API results. Off by default: it is for `tvm bench --api`
+    /// (`tvm serve --trace`) and for finding where a slow execution spent its time.
     pub trace: bool,
     /// Log as JSON lines (read by the binary when it installs the subscriber; see [`crate::init_tracing`]).
     pub json_logs: bool,

@@ -142,7 +142,7 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
     println!("accelerator: {} ({})", vmm.accel().kind().as_str(), vmm.accel().reason);
     println!("runs per row: {runs} (each VM run starts a fresh VM)\n");
     println!(
-        "{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
+        "{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
         "runtime",
         "native",
         "cold",
@@ -155,6 +155,7 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
         "RSS cold",
         "RSS tmpl",
         "PSS tmpl",
+        "RSS pool",
         "cold/n",
         "tmpl/n"
     );
@@ -237,12 +238,14 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
             // the clock.
             let mut vm = tpl_vmm.start_vm(&plan.runtime, plan.vm_memory_mib).await?.vm;
             let twin = tpl_vmm.start_vm(&plan.runtime, plan.vm_memory_mib).await?.vm;
-            // As the server's pool does (`pool_warm_up`): see `Pyrovm::warm_up`.
-            tpl_vmm.warm_up(&mut vm, rt).await?;
             tokio::time::sleep(IDLE_SETTLE).await;
             m.rss_template.extend(rss_bytes(vm.vmm_pid()).map(|b| b as f64));
             m.pss_template.extend(mem_bytes(vm.vmm_pid(), Mem::Pss).map(|b| b as f64));
             drop(twin);
+            // As the server's pool does (`pool_warm_up`, see `Pyrovm::warm_up`);
+            // what it costs in host memory is the `RSS pool` column.
+            tpl_vmm.warm_up(&mut vm, rt).await?;
+            m.rss_pool.extend(rss_bytes(vm.vmm_pid()).map(|b| b as f64));
             let t = Instant::now();
             let r = vm.execute(&plan.job, |_, _, _| {}).await?;
             m.pooled.push(t.elapsed().as_secs_f64() * 1000.0);
@@ -276,7 +279,7 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
             }
         };
         println!(
-            "{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
+            "{:<12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
             rt.id,
             native_col,
             ms(c50),
@@ -292,6 +295,7 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
             mib(&mut m.rss_cold),
             mib(&mut m.rss_template),
             mib(&mut m.pss_template),
+            mib(&mut m.rss_pool),
             cold_ratio,
             tpl_ratio
         );
@@ -307,7 +311,8 @@ pub async fn run(vmm: &Pyrovm, runs: usize, only: &[String]) -> Result<()> {
     println!("snapshot = the template's saved state (device state plus the RAM's non-zero pages);");
     println!("RSS = host resident memory of one idle VMM (with its child processes: the stand-in's");
     println!("QEMU and vhost-device-vsock); PSS tmpl = its proportional share while a second clone");
-    println!("idles beside it (pages both map from the template count half);");
+    println!("idles beside it (pages both map from the template count half); RSS pool = RSS of a");
+    println!("restored VM after its pool warm-up (the pages the warm-up touched stay resident);");
     println!("cold/n, tmpl/n = cold and template p50 over native p50 (the host's own toolchain,");
     println!("whatever version it has; '-' where the host has none).");
     Ok(())
@@ -325,4 +330,6 @@ struct Samples {
     rss_cold: Vec<f64>,
     rss_template: Vec<f64>,
     pss_template: Vec<f64>,
+    /// Host RSS of a restored VM after its pool warm-up.
+    rss_pool: Vec<f64>,
 }

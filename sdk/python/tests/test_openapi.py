@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from pyroshell import ExecutionResult, Limits, LimitsInfo, Runtime, RuntimeList, Stage
-from pyroshell._models import DefaultLimits, ImageInfo, PoolInfo, TestCase, TestResult, TestSummary
+from pyroshell._models import DefaultLimits, ExecutionTrace, ImageInfo, PoolInfo, TestCase, TestResult, TestSummary
 from pyroshell._client import _execution_body
 
 pytestmark = pytest.mark.integration
@@ -17,6 +17,7 @@ pytestmark = pytest.mark.integration
 # SDK model -> the schema it mirrors in components/schemas.
 PAIRS = [
     (ExecutionResult, "ExecutionResult"),
+    (ExecutionTrace, "ExecutionTrace"),
     (Stage, "StageBody"),
     (LimitsInfo, "LimitsInfo"),
     (Limits, "LimitsBody"),

@@ -199,6 +199,23 @@ class TestSummary(_Response):
     max_peak_memory_bytes: int
 
 
+class TraceMark(_Response):
+    """One step of the guest agent's work: the step just finished and when (µs since it decoded the job)."""
+
+    step: str
+    at_us: int
+
+
+class ExecutionTrace(_Response):
+    """Where an execution's time went; sent by servers started with ``--trace``.
+
+    ``execute_us`` is the host's (job sent to result read), ``agent`` the guest's steps in order.
+    """
+
+    execute_us: int
+    agent: List[TraceMark]
+
+
 class ExecutionResult(_Response):
     """The outcome of one execution. A failing program is a verdict here, not an exception."""
 
@@ -221,6 +238,8 @@ class ExecutionResult(_Response):
     summary: Optional[TestSummary] = None
     #: Why the VM booted cold although templates are on; absent otherwise.
     start_note: Optional[str] = None
+    #: Where the time went, from a server started with ``--trace``; absent otherwise.
+    trace: Optional[ExecutionTrace] = None
 
     @property
     def ok(self) -> bool:
