@@ -114,14 +114,23 @@ pub fn exit_status_of(e: &anyhow::Error) -> u8 {
         #[cfg(target_os = "linux")]
         if matches!(
             c.downcast_ref::<pyrovm::ExecuteError>(),
-            Some(pyrovm::ExecuteError::Image { .. } | pyrovm::ExecuteError::UnsupportedArch { .. })
-        ) {
+            Some(
+                pyrovm::ExecuteError::Image { .. }
+                    | pyrovm::ExecuteError::UnsupportedArch { .. }
+                    | pyrovm::ExecuteError::Plan(pyrovm::PlanError::RuntimeUnavailable { .. })
+            )
+        ) || matches!(c.downcast_ref::<pyrovm::PlanError>(), Some(pyrovm::PlanError::RuntimeUnavailable { .. }))
+        {
             return true;
         }
-        matches!(
-            c.downcast_ref::<pyroshell::client::ClientError>(),
-            Some(pyroshell::client::ClientError::Http { .. } | pyroshell::client::ClientError::Api { status: 503, .. })
-        )
+        match c.downcast_ref::<pyroshell::client::ClientError>() {
+            Some(
+                pyroshell::client::ClientError::Http { .. } | pyroshell::client::ClientError::Api { status: 503, .. },
+            ) => true,
+            // The server's catalog marks the runtime unavailable (422): the same answer as locally.
+            Some(pyroshell::client::ClientError::Api { code, .. }) => code == "runtime_unavailable",
+            _ => false,
+        }
     });
     if unavailable {
         return EXIT_UNAVAILABLE;
@@ -174,4 +183,33 @@ pub async fn signal_received() -> (&'static str, u8) {
         }
     }
     std::future::pending().await
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    fn api(status: u16, code: &str) -> anyhow::Error {
+        pyroshell::client::ClientError::Api {
+            status,
+            code: code.into(),
+            message: "m".into(),
+            field: None,
+            retry_after_secs: None,
+        }
+        .into()
+    }
+
+    /// README's exit table: 69 for a runtime or server that is unavailable,
+    /// locally and through a server alike; 2 for the caller's mistakes.
+    #[test]
+    fn unavailable_runtimes_are_69_locally_and_remotely_and_typos_are_2() {
+        let unavailable = pyrovm::PlanError::RuntimeUnavailable { id: "x".into(), reason: "r".into() };
+        assert_eq!(exit_status_of(&anyhow::Error::new(unavailable.clone())), EXIT_UNAVAILABLE);
+        assert_eq!(exit_status_of(&anyhow::Error::new(pyrovm::ExecuteError::Plan(unavailable))), EXIT_UNAVAILABLE);
+        assert_eq!(exit_status_of(&api(422, "runtime_unavailable")), EXIT_UNAVAILABLE);
+        assert_eq!(exit_status_of(&api(503, "draining")), EXIT_UNAVAILABLE);
+        assert_eq!(exit_status_of(&usage("unknown runtime")), EXIT_USAGE);
+        assert_ne!(exit_status_of(&api(422, "unknown_runtime")), EXIT_UNAVAILABLE);
+    }
 }

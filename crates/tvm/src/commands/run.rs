@@ -112,7 +112,12 @@ fn read_request(catalog: &Catalog, args: &RunArgs) -> Result<ExecutionRequest> {
         req.run_limits.output_bytes = Some(parse_size_bytes(o).map_err(usage)?);
     }
     // Validate before any VM work so bad input fails fast with the field named.
-    pyrovm::plan(catalog, &req, 0).map_err(|e| usage(e.to_string()))?;
+    // A runtime the catalog marks unavailable is not the caller's typo: exit 69, as for an image
+    // that cannot be built.
+    pyrovm::plan(catalog, &req, 0).map_err(|e| match e {
+        e @ pyrovm::PlanError::RuntimeUnavailable { .. } => anyhow::Error::new(e),
+        e => usage(e.to_string()),
+    })?;
     Ok(req)
 }
 
