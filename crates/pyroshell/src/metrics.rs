@@ -234,7 +234,7 @@ impl Metrics {
             for (reason, n) in &m.connections_closed {
                 let _ = writeln!(out, "tvm_http_connections_closed_total{{reason=\"{reason}\"}} {n}");
             }
-            let _ = writeln!(out, "# HELP tvm_pool_boot_failures_total Pool VMs that failed to boot.");
+            let _ = writeln!(out, "# HELP tvm_pool_boot_failures_total Pool VMs that failed to boot or to warm up (destroyed, never parked).");
             let _ = writeln!(out, "# TYPE tvm_pool_boot_failures_total counter");
             let _ = writeln!(out, "tvm_pool_boot_failures_total {}", m.pool_boot_failures);
             let _ = writeln!(out, "# HELP tvm_pool_warmups_total Pool VMs that ran their runtime's warm-up before parking, by outcome (a failed one is destroyed).");

@@ -21,9 +21,19 @@ pub fn process_identity(pid: u32) -> Option<String> {
     Some(format!("{pid} {start}"))
 }
 
+/// Whether the process recorded as `identity` still runs. A zombie (dead,
+/// not yet collected by its parent: a QEMU whose `tvm` was SIGKILLed is one
+/// until init reaps it) does not: there is nothing left to kill.
 fn is_alive(identity: &str) -> bool {
-    identity.split_whitespace().next().and_then(|p| p.parse().ok()).and_then(process_identity).as_deref()
-        == Some(identity.trim())
+    let Some(pid) = identity.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()) else { return false };
+    if process_identity(pid).as_deref() != Some(identity.trim()) {
+        return false;
+    }
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|stat| {
+        // Field 3 (state), right after the parenthesised command name.
+        stat.rsplit_once(')').and_then(|(_, after)| after.split_whitespace().next().map(str::to_owned))
+    });
+    !matches!(state.as_deref(), Some("Z" | "X") | None)
 }
 
 /// Owns a VM's run directory; removes it on drop.
@@ -176,6 +186,23 @@ pub fn reap(runtime_dir: &Path) -> ReapReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let mut child = std::process::Command::new("sleep").arg("0.2").spawn().unwrap();
+        let identity = process_identity(child.id()).unwrap();
+        assert!(is_alive(&identity));
+        // Exited but not waited for: a zombie until `wait` below.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while is_alive(&identity) {
+            assert!(std::time::Instant::now() < deadline, "the child never became a zombie");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(process_identity(child.id()).as_deref(), Some(identity.as_str()), "still a zombie");
+        child.wait().unwrap();
+        assert!(!is_alive(&identity));
+        assert!(!is_alive("not-a-pid 1"));
+    }
 
     #[test]
     fn reaper_kills_orphans_of_dead_owners_and_spares_live_ones() {
