@@ -68,7 +68,16 @@ impl Inbox {
         Ok(inbox)
     }
 
-    /// Hands over the run stage's stdin pipe and writes what is pending.
+    /// Called right before a stage's program starts: signals sent while no
+    /// stage (or another one) ran are not for this one. Not at [`Inbox::attach`]:
+    /// the program runs by then, and a signal the host sent as soon as it saw
+    /// the program's first output would be dropped.
+    pub fn begin_stage(&self) {
+        self.lock().signals.clear();
+    }
+
+    /// Hands over the run stage's stdin pipe (its program already runs) and
+    /// writes what is pending.
     pub fn attach(&self, pipe: OwnedFd) {
         let raw = pipe.as_raw_fd();
         // SAFETY: fcntl on a descriptor we own, with integer arguments.
@@ -80,8 +89,6 @@ impl Inbox {
         }
         let mut st = self.lock();
         st.pipe = Some(pipe);
-        // Signals sent while no stage (or another one) ran are not for this one.
-        st.signals.clear();
         st.flush();
     }
 
@@ -231,7 +238,11 @@ mod tests {
         host.write_all(&frame(&HostMessage::Stdin { data: b"second".to_vec() })).unwrap();
         host.write_all(&frame(&HostMessage::Signal { signal: 99 })).unwrap();
         host.write_all(&frame(&HostMessage::Signal { signal: 2 })).unwrap();
-        // Before a stage attaches, input waits and signals are not for it.
+        // Before a stage begins, input waits and signals are not for it.
+        std::thread::sleep(Duration::from_millis(150));
+        inbox.begin_stage();
+        // A signal sent once the program runs but before its stdin is attached is its.
+        host.write_all(&frame(&HostMessage::Signal { signal: 1 })).unwrap();
         std::thread::sleep(Duration::from_millis(150));
         inbox.attach(OwnedFd::from(wr));
         host.write_all(&frame(&HostMessage::Signal { signal: 15 })).unwrap();
@@ -241,7 +252,7 @@ mod tests {
         // End of file only comes once the inbox closes the pipe after StdinEof.
         rd.read_to_end(&mut got).unwrap();
         assert_eq!(got, b"first second");
-        assert_eq!(inbox.take_signals(), vec![15]);
+        assert_eq!(inbox.take_signals(), vec![1, 15]);
         assert!(inbox.take_signals().is_empty());
     }
 

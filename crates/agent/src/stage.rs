@@ -155,6 +155,9 @@ fn supervise(
     command.stdout(Stdio::from(stdout_write)).stderr(Stdio::from(stderr_write));
     mark(spec.stage, "relay");
 
+    if let Some(inbox) = inbox {
+        inbox.begin_stage();
+    }
     let started = Instant::now();
     let spawned = command.spawn();
     // The command holds the pipes' write ends: only the program may keep
