@@ -398,11 +398,7 @@ impl ExitWatch {
 
 /// Marks the end of one of a stage's steps in the job's trace.
 fn mark(stage: Stage, step: &str) {
-    let stage = match stage {
-        Stage::Compile => "compile",
-        Stage::Run => "run",
-    };
-    crate::trace::mark(&format!("{stage}.{step}"));
+    crate::trace::mark(&format!("{}.{step}", stage.as_str()));
 }
 
 /// A pipe for one of the program's standard streams, both ends

@@ -171,6 +171,16 @@ pub enum Stage {
     Run,
 }
 
+impl Stage {
+    /// Stable snake_case name, as in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Compile => "compile",
+            Stage::Run => "run",
+        }
+    }
+}
+
 /// An output stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -261,7 +261,7 @@ struct Started {
     kind: Option<StartKind>,
     /// Why a fresh VM cold booted although templates are on.
     note: Option<String>,
-    /// Job sent to VM torn down, µs (0 until the job ran).
+    /// Job sent to result read, µs (0 until the job ran; a session's includes its teardown).
     execute_us: u64,
 }
 

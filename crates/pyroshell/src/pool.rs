@@ -363,6 +363,26 @@ pub struct RefillCtx {
     pub pool: Arc<Pool>,
 }
 
+/// After a pool VM failed to boot or to warm up (`what`, `error`): counts
+/// it, says so, and waits 2^failures s (at most 64 s) before the next try.
+/// `true` when the server stops meanwhile.
+async fn back_off(
+    ctx: &RefillCtx,
+    failures: &mut u32,
+    stop: &mut watch::Receiver<bool>,
+    what: &str,
+    error: String,
+) -> bool {
+    *failures = failures.saturating_add(1);
+    ctx.metrics.pool_boot_failed();
+    let backoff = Duration::from_secs(1u64 << (*failures).min(6));
+    warn!(%error, retry_in_s = backoff.as_secs(), "{what}");
+    tokio::select! {
+        _ = tokio::time::sleep(backoff) => false,
+        _ = stop.wait_for(|s| *s) => true,
+    }
+}
+
 /// Keeps one runtime's pool at its target until `stop` turns true: recycles
 /// old VMs, boots replacements one at a time when capacity is free and no
 /// request waits, backs off after boot failures.
@@ -414,15 +434,11 @@ pub async fn refill_loop(ctx: RefillCtx, rp: Arc<RuntimePool>, mut stop: watch::
                                 Some(Err(e)) => {
                                     ctx.metrics.pool_warm_up(false);
                                     // A VM whose warm-up failed is in no known state: never park it.
-                                    warn!(vm = vm.id(), error = %pyrovm::error_chain(&e), "pool VM warm-up failed; VM destroyed");
+                                    let what = format!("pool VM warm-up failed; VM destroyed (vm {})", vm.id());
                                     drop(vm);
                                     drop(permit);
-                                    failures = failures.saturating_add(1);
-                                    ctx.metrics.pool_boot_failed();
-                                    let backoff = Duration::from_secs(1u64 << failures.min(6));
-                                    tokio::select! {
-                                        _ = tokio::time::sleep(backoff) => {}
-                                        _ = stop.wait_for(|s| *s) => break,
+                                    if back_off(&ctx, &mut failures, &mut stop, &what, pyrovm::error_chain(&e)).await {
+                                        break;
                                     }
                                     continue;
                                 }
@@ -447,13 +463,10 @@ pub async fn refill_loop(ctx: RefillCtx, rp: Arc<RuntimePool>, mut stop: watch::
                     }
                     Some(Err(e)) => {
                         drop(permit);
-                        failures = failures.saturating_add(1);
-                        ctx.metrics.pool_boot_failed();
-                        let backoff = Duration::from_secs(1u64 << failures.min(6));
-                        warn!(error = %pyrovm::error_chain(&e), retry_in_s = backoff.as_secs(), "pool VM failed to boot");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
-                            _ = stop.wait_for(|s| *s) => break,
+                        if back_off(&ctx, &mut failures, &mut stop, "pool VM failed to boot", pyrovm::error_chain(&e))
+                            .await
+                        {
+                            break;
                         }
                         continue;
                     }

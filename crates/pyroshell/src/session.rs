@@ -253,14 +253,6 @@ pub(crate) fn status_name(s: StageStatus) -> Value {
     serde_json::to_value(s).unwrap_or(Value::Null)
 }
 
-/// Snake-case name of a stage.
-pub(crate) fn stage_name(s: Stage) -> &'static str {
-    match s {
-        Stage::Compile => "compile",
-        Stage::Run => "run",
-    }
-}
-
 /// Snake-case name of a stream.
 pub(crate) fn stream_name(s: Stream) -> &'static str {
     match s {
@@ -325,12 +317,12 @@ impl Dialect for Native {
 
     fn event(&mut self, ev: &Event) -> Vec<Value> {
         vec![match ev {
-            Event::Stage(stage) => json!({"type": "stage", "stage": stage_name(*stage)}),
+            Event::Stage(stage) => json!({"type": "stage", "stage": stage.as_str()}),
             Event::Output(stage, stream, text) => {
-                json!({"type": stream_name(*stream), "stage": stage_name(*stage), "data": text})
+                json!({"type": stream_name(*stream), "stage": stage.as_str(), "data": text})
             }
             Event::Exit { stage, status, exit_code, signal } => json!({
-                "type": "exit", "stage": stage_name(*stage), "status": status_name(*status),
+                "type": "exit", "stage": stage.as_str(), "status": status_name(*status),
                 "exit_code": exit_code, "signal": signal,
             }),
         }]

@@ -519,8 +519,8 @@ impl Vm {
     }
 
     /// [`Vm::execute_each`] without destroying the VM at the end: the caller
-    /// drops it, e.g. off its response path ([`Vm::into_teardown`]). The VM
-    /// has served its one job either way: never send it another.
+    /// drops it, e.g. off its response path (the server's `tear_down`). The
+    /// VM has served its one job either way: never send it another.
     ///
     /// # Errors
     /// As [`Vm::execute_each`].

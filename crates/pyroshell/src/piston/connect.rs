@@ -152,12 +152,12 @@ impl Dialect for Piston {
 
     fn event(&mut self, ev: &Event) -> Vec<Value> {
         vec![match ev {
-            Event::Stage(stage) => json!({"type": "stage", "stage": session::stage_name(*stage)}),
+            Event::Stage(stage) => json!({"type": "stage", "stage": stage.as_str()}),
             Event::Output(_, stream, text) => {
                 json!({"type": "data", "stream": session::stream_name(*stream), "data": text})
             }
             Event::Exit { stage, exit_code, signal, .. } => json!({
-                "type": "exit", "stage": session::stage_name(*stage), "code": exit_code,
+                "type": "exit", "stage": stage.as_str(), "code": exit_code,
                 "signal": signal.and_then(session::signal_name),
             }),
         }]
