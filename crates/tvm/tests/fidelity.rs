@@ -771,3 +771,155 @@ fn standard_streams_reopened_by_name_in_every_language() {
     assert!(failures.is_empty(), "reopening /dev/std* by name:\n{}", failures.join("\n"));
     assert_eq!(REOPEN_PROGRAMS.len(), languages.len(), "a program for every language: {languages:?}");
 }
+
+/// What a program may do to its stdout that a pipe allows, in C: stdout and
+/// stderr are TVM's output channel (`guest/kernel/tvm_output.c`), not pipes,
+/// and must behave as one would. `writev`, `sendfile` (splice), `poll` for
+/// room, a non-blocking write, `lseek` refused with `ESPIPE`, not a
+/// terminal, one `write` three times the channel's 1 MiB ring, and two
+/// threads writing whole lines at once to the two streams (a line, at most
+/// `PIPE_BUF`, is never split).
+const PIPE_LIKE_C: &str = r#"#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/sendfile.h>
+#include <sys/uio.h>
+#include <unistd.h>
+static void *lines(void *arg) {
+    long fd = (long)arg;
+    char line[80];
+    for (int i = 0; i < 2000; i++) {
+        int n = snprintf(line, sizeof line, "fd %ld line %d ..............................\n", fd, i);
+        if (write((int)fd, line, n) != n) exit(3);
+    }
+    return NULL;
+}
+int main(void) {
+    printf("isatty=%d\n", isatty(1));
+    fflush(stdout);
+    errno = 0;
+    off_t at = lseek(1, 0, SEEK_CUR);
+    printf("lseek=%ld %s\n", (long)at, errno == ESPIPE ? "ESPIPE" : strerror(errno));
+    fflush(stdout);
+    struct iovec iov[3] = {{"wri", 3}, {"te", 2}, {"v\n", 2}};
+    if (writev(1, iov, 3) != 7) return 4;
+    FILE *f = fopen("in.txt", "w");
+    fputs("sent by sendfile\n", f);
+    fclose(f);
+    int in = open("in.txt", O_RDONLY);
+    off_t off = 0;
+    ssize_t sent = sendfile(1, in, &off, 100);
+    printf("sendfile=%zd\n", sent);
+    fflush(stdout);
+    struct pollfd p = {1, POLLOUT, 0};
+    int ready = poll(&p, 1, 5000);
+    printf("poll=%d pollout=%d\n", ready, (p.revents & POLLOUT) != 0);
+    fflush(stdout);
+    int flags = fcntl(1, F_GETFL);
+    fcntl(1, F_SETFL, flags | O_NONBLOCK);
+    ssize_t w = write(1, "nonblocking\n", 12);
+    fcntl(1, F_SETFL, flags);
+    printf("nonblocking write=%zd\n", w);
+    fflush(stdout);
+    size_t big = 3u << 20;
+    char *b = malloc(big);
+    for (size_t i = 0; i < big; i++) b[i] = 'a' + i % 26;
+    b[big - 1] = '\n';
+    for (size_t done = 0; done < big;) {
+        ssize_t n = write(1, b + done, big - done);
+        if (n <= 0) { perror("big write"); return 5; }
+        done += (size_t)n;
+    }
+    pthread_t t[2];
+    for (long i = 0; i < 2; i++) pthread_create(&t[i], NULL, lines, (void *)(i + 1));
+    for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
+    return 0;
+}
+"#;
+
+#[test]
+fn stdout_behaves_as_a_pipe_would() {
+    let env = Env::new();
+    let f = env.file("main.c", PIPE_LIKE_C);
+    let v = json_with_args(&env, &f, &["--output-limit", "8M", "--time-limit", "60s"], &[]);
+    assert_eq!(v["verdict"], "ok", "{}", v["run"]["stderr"]);
+    let stdout = stdout_of(&v);
+    let head = "isatty=0\nlseek=-1 ESPIPE\nwritev\nsent by sendfile\nsendfile=17\npoll=1 pollout=1\nnonblocking\n\
+                nonblocking write=12\n";
+    assert!(stdout.starts_with(head), "{:?}", &stdout[..stdout.len().min(300)]);
+    let big: String =
+        (0..3usize << 20).map(|i| if i == (3 << 20) - 1 { '\n' } else { (b'a' + (i % 26) as u8) as char }).collect();
+    let rest = &stdout[head.len()..];
+    assert!(rest.starts_with(&big), "the 3 MiB write arrived whole and in order");
+    let thread_lines = |text: &str, fd: u32| {
+        let want: Vec<String> = (0..2000).map(|i| format!("fd {fd} line {i} ..............................")).collect();
+        let got: Vec<&str> = text.lines().collect();
+        assert_eq!(got.len(), want.len(), "fd {fd}: every line, none split or merged");
+        assert!(got.iter().zip(&want).all(|(g, w)| g == w), "fd {fd}: lines whole and in order");
+    };
+    thread_lines(&rest[big.len()..], 1);
+    thread_lines(v["run"]["stderr"].as_str().unwrap(), 2);
+}
+
+/// The same kind in the other languages whose runtimes look at what their
+/// stdout is: each writes 3 MiB in one call of its own API (Python's
+/// `os.write` loop and `sys.stdout.write`, Node's `fs.writeSync` and
+/// `process.stdout.write`, Go's `os.Stdout.Write`, Java's `System.out`),
+/// reports whether stdout is a terminal, and must get every byte through.
+#[test]
+fn a_write_larger_than_the_channel_arrives_whole_in_every_language() {
+    const PROGRAMS: &[(&str, &str)] = &[
+        (
+            "main.py",
+            "import os, sys\nb = ''.join(chr(97 + i % 26) for i in range(3 << 20))\n\
+             print('tty', sys.stdout.isatty(), 'seekable', sys.stdout.seekable(), flush=True)\n\
+             sys.stdout.write(b)\nsys.stdout.flush()\nv = memoryview(b.encode())\n\
+             while v:\n    v = v[os.write(1, v):]\n",
+        ),
+        (
+            "main.js",
+            "const fs = require('fs');\nlet b = '';\nfor (let i = 0; i < (3 << 20); i++) b += String.fromCharCode(97 + i % 26);\n\
+             console.log('tty', !!process.stdout.isTTY, 'seekable', false);\nprocess.stdout.write(b);\n\
+             let buf = Buffer.from(b), at = 0;\nwhile (at < buf.length) at += fs.writeSync(1, buf, at);\n",
+        ),
+        (
+            "main.go",
+            "package main\n\nimport (\n\t\"fmt\"\n\t\"os\"\n)\n\nfunc main() {\n\tb := make([]byte, 3<<20)\n\
+             \tfor i := range b {\n\t\tb[i] = byte(97 + i%26)\n\t}\n\tfmt.Println(\"tty\", false, \"seekable\", false)\n\
+             \tos.Stdout.Write(b)\n\tos.Stdout.Write(b)\n}\n",
+        ),
+        (
+            "Main.java",
+            "public class Main {\n    public static void main(String[] a) throws Exception {\n\
+             \x20       byte[] b = new byte[3 << 20];\n        for (int i = 0; i < b.length; i++) b[i] = (byte) (97 + i % 26);\n\
+             \x20       System.out.println(\"tty \" + (System.console() != null) + \" seekable false\");\n\
+             \x20       System.out.write(b);\n        System.out.write(b);\n        System.out.flush();\n    }\n}\n",
+        ),
+    ];
+    let one: String = (0..3usize << 20).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    let env = Env::new();
+    let mut failures = Vec::new();
+    for (file, source) in PROGRAMS {
+        let f = env.file(file, source);
+        let v = json_with_args(&env, &f, &["--output-limit", "8M", "--time-limit", "60s"], &[]);
+        let stdout = stdout_of(&v);
+        let (first, rest) = stdout.split_once('\n').unwrap_or(("", ""));
+        let tty = first.starts_with("tty False") || first.starts_with("tty false");
+        let python_seekable = !file.ends_with(".py") || first.ends_with("seekable False");
+        if v["verdict"] != "ok" || !tty || !python_seekable || rest.len() != 2 * one.len() || rest != one.repeat(2) {
+            failures.push(format!(
+                "{file}: verdict {}, first line {first:?}, {} of {} bytes; stderr {}",
+                v["verdict"],
+                rest.len(),
+                2 * one.len(),
+                v["run"]["stderr"]
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
