@@ -205,7 +205,6 @@ static ssize_t tvm_write_src(struct file *file, struct tvm_src *src, size_t coun
 	struct tvm_chan *ch = w->chan;
 	size_t written = 0;
 	ssize_t ret = 0;
-	bool woke = false;
 
 	if (!count)
 		return 0;
@@ -229,11 +228,14 @@ static ssize_t tvm_write_src(struct file *file, struct tvm_src *src, size_t coun
 				break;
 			}
 			written += got;
-			if (got && !before && !woke) {
-				/* Only a write into an empty ring can find the reader asleep. */
-				woke = true;
+			/*
+			 * Only a write into an empty ring can find the reader
+			 * asleep, and that holds for every piece of a write: a
+			 * write that waited for room may find the ring emptied by
+			 * a reader that then went to sleep.
+			 */
+			if (got && !before)
 				wake_up_interruptible_sync_poll(&ch->rwait, EPOLLIN | EPOLLRDNORM);
-			}
 			if (written == count)
 				break;
 			if (got)
