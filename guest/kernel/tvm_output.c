@@ -29,7 +29,8 @@
  * native-endian u32 header (bit 31: stderr; bits 0-30: length) followed by
  * that many bytes, and needs a buffer of at least TVM_OUT_READ_MIN bytes;
  * it blocks while the ring is empty and writers remain, and returns 0 (end
- * of file) once every writer file is closed. FIONREAD gives the bytes
+ * of file) once every writer file is closed; from then on the writer
+ * nodes refuse to open (ENXIO), as nothing would read what they got. FIONREAD gives the bytes
  * (headers included) waiting. Consecutive writes to one stream merge into
  * one record while the reader has not taken it.
  *
@@ -70,6 +71,7 @@ struct tvm_chan {
 	bool has_last;			/* the newest record is still unread */
 	unsigned int writers;
 	bool writers_seen;
+	bool eof_sent;			/* the reader got end of file: closed for good */
 	bool reader_gone;
 };
 
@@ -347,7 +349,12 @@ static int tvm_writer_open(struct inode *inode, struct file *file, u32 stream)
 		return -ENXIO;
 	}
 	mutex_lock(&ch->lock);
-	if (ch->reader_gone) {
+	/*
+	 * After end of file the reader has stopped: bytes written now would
+	 * be lost, so a late opener is refused as a FIFO without a reader
+	 * refuses a non-blocking writer.
+	 */
+	if (ch->reader_gone || ch->eof_sent) {
 		mutex_unlock(&ch->lock);
 		tvm_chan_put(ch);
 		kfree(w);
@@ -404,6 +411,7 @@ static ssize_t tvm_reader_read(struct file *file, char __user *buf, size_t count
 	mutex_lock(&ch->lock);
 	while (ch->tail == ch->head) {
 		if (ch->writers_seen && !ch->writers) {
+			ch->eof_sent = true;
 			mutex_unlock(&ch->lock);
 			return 0;
 		}

@@ -15,7 +15,7 @@
 //!   writes without pause costs one wake-up per quiet spell, not per write.
 //! - While output keeps coming the thread lets the ring fill for a window
 //!   without reading, then reads everything at once and sends it as one
-//!   frame per stream change or [`OUTPUT_CHUNK`] bytes. Output still
+//!   frame of records (both streams, in order) per [`OUTPUT_CHUNK`] bytes. Output still
 //!   streams: the first bytes after a quiet spell are read and sent at once,
 //!   later ones at most one window late.
 //! - The window adapts ([`Window`]): it starts at [`WINDOW`] and doubles up to
@@ -39,7 +39,7 @@
 //! one `write(2)`, across both streams and on any number of vCPUs.** The
 //! driver appends each write under the channel's one lock, so the ring holds
 //! the writes in the order they happened, and the relay sends records in
-//! ring order (a stream change ends a frame). A write of at most
+//! ring order. A write of at most
 //! `PIPE_BUF` (4096) bytes is never split; a larger one that finds the ring
 //! short of room enters in pieces (the writer sleeps in between), so another
 //! thread's write may come between the pieces, as on a pipe or a terminal.
@@ -58,7 +58,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use tvm_protocol::{GuestMessage, Stage, Stream, OUTPUT_CHUNK};
+use tvm_protocol::{GuestMessage, OutputRecords, Stage, Stream, OUTPUT_CHUNK};
 
 use crate::error::Error;
 use crate::output::Capture;
@@ -100,6 +100,10 @@ const DRAIN_BUDGET: usize = 2 * RING_BYTES;
 /// below.
 const READ_BYTES: usize = 256 << 10;
 
+/// Room reserved for one frame's records: a full chunk and the headers of
+/// a few dozen records.
+const FRAME_CAPACITY: usize = OUTPUT_CHUNK + 256;
+
 /// A record's header: `u32`, native-endian (the guest's own kernel wrote it).
 const HEADER_BYTES: usize = 4;
 
@@ -131,6 +135,11 @@ struct Shared {
     closing: Mutex<bool>,
     /// Signalled when [`Shared::closing`] is set.
     closing_set: Condvar,
+    /// An eventfd made readable when [`Shared::closing`] is set: the thread
+    /// waits on it next to the reader node, so it ends without the
+    /// channel's end of file (a descriptor of the channel may outlive every
+    /// process of the stage, e.g. in flight in a Unix socket).
+    closing_fd: OwnedFd,
 }
 
 /// The thread relaying one stage's output.
@@ -150,7 +159,7 @@ impl Relay {
     /// Starts relaying the reader `fd` of an output channel (or, in tests,
     /// of a pipe carrying the same records), keeping at most `cap` bytes of
     /// each stream and streaming them to `outbox` as
-    /// [`GuestMessage::Output`] chunks of at most [`OUTPUT_CHUNK`] bytes.
+    /// [`GuestMessage::OutputRecords`] of at most [`OUTPUT_CHUNK`] bytes.
     ///
     /// # Errors
     /// [`Error::SpawnThread`] if the relay thread cannot be created.
@@ -171,18 +180,21 @@ impl Relay {
     /// [`Error::SpawnThread`] if the relay thread cannot be created (the
     /// reader is then closed, which ends the channel for its writers).
     pub fn spawn(fd: OwnedFd) -> Result<Self, Error> {
+        // SAFETY: eventfd takes two integers and returns a new descriptor or -1.
+        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if raw < 0 {
+            return Err(Error::SpawnThread("output relay", std::io::Error::last_os_error()));
+        }
+        // SAFETY: a descriptor eventfd just returned, owned by nobody else.
+        let closing_fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
         let shared = Arc::new(Shared {
             captures: Mutex::new([Capture::new(0), Capture::new(0)]),
             overflowed: AtomicBool::new(false),
             fd,
-            batch: Mutex::new(Batch {
-                stage: Stage::Run,
-                stream: Stream::Stdout,
-                data: Vec::with_capacity(OUTPUT_CHUNK),
-                outbox: None,
-            }),
+            batch: Mutex::new(Batch::new()),
             closing: Mutex::new(false),
             closing_set: Condvar::new(),
+            closing_fd,
         });
         let (ready_tx, ready) = mpsc::channel();
         let (done_tx, done) = mpsc::channel::<()>();
@@ -219,12 +231,16 @@ impl Relay {
 
     /// Called once every process that could write the channel is dead: ends
     /// any window at once (what the ring holds is all that will come) and
-    /// waits at most `timeout` for the thread to read the end of file and
-    /// send everything. `true` when it did; a channel still held open by an
-    /// unkillable process keeps its thread, which is then abandoned.
+    /// waits at most `timeout` for the thread to read what the ring holds
+    /// and send everything. `true` when it did. It does not wait for the
+    /// channel's end of file: a writer descriptor that outlives the stage's
+    /// processes (sent over a Unix socket and never received) holds no
+    /// more output.
     pub fn wait_finished(&self, timeout: Duration) -> bool {
         *lock(&self.shared.closing) = true;
         self.shared.closing_set.notify_all();
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
+        unsafe { libc::write(self.shared.closing_fd.as_raw_fd(), (&1u64 as *const u64).cast(), 8) };
         matches!(self.done.recv_timeout(timeout), Err(mpsc::RecvTimeoutError::Disconnected))
     }
 
@@ -249,41 +265,45 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Output read but not sent yet: one stream's bytes, in order.
+/// Output read but not sent yet: both streams' bytes, in the order written.
+/// A frame ([`GuestMessage::OutputRecords`]) ends when it holds
+/// [`OUTPUT_CHUNK`] bytes or at the end of a drain, never at a stream
+/// change: a program that alternates stdout and stderr on every write costs
+/// frames by the byte, as any other (one frame per switch queued one
+/// `OUTPUT_CHUNK`-sized buffer per write for the host writer, and ran a
+/// guest out of memory).
 #[derive(Debug)]
 struct Batch {
     stage: Stage,
-    stream: Stream,
-    data: Vec<u8>,
+    records: OutputRecords,
     /// `None` only before [`Relay::configure`], when nothing can be written.
     outbox: Option<Sender<GuestMessage>>,
 }
 
 impl Batch {
-    /// Appends `bytes` of `stream`, sending what came before first if the
-    /// stream changes and whenever a frame is full.
+    fn new() -> Self {
+        Self { stage: Stage::Run, records: OutputRecords::with_capacity(FRAME_CAPACITY), outbox: None }
+    }
+
+    /// Appends `bytes` of `stream`, sending a frame whenever one is full.
     fn push(&mut self, stream: Stream, mut bytes: &[u8]) {
-        if stream != self.stream {
-            self.flush();
-            self.stream = stream;
-        }
         while !bytes.is_empty() {
-            let room = OUTPUT_CHUNK - self.data.len();
+            let room = OUTPUT_CHUNK - self.records.len();
             let (now, rest) = bytes.split_at(room.min(bytes.len()));
-            self.data.extend_from_slice(now);
+            self.records.push(stream, now);
             bytes = rest;
-            if self.data.len() == OUTPUT_CHUNK {
+            if self.records.len() == OUTPUT_CHUNK {
                 self.flush();
             }
         }
     }
 
     fn flush(&mut self) {
-        if !self.data.is_empty() {
-            let data = std::mem::replace(&mut self.data, Vec::with_capacity(OUTPUT_CHUNK));
+        if !self.records.is_empty() {
+            let records = std::mem::replace(&mut self.records, OutputRecords::with_capacity(FRAME_CAPACITY));
             // The writer only goes away with the VM.
             if let Some(outbox) = &self.outbox {
-                let _ = outbox.send(GuestMessage::Output { stage: self.stage, stream: self.stream, data });
+                let _ = outbox.send(GuestMessage::OutputRecords { stage: self.stage, records: records.into_blob() });
             }
         }
     }
@@ -369,12 +389,17 @@ pub fn raise_priority() {
     }
 }
 
-/// The relay thread: waits in a read until the program writes, then holds
-/// the window until output goes quiet; ends at the channel's end of file
-/// (every writer closed).
+/// The relay thread: waits until the program writes, then holds the window
+/// until output goes quiet; ends at the channel's end of file (every writer
+/// closed), or once the stage is over and the ring is drained.
 fn follow(shared: &Shared, mut buf: Vec<u8>) {
     let mut records = Records::default();
     loop {
+        if !wait_readable(shared) {
+            drain(shared, &mut records, &mut buf);
+            lock(&shared.batch).flush();
+            return;
+        }
         let Some(n) = read_blocking(&shared.fd, &mut buf) else {
             return;
         };
@@ -396,6 +421,32 @@ fn follow(shared: &Shared, mut buf: Vec<u8>) {
                 window = window.after(drained.bytes);
                 until = now + window.0;
             }
+        }
+    }
+}
+
+/// Waits until the reader has output or its end of file (`true`), or the
+/// stage is over (`false`). The reader's wait queue is woken only by a
+/// write into an empty ring, as for a blocking read.
+fn wait_readable(shared: &Shared) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    loop {
+        let mut fds = [
+            PollFd::new(shared.fd.as_fd(), PollFlags::POLLIN),
+            PollFd::new(shared.closing_fd.as_fd(), PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(Errno::EINTR) => continue,
+            // Unexpected: let the blocking read decide.
+            Err(_) => return true,
+            Ok(_) => {}
+        }
+        if fds[0].revents().is_some_and(|r| !r.is_empty()) {
+            return true;
+        }
+        if fds[1].revents().is_some_and(|r| r.contains(PollFlags::POLLIN)) {
+            return false;
         }
     }
 }
@@ -523,14 +574,22 @@ mod tests {
         (r, Writer(std::fs::File::from(w)))
     }
 
-    /// Collects the relay's frames once the writer is closed.
-    fn frames(rx: mpsc::Receiver<GuestMessage>) -> Vec<(Stream, Vec<u8>)> {
+    /// Collects the relay's frames once the writer is closed, each as its
+    /// records `(stream, bytes)`.
+    fn frames(rx: mpsc::Receiver<GuestMessage>) -> Vec<Vec<(Stream, Vec<u8>)>> {
         rx.into_iter()
             .map(|m| match m {
-                GuestMessage::Output { stage: Stage::Run, stream, data } => (stream, data),
+                GuestMessage::OutputRecords { stage: Stage::Run, records } => {
+                    OutputRecords::parse(&records).unwrap().into_iter().map(|(s, d)| (s, d.to_vec())).collect()
+                }
                 other => panic!("unexpected {other:?}"),
             })
             .collect()
+    }
+
+    /// The frames' records, in order.
+    fn records(frames: &[Vec<(Stream, Vec<u8>)>]) -> Vec<(Stream, Vec<u8>)> {
+        frames.iter().flatten().cloned().collect()
     }
 
     fn finish(relay: Relay) -> [Captured; 2] {
@@ -554,9 +613,10 @@ mod tests {
         assert_eq!(out, expected);
         assert!(!out_cut && !err_cut && err.is_empty());
         let frames = frames(rx);
-        let streamed: Vec<u8> = frames.iter().flat_map(|(_, d)| d.iter().copied()).collect();
+        let streamed: Vec<u8> = records(&frames).into_iter().flat_map(|(_, d)| d).collect();
         assert_eq!(streamed, expected, "the stream carries exactly the captured bytes");
-        assert!(frames.iter().all(|(s, d)| *s == Stream::Stdout && d.len() <= OUTPUT_CHUNK));
+        assert!(frames.iter().all(|f| f.iter().map(|(_, d)| d.len()).sum::<usize>() <= OUTPUT_CHUNK));
+        assert!(records(&frames).iter().all(|(s, _)| *s == Stream::Stdout));
         assert!(frames.len() < 5_000, "{} frames for 50000 writes: not coalesced", frames.len());
     }
 
@@ -581,9 +641,12 @@ mod tests {
         }
         drop(w);
         finish(relay);
-        // Frames may split a stream's run of bytes, never reorder them.
+        // Frames may split a stream's run of bytes, never reorder them, and
+        // a stream change does not end a frame.
+        let frames = frames(rx);
+        assert!(frames.len() < 100, "{} frames for 8000 writes alternating streams", frames.len());
         let mut got: Vec<(Stream, Vec<u8>)> = Vec::new();
-        for (stream, data) in frames(rx) {
+        for (stream, data) in records(&frames) {
             match got.last_mut() {
                 Some((s, d)) if *s == stream => d.extend_from_slice(&data),
                 _ => got.push((stream, data)),
@@ -612,7 +675,8 @@ mod tests {
         let [(out, out_cut), (err, err_cut)] = finish(relay);
         assert_eq!((out.len(), out_cut), (1000, true));
         assert_eq!((err.as_slice(), err_cut), (&b"warning\n"[..], false));
-        let streamed: usize = frames(rx).iter().filter(|(s, _)| *s == Stream::Stdout).map(|(_, d)| d.len()).sum();
+        let streamed: usize =
+            records(&frames(rx)).iter().filter(|(s, _)| *s == Stream::Stdout).map(|(_, d)| d.len()).sum();
         assert_eq!(streamed, 1000, "exactly the kept bytes are streamed");
     }
 
@@ -635,9 +699,25 @@ mod tests {
         let msgs: Vec<GuestMessage> = rx.try_iter().collect();
         assert!(!msgs.is_empty());
         assert!(
-            msgs.iter().all(|m| matches!(m, GuestMessage::Output { stage: Stage::Compile, .. })),
+            msgs.iter().all(|m| matches!(m, GuestMessage::OutputRecords { stage: Stage::Compile, .. })),
             "every frame is labelled with the configured stage: {msgs:?}"
         );
+    }
+
+    /// A writer descriptor that outlives the stage's processes (in flight in
+    /// a Unix socket) holds no more output: the relay sends what the ring
+    /// holds and ends without the channel's end of file.
+    #[test]
+    fn a_writer_outliving_the_stage_does_not_hold_the_relay() {
+        let (fd, mut w) = channel();
+        let (tx, rx) = mpsc::channel();
+        let relay = Relay::start(fd, Stage::Run, u64::MAX, tx).unwrap();
+        w.write(Stream::Stdout, b"before the end\n");
+        assert!(relay.wait_finished(Duration::from_secs(10)), "the relay waited for an end of file");
+        let [(out, _), _] = relay.take();
+        assert_eq!(out, b"before the end\n");
+        assert_eq!(records(&frames(rx)), vec![(Stream::Stdout, b"before the end\n".to_vec())]);
+        drop(w);
     }
 
     fn record(stream: Stream, bytes: &[u8]) -> Vec<u8> {
@@ -695,18 +775,23 @@ mod tests {
     }
 
     #[test]
-    fn batches_split_at_the_frame_size_and_at_stream_changes() {
+    fn batches_split_at_the_frame_size_not_at_stream_changes() {
         let (tx, rx) = mpsc::channel();
-        let mut batch = Batch { stage: Stage::Run, stream: Stream::Stdout, data: Vec::new(), outbox: Some(tx) };
+        let mut batch = Batch::new();
+        batch.outbox = Some(tx);
         batch.push(Stream::Stdout, &vec![b'a'; OUTPUT_CHUNK + 10]);
         batch.push(Stream::Stderr, b"e");
         batch.push(Stream::Stdout, b"b");
         batch.flush();
         drop(batch);
-        let got: Vec<(Stream, usize)> = frames(rx).into_iter().map(|(s, d)| (s, d.len())).collect();
+        let got: Vec<Vec<(Stream, usize)>> =
+            frames(rx).into_iter().map(|f| f.into_iter().map(|(s, d)| (s, d.len())).collect()).collect();
         assert_eq!(
             got,
-            vec![(Stream::Stdout, OUTPUT_CHUNK), (Stream::Stdout, 10), (Stream::Stderr, 1), (Stream::Stdout, 1)]
+            vec![
+                vec![(Stream::Stdout, OUTPUT_CHUNK)],
+                vec![(Stream::Stdout, 10), (Stream::Stderr, 1), (Stream::Stdout, 1)]
+            ]
         );
     }
 }

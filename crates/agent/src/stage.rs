@@ -282,13 +282,12 @@ fn supervise(
     mark(spec.stage, "drained");
 
     let cpu_us = cgroup.cpu_usage_us()?;
-    let observed = Observed {
-        killed: killed.map(|(status, _, _)| status),
-        oom_kills: cgroup.oom_kills()?,
-        cpu_us,
-        cpu_limit_us,
-        exit,
-    };
+    // Output past the cap that the loop had not seen when the program
+    // exited (the relay reads up to a window late) is past the cap all the
+    // same: the verdict must not depend on that race.
+    let killed =
+        killed.map(|(status, _, _)| status).or_else(|| relay.overflowed().then_some(StageStatus::OutputLimitExceeded));
+    let observed = Observed { killed, oom_kills: cgroup.oom_kills()?, cpu_us, cpu_limit_us, exit };
     let status = classify(&observed);
     let [(stdout, stdout_truncated), (stderr, stderr_truncated)] = relay.take();
     let result = StageResult {

@@ -3,9 +3,9 @@
 //!
 //! A frame is a big-endian `u32` then the body. Bit 31 of the `u32` clear:
 //! the rest is the body's length and the body is one JSON message. Bit 31
-//! set ([`RAW_BIT`]): a binary body, for [`GuestMessage::Output`] only,
-//! `[stage u8][stream u8][bytes…]` (stage 0 compile, 1 run; stream 0
-//! stdout, 1 stderr). Output is the bulk of what a guest sends; as JSON its
+//! set ([`RAW_BIT`]): a binary body, for [`GuestMessage::Output`] and
+//! [`GuestMessage::OutputRecords`] only, `[stage u8][tag u8][bytes…]`
+//! (stage 0 compile, 1 run; tag 0 stdout, 1 stderr, 2 records). Output is the bulk of what a guest sends; as JSON its
 //! bytes would be base64-encoded and scanned for escapes one by one, which
 //! under TCG cost the writing program's vCPU more than the guest kernel's
 //! output channel itself (docs/performance.md, "Output relay").
@@ -15,6 +15,10 @@ use std::io::{Read, Write};
 use serde::{de::DeserializeOwned, Serialize};
 
 use crate::{GuestMessage, Stage, Stream};
+
+/// The second tag byte of a binary [`GuestMessage::OutputRecords`] frame
+/// (where an `Output` frame has its stream).
+const RECORDS_TAG: u8 = 2;
 
 /// Bit 31 of a frame's length prefix: the body is binary, not JSON.
 pub const RAW_BIT: u32 = 1 << 31;
@@ -42,18 +46,21 @@ impl Message for crate::HostMessage {}
 
 impl Message for GuestMessage {
     fn raw_parts(&self) -> Option<([u8; 2], &[u8])> {
-        let GuestMessage::Output { stage, stream, data } = self else {
-            return None;
-        };
-        let stage = match stage {
+        let stage_tag = |stage: &Stage| match stage {
             Stage::Compile => 0,
             Stage::Run => 1,
         };
-        let stream = match stream {
-            Stream::Stdout => 0,
-            Stream::Stderr => 1,
-        };
-        Some(([stage, stream], data))
+        match self {
+            GuestMessage::Output { stage, stream, data } => {
+                let stream = match stream {
+                    Stream::Stdout => 0,
+                    Stream::Stderr => 1,
+                };
+                Some(([stage_tag(stage), stream], data))
+            }
+            GuestMessage::OutputRecords { stage, records } => Some(([stage_tag(stage), RECORDS_TAG], records)),
+            _ => None,
+        }
     }
 
     fn from_raw(body: &[u8]) -> Result<Self, FrameError> {
@@ -68,6 +75,7 @@ impl Message for GuestMessage {
         let stream = match stream {
             0 => Stream::Stdout,
             1 => Stream::Stderr,
+            &RECORDS_TAG => return Ok(GuestMessage::OutputRecords { stage, records: data.to_vec() }),
             _ => return Err(FrameError::Raw("an output frame with an unknown stream")),
         };
         Ok(GuestMessage::Output { stage, stream, data: data.to_vec() })
@@ -301,6 +309,31 @@ mod tests {
     }
 
     #[test]
+    fn records_travel_as_a_binary_frame_and_parse_back_in_order() {
+        let mut r = crate::OutputRecords::with_capacity(64);
+        r.push(Stream::Stdout, b"a");
+        r.push(Stream::Stdout, b"b\n");
+        r.push(Stream::Stderr, b"");
+        r.push(Stream::Stderr, b"e\n");
+        r.push(Stream::Stdout, b"c\n");
+        assert_eq!(r.len(), 7);
+        let msg = GuestMessage::OutputRecords { stage: Stage::Compile, records: r.into_blob() };
+        let mut rd: &[u8] = &encode(&msg);
+        let Some(GuestMessage::OutputRecords { stage: Stage::Compile, records }) = read_frame(&mut rd, 64).unwrap()
+        else {
+            panic!("not records");
+        };
+        let got = crate::OutputRecords::parse(&records).unwrap();
+        assert_eq!(
+            got,
+            vec![(Stream::Stdout, &b"ab\n"[..]), (Stream::Stderr, &b"e\n"[..]), (Stream::Stdout, &b"c\n"[..])]
+        );
+        for bad in [&b"\x00\x00\x00"[..], b"\x03\x00\x00\x00\x00", b"\x00\x00\x00\x00\x05abc"] {
+            assert!(crate::OutputRecords::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn a_binary_frame_written_in_place_is_the_encoded_frame() {
         let msg = GuestMessage::Output { stage: Stage::Run, stream: Stream::Stderr, data: b"abc".to_vec() };
         let mut written = Vec::new();
@@ -310,7 +343,7 @@ mod tests {
 
     #[test]
     fn bad_binary_frames_are_errors_not_panics() {
-        for body in [&b""[..], b"\x01", b"\x02\x00x", b"\x01\x02x"] {
+        for body in [&b""[..], b"\x01", b"\x02\x00x", b"\x01\x03x"] {
             let mut bytes = (RAW_BIT | body.len() as u32).to_be_bytes().to_vec();
             bytes.extend_from_slice(body);
             let mut r: &[u8] = &bytes;

@@ -923,3 +923,79 @@ fn a_write_larger_than_the_channel_arrives_whole_in_every_language() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Output past the cap written just before the program exits is
+/// `output_limit_exceeded`, not `ok` with a cut stdout, whichever comes
+/// first: the exit or the relay's read (in C and Python, on both streams).
+#[test]
+fn output_past_the_cap_right_before_exit_is_output_limit_exceeded() {
+    const PROGRAMS: &[(&str, &str)] = &[
+        (
+            "main.c",
+            "#include <string.h>\n#include <unistd.h>\nint main(void) {\n    static char b[3000];\n    \
+             memset(b, 'x', sizeof b);\n    write(1, \"a\\n\", 2);\n    write(1, b, sizeof b);\n    return 0;\n}\n",
+        ),
+        ("main.py", "import sys\nprint('a')\nsys.stderr.write('y' * 3000)\n"),
+    ];
+    let env = Env::new();
+    let mut failures = Vec::new();
+    for (file, source) in PROGRAMS {
+        let f = env.file(file, source);
+        for _ in 0..3 {
+            let v = json_with_args(&env, &f, &["--output-limit", "1000"], &[]);
+            let cut = v["run"]["stdout_truncated"] == true || v["run"]["stderr_truncated"] == true;
+            if v["verdict"] != "output_limit_exceeded" || !cut {
+                failures.push(format!("{file}: verdict {}, truncated {cut}", v["verdict"]));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A program that closes both standard streams and later opens
+/// `/dev/tvm-stdout` by name is refused (`ENXIO`), as a pipe's writer whose
+/// reader is gone would be, rather than writing into a channel nobody reads
+/// any more (its bytes were lost, and a large write hung until the time
+/// limit). Closing one stream and reopening it works (the other keeps the
+/// channel open).
+#[test]
+fn reopening_stdout_after_closing_both_streams_is_refused_not_lost() {
+    let env = Env::new();
+    let both = env.file(
+        "both.c",
+        "#include <errno.h>\n#include <fcntl.h>\n#include <unistd.h>\nint main(void) {\n    write(1, \"before\\n\", 7);\n    \
+         close(1);\n    close(2);\n    usleep(300000);\n    int fd = open(\"/dev/tvm-stdout\", O_WRONLY);\n    \
+         return fd < 0 && errno == ENXIO ? 7 : 0;\n}\n",
+    );
+    let v = json_with_args(&env, &both, &["--time-limit", "10s"], &[]);
+    assert_eq!(v["run"]["exit_code"], 7, "{v}");
+    assert_eq!(stdout_of(&v), "before\n");
+    let one = env.file(
+        "one.c",
+        "#include <fcntl.h>\n#include <unistd.h>\nint main(void) {\n    write(1, \"before\\n\", 7);\n    close(1);\n    \
+         usleep(300000);\n    int fd = open(\"/dev/stdout\", O_WRONLY);\n    if (fd < 0) fd = open(\"/dev/tvm-stdout\", O_WRONLY);\n    \
+         return write(fd, \"after\\n\", 6) == 6 ? 0 : 9;\n}\n",
+    );
+    let v = json_with_args(&env, &one, &["--time-limit", "10s"], &[]);
+    assert_eq!(v["verdict"], "ok", "{v}");
+    assert_eq!(stdout_of(&v), "before\nafter\n");
+}
+
+/// A program that alternates stdout and stderr on every write (answers on
+/// one, debug lines on the other) costs what the same bytes cost on one
+/// stream: records of both streams share frames. 300,000 single-byte writes
+/// alternating used to send one frame per write and ran the guest out of
+/// memory (`internal_error`).
+#[test]
+fn alternating_single_bytes_on_both_streams_arrive_whole() {
+    let env = Env::new();
+    let f = env.file(
+        "alt.c",
+        "#include <stdlib.h>\n#include <unistd.h>\nint main(int c, char **v) {\n    long n = atol(v[1]);\n    \
+         for (long i = 0; i < n; i++) {\n        write(1, \"a\", 1);\n        write(2, \"b\", 1);\n    }\n    return 0;\n}\n",
+    );
+    let v = json_with_args(&env, &f, &["--time-limit", "60s"], &["300000"]);
+    assert_eq!(v["verdict"], "ok", "{}", v["run"]["stderr"].as_str().map(|s| s.len()).unwrap_or(0));
+    assert_eq!(stdout_of(&v), "a".repeat(300_000));
+    assert_eq!(v["run"]["stderr"].as_str().unwrap(), "b".repeat(300_000));
+}
