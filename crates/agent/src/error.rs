@@ -88,10 +88,13 @@ pub enum Error {
     /// Setting the wall clock to the host's failed.
     #[error("setting the wall clock")]
     SetClock(#[source] nix::Error),
-    /// The pipe for a stage's standard stream (named) could not be created
-    /// or given its mode.
-    #[error("creating the {0} pipe")]
-    OutputPipe(&'static str, #[source] nix::Error),
+    /// The pipe for a stage's stdin could not be created or given its mode.
+    #[error("creating the stdin pipe")]
+    StdinPipe(#[source] nix::Error),
+    /// A node of the output channel (named; TVM's guest kernel driver) could
+    /// not be opened.
+    #[error("opening the output channel {0}")]
+    OutputChannel(&'static str, #[source] nix::Error),
     /// A helper thread could not be started.
     #[error("starting the {0} thread")]
     SpawnThread(&'static str, #[source] std::io::Error),

@@ -18,7 +18,7 @@ use crate::error::Error;
 use crate::inbox::Inbox;
 use crate::log::debug;
 use crate::output::Capture;
-use crate::relay::Relay;
+use crate::relay::{Relay, OUTPUT_NODE, STREAM_NODES};
 use crate::sandbox::{Cgroup, ChildSetup};
 
 /// The job's working directory (a tmpfs owned by the runner).
@@ -31,7 +31,7 @@ const TICK: Duration = Duration::from_millis(5);
 /// processes are stopped near the limit rather than at the end.
 const CPU_POLL: Duration = Duration::from_millis(50);
 /// How long a stage over its time limit gets between SIGTERM and SIGKILL.
-/// Runtimes that buffer a pipe (Ruby) flush it when terminated, so the
+/// Runtimes that buffer a stdout that is not a terminal (Ruby) flush it when terminated, so the
 /// output printed before the limit is kept, as a terminal would have shown
 /// it; a program that ignores SIGTERM only gains this much, and its verdict
 /// stays `time_limit_exceeded`. The output cap kills at once (more output
@@ -40,8 +40,8 @@ const TERM_GRACE: Duration = Duration::from_millis(500);
 /// How long killed processes get to disappear. SIGKILL cannot be caught, so
 /// only a task stuck in the kernel would take longer.
 const KILL_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long the output readers get to drain the pipes once every writer is
-/// dead (then they see end of file at once).
+/// How long the output relay gets to drain the channel once every writer is
+/// dead (then it sees end of file at once).
 const READER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One stage to run.
@@ -132,7 +132,7 @@ fn supervise(
     // Our own pipe rather than Stdio::piped(): its mode must allow the job to
     // reopen it (`/dev/stdin`) before the program can start.
     let stdin_write = if spec.stdin.is_some() || session_stdin {
-        let (read, write) = std_pipe("stdin")?;
+        let (read, write) = stdin_pipe()?;
         command.stdin(Stdio::from(read));
         Some(write)
     } else {
@@ -147,9 +147,8 @@ fn supervise(
         command.pre_exec(move || setup.apply());
     }
 
-    // The relay runs before the program does: its threads wait in their
-    // reads when the program's first write comes, so even the first writes
-    // to the two streams keep their order (see `relay`).
+    // The relay runs before the program does: its thread waits in its read
+    // when the program's first write comes (see `relay`).
     let Plumbing { relay, stdout_write, stderr_write } = Plumbing::take_spare().map_or_else(Plumbing::new, Ok)?;
     relay.configure(spec.stage, limits.output_bytes, outbox.clone());
     command.stdout(Stdio::from(stdout_write)).stderr(Stdio::from(stderr_write));
@@ -160,7 +159,7 @@ fn supervise(
     }
     let started = Instant::now();
     let spawned = command.spawn();
-    // The command holds the pipes' write ends: only the program may keep
+    // The command holds the channel's writers: only the program may keep
     // them, or the relay would never see the end of its output.
     drop(command);
     let child = match spawned {
@@ -261,7 +260,7 @@ fn supervise(
     mark(spec.stage, "exited");
 
     // The main process is gone; anything it left behind (daemons, orphans
-    // holding the output pipes) goes with it.
+    // holding the output channel) goes with it.
     cgroup.kill()?;
     let deadline = Instant::now() + KILL_TIMEOUT;
     let mut scratch = None;
@@ -276,20 +275,19 @@ fn supervise(
     reap(main, &mut scratch);
     mark(spec.stage, "emptied");
 
-    // Every writer is dead: what the pipes hold is all there will be.
+    // Every writer is dead: what the ring holds is all there will be.
     if !relay.wait_finished(READER_TIMEOUT) {
         debug!("{:?} stage: output relay not finished after {READER_TIMEOUT:?}", spec.stage);
     }
     mark(spec.stage, "drained");
 
     let cpu_us = cgroup.cpu_usage_us()?;
-    let observed = Observed {
-        killed: killed.map(|(status, _, _)| status),
-        oom_kills: cgroup.oom_kills()?,
-        cpu_us,
-        cpu_limit_us,
-        exit,
-    };
+    // Output past the cap that the loop had not seen when the program
+    // exited (the relay reads up to a window late) is past the cap all the
+    // same: the verdict must not depend on that race.
+    let killed =
+        killed.map(|(status, _, _)| status).or_else(|| relay.overflowed().then_some(StageStatus::OutputLimitExceeded));
+    let observed = Observed { killed, oom_kills: cgroup.oom_kills()?, cpu_us, cpu_limit_us, exit };
     let status = classify(&observed);
     let [(stdout, stdout_truncated), (stderr, stderr_truncated)] = relay.take();
     let result = StageResult {
@@ -318,8 +316,9 @@ fn supervise(
     Ok(result)
 }
 
-/// A stage's output plumbing: its stdout and stderr pipes and the relay
-/// whose threads wait in their reads (see [`Relay::spawn`]).
+/// A stage's output plumbing: a new output channel (its stdout and stderr
+/// writers, for the program) and the relay whose thread waits in a read of
+/// it (see [`Relay::spawn`]).
 struct Plumbing {
     relay: Relay,
     stdout_write: OwnedFd,
@@ -330,11 +329,14 @@ struct Plumbing {
 static SPARE: std::sync::Mutex<Option<Plumbing>> = std::sync::Mutex::new(None);
 
 impl Plumbing {
+    /// Opens a new channel: the reader first (which makes the channel the
+    /// current one), then its two writers, which join it.
     fn new() -> Result<Self, Error> {
-        let (stdout_read, stdout_write) = std_pipe("stdout")?;
-        let (stderr_read, stderr_write) = std_pipe("stderr")?;
-        let relay = Relay::spawn(stdout_read, stderr_read)?;
-        Ok(Self { relay, stdout_write, stderr_write })
+        use nix::fcntl::OFlag;
+        let reader = open_node(OUTPUT_NODE, OFlag::O_RDONLY)?;
+        let [stdout_write, stderr_write] = STREAM_NODES.map(|node| open_node(node, OFlag::O_WRONLY));
+        let relay = Relay::spawn(reader)?;
+        Ok(Self { relay, stdout_write: stdout_write?, stderr_write: stderr_write? })
     }
 
     fn take_spare() -> Option<Self> {
@@ -342,11 +344,26 @@ impl Plumbing {
     }
 }
 
-/// Makes the next stage's pipes and relay threads now, while the agent waits
+/// Opens a node of the output channel, close-on-exec (the child's `dup2`
+/// onto fd 1 or 2 clears the flag there only).
+///
+/// # Errors
+/// [`Error::OutputChannel`] when the node cannot be opened (`ENOENT`: a guest
+/// kernel without TVM's driver; `EMFILE`: the agent is out of descriptors).
+fn open_node(node: &'static str, access: nix::fcntl::OFlag) -> Result<OwnedFd, Error> {
+    use nix::fcntl::{open, OFlag};
+    use std::os::fd::FromRawFd;
+    let fd = open(node, access | OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())
+        .map_err(|e| Error::OutputChannel(node, e))?;
+    // SAFETY: a descriptor open(2) just returned, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Makes the next stage's output channel and relay thread now, while the agent waits
 /// for its job (before `Ready`, and after a template's or a pool VM's
-/// warm-up), so the job does not pay for two thread starts and the relay's
-/// start handshake (about 5 ms under TCG). A template's clones inherit the
-/// spare: its threads wait in their reads in the saved state. Best effort:
+/// warm-up), so the job does not pay for a thread start and the relay's
+/// start handshake (milliseconds under TCG). A template's clones inherit the
+/// spare: its thread waits in its read in the saved state. Best effort:
 /// a stage without a spare makes its own.
 pub fn prepare_spare() {
     let mut spare = SPARE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -401,25 +418,22 @@ fn mark(stage: Stage, step: &str) {
     crate::trace::mark(&format!("{}.{step}", stage.as_str()));
 }
 
-/// A pipe for one of the program's standard streams, both ends
-/// close-on-exec (the child's `dup2` onto fd 0, 1 or 2 clears the flag there
-/// only): `(read end, write end)`.
+/// The pipe for a stage's stdin, both ends close-on-exec (the child's
+/// `dup2` onto fd 0 clears the flag there only): `(read end, write end)`.
 ///
-/// The pipe's inode is made openable by the unprivileged job in the
-/// direction it uses (stdin `0444`, stdout/stderr `0222`), as a pipe made by
-/// the user's own shell is: programs reopen `/dev/stdin`, `/dev/stdout` and
-/// `/dev/stderr` (`/proc/self/fd/N`, which checks the inode's mode), and a
-/// root-owned `0600` pipe answers them `EACCES`. Nobody else can reach the
-/// pipe: it exists only as these descriptors.
+/// The pipe's inode is made readable by the unprivileged job (`0444`), as a
+/// pipe made by the user's own shell is: programs reopen `/dev/stdin`
+/// (`/proc/self/fd/0`, which checks the inode's mode), and a root-owned
+/// `0600` pipe answers them `EACCES`. Nobody else can reach the pipe: it
+/// exists only as these descriptors.
 ///
 /// # Errors
-/// [`Error::OutputPipe`] when `pipe2(2)` fails (`EMFILE`/`ENFILE`: the agent
+/// [`Error::StdinPipe`] when `pipe2(2)` fails (`EMFILE`/`ENFILE`: the agent
 /// is out of descriptors) or its mode cannot be set.
-fn std_pipe(stream: &'static str) -> Result<(OwnedFd, OwnedFd), Error> {
+fn stdin_pipe() -> Result<(OwnedFd, OwnedFd), Error> {
     use nix::sys::stat::{fchmod, Mode};
-    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| Error::OutputPipe(stream, e))?;
-    let mode = if stream == "stdin" { Mode::from_bits_truncate(0o444) } else { Mode::from_bits_truncate(0o222) };
-    fchmod(read.as_raw_fd(), mode).map_err(|e| Error::OutputPipe(stream, e))?;
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(Error::StdinPipe)?;
+    fchmod(read.as_raw_fd(), Mode::from_bits_truncate(0o444)).map_err(Error::StdinPipe)?;
     Ok((read, write))
 }
 

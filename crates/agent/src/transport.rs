@@ -141,9 +141,8 @@ impl Link {
             .name("host-writer".into())
             .spawn(move || {
                 // At the relay's priority: the relay hands every chunk to this
-                // thread (a channel, an allocator arena), and a lock this thread
-                // held when the relay preempted it would let the program run
-                // on between two reads (see `crate::relay`).
+                // thread, and a frame waiting here for the program's time
+                // slice would hold back what the relay has already read.
                 crate::relay::raise_priority();
                 for msg in rx {
                     write_frame(&mut stream, &msg).map_err(|e| Error::Send(describe(&msg), e))?;
@@ -238,7 +237,7 @@ fn wait_for_hangup(stream: &File, timeout: Duration) -> bool {
 fn describe(msg: &GuestMessage) -> &'static str {
     match msg {
         GuestMessage::Ready { .. } => "ready",
-        GuestMessage::Output { .. } => "output",
+        GuestMessage::Output { .. } | GuestMessage::OutputRecords { .. } => "output",
         GuestMessage::Done(_) => "the result",
         GuestMessage::TestDone { .. } => "a test result",
         GuestMessage::Failed { .. } => "the failure report",

@@ -3,7 +3,8 @@
 //! One job per VM: the guest agent announces [`GuestMessage::Ready`], the host
 //! sends one [`HostMessage::Run`], the agent streams [`GuestMessage::Output`]
 //! chunks and ends with [`GuestMessage::Done`]. Frames are a 4-byte big-endian
-//! length followed by that many bytes of JSON. Every reader is given a maximum
+//! length followed by that many bytes of JSON, except `Output`, whose frame
+//! is binary (the length's bit 31 set; see `codec`). Every reader is given a maximum
 //! frame size: the guest runs untrusted code, so the host must never let the
 //! guest choose how much memory it allocates.
 //!
@@ -16,7 +17,7 @@ mod codec;
 mod messages;
 mod signal;
 
-pub use codec::{encode, read_frame, write_frame, FrameDecoder, FrameError};
+pub use codec::{encode, read_frame, write_frame, FrameDecoder, FrameError, Message, RAW_BIT};
 #[cfg(feature = "tokio")]
 pub use codec::{read_frame_async, write_frame_async};
 pub use messages::*;
@@ -28,7 +29,8 @@ pub use signal::linux_signal_name;
 /// 3: interactive jobs (`Job::interactive`, `Stdin`, `StdinEof`, `Signal`,
 /// `StageStarted`, `StageExited`); an older agent would leave a session's
 /// program waiting for input forever.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: [`GuestMessage::Output`] travels as a binary frame (`codec`), not JSON.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame the host accepts from the guest. Output arrives in chunks of
 /// at most [`OUTPUT_CHUNK`] bytes, so anything larger is hostile.
@@ -37,10 +39,9 @@ pub const MAX_GUEST_FRAME: usize = 1 << 20;
 /// Largest frame the agent accepts from the host (the job with its files).
 pub const MAX_HOST_FRAME: usize = 64 << 20;
 
-/// Largest raw output chunk the agent streams (before base64). The agent
-/// batches a program's writes into chunks up to this size, so relaying costs
-/// per byte rather than per write; base64 and JSON keep a chunk's frame well
-/// under [`MAX_GUEST_FRAME`].
+/// Largest raw output chunk the agent streams. The agent batches a program's
+/// writes into chunks up to this size, so relaying costs per byte rather than
+/// per write; a chunk's (binary) frame stays well under [`MAX_GUEST_FRAME`].
 pub const OUTPUT_CHUNK: usize = 64 << 10;
 
 /// Name of the virtio-serial port the agent talks on (QEMU backend).

@@ -19,6 +19,90 @@ pub mod b64 {
     }
 }
 
+/// The records of [`GuestMessage::OutputRecords`], in order: `(stream,
+/// bytes)`. Built with [`OutputRecords::push`] (which merges consecutive
+/// bytes of one stream into one record); read with [`OutputRecords::parse`],
+/// which treats the blob as hostile (it comes from the guest).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutputRecords {
+    blob: Vec<u8>,
+    /// Where the newest record's header starts, if any.
+    last: Option<usize>,
+    bytes: usize,
+}
+
+/// A record header: stream byte and big-endian `u32` length.
+const RECORD_HEADER: usize = 5;
+
+impl OutputRecords {
+    /// An empty set with room for `capacity` bytes of records.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self { blob: Vec::with_capacity(capacity), last: None, bytes: 0 }
+    }
+
+    /// Appends `bytes` of `stream`, into the newest record if it is of the same stream.
+    pub fn push(&mut self, stream: Stream, bytes: &[u8]) {
+        let tag = match stream {
+            Stream::Stdout => 0,
+            Stream::Stderr => 1,
+        };
+        let at = match self.last {
+            Some(at) if self.blob[at] == tag => at,
+            _ => {
+                let at = self.blob.len();
+                self.blob.extend_from_slice(&[tag, 0, 0, 0, 0]);
+                self.last = Some(at);
+                at
+            }
+        };
+        self.blob.extend_from_slice(bytes);
+        let len = u32::try_from(self.blob.len() - at - RECORD_HEADER).expect("records stay far below 4 GiB");
+        self.blob[at + 1..at + RECORD_HEADER].copy_from_slice(&len.to_be_bytes());
+        self.bytes += bytes.len();
+    }
+
+    /// Output bytes held (headers not counted).
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether no output is held.
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// The wire form, for [`GuestMessage::OutputRecords`].
+    pub fn into_blob(self) -> Vec<u8> {
+        self.blob
+    }
+
+    /// The records of a wire form, in order.
+    ///
+    /// # Errors
+    /// A one-line reason when the blob is not a sequence of whole records.
+    pub fn parse(blob: &[u8]) -> Result<Vec<(Stream, &[u8])>, &'static str> {
+        let mut out = Vec::new();
+        let mut rest = blob;
+        while !rest.is_empty() {
+            let [tag, a, b, c, d, tail @ ..] = rest else {
+                return Err("an output record cut inside its header");
+            };
+            let stream = match tag {
+                0 => Stream::Stdout,
+                1 => Stream::Stderr,
+                _ => return Err("an output record of an unknown stream"),
+            };
+            let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
+            if tail.len() < len {
+                return Err("an output record longer than its frame");
+            }
+            out.push((stream, &tail[..len]));
+            rest = &tail[len..];
+        }
+        Ok(out)
+    }
+}
+
 /// Host → guest.
 // One `Run` per VM, serialised at once: boxing the job would only add an allocation.
 #[allow(clippy::large_enum_variant)]
@@ -114,6 +198,17 @@ pub enum GuestMessage {
         /// Raw bytes (at most [`crate::OUTPUT_CHUNK`]).
         #[serde(with = "b64")]
         data: Vec<u8>,
+    },
+    /// Output of both streams of a stage in the order it was written, as
+    /// records (see [`OutputRecords`]): what the output relay sends, so a
+    /// program that alternates stdout and stderr costs frames by the byte,
+    /// not by the switch. At most [`crate::OUTPUT_CHUNK`] bytes of output.
+    OutputRecords {
+        /// Which stage produced it.
+        stage: Stage,
+        /// The records, `[stream u8 (0 stdout, 1 stderr)][length u32 BE][bytes]` each.
+        #[serde(with = "b64")]
+        records: Vec<u8>,
     },
     /// The job is finished; the VM powers off next.
     Done(JobResult),

@@ -19,6 +19,16 @@ use tvm_config::{GuestArch, Settings};
 use crate::cache::{run_cancellable, which, BuildCancel, Cache, RunError};
 use crate::progress::Progress;
 
+/// TVM's own driver, built into every guest kernel: the stage output
+/// channel (`/dev/tvm-output`, `/dev/tvm-stdout`, `/dev/tvm-stderr`) the
+/// agent gives programs as their stdout and stderr instead of pipes
+/// (the file's header says why and how it behaves).
+pub const OUTPUT_DRIVER: &str = include_str!("../../../guest/kernel/tvm_output.c");
+
+/// Where [`OUTPUT_DRIVER`] goes in the kernel tree (`obj-y` of `drivers/char`,
+/// a directory every configuration builds).
+const OUTPUT_DRIVER_PATH: &str = "drivers/char/tvm_output.c";
+
 /// The pinned configuration fragment (x86_64).
 pub const FRAGMENT: &str = include_str!("../../../guest/kernel/tvm-guest-6.1.fragment");
 
@@ -34,14 +44,14 @@ pub fn fragment_for(arch: GuestArch) -> &'static str {
 }
 
 /// Bumped when the build procedure changes in a way that changes the result.
-const KERNEL_RECIPE_VERSION: u32 = 1;
+const KERNEL_RECIPE_VERSION: u32 = 2;
 
 /// `  CC`/`  LD`/`  AR` lines printed by `make bzImage` for this configuration
-/// (measured: 1427 with Debian linux-source-6.1 6.1.192-3); the length of the progress bar.
-pub const KERNEL_BUILD_STEPS: u64 = 1427;
+/// (measured: 1427 with Debian linux-source-6.1 6.1.192-3, plus TVM's driver); the length of the progress bar.
+pub const KERNEL_BUILD_STEPS: u64 = 1428;
 
 /// The same count for `make ARCH=arm64 Image` of the aarch64 fragment.
-pub const KERNEL_BUILD_STEPS_AARCH64: u64 = 1272;
+pub const KERNEL_BUILD_STEPS_AARCH64: u64 = 1273;
 
 /// Kbuild's settings for building a kernel for `arch` on this host: `ARCH`,
 /// `CROSS_COMPILE` (empty when native), the make target and its output.
@@ -197,7 +207,7 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> Kernel
 }
 
 /// The cache key: first 24 hex digits of a SHA-256 over the recipe version, the
-/// fragment, and the source tarball's file name and size. Cheap on purpose: the
+/// fragment, TVM's driver, and the source tarball's file name and size. Cheap on purpose: the
 /// 130 MB tarball is never read (a new Debian upload changes its size).
 pub fn kernel_key(settings: &Settings) -> Result<String, KernelBuildError> {
     let src = &settings.kernel_source;
@@ -213,6 +223,7 @@ fn key_of(fragment: &str, source_name: &str, source_len: u64) -> String {
     let mut h = Sha256::new();
     h.update(KERNEL_RECIPE_VERSION.to_le_bytes());
     h.update(fragment.as_bytes());
+    h.update(OUTPUT_DRIVER.as_bytes());
     h.update(source_name.as_bytes());
     h.update(source_len.to_le_bytes());
     hex::encode(&h.finalize()[..12])
@@ -316,6 +327,8 @@ fn build(
     run_cancellable(&mut tar, Some(cancel), |_| {}, |_| {})
         .map_err(|e| tool_failed(e, |tail| KernelBuildError::Extract { tarball: tarball.clone(), tail }))?;
 
+    add_output_driver(&src)?;
+
     progress.set_message("configuring the guest kernel");
     let fragment = scratch.join("tvm-guest.fragment");
     std::fs::write(&fragment, fragment_text).map_err(io_err("writing", &fragment))?;
@@ -370,6 +383,17 @@ fn build(
     let dest = cache.kernel_dir(key);
     scratch.publish(&out, &dest).map_err(io_err("publishing", &dest))?;
     Ok(Kernel::in_dir(&dest, key, arch))
+}
+
+/// Puts [`OUTPUT_DRIVER`] into the unpacked tree and into `drivers/char`'s
+/// always-built objects.
+fn add_output_driver(src: &Path) -> Result<(), KernelBuildError> {
+    let driver = src.join(OUTPUT_DRIVER_PATH);
+    std::fs::write(&driver, OUTPUT_DRIVER).map_err(io_err("writing", &driver))?;
+    let makefile = src.join("drivers/char/Makefile");
+    let mut text = std::fs::read_to_string(&makefile).map_err(io_err("reading", &makefile))?;
+    text.push_str("obj-y += tvm_output.o\n");
+    std::fs::write(&makefile, text).map_err(io_err("writing", &makefile))
 }
 
 /// `make` in the source tree for `kbuild`, shielded from the caller's make

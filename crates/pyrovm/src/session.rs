@@ -9,7 +9,7 @@ use tvm_protocol::{
     write_frame_async, FrameError, GuestMessage, HostMessage, Job, JobResult, Stage, StageStatus, Stream, STDIN_CHUNK,
 };
 
-use super::{send_job, vm_gone, RunJobError, SentJob, Vm};
+use super::{each_record, send_job, vm_gone, RunJobError, SentJob, Vm};
 
 /// Input for a running interactive job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +82,11 @@ impl Vm {
                                 return Err(RunJobError::OutputFlood(received));
                             }
                             on_event(SessionEvent::Output { stage, stream, data: &data });
+                        }
+                        GuestMessage::OutputRecords { stage, records } => {
+                            each_record(&records, &mut received, cap, |stream, data| {
+                                on_event(SessionEvent::Output { stage, stream, data })
+                            })?
                         }
                         GuestMessage::StageStarted { stage } => on_event(SessionEvent::StageStarted(stage)),
                         GuestMessage::StageExited { stage, status, exit_code, signal } => {

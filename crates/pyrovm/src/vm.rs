@@ -548,6 +548,9 @@ impl Vm {
                             }
                             on_output(stage, stream, &data);
                         }
+                        GuestMessage::OutputRecords { stage, records } => {
+                            each_record(&records, &mut received, cap, |stream, data| on_output(stage, stream, data))?
+                        }
                         GuestMessage::TestDone { index, result } => {
                             if index != next_test || index as usize >= tests {
                                 return Err(RunJobError::Protocol(FrameError::Io(std::io::Error::other(format!(
@@ -582,6 +585,31 @@ impl Vm {
         .instrument(span)
         .await
     }
+}
+
+/// Calls `each(stream, bytes)` for the records of a
+/// [`GuestMessage::OutputRecords`] frame, in order, counting their bytes
+/// into `received`.
+///
+/// # Errors
+/// [`RunJobError::Protocol`] when the records are malformed,
+/// [`RunJobError::OutputFlood`] when `received` goes past `cap`.
+pub(super) fn each_record(
+    records: &[u8],
+    received: &mut u64,
+    cap: u64,
+    mut each: impl FnMut(Stream, &[u8]),
+) -> Result<(), RunJobError> {
+    let records =
+        tvm_protocol::OutputRecords::parse(records).map_err(|why| RunJobError::Protocol(FrameError::Raw(why)))?;
+    for (stream, data) in records {
+        *received += data.len() as u64;
+        if *received > cap {
+            return Err(RunJobError::OutputFlood(*received));
+        }
+        each(stream, data);
+    }
+    Ok(())
 }
 
 /// A job sent to the agent: what the host needs to read its answer.

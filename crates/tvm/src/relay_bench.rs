@@ -3,8 +3,11 @@
 //!
 //! Each program times its own write loop (monotonic clock, inside the
 //! guest) and reports it on stderr; the only difference between the two runs
-//! of a row is whether fd 1 is the relay's pipe or `/dev/null` (the program
-//! `dup2`s it when given `null`), so the ratio is the relay's cost per write.
+//! of a row is whether fd 1 is the stage's stdout (TVM's output channel,
+//! read by the relay) or `/dev/null` (the program `dup2`s it when given
+//! `null`), so the ratio is the relay's cost per write. The pipe floor
+//! column shows what a pipe would cost instead (stages had pipes before the
+//! channel).
 //! A relay run only counts if every byte arrived, in order.
 
 use std::time::Duration;
@@ -15,7 +18,8 @@ use tvm_protocol::{Stage, Stream, Verdict};
 
 /// One program of the bench: prints `0\n1\n...` up to `lines - 1`, one
 /// write per line, and reports `loop_ns=<n>` on stderr. Its second argument
-/// says where fd 1 goes: absent, the relay's pipe; `null`, `/dev/null`;
+/// says where fd 1 goes: absent, the stage's stdout (the output channel);
+/// `null`, `/dev/null`;
 /// `pipe`, a pipe of the program's own that nobody else reads (the floor:
 /// what the pipe write itself costs), emptied by the program every
 /// [`FLOOR_DRAIN_LINES`] lines so it never blocks.
@@ -272,7 +276,7 @@ struct Measured {
 /// Where a run's fd 1 goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Sink {
-    /// The relay's pipe: every byte must arrive.
+    /// The stage's stdout, through the relay: every byte must arrive.
     Relay,
     /// A pipe the program empties itself: nothing reaches the relay.
     Pipe,

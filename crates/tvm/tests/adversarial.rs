@@ -152,7 +152,7 @@ fn stderr_flood(s: &Server) {
 }
 
 /// Attack: close stdout and stderr, then hang, hoping the supervisor waits
-/// for end-of-file. Defence: the wall limit is independent of the pipes.
+/// for end-of-file. Defence: the wall limit is independent of the output channel.
 fn close_stdout_and_hang(s: &Server) {
     let src = "import os, time\nos.close(1)\nos.close(2)\ntime.sleep(600)";
     let v = run(s, &py(src, json!({"wall_time_ms": 2000})));
@@ -169,7 +169,7 @@ fn zombie_and_orphaned_daemon(s: &Server) {
     let v = run(s, &py(src, json!({"wall_time_ms": 30000})));
     assert_eq!(verdict(&v), "ok", "{v}");
     assert_eq!(v["run"]["stdout"], "parent done\n");
-    // The daemon holds the stdout pipe: only killing it lets the result come before the wall limit.
+    // The daemon holds stdout open: only killing it lets the result come before the wall limit.
     assert!(v["run"]["wall_time_ms"].as_u64().unwrap() < 15000, "{v}");
 }
 

@@ -771,3 +771,231 @@ fn standard_streams_reopened_by_name_in_every_language() {
     assert!(failures.is_empty(), "reopening /dev/std* by name:\n{}", failures.join("\n"));
     assert_eq!(REOPEN_PROGRAMS.len(), languages.len(), "a program for every language: {languages:?}");
 }
+
+/// What a program may do to its stdout that a pipe allows, in C: stdout and
+/// stderr are TVM's output channel (`guest/kernel/tvm_output.c`), not pipes,
+/// and must behave as one would. `writev`, `sendfile` (splice), `poll` for
+/// room, a non-blocking write, `lseek` refused with `ESPIPE`, not a
+/// terminal, one `write` three times the channel's 1 MiB ring, and two
+/// threads writing whole lines at once to the two streams (a line, at most
+/// `PIPE_BUF`, is never split).
+const PIPE_LIKE_C: &str = r#"#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/sendfile.h>
+#include <sys/uio.h>
+#include <unistd.h>
+static void *lines(void *arg) {
+    long fd = (long)arg;
+    char line[80];
+    for (int i = 0; i < 2000; i++) {
+        int n = snprintf(line, sizeof line, "fd %ld line %d ..............................\n", fd, i);
+        if (write((int)fd, line, n) != n) exit(3);
+    }
+    return NULL;
+}
+int main(void) {
+    printf("isatty=%d\n", isatty(1));
+    fflush(stdout);
+    errno = 0;
+    off_t at = lseek(1, 0, SEEK_CUR);
+    printf("lseek=%ld %s\n", (long)at, errno == ESPIPE ? "ESPIPE" : strerror(errno));
+    fflush(stdout);
+    struct iovec iov[3] = {{"wri", 3}, {"te", 2}, {"v\n", 2}};
+    if (writev(1, iov, 3) != 7) return 4;
+    FILE *f = fopen("in.txt", "w");
+    fputs("sent by sendfile\n", f);
+    fclose(f);
+    int in = open("in.txt", O_RDONLY);
+    off_t off = 0;
+    ssize_t sent = sendfile(1, in, &off, 100);
+    printf("sendfile=%zd\n", sent);
+    fflush(stdout);
+    struct pollfd p = {1, POLLOUT, 0};
+    int ready = poll(&p, 1, 5000);
+    printf("poll=%d pollout=%d\n", ready, (p.revents & POLLOUT) != 0);
+    fflush(stdout);
+    int flags = fcntl(1, F_GETFL);
+    fcntl(1, F_SETFL, flags | O_NONBLOCK);
+    ssize_t w = write(1, "nonblocking\n", 12);
+    fcntl(1, F_SETFL, flags);
+    printf("nonblocking write=%zd\n", w);
+    fflush(stdout);
+    size_t big = 3u << 20;
+    char *b = malloc(big);
+    for (size_t i = 0; i < big; i++) b[i] = 'a' + i % 26;
+    b[big - 1] = '\n';
+    for (size_t done = 0; done < big;) {
+        ssize_t n = write(1, b + done, big - done);
+        if (n <= 0) { perror("big write"); return 5; }
+        done += (size_t)n;
+    }
+    pthread_t t[2];
+    for (long i = 0; i < 2; i++) pthread_create(&t[i], NULL, lines, (void *)(i + 1));
+    for (int i = 0; i < 2; i++) pthread_join(t[i], NULL);
+    return 0;
+}
+"#;
+
+#[test]
+fn stdout_behaves_as_a_pipe_would() {
+    let env = Env::new();
+    let f = env.file("main.c", PIPE_LIKE_C);
+    let v = json_with_args(&env, &f, &["--output-limit", "8M", "--time-limit", "60s"], &[]);
+    assert_eq!(v["verdict"], "ok", "{}", v["run"]["stderr"]);
+    let stdout = stdout_of(&v);
+    let head = "isatty=0\nlseek=-1 ESPIPE\nwritev\nsent by sendfile\nsendfile=17\npoll=1 pollout=1\nnonblocking\n\
+                nonblocking write=12\n";
+    assert!(stdout.starts_with(head), "{:?}", &stdout[..stdout.len().min(300)]);
+    let big: String =
+        (0..3usize << 20).map(|i| if i == (3 << 20) - 1 { '\n' } else { (b'a' + (i % 26) as u8) as char }).collect();
+    let rest = &stdout[head.len()..];
+    assert!(rest.starts_with(&big), "the 3 MiB write arrived whole and in order");
+    let thread_lines = |text: &str, fd: u32| {
+        let want: Vec<String> = (0..2000).map(|i| format!("fd {fd} line {i} ..............................")).collect();
+        let got: Vec<&str> = text.lines().collect();
+        assert_eq!(got.len(), want.len(), "fd {fd}: every line, none split or merged");
+        assert!(got.iter().zip(&want).all(|(g, w)| g == w), "fd {fd}: lines whole and in order");
+    };
+    thread_lines(&rest[big.len()..], 1);
+    thread_lines(v["run"]["stderr"].as_str().unwrap(), 2);
+}
+
+/// The same kind in the other languages whose runtimes look at what their
+/// stdout is: each writes 3 MiB in one call of its own API (Python's
+/// `os.write` loop and `sys.stdout.write`, Node's `fs.writeSync` and
+/// `process.stdout.write`, Go's `os.Stdout.Write`, Java's `System.out`),
+/// reports whether stdout is a terminal, and must get every byte through.
+#[test]
+fn a_write_larger_than_the_channel_arrives_whole_in_every_language() {
+    const PROGRAMS: &[(&str, &str)] = &[
+        (
+            "main.py",
+            "import os, sys\nb = ''.join(chr(97 + i % 26) for i in range(3 << 20))\n\
+             print('tty', sys.stdout.isatty(), 'seekable', sys.stdout.seekable(), flush=True)\n\
+             sys.stdout.write(b)\nsys.stdout.flush()\nv = memoryview(b.encode())\n\
+             while v:\n    v = v[os.write(1, v):]\n",
+        ),
+        (
+            "main.js",
+            "const fs = require('fs');\nlet b = '';\nfor (let i = 0; i < (3 << 20); i++) b += String.fromCharCode(97 + i % 26);\n\
+             console.log('tty', !!process.stdout.isTTY, 'seekable', false);\nprocess.stdout.write(b);\n\
+             let buf = Buffer.from(b), at = 0;\nwhile (at < buf.length) at += fs.writeSync(1, buf, at);\n",
+        ),
+        (
+            "main.go",
+            "package main\n\nimport (\n\t\"fmt\"\n\t\"os\"\n)\n\nfunc main() {\n\tb := make([]byte, 3<<20)\n\
+             \tfor i := range b {\n\t\tb[i] = byte(97 + i%26)\n\t}\n\tfmt.Println(\"tty\", false, \"seekable\", false)\n\
+             \tos.Stdout.Write(b)\n\tos.Stdout.Write(b)\n}\n",
+        ),
+        (
+            "Main.java",
+            "public class Main {\n    public static void main(String[] a) throws Exception {\n\
+             \x20       byte[] b = new byte[3 << 20];\n        for (int i = 0; i < b.length; i++) b[i] = (byte) (97 + i % 26);\n\
+             \x20       System.out.println(\"tty \" + (System.console() != null) + \" seekable false\");\n\
+             \x20       System.out.write(b);\n        System.out.write(b);\n        System.out.flush();\n    }\n}\n",
+        ),
+    ];
+    let one: String = (0..3usize << 20).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+    let env = Env::new();
+    let mut failures = Vec::new();
+    for (file, source) in PROGRAMS {
+        let f = env.file(file, source);
+        let v = json_with_args(&env, &f, &["--output-limit", "8M", "--time-limit", "60s"], &[]);
+        let stdout = stdout_of(&v);
+        let (first, rest) = stdout.split_once('\n').unwrap_or(("", ""));
+        let tty = first.starts_with("tty False") || first.starts_with("tty false");
+        let python_seekable = !file.ends_with(".py") || first.ends_with("seekable False");
+        if v["verdict"] != "ok" || !tty || !python_seekable || rest.len() != 2 * one.len() || rest != one.repeat(2) {
+            failures.push(format!(
+                "{file}: verdict {}, first line {first:?}, {} of {} bytes; stderr {}",
+                v["verdict"],
+                rest.len(),
+                2 * one.len(),
+                v["run"]["stderr"]
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// Output past the cap written just before the program exits is
+/// `output_limit_exceeded`, not `ok` with a cut stdout, whichever comes
+/// first: the exit or the relay's read (in C and Python, on both streams).
+#[test]
+fn output_past_the_cap_right_before_exit_is_output_limit_exceeded() {
+    const PROGRAMS: &[(&str, &str)] = &[
+        (
+            "main.c",
+            "#include <string.h>\n#include <unistd.h>\nint main(void) {\n    static char b[3000];\n    \
+             memset(b, 'x', sizeof b);\n    write(1, \"a\\n\", 2);\n    write(1, b, sizeof b);\n    return 0;\n}\n",
+        ),
+        ("main.py", "import sys\nprint('a')\nsys.stderr.write('y' * 3000)\n"),
+    ];
+    let env = Env::new();
+    let mut failures = Vec::new();
+    for (file, source) in PROGRAMS {
+        let f = env.file(file, source);
+        for _ in 0..3 {
+            let v = json_with_args(&env, &f, &["--output-limit", "1000"], &[]);
+            let cut = v["run"]["stdout_truncated"] == true || v["run"]["stderr_truncated"] == true;
+            if v["verdict"] != "output_limit_exceeded" || !cut {
+                failures.push(format!("{file}: verdict {}, truncated {cut}", v["verdict"]));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// A program that closes both standard streams and later opens
+/// `/dev/tvm-stdout` by name is refused (`ENXIO`), as a pipe's writer whose
+/// reader is gone would be, rather than writing into a channel nobody reads
+/// any more (its bytes were lost, and a large write hung until the time
+/// limit). Closing one stream and reopening it works (the other keeps the
+/// channel open).
+#[test]
+fn reopening_stdout_after_closing_both_streams_is_refused_not_lost() {
+    let env = Env::new();
+    let both = env.file(
+        "both.c",
+        "#include <errno.h>\n#include <fcntl.h>\n#include <unistd.h>\nint main(void) {\n    write(1, \"before\\n\", 7);\n    \
+         close(1);\n    close(2);\n    usleep(300000);\n    int fd = open(\"/dev/tvm-stdout\", O_WRONLY);\n    \
+         return fd < 0 && errno == ENXIO ? 7 : 0;\n}\n",
+    );
+    let v = json_with_args(&env, &both, &["--time-limit", "10s"], &[]);
+    assert_eq!(v["run"]["exit_code"], 7, "{v}");
+    assert_eq!(stdout_of(&v), "before\n");
+    let one = env.file(
+        "one.c",
+        "#include <fcntl.h>\n#include <unistd.h>\nint main(void) {\n    write(1, \"before\\n\", 7);\n    close(1);\n    \
+         usleep(300000);\n    int fd = open(\"/dev/stdout\", O_WRONLY);\n    if (fd < 0) fd = open(\"/dev/tvm-stdout\", O_WRONLY);\n    \
+         return write(fd, \"after\\n\", 6) == 6 ? 0 : 9;\n}\n",
+    );
+    let v = json_with_args(&env, &one, &["--time-limit", "10s"], &[]);
+    assert_eq!(v["verdict"], "ok", "{v}");
+    assert_eq!(stdout_of(&v), "before\nafter\n");
+}
+
+/// A program that alternates stdout and stderr on every write (answers on
+/// one, debug lines on the other) costs what the same bytes cost on one
+/// stream: records of both streams share frames. 300,000 single-byte writes
+/// alternating used to send one frame per write and ran the guest out of
+/// memory (`internal_error`).
+#[test]
+fn alternating_single_bytes_on_both_streams_arrive_whole() {
+    let env = Env::new();
+    let f = env.file(
+        "alt.c",
+        "#include <stdlib.h>\n#include <unistd.h>\nint main(int c, char **v) {\n    long n = atol(v[1]);\n    \
+         for (long i = 0; i < n; i++) {\n        write(1, \"a\", 1);\n        write(2, \"b\", 1);\n    }\n    return 0;\n}\n",
+    );
+    let v = json_with_args(&env, &f, &["--time-limit", "60s"], &["300000"]);
+    assert_eq!(v["verdict"], "ok", "{}", v["run"]["stderr"].as_str().map(|s| s.len()).unwrap_or(0));
+    assert_eq!(stdout_of(&v), "a".repeat(300_000));
+    assert_eq!(v["run"]["stderr"].as_str().unwrap(), "b".repeat(300_000));
+}
