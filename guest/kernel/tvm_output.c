@@ -37,6 +37,19 @@
  * The reader's wait queue is woken only by a write that finds the ring
  * empty, so a reader that waits for a quiet spell to end costs the writer
  * one wake-up per spell, not one per write.
+ *
+ * Locking: the ring's state changes only under the channel's busy bit. A
+ * write of at most PIPE_BUF bytes that fits without wrapping (nearly every
+ * write of a program writing line by line) takes only that bit, with a
+ * trylock, and copies with page faults disabled and no function call: under
+ * TCG a call and its return cost about as much as a dozen loads, and the
+ * mutex, copy_from_user and their returns were most of what a write here
+ * cost above one to /dev/null (docs/performance.md, "Output relay"). Every
+ * other path (a longer write, a full ring, a fault, the reader, open,
+ * release, poll) takes the mutex first, then the bit, and may sleep holding
+ * both: the fast path never waits for the bit (it falls back to the mutex),
+ * so only a mutex holder ever spins on it, and only while a fast path runs,
+ * which cannot sleep or be preempted.
  */
 #include <linux/fs.h>
 #include <linux/kref.h>
@@ -48,6 +61,7 @@
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 #include <linux/uio.h>
+#include <asm/unaligned.h>
 #include <linux/vmalloc.h>
 #include <linux/wait.h>
 #include <asm/ioctls.h>
@@ -60,7 +74,8 @@
 
 struct tvm_chan {
 	struct kref ref;
-	struct mutex lock;
+	struct mutex lock;		/* the slow paths; see Locking above */
+	unsigned long busy;		/* bit 0: the ring's state is taken */
 	wait_queue_head_t rwait;	/* the reader: data or end of file */
 	wait_queue_head_t wwait;	/* writers: room, or the reader gone */
 	u8 *ring;
@@ -94,6 +109,19 @@ static void tvm_chan_free(struct kref *ref)
 static void tvm_chan_put(struct tvm_chan *ch)
 {
 	kref_put(&ch->ref, tvm_chan_free);
+}
+
+static void tvm_lock(struct tvm_chan *ch)
+{
+	mutex_lock(&ch->lock);
+	while (test_and_set_bit_lock(0, &ch->busy))
+		cpu_relax();
+}
+
+static void tvm_unlock(struct tvm_chan *ch)
+{
+	clear_bit_unlock(0, &ch->busy);
+	mutex_unlock(&ch->lock);
 }
 
 static u32 tvm_used(const struct tvm_chan *ch)
@@ -210,7 +238,7 @@ static ssize_t tvm_write_src(struct file *file, struct tvm_src *src, size_t coun
 
 	if (!count)
 		return 0;
-	mutex_lock(&ch->lock);
+	tvm_lock(ch);
 	for (;;) {
 		u32 before = tvm_used(ch);
 
@@ -253,20 +281,104 @@ static ssize_t tvm_write_src(struct file *file, struct tvm_src *src, size_t coun
 				ret = -ERESTARTSYS;
 			break;
 		}
-		mutex_unlock(&ch->lock);
+		tvm_unlock(ch);
 		ret = wait_event_interruptible(ch->wwait,
 			READ_ONCE(ch->reader_gone) ||
 			TVM_OUT_RING - (READ_ONCE(ch->tail) - READ_ONCE(ch->head)) >
 				(written == 0 && count <= PIPE_BUF ? count : 0) + TVM_OUT_HDR);
-		mutex_lock(&ch->lock);
+		tvm_lock(ch);
 		if (ret) {
 			if (written)
 				ret = 0;
 			break;
 		}
 	}
-	mutex_unlock(&ch->lock);
+	tvm_unlock(ch);
 	return written ? (ssize_t)written : ret;
+}
+
+/*
+ * Copies count user bytes to dst inline, eight at a time, then 4, 2, 1 (no
+ * call, and no rep movsb, which TCG runs one emulated iteration per byte).
+ * Needs page faults disabled: false if the copy would fault.
+ */
+static __always_inline bool tvm_copy_inline(u8 *dst, const char __user *src, u32 count)
+{
+	if (!user_access_begin(src, count))
+		return false;
+	while (count >= 8) {
+		u64 v;
+
+		unsafe_get_user(v, (const u64 __user *)src, fault);
+		put_unaligned(v, (u64 *)dst);
+		src += 8;
+		dst += 8;
+		count -= 8;
+	}
+	if (count & 4) {
+		u32 v;
+
+		unsafe_get_user(v, (const u32 __user *)src, fault);
+		put_unaligned(v, (u32 *)dst);
+		src += 4;
+		dst += 4;
+	}
+	if (count & 2) {
+		u16 v;
+
+		unsafe_get_user(v, (const u16 __user *)src, fault);
+		put_unaligned(v, (u16 *)dst);
+		src += 2;
+		dst += 2;
+	}
+	if (count & 1) {
+		u8 v;
+
+		unsafe_get_user(v, (const u8 __user *)src, fault);
+		*dst = v;
+	}
+	user_access_end();
+	return true;
+fault:
+	user_access_end();
+	return false;
+}
+
+/*
+ * The fast path's append (see Locking above): called with the busy bit
+ * held, preemption and page faults disabled, for a write of at most
+ * PIPE_BUF bytes. Appends it whole to stream's newest record or as a new
+ * one, or returns false (without a change) when the write needs the general
+ * path: the reader gone, too little room, a wrap, a fault. *was_empty says
+ * whether the ring was empty before (the reader may be asleep).
+ */
+static __always_inline bool tvm_append_fast(struct tvm_chan *ch, u32 stream, const char __user *buf,
+					    u32 count, bool *was_empty)
+{
+	u32 used = tvm_used(ch);
+	u32 off = ch->tail & (TVM_OUT_RING - 1);
+	bool merge = ch->has_last && (ch->last_hdr & TVM_OUT_STDERR) == stream &&
+		     (ch->last_hdr & ~TVM_OUT_STDERR) + count <= TVM_OUT_REC_MAX;
+	u32 hdr = merge ? 0 : TVM_OUT_HDR;
+
+	if (unlikely(ch->reader_gone || TVM_OUT_RING - used < count + TVM_OUT_HDR ||
+		     off + hdr + count > TVM_OUT_RING))
+		return false;
+	if (unlikely(!tvm_copy_inline(ch->ring + off + hdr, buf, count)))
+		return false;
+	if (merge) {
+		ch->last_hdr += count;
+	} else {
+		/* The record before is complete: its header goes into the ring. */
+		if (ch->has_last)
+			tvm_ring_put(ch, ch->last, &ch->last_hdr, TVM_OUT_HDR);
+		ch->last = ch->tail;
+		ch->last_hdr = stream | count;
+		ch->has_last = true;
+	}
+	ch->tail += hdr + count;
+	*was_empty = !used;
+	return true;
 }
 
 static ssize_t tvm_write(struct file *file, const char __user *buf, size_t count, loff_t *ppos)
@@ -275,29 +387,22 @@ static ssize_t tvm_write(struct file *file, const char __user *buf, size_t count
 	struct tvm_chan *ch = w->chan;
 	struct tvm_src src = { .ubuf = buf };
 
-	/*
-	 * The common case while a program writes line after line: the ring
-	 * holds its stream's newest record, unread, with room to grow and no
-	 * wrap. Then a write is one copy under the lock (under TCG every
-	 * instruction of the general path below is paid on every write).
-	 */
 	if (likely(count && count <= PIPE_BUF)) {
-		u32 off;
+		bool done = false, was_empty = false;
 
-		mutex_lock(&ch->lock);
-		off = ch->tail & (TVM_OUT_RING - 1);
-		if (likely(ch->has_last && !ch->reader_gone &&
-			   (ch->last_hdr & TVM_OUT_STDERR) == w->stream &&
-			   (ch->last_hdr & ~TVM_OUT_STDERR) + count <= TVM_OUT_REC_MAX &&
-			   TVM_OUT_RING - tvm_used(ch) >= count + TVM_OUT_HDR &&
-			   off + count <= TVM_OUT_RING) &&
-		    likely(!copy_from_user(ch->ring + off, buf, count))) {
-			ch->last_hdr += count;
-			ch->tail += count;
-			mutex_unlock(&ch->lock);
+		preempt_disable();
+		if (likely(!test_and_set_bit_lock(0, &ch->busy))) {
+			pagefault_disable();
+			done = tvm_append_fast(ch, w->stream, buf, count, &was_empty);
+			pagefault_enable();
+			clear_bit_unlock(0, &ch->busy);
+		}
+		preempt_enable();
+		if (likely(done)) {
+			if (unlikely(was_empty))
+				wake_up_interruptible_sync_poll(&ch->rwait, EPOLLIN | EPOLLRDNORM);
 			return count;
 		}
-		mutex_unlock(&ch->lock);
 	}
 	return tvm_write_src(file, &src, count, file->f_flags & O_NONBLOCK);
 }
@@ -322,12 +427,12 @@ static __poll_t tvm_writer_poll(struct file *file, poll_table *wait)
 	__poll_t mask = 0;
 
 	poll_wait(file, &ch->wwait, wait);
-	mutex_lock(&ch->lock);
+	tvm_lock(ch);
 	if (ch->reader_gone)
 		mask |= EPOLLERR;
 	else if (TVM_OUT_RING - tvm_used(ch) >= PIPE_BUF + TVM_OUT_HDR)
 		mask |= EPOLLOUT | EPOLLWRNORM;
-	mutex_unlock(&ch->lock);
+	tvm_unlock(ch);
 	return mask;
 }
 
@@ -348,21 +453,21 @@ static int tvm_writer_open(struct inode *inode, struct file *file, u32 stream)
 		kfree(w);
 		return -ENXIO;
 	}
-	mutex_lock(&ch->lock);
+	tvm_lock(ch);
 	/*
 	 * After end of file the reader has stopped: bytes written now would
 	 * be lost, so a late opener is refused as a FIFO without a reader
 	 * refuses a non-blocking writer.
 	 */
 	if (ch->reader_gone || ch->eof_sent) {
-		mutex_unlock(&ch->lock);
+		tvm_unlock(ch);
 		tvm_chan_put(ch);
 		kfree(w);
 		return -ENXIO;
 	}
 	ch->writers++;
 	ch->writers_seen = true;
-	mutex_unlock(&ch->lock);
+	tvm_unlock(ch);
 	w->chan = ch;
 	w->stream = stream;
 	file->private_data = w;
@@ -385,10 +490,10 @@ static int tvm_writer_release(struct inode *inode, struct file *file)
 	struct tvm_writer *w = file->private_data;
 	struct tvm_chan *ch = w->chan;
 
-	mutex_lock(&ch->lock);
+	tvm_lock(ch);
 	if (!--ch->writers)
 		wake_up_interruptible_poll(&ch->rwait, EPOLLIN | EPOLLHUP);
-	mutex_unlock(&ch->lock);
+	tvm_unlock(ch);
 	tvm_chan_put(ch);
 	kfree(w);
 	return 0;
@@ -408,20 +513,20 @@ static ssize_t tvm_reader_read(struct file *file, char __user *buf, size_t count
 
 	if (count < TVM_OUT_READ_MIN)
 		return -EINVAL;
-	mutex_lock(&ch->lock);
+	tvm_lock(ch);
 	while (ch->tail == ch->head) {
 		if (ch->writers_seen && !ch->writers) {
 			ch->eof_sent = true;
-			mutex_unlock(&ch->lock);
+			tvm_unlock(ch);
 			return 0;
 		}
-		mutex_unlock(&ch->lock);
+		tvm_unlock(ch);
 		if (file->f_flags & O_NONBLOCK)
 			return -EAGAIN;
 		ret = wait_event_interruptible(ch->rwait, tvm_readable(ch));
 		if (ret)
 			return ret;
-		mutex_lock(&ch->lock);
+		tvm_lock(ch);
 	}
 	/* The newest record's length lives in last_hdr while writes merge. */
 	if (ch->has_last)
@@ -448,13 +553,8 @@ static ssize_t tvm_reader_read(struct file *file, char __user *buf, size_t count
 		if (wq_has_sleeper(&ch->wwait))
 			wake_up_interruptible_sync_poll(&ch->wwait, EPOLLOUT | EPOLLWRNORM);
 	}
-	mutex_unlock(&ch->lock);
+	tvm_unlock(ch);
 	return ret;
-}
-
-static ssize_t tvm_reader_write(struct file *file, const char __user *buf, size_t count, loff_t *ppos)
-{
-	return -EINVAL;
 }
 
 static __poll_t tvm_reader_poll(struct file *file, poll_table *wait)
@@ -463,12 +563,12 @@ static __poll_t tvm_reader_poll(struct file *file, poll_table *wait)
 	__poll_t mask = 0;
 
 	poll_wait(file, &ch->rwait, wait);
-	mutex_lock(&ch->lock);
+	tvm_lock(ch);
 	if (ch->tail != ch->head)
 		mask |= EPOLLIN | EPOLLRDNORM;
 	if (ch->writers_seen && !ch->writers)
 		mask |= EPOLLHUP;
-	mutex_unlock(&ch->lock);
+	tvm_unlock(ch);
 	return mask;
 }
 
@@ -479,9 +579,9 @@ static long tvm_reader_ioctl(struct file *file, unsigned int cmd, unsigned long 
 
 	if (cmd != FIONREAD)
 		return -ENOTTY;
-	mutex_lock(&ch->lock);
+	tvm_lock(ch);
 	n = tvm_used(ch);
-	mutex_unlock(&ch->lock);
+	tvm_unlock(ch);
 	return put_user(n, (int __user *)arg);
 }
 
@@ -520,9 +620,9 @@ static int tvm_reader_release(struct inode *inode, struct file *file)
 	struct tvm_chan *ch = file->private_data;
 	bool was_current = false;
 
-	mutex_lock(&ch->lock);
+	tvm_lock(ch);
 	ch->reader_gone = true;
-	mutex_unlock(&ch->lock);
+	tvm_unlock(ch);
 	wake_up_interruptible_all(&ch->wwait);
 	mutex_lock(&tvm_current_lock);
 	if (tvm_current == ch) {
@@ -541,7 +641,6 @@ static const struct file_operations tvm_reader_fops = {
 	.open = tvm_reader_open,
 	.release = tvm_reader_release,
 	.read = tvm_reader_read,
-	.write = tvm_reader_write,
 	.poll = tvm_reader_poll,
 	.unlocked_ioctl = tvm_reader_ioctl,
 	.llseek = no_llseek,
