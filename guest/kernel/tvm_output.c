@@ -38,18 +38,10 @@
  * empty, so a reader that waits for a quiet spell to end costs the writer
  * one wake-up per spell, not one per write.
  *
- * Locking: the ring's state changes only under the channel's busy bit. A
- * write of at most PIPE_BUF bytes that fits without wrapping (nearly every
- * write of a program writing line by line) takes only that bit, with a
- * trylock, and copies with page faults disabled and no function call: under
- * TCG a call and its return cost about as much as a dozen loads, and the
- * mutex, copy_from_user and their returns were most of what a write here
- * cost above one to /dev/null (docs/performance.md, "Output relay"). Every
- * other path (a longer write, a full ring, a fault, the reader, open,
- * release, poll) takes the mutex first, then the bit, and may sleep holding
- * both: the fast path never waits for the bit (it falls back to the mutex),
- * so only a mutex holder ever spins on it, and only while a fast path runs,
- * which cannot sleep or be preempted.
+ * A write of at most PIPE_BUF bytes that fits without wrapping (nearly every
+ * write of a program writing line by line) copies inline, eight bytes at a
+ * time: copy_from_user ends in rep movsb from 64 bytes up, which TCG runs
+ * one emulated iteration per byte (docs/performance.md, "Output relay").
  */
 #include <linux/fs.h>
 #include <linux/kref.h>
@@ -74,8 +66,7 @@
 
 struct tvm_chan {
 	struct kref ref;
-	struct mutex lock;		/* the slow paths; see Locking above */
-	unsigned long busy;		/* bit 0: the ring's state is taken */
+	struct mutex lock;
 	wait_queue_head_t rwait;	/* the reader: data or end of file */
 	wait_queue_head_t wwait;	/* writers: room, or the reader gone */
 	u8 *ring;
@@ -109,19 +100,6 @@ static void tvm_chan_free(struct kref *ref)
 static void tvm_chan_put(struct tvm_chan *ch)
 {
 	kref_put(&ch->ref, tvm_chan_free);
-}
-
-static void tvm_lock(struct tvm_chan *ch)
-{
-	mutex_lock(&ch->lock);
-	while (test_and_set_bit_lock(0, &ch->busy))
-		cpu_relax();
-}
-
-static void tvm_unlock(struct tvm_chan *ch)
-{
-	clear_bit_unlock(0, &ch->busy);
-	mutex_unlock(&ch->lock);
 }
 
 static u32 tvm_used(const struct tvm_chan *ch)
@@ -238,7 +216,7 @@ static ssize_t tvm_write_src(struct file *file, struct tvm_src *src, size_t coun
 
 	if (!count)
 		return 0;
-	tvm_lock(ch);
+	mutex_lock(&ch->lock);
 	for (;;) {
 		u32 before = tvm_used(ch);
 
@@ -281,26 +259,26 @@ static ssize_t tvm_write_src(struct file *file, struct tvm_src *src, size_t coun
 				ret = -ERESTARTSYS;
 			break;
 		}
-		tvm_unlock(ch);
+		mutex_unlock(&ch->lock);
 		ret = wait_event_interruptible(ch->wwait,
 			READ_ONCE(ch->reader_gone) ||
 			TVM_OUT_RING - (READ_ONCE(ch->tail) - READ_ONCE(ch->head)) >
 				(written == 0 && count <= PIPE_BUF ? count : 0) + TVM_OUT_HDR);
-		tvm_lock(ch);
+		mutex_lock(&ch->lock);
 		if (ret) {
 			if (written)
 				ret = 0;
 			break;
 		}
 	}
-	tvm_unlock(ch);
+	mutex_unlock(&ch->lock);
 	return written ? (ssize_t)written : ret;
 }
 
 /*
  * Copies count user bytes to dst inline, eight at a time, then 4, 2, 1 (no
  * call, and no rep movsb, which TCG runs one emulated iteration per byte).
- * Needs page faults disabled: false if the copy would fault.
+ * false if the source is not readable.
  */
 static __always_inline bool tvm_copy_inline(u8 *dst, const char __user *src, u32 count)
 {
@@ -345,12 +323,11 @@ fault:
 }
 
 /*
- * The fast path's append (see Locking above): called with the busy bit
- * held, preemption and page faults disabled, for a write of at most
- * PIPE_BUF bytes. Appends it whole to stream's newest record or as a new
- * one, or returns false (without a change) when the write needs the general
- * path: the reader gone, too little room, a wrap, a fault. *was_empty says
- * whether the ring was empty before (the reader may be asleep).
+ * The common case of a write of at most PIPE_BUF bytes, called with the
+ * lock held: appends it whole to stream's newest record or as a new one, or
+ * returns false (without a change) when the write needs the general path:
+ * the reader gone, too little room, a wrap, an unreadable source. *was_empty
+ * says whether the ring was empty before (the reader may be asleep).
  */
 static __always_inline bool tvm_append_fast(struct tvm_chan *ch, u32 stream, const char __user *buf,
 					    u32 count, bool *was_empty)
@@ -388,16 +365,11 @@ static ssize_t tvm_write(struct file *file, const char __user *buf, size_t count
 	struct tvm_src src = { .ubuf = buf };
 
 	if (likely(count && count <= PIPE_BUF)) {
-		bool done = false, was_empty = false;
+		bool done, was_empty = false;
 
-		preempt_disable();
-		if (likely(!test_and_set_bit_lock(0, &ch->busy))) {
-			pagefault_disable();
-			done = tvm_append_fast(ch, w->stream, buf, count, &was_empty);
-			pagefault_enable();
-			clear_bit_unlock(0, &ch->busy);
-		}
-		preempt_enable();
+		mutex_lock(&ch->lock);
+		done = tvm_append_fast(ch, w->stream, buf, count, &was_empty);
+		mutex_unlock(&ch->lock);
 		if (likely(done)) {
 			if (unlikely(was_empty))
 				wake_up_interruptible_sync_poll(&ch->rwait, EPOLLIN | EPOLLRDNORM);
@@ -427,12 +399,12 @@ static __poll_t tvm_writer_poll(struct file *file, poll_table *wait)
 	__poll_t mask = 0;
 
 	poll_wait(file, &ch->wwait, wait);
-	tvm_lock(ch);
+	mutex_lock(&ch->lock);
 	if (ch->reader_gone)
 		mask |= EPOLLERR;
 	else if (TVM_OUT_RING - tvm_used(ch) >= PIPE_BUF + TVM_OUT_HDR)
 		mask |= EPOLLOUT | EPOLLWRNORM;
-	tvm_unlock(ch);
+	mutex_unlock(&ch->lock);
 	return mask;
 }
 
@@ -453,21 +425,21 @@ static int tvm_writer_open(struct inode *inode, struct file *file, u32 stream)
 		kfree(w);
 		return -ENXIO;
 	}
-	tvm_lock(ch);
+	mutex_lock(&ch->lock);
 	/*
 	 * After end of file the reader has stopped: bytes written now would
 	 * be lost, so a late opener is refused as a FIFO without a reader
 	 * refuses a non-blocking writer.
 	 */
 	if (ch->reader_gone || ch->eof_sent) {
-		tvm_unlock(ch);
+		mutex_unlock(&ch->lock);
 		tvm_chan_put(ch);
 		kfree(w);
 		return -ENXIO;
 	}
 	ch->writers++;
 	ch->writers_seen = true;
-	tvm_unlock(ch);
+	mutex_unlock(&ch->lock);
 	w->chan = ch;
 	w->stream = stream;
 	file->private_data = w;
@@ -490,10 +462,10 @@ static int tvm_writer_release(struct inode *inode, struct file *file)
 	struct tvm_writer *w = file->private_data;
 	struct tvm_chan *ch = w->chan;
 
-	tvm_lock(ch);
+	mutex_lock(&ch->lock);
 	if (!--ch->writers)
 		wake_up_interruptible_poll(&ch->rwait, EPOLLIN | EPOLLHUP);
-	tvm_unlock(ch);
+	mutex_unlock(&ch->lock);
 	tvm_chan_put(ch);
 	kfree(w);
 	return 0;
@@ -513,20 +485,20 @@ static ssize_t tvm_reader_read(struct file *file, char __user *buf, size_t count
 
 	if (count < TVM_OUT_READ_MIN)
 		return -EINVAL;
-	tvm_lock(ch);
+	mutex_lock(&ch->lock);
 	while (ch->tail == ch->head) {
 		if (ch->writers_seen && !ch->writers) {
 			ch->eof_sent = true;
-			tvm_unlock(ch);
+			mutex_unlock(&ch->lock);
 			return 0;
 		}
-		tvm_unlock(ch);
+		mutex_unlock(&ch->lock);
 		if (file->f_flags & O_NONBLOCK)
 			return -EAGAIN;
 		ret = wait_event_interruptible(ch->rwait, tvm_readable(ch));
 		if (ret)
 			return ret;
-		tvm_lock(ch);
+		mutex_lock(&ch->lock);
 	}
 	/* The newest record's length lives in last_hdr while writes merge. */
 	if (ch->has_last)
@@ -553,7 +525,7 @@ static ssize_t tvm_reader_read(struct file *file, char __user *buf, size_t count
 		if (wq_has_sleeper(&ch->wwait))
 			wake_up_interruptible_sync_poll(&ch->wwait, EPOLLOUT | EPOLLWRNORM);
 	}
-	tvm_unlock(ch);
+	mutex_unlock(&ch->lock);
 	return ret;
 }
 
@@ -563,12 +535,12 @@ static __poll_t tvm_reader_poll(struct file *file, poll_table *wait)
 	__poll_t mask = 0;
 
 	poll_wait(file, &ch->rwait, wait);
-	tvm_lock(ch);
+	mutex_lock(&ch->lock);
 	if (ch->tail != ch->head)
 		mask |= EPOLLIN | EPOLLRDNORM;
 	if (ch->writers_seen && !ch->writers)
 		mask |= EPOLLHUP;
-	tvm_unlock(ch);
+	mutex_unlock(&ch->lock);
 	return mask;
 }
 
@@ -579,9 +551,9 @@ static long tvm_reader_ioctl(struct file *file, unsigned int cmd, unsigned long 
 
 	if (cmd != FIONREAD)
 		return -ENOTTY;
-	tvm_lock(ch);
+	mutex_lock(&ch->lock);
 	n = tvm_used(ch);
-	tvm_unlock(ch);
+	mutex_unlock(&ch->lock);
 	return put_user(n, (int __user *)arg);
 }
 
@@ -620,9 +592,9 @@ static int tvm_reader_release(struct inode *inode, struct file *file)
 	struct tvm_chan *ch = file->private_data;
 	bool was_current = false;
 
-	tvm_lock(ch);
+	mutex_lock(&ch->lock);
 	ch->reader_gone = true;
-	tvm_unlock(ch);
+	mutex_unlock(&ch->lock);
 	wake_up_interruptible_all(&ch->wwait);
 	mutex_lock(&tvm_current_lock);
 	if (tvm_current == ch) {
