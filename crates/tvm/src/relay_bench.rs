@@ -446,7 +446,7 @@ fn sink_order(p: &Program, run: usize) -> Vec<Sink> {
 /// case-insensitive) `runs` times, each run one fresh VM in which the
 /// program writes `lines` lines through the relay, to its own pipe (the
 /// floor, where it has one) and to `/dev/null`, and prints a Markdown table
-/// (medians).
+/// (medians of the rates, and of each run's own ratios).
 ///
 /// A run that fails (a VM that cannot boot, a verdict other than `ok`,
 /// output that did not arrive complete and in order) is reported in its
