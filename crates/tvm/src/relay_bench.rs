@@ -95,55 +95,45 @@ static void report(const char *name, long long start) {
     };
 }
 
+/// A C program of the bench: `$line` is what each line of the loop does
+/// (after it the pipe floor is emptied when due; stdio is flushed after the
+/// loop, before its time is taken).
+macro_rules! c_main {
+    ($line:literal) => {
+        concat!(
+            c_prelude!(),
+            "int main(int argc, char **argv) {\n",
+            "    long n = atol(argv[1]);\n",
+            "    EACH_SINK(name) {\n",
+            "        point(name);\n",
+            "        long long a = now_ns();\n",
+            "        for (long i = 0; i < n; i++) {\n",
+            $line,
+            "            floor_drain(i);\n",
+            "        }\n",
+            "        fflush(stdout);\n",
+            "        report(name, a);\n",
+            "    }\n",
+            "    return 0;\n",
+            "}\n"
+        )
+    };
+}
+
 const PROGRAMS: &[Program] = &[
     Program {
         name: "C write(2) per line",
         runtime: "c",
         file: "main.c",
         floor: true,
-        source: concat!(
-            c_prelude!(),
-            r#"int main(int argc, char **argv) {
-    long n = atol(argv[1]);
-    char buf[32];
-    EACH_SINK(name) {
-        point(name);
-        long long a = now_ns();
-        for (long i = 0; i < n; i++) {
-            int len = snprintf(buf, sizeof buf, "%ld\n", i);
-            if (write(1, buf, len) != len) return 1;
-            floor_drain(i);
-        }
-        report(name, a);
-    }
-    return 0;
-}
-"#
-        ),
+        source: c_main!("            char buf[32];\n            int len = snprintf(buf, sizeof buf, \"%ld\\n\", i);\n            if (write(1, buf, len) != len) return 1;\n"),
     },
     Program {
         name: "C printf+fflush per line",
         runtime: "c",
         file: "main.c",
         floor: true,
-        source: concat!(
-            c_prelude!(),
-            r#"int main(int argc, char **argv) {
-    long n = atol(argv[1]);
-    EACH_SINK(name) {
-        point(name);
-        long long a = now_ns();
-        for (long i = 0; i < n; i++) {
-            printf("%ld\n", i);
-            fflush(stdout);
-            floor_drain(i);
-        }
-        report(name, a);
-    }
-    return 0;
-}
-"#
-        ),
+        source: c_main!("            printf(\"%ld\\n\", i);\n            fflush(stdout);\n"),
     },
     Program {
         // No flush of its own: how the runtime's stdout buffering behaves
@@ -152,24 +142,7 @@ const PROGRAMS: &[Program] = &[
         runtime: "c",
         file: "main.c",
         floor: true,
-        source: concat!(
-            c_prelude!(),
-            r#"int main(int argc, char **argv) {
-    long n = atol(argv[1]);
-    EACH_SINK(name) {
-        point(name);
-        long long a = now_ns();
-        for (long i = 0; i < n; i++) {
-            printf("%ld\n", i);
-            floor_drain(i);
-        }
-        fflush(stdout);
-        report(name, a);
-    }
-    return 0;
-}
-"#
-        ),
+        source: c_main!("            printf(\"%ld\\n\", i);\n"),
     },
     Program {
         name: "Python print per line",
@@ -416,9 +389,15 @@ async fn measure(vmm: &Pyrovm, p: &Program, lines: u64, order: &[Sink]) -> Resul
     Ok(Measured { rates, wall_ms: run.wall_ms, frames, note: None })
 }
 
+/// The middle value (the mean of the two middle ones for an even count);
+/// NaN for none.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// Whether a row named `name` is asked for: no filter, or one it contains
@@ -536,6 +515,7 @@ mod tests {
         assert_eq!(loop_ns(stderr, Sink::Null), Some(99));
         assert_eq!(loop_ns(stderr, Sink::Pipe), None);
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5, "two runs' loops that alternate sinks weigh the same");
         assert!(median(vec![]).is_nan(), "a row without a floor shows none");
         assert!(selected("C write(2) per line", &[]));
         assert!(selected("C write(2) per line", &["c WRITE".into(), "python".into()]));
