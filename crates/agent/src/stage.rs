@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use tvm_protocol::{Command, GuestMessage, Stage, StageResult, StageStatus, Stream};
+use tvm_protocol::{Command, GuestMessage, OutputRecords, Stage, StageResult, StageStatus, Stream};
 
 use crate::error::Error;
 use crate::inbox::Inbox;
@@ -500,7 +500,9 @@ fn spawn_failure(spec: &StageSpec<'_>, err: &std::io::Error, outbox: &Sender<Gue
     let mut capture = Capture::new(spec.command.limits.output_bytes);
     let kept = capture.push(message.as_bytes());
     if !kept.is_empty() {
-        let _ = outbox.send(GuestMessage::Output { stage: spec.stage, stream: Stream::Stderr, data: kept.to_vec() });
+        let mut records = OutputRecords::with_capacity(kept.len() + 8);
+        records.push(Stream::Stderr, kept);
+        let _ = outbox.send(GuestMessage::OutputRecords { stage: spec.stage, records: records.into_blob() });
     }
     let (stderr, stderr_truncated) = capture.take();
     StageResult {

@@ -237,7 +237,7 @@ fn wait_for_hangup(stream: &File, timeout: Duration) -> bool {
 fn describe(msg: &GuestMessage) -> &'static str {
     match msg {
         GuestMessage::Ready { .. } => "ready",
-        GuestMessage::Output { .. } | GuestMessage::OutputRecords { .. } => "output",
+        GuestMessage::OutputRecords { .. } => "output",
         GuestMessage::Done(_) => "the result",
         GuestMessage::TestDone { .. } => "a test result",
         GuestMessage::Failed { .. } => "the failure report",

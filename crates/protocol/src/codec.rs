@@ -3,9 +3,9 @@
 //!
 //! A frame is a big-endian `u32` then the body. Bit 31 of the `u32` clear:
 //! the rest is the body's length and the body is one JSON message. Bit 31
-//! set ([`RAW_BIT`]): a binary body, for [`GuestMessage::Output`] and
-//! [`GuestMessage::OutputRecords`] only, `[stage u8][tag u8][bytes…]`
-//! (stage 0 compile, 1 run; tag 0 stdout, 1 stderr, 2 records). Output is the bulk of what a guest sends; as JSON its
+//! set ([`RAW_BIT`]): a binary body, for [`GuestMessage::OutputRecords`]
+//! only, `[stage u8][tag u8][records…]` (stage 0 compile, 1 run; tag 2; tags
+//! 0 and 1 were protocol 4's single-stream output and are refused). Output is the bulk of what a guest sends; as JSON its
 //! bytes would be base64-encoded and scanned for escapes one by one, which
 //! under TCG cost the writing program's vCPU more than the guest kernel's
 //! output channel itself (docs/performance.md, "Output relay").
@@ -14,10 +14,9 @@ use std::io::{Read, Write};
 
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{GuestMessage, Stage, Stream};
+use crate::{GuestMessage, Stage};
 
-/// The second tag byte of a binary [`GuestMessage::OutputRecords`] frame
-/// (where an `Output` frame has its stream).
+/// The second tag byte of a binary [`GuestMessage::OutputRecords`] frame.
 const RECORDS_TAG: u8 = 2;
 
 /// Bit 31 of a frame's length prefix: the body is binary, not JSON.
@@ -51,20 +50,13 @@ impl Message for GuestMessage {
             Stage::Run => 1,
         };
         match self {
-            GuestMessage::Output { stage, stream, data } => {
-                let stream = match stream {
-                    Stream::Stdout => 0,
-                    Stream::Stderr => 1,
-                };
-                Some(([stage_tag(stage), stream], data))
-            }
             GuestMessage::OutputRecords { stage, records } => Some(([stage_tag(stage), RECORDS_TAG], records)),
             _ => None,
         }
     }
 
     fn from_raw(body: &[u8]) -> Result<Self, FrameError> {
-        let [stage, stream, data @ ..] = body else {
+        let [stage, tag, data @ ..] = body else {
             return Err(FrameError::Raw("an output frame shorter than its two tag bytes"));
         };
         let stage = match stage {
@@ -72,13 +64,10 @@ impl Message for GuestMessage {
             1 => Stage::Run,
             _ => return Err(FrameError::Raw("an output frame with an unknown stage")),
         };
-        let stream = match stream {
-            0 => Stream::Stdout,
-            1 => Stream::Stderr,
-            &RECORDS_TAG => return Ok(GuestMessage::OutputRecords { stage, records: data.to_vec() }),
-            _ => return Err(FrameError::Raw("an output frame with an unknown stream")),
-        };
-        Ok(GuestMessage::Output { stage, stream, data: data.to_vec() })
+        if *tag != RECORDS_TAG {
+            return Err(FrameError::Raw("an output frame with an unknown tag"));
+        }
+        Ok(GuestMessage::OutputRecords { stage, records: data.to_vec() })
     }
 }
 
@@ -272,9 +261,16 @@ mod tests {
     use super::*;
     use crate::{GuestMessage, Stage, Stream};
 
+    /// One stage's output of one stream as a records message.
+    fn output(stage: Stage, stream: Stream, data: &[u8]) -> GuestMessage {
+        let mut r = crate::OutputRecords::with_capacity(64);
+        r.push(stream, data);
+        GuestMessage::OutputRecords { stage, records: r.into_blob() }
+    }
+
     #[test]
     fn decoder_reassembles_split_frames() {
-        let msg = GuestMessage::Output { stage: Stage::Run, stream: Stream::Stdout, data: b"hello".to_vec() };
+        let msg = output(Stage::Run, Stream::Stdout, b"hello");
         let bytes = encode(&msg);
         let mut d = FrameDecoder::new(1024);
         for b in &bytes[..bytes.len() - 1] {
@@ -289,21 +285,21 @@ mod tests {
     #[test]
     fn output_travels_as_a_binary_frame_and_back() {
         for (stage, stream) in [(Stage::Compile, Stream::Stdout), (Stage::Run, Stream::Stderr)] {
-            let msg = GuestMessage::Output { stage, stream, data: b"\x00\xffbytes\n".to_vec() };
+            let msg = output(stage, stream, b"\x00\xffbytes\n");
             let bytes = encode(&msg);
-            assert_eq!(u32::from_be_bytes(bytes[..4].try_into().unwrap()), RAW_BIT | (2 + 8));
-            assert_eq!(&bytes[6..], b"\x00\xffbytes\n", "the bytes themselves, not base64");
+            assert_eq!(u32::from_be_bytes(bytes[..4].try_into().unwrap()), RAW_BIT | (2 + 5 + 8));
+            assert_eq!(&bytes[11..], b"\x00\xffbytes\n", "the bytes themselves, not base64");
             let mut r: &[u8] = &bytes;
             assert_eq!(read_frame::<GuestMessage, _>(&mut r, 64).unwrap(), Some(msg.clone()));
             let mut d = FrameDecoder::new(64);
             d.push(&bytes);
             assert_eq!(d.next_frame::<GuestMessage>().unwrap(), Some(msg));
         }
-        let empty = GuestMessage::Output { stage: Stage::Run, stream: Stream::Stdout, data: vec![] };
+        let empty = GuestMessage::OutputRecords { stage: Stage::Run, records: vec![] };
         let mut r: &[u8] = &encode(&empty);
         assert_eq!(read_frame::<GuestMessage, _>(&mut r, 64).unwrap(), Some(empty));
         // Everything else stays JSON.
-        let ready = encode(&GuestMessage::Ready { protocol: 4, agent_version: "x".into(), uptime_ms: 1 });
+        let ready = encode(&GuestMessage::Ready { protocol: 5, agent_version: "x".into(), uptime_ms: 1 });
         assert_eq!(ready[0] & 0x80, 0);
         assert_eq!(ready[4], b'{');
     }
@@ -335,7 +331,7 @@ mod tests {
 
     #[test]
     fn a_binary_frame_written_in_place_is_the_encoded_frame() {
-        let msg = GuestMessage::Output { stage: Stage::Run, stream: Stream::Stderr, data: b"abc".to_vec() };
+        let msg = output(Stage::Run, Stream::Stderr, b"abc");
         let mut written = Vec::new();
         write_frame(&mut written, &msg).unwrap();
         assert_eq!(written, encode(&msg));
@@ -343,7 +339,8 @@ mod tests {
 
     #[test]
     fn bad_binary_frames_are_errors_not_panics() {
-        for body in [&b""[..], b"\x01", b"\x02\x00x", b"\x01\x03x"] {
+        // Too short, an unknown stage, an unknown tag, protocol 4's single-stream tags.
+        for body in [&b""[..], b"\x01", b"\x02\x02x", b"\x01\x03x", b"\x01\x00x", b"\x00\x01x"] {
             let mut bytes = (RAW_BIT | body.len() as u32).to_be_bytes().to_vec();
             bytes.extend_from_slice(body);
             let mut r: &[u8] = &bytes;

@@ -1,10 +1,11 @@
 //! The host↔guest protocol of TVM.
 //!
 //! One job per VM: the guest agent announces [`GuestMessage::Ready`], the host
-//! sends one [`HostMessage::Run`], the agent streams [`GuestMessage::Output`]
-//! chunks and ends with [`GuestMessage::Done`]. Frames are a 4-byte big-endian
-//! length followed by that many bytes of JSON, except `Output`, whose frame
-//! is binary (the length's bit 31 set; see `codec`). Every reader is given a maximum
+//! sends one [`HostMessage::Run`], the agent streams the program's output as
+//! [`GuestMessage::OutputRecords`] and ends with [`GuestMessage::Done`].
+//! Frames are a 4-byte big-endian length followed by that many bytes of JSON,
+//! except `OutputRecords`, whose frame is binary (the length's bit 31 set;
+//! see `codec`). Every reader is given a maximum
 //! frame size: the guest runs untrusted code, so the host must never let the
 //! guest choose how much memory it allocates.
 //!
@@ -29,8 +30,10 @@ pub use signal::linux_signal_name;
 /// 3: interactive jobs (`Job::interactive`, `Stdin`, `StdinEof`, `Signal`,
 /// `StageStarted`, `StageExited`); an older agent would leave a session's
 /// program waiting for input forever.
-/// 4: [`GuestMessage::Output`] travels as a binary frame (`codec`), not JSON.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 4: output travels as binary frames (`codec`), not JSON.
+/// 5: all output is [`GuestMessage::OutputRecords`]; the single-stream
+/// `Output` message is gone (an older host would drop a spawn failure's message).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest frame the host accepts from the guest. Output arrives in chunks of
 /// at most [`OUTPUT_CHUNK`] bytes, so anything larger is hostile.

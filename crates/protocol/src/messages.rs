@@ -189,20 +189,10 @@ pub enum GuestMessage {
         /// Guest uptime when the agent became ready (kernel boot + agent setup).
         uptime_ms: u64,
     },
-    /// A chunk of a stage's output, sent as it is produced.
-    Output {
-        /// Which stage produced it.
-        stage: Stage,
-        /// Which stream.
-        stream: Stream,
-        /// Raw bytes (at most [`crate::OUTPUT_CHUNK`]).
-        #[serde(with = "b64")]
-        data: Vec<u8>,
-    },
     /// Output of both streams of a stage in the order it was written, as
-    /// records (see [`OutputRecords`]): what the output relay sends, so a
-    /// program that alternates stdout and stderr costs frames by the byte,
-    /// not by the switch. At most [`crate::OUTPUT_CHUNK`] bytes of output.
+    /// records (see [`OutputRecords`]), sent as it is produced: a program
+    /// that alternates stdout and stderr costs frames by the byte, not by
+    /// the switch. At most [`crate::OUTPUT_CHUNK`] bytes of output.
     OutputRecords {
         /// Which stage produced it.
         stage: Stage,

@@ -541,13 +541,6 @@ impl Vm {
             loop {
                 while let Some(msg) = decoder.next_frame::<GuestMessage>().map_err(RunJobError::Protocol)? {
                     match msg {
-                        GuestMessage::Output { stage, stream, data } => {
-                            received += data.len() as u64;
-                            if received > cap {
-                                return Err(RunJobError::OutputFlood(received));
-                            }
-                            on_output(stage, stream, &data);
-                        }
                         GuestMessage::OutputRecords { stage, records } => {
                             each_record(&records, &mut received, cap, |stream, data| on_output(stage, stream, data))?
                         }

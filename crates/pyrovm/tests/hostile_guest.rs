@@ -19,19 +19,23 @@ use tvm_protocol::{Command, Job, Limits};
 /// `-chardev socket,fd=`), says Ready, reads the job frame, then misbehaves
 /// as `MODE` says.
 const FAKE_VMM: &str = r#"
-import base64, json, os, socket, struct, sys, time
+import json, os, socket, struct, sys, time
 MODE = "@MODE@"
 args = sys.argv[1:]
 fd = int(next(a.split("fd=")[1].split(",")[0] for a in args if a.startswith("socket,id=agent")))
 s = socket.socket(fileno=fd)
 def frame(obj):
     body = json.dumps(obj).encode(); s.sendall(struct.pack(">I", len(body)) + body)
+def output(data):
+    # A binary records frame (bit 31 of the length): run stage, tag 2, one stdout record.
+    body = bytes([1, 2]) + struct.pack(">BI", 0, len(data)) + data
+    s.sendall(struct.pack(">I", 0x80000000 | len(body)) + body)
 frame({"type": "ready", "protocol": @PROTOCOL@, "agent_version": "evil", "uptime_ms": 1})
 n = struct.unpack(">I", s.recv(4, socket.MSG_WAITALL))[0]
 s.recv(n, socket.MSG_WAITALL)
 if MODE == "flood":
-    chunk = {"type": "output", "stage": "run", "stream": "stdout", "data": "eHh4" * 10000}
-    while True: frame(chunk)
+    chunk = b"xxx" * 10000
+    while True: output(chunk)
 elif MODE == "garbage":
     s.sendall(struct.pack(">I", 11) + b"not json!!!"); time.sleep(60)
 elif MODE == "oversized":
@@ -64,8 +68,7 @@ elif MODE == "snoop":
     try:
         os.kill(os.getppid(), 0); found["signal"] = "sent"
     except OSError as e: found["signal"] = e.strerror
-    data = base64.b64encode(json.dumps(found).encode()).decode()
-    frame({"type": "output", "stage": "run", "stream": "stdout", "data": data})
+    output(json.dumps(found).encode())
     os._exit(0)
 "#;
 

@@ -42,6 +42,8 @@ pub async fn run(ctx: Context, args: RunArgs) -> Result<ExitCode> {
 struct Echo {
     /// The stream written last and its last byte.
     last: Option<(Stream, u8)>,
+    /// The last byte written to stderr.
+    last_on_stderr: Option<u8>,
 }
 
 impl Echo {
@@ -52,17 +54,17 @@ impl Echo {
             Stream::Stderr => std::io::stderr().write_all(data),
         };
         self.last = Some((stream, end));
+        if stream == Stream::Stderr {
+            self.last_on_stderr = Some(end);
+        }
     }
 
     /// Whether a line written to stderr now would continue an unfinished line
-    /// of the output: the program's stderr, or its stdout when both streams
-    /// end up in the same place (a terminal, `> log 2>&1`).
+    /// of the output: the program's last line on stderr, or, when both streams
+    /// end up in the same place (a terminal, `> log 2>&1`), its last line on either.
     fn line_open_on_stderr(&self) -> bool {
-        match self.last {
-            Some((Stream::Stderr, end)) => end != b'\n',
-            Some((Stream::Stdout, end)) => end != b'\n' && same_destination(),
-            None => false,
-        }
+        let end = if same_destination() { self.last.map(|(_, end)| end) } else { self.last_on_stderr };
+        end.is_some_and(|end| end != b'\n')
     }
 }
 
@@ -331,13 +333,17 @@ mod tests {
 
     #[test]
     fn a_status_line_never_continues_the_programs_unfinished_stderr_line() {
-        let at = |stream, end| Echo { last: Some((stream, end)) };
+        let at =
+            |stream, end| Echo { last: Some((stream, end)), last_on_stderr: (stream == Stream::Stderr).then_some(end) };
         assert!(!Echo::default().line_open_on_stderr());
         assert!(at(Stream::Stderr, b'x').line_open_on_stderr());
         assert!(!at(Stream::Stderr, b'\n').line_open_on_stderr());
         assert!(!at(Stream::Stdout, b'\n').line_open_on_stderr());
         // Stdout's open line matters only where stdout and stderr meet.
         assert_eq!(at(Stream::Stdout, b'x').line_open_on_stderr(), same_destination());
+        // Stderr cut mid-line (at its cap, say), then stdout: elsewhere, stderr's line is still open.
+        let cut = Echo { last: Some((Stream::Stdout, b'\n')), last_on_stderr: Some(b'x') };
+        assert_eq!(cut.line_open_on_stderr(), !same_destination());
     }
 
     #[test]
