@@ -44,6 +44,12 @@ fn every_endpoint_and_error_status() {
     let r = http(&server.addr, "GET", "/healthz", &[("X-Request-Id", "bad id with spaces")], b"");
     assert_ne!(r.header("x-request-id"), Some("bad id with spaces"));
 
+    // Ready once every image is found and each OCI recipe's registry has
+    // answered its probe (in the background, at most PROBE_TIMEOUT): until then
+    // those runtimes are "missing" (checking), which a busy host can make last
+    // past the server's start.
+    let probe_bound = pyrovm::registry::PROBE_TIMEOUT + Duration::from_secs(10);
+    wait_until("ready: images found, registries probed", probe_bound, || server.get("/readyz").status == 200);
     let r = server.get("/readyz");
     assert_eq!(r.status, 200, "all images are built and there is no pool: ready; {}", r.text());
     assert_eq!(r.json()["ready"], true);
