@@ -109,16 +109,48 @@ pub fn sealed_copy(file: &File, bytes: u64) -> io::Result<OwnedFd> {
     copy.set_len(bytes)?;
     for_each_page(file, bytes, |offset, page| copy.write_all_at(page, offset))?;
     let fd = OwnedFd::from(copy);
-    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
-    // SAFETY: plain fcntl/fchmod on a descriptor we own. 0666: the VMM's
-    // uid must be able to reopen it read-write; the seals, not the mode,
-    // keep it unchanged.
-    unsafe {
-        if libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) != 0 || libc::fchmod(fd.as_raw_fd(), 0o666) != 0 {
-            return Err(io::Error::last_os_error());
-        }
+    seal_against_writes(&fd)?;
+    // SAFETY: plain fchmod on a descriptor we own. 0666: the VMM's uid must
+    // be able to reopen it read-write; the seals, not the mode, keep it
+    // unchanged.
+    if unsafe { libc::fchmod(fd.as_raw_fd(), 0o666) } != 0 {
+        return Err(io::Error::last_os_error());
     }
     Ok(fd)
+}
+
+/// How many times [`seal_against_writes`] tries before it gives up on
+/// `EBUSY` (sleeping 10, 20, 40, 80 ms in between).
+const SEAL_ATTEMPTS: u32 = 5;
+
+/// Adds the seal, shrink, grow and write seals to the memfd `fd`.
+///
+/// `F_SEAL_WRITE` first waits (about 150 ms) for every page's extra
+/// references to go and answers `EBUSY` if one stays: a page just written can
+/// sit in another CPU's LRU batch (the writing thread moved between CPUs)
+/// until that CPU drains it, which it does soon. So `EBUSY` is tried again a
+/// few times (seen once in a CI-like run on 2 busy cores: a template restore
+/// fell back to a cold boot).
+///
+/// # Errors
+/// `fcntl(F_ADD_SEALS)`'s error; `EBUSY` only after [`SEAL_ATTEMPTS`] tries.
+fn seal_against_writes(fd: &OwnedFd) -> io::Result<()> {
+    let seals = libc::F_SEAL_SEAL | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE;
+    let mut pause = std::time::Duration::from_millis(10);
+    let mut attempt = 1;
+    loop {
+        // SAFETY: plain fcntl on a descriptor we own.
+        if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) } == 0 {
+            return Ok(());
+        }
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EBUSY) || attempt == SEAL_ATTEMPTS {
+            return Err(err);
+        }
+        std::thread::sleep(pause);
+        pause *= 2;
+        attempt += 1;
+    }
 }
 
 fn memfd(name: &str, sealable: bool) -> io::Result<File> {
@@ -194,6 +226,49 @@ fn next_extent(file: &File, at: u64, bytes: u64) -> io::Result<Option<(u64, u64)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A write seal that meets `EBUSY` (here: a shared writable mapping, the
+    /// same answer a page still referenced from another CPU's LRU batch gets)
+    /// is tried again, and succeeds once the cause is gone; it gives up when
+    /// the cause stays.
+    #[test]
+    fn the_write_seal_is_tried_again_while_the_memfd_is_busy() {
+        let map = |fd: &OwnedFd| {
+            // SAFETY: a new shared mapping of one page of a memfd we own.
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    PAGE as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    fd.as_raw_fd(),
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+            p as usize
+        };
+        // SAFETY: unmaps a mapping `map` made and nothing else uses.
+        let unmap = |p: usize| assert_eq!(unsafe { libc::munmap(p as *mut libc::c_void, PAGE as usize) }, 0);
+        let sized = |name| {
+            let f = memfd(name, true).unwrap();
+            f.set_len(PAGE).unwrap();
+            OwnedFd::from(f)
+        };
+        let busy = sized("busy");
+        let p = map(&busy);
+        let err = seal_against_writes(&busy).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "{err}");
+        unmap(p);
+        let fd = sized("released");
+        let p = map(&fd);
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(15));
+            unmap(p);
+        });
+        seal_against_writes(&fd).expect("sealed once the mapping went");
+        releaser.join().unwrap();
+    }
 
     #[test]
     fn a_sparse_copy_keeps_the_content_and_its_digest() {
