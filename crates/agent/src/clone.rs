@@ -185,7 +185,7 @@ pub fn prewarm(command: &Command) -> Result<GuestMessage, Error> {
         .name("warmup-output".into())
         .spawn(move || rx.into_iter().for_each(drop))
         .map_err(|e| Error::SpawnThread("warm-up output", e))?;
-    let spec = StageSpec { stage: Stage::Run, cgroup: WARMUP_CGROUP, command, stdin: None };
+    let spec = StageSpec { stage: Stage::Run, cgroup: WARMUP_CGROUP, command, stdin: None, streamed: true };
     let result = stage::run(spec, &tx);
     drop(tx);
     let _ = drain.join();

@@ -40,7 +40,7 @@ pub fn execute_with(mut job: Job, outbox: &Sender<GuestMessage>, inbox: Option<&
 
     let compile = match &job.compile {
         Some(command) => {
-            let spec = StageSpec { stage: Stage::Compile, cgroup: "stage-1", command, stdin: None };
+            let spec = StageSpec { stage: Stage::Compile, cgroup: "stage-1", command, stdin: None, streamed: true };
             Some(run_reported(spec, outbox, inbox)?)
         }
         None => None,
@@ -57,7 +57,7 @@ pub fn execute_with(mut job: Job, outbox: &Sender<GuestMessage>, inbox: Option<&
     let run = if compiled {
         // A session's stdin comes through the inbox (which got the job's own stdin first).
         let stdin = inbox.is_none().then(|| std::mem::take(&mut job.stdin));
-        let spec = StageSpec { stage: Stage::Run, cgroup: "stage-2", command: &job.run, stdin };
+        let spec = StageSpec { stage: Stage::Run, cgroup: "stage-2", command: &job.run, stdin, streamed: true };
         Some(run_reported(spec, outbox, inbox)?)
     } else {
         None

@@ -1,19 +1,35 @@
 //! Capturing a stage's output under the per-stream cap.
 
-/// What one stream produced so far, never more than `cap` bytes.
+/// What one stream produced so far, never more than `cap` bytes: kept, or
+/// only counted when the bytes go to the host as they come (a streamed
+/// stage, protocol 6: the host keeps them, and a copy here cost the writing
+/// program a fresh guest page per 4 KiB).
 #[derive(Debug)]
 pub struct Capture {
     cap: usize,
-    data: Vec<u8>,
+    /// Bytes taken so far (kept or not).
+    len: usize,
+    /// The bytes themselves, when kept.
+    data: Option<Vec<u8>>,
     truncated: bool,
 }
 
 impl Capture {
-    /// An empty capture holding at most `cap` bytes.
+    /// An empty capture keeping at most `cap` bytes.
     pub fn new(cap: u64) -> Self {
+        Self::with(cap, true)
+    }
+
+    /// An empty capture that counts up to `cap` bytes without keeping them
+    /// ([`Capture::take`] then gives no bytes, only the truncation flag).
+    pub fn counting(cap: u64) -> Self {
+        Self::with(cap, false)
+    }
+
+    fn with(cap: u64, keep: bool) -> Self {
         // A cap beyond the address space is no cap at all.
         let cap = usize::try_from(cap).unwrap_or(usize::MAX);
-        Self { cap, data: Vec::new(), truncated: false }
+        Self { cap, len: 0, data: keep.then(Vec::new), truncated: false }
     }
 
     /// Adds a chunk read from the stream and returns the part that was kept
@@ -23,14 +39,17 @@ impl Capture {
         if self.truncated {
             return &[];
         }
-        let room = self.cap - self.data.len();
+        let room = self.cap - self.len;
         let kept = if chunk.len() > room {
             self.truncated = true;
             &chunk[..room]
         } else {
             chunk
         };
-        self.data.extend_from_slice(kept);
+        self.len += kept.len();
+        if let Some(data) = &mut self.data {
+            data.extend_from_slice(kept);
+        }
         kept
     }
 
@@ -39,9 +58,9 @@ impl Capture {
         self.truncated
     }
 
-    /// The kept bytes and whether anything was cut.
+    /// The kept bytes (none if only counted) and whether anything was cut.
     pub fn take(&mut self) -> (Vec<u8>, bool) {
-        (std::mem::take(&mut self.data), self.truncated)
+        (self.data.as_mut().map(std::mem::take).unwrap_or_default(), self.truncated)
     }
 }
 
@@ -86,6 +105,20 @@ mod tests {
         assert!(!c.truncated());
         assert_eq!(c.push(b"x"), b"");
         assert_eq!(c.take(), (Vec::new(), true));
+    }
+
+    #[test]
+    fn a_counting_capture_cuts_at_the_same_byte_and_keeps_nothing() {
+        let mut c = Capture::counting(8);
+        assert_eq!(c.push(b"12345"), b"12345");
+        assert!(!c.truncated());
+        assert_eq!(c.push(b"67890"), b"678", "the part to stream is the kept one");
+        assert!(c.truncated());
+        assert_eq!(c.push(b"more"), b"");
+        assert_eq!(c.take(), (Vec::new(), true));
+        let mut exact = Capture::counting(3);
+        assert_eq!(exact.push(b"abc"), b"abc");
+        assert_eq!(exact.take(), (Vec::new(), false), "exactly the cap is not truncation");
     }
 
     #[test]

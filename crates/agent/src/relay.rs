@@ -25,7 +25,9 @@
 //!   filled more than half the ring (the writer would soon block on the
 //!   sleeping relay) and starts over after a quiet spell.
 //! - Caps stay exact: every byte goes through its stream's [`Capture`],
-//!   which keeps exactly `cap` bytes; the first byte beyond raises the
+//!   which takes exactly `cap` bytes (and keeps them only for tests, whose
+//!   frames reach nobody; a streamed stage's result does not repeat its
+//!   output, protocol 6); the first byte beyond raises the
 //!   overflow flag the supervisor kills on, and the rest is read and
 //!   discarded so the writer never blocks before it dies.
 //! - What the reader node returns is parsed as untrusted input
@@ -166,7 +168,7 @@ impl Relay {
     #[cfg(test)]
     pub fn start(fd: OwnedFd, stage: Stage, cap: u64, outbox: Sender<GuestMessage>) -> Result<Self, Error> {
         let relay = Self::spawn(fd)?;
-        relay.configure(stage, cap, outbox);
+        relay.configure(stage, cap, outbox, true);
         Ok(relay)
     }
 
@@ -219,14 +221,16 @@ impl Relay {
         Ok(Self { shared, done })
     }
 
-    /// Says which stage the output belongs to, keeps at most `cap` bytes of
-    /// each stream, and streams them to `outbox`. Call before the program
-    /// that writes the channel starts.
-    pub fn configure(&self, stage: Stage, cap: u64, outbox: Sender<GuestMessage>) {
+    /// Says which stage the output belongs to, takes at most `cap` bytes of
+    /// each stream, and streams them to `outbox`; with `keep`, also keeps
+    /// them for [`Relay::take`] (tests, whose `outbox` reaches nobody).
+    /// Call before the program that writes the channel starts.
+    pub fn configure(&self, stage: Stage, cap: u64, outbox: Sender<GuestMessage>, keep: bool) {
         let mut batch = lock(&self.shared.batch);
         batch.stage = stage;
         batch.outbox = Some(outbox);
-        *lock(&self.shared.captures) = [Capture::new(cap), Capture::new(cap)];
+        let capture = || if keep { Capture::new(cap) } else { Capture::counting(cap) };
+        *lock(&self.shared.captures) = [capture(), capture()];
     }
 
     /// Called once every process that could write the channel is dead: ends
@@ -249,10 +253,13 @@ impl Relay {
         self.shared.overflowed.load(Ordering::Relaxed)
     }
 
-    /// The captured stdout and stderr. Works even if the thread is still
-    /// blocked on a channel some unkillable process holds: it is then
-    /// simply abandoned.
+    /// The captured stdout and stderr (no bytes unless configured to keep
+    /// them). Works even if the thread is still blocked on a channel some
+    /// unkillable process holds: it is then simply abandoned, and what it
+    /// had taken but not sent is sent from here, before the stage's result
+    /// (the host's copy of a streamed stage's output is what was sent).
     pub fn take(self) -> [Captured; 2] {
+        lock(&self.shared.batch).flush();
         let mut captures = lock(&self.shared.captures);
         let [out, err] = &mut *captures;
         [out.take(), err.take()]
@@ -577,9 +584,14 @@ mod tests {
     /// Collects the relay's frames once the writer is closed, each as its
     /// records `(stream, bytes)`.
     fn frames(rx: mpsc::Receiver<GuestMessage>) -> Vec<Vec<(Stream, Vec<u8>)>> {
+        frames_labelled(rx, Stage::Run)
+    }
+
+    /// [`frames`] of a relay configured for `stage`.
+    fn frames_labelled(rx: mpsc::Receiver<GuestMessage>, want: Stage) -> Vec<Vec<(Stream, Vec<u8>)>> {
         rx.into_iter()
             .map(|m| match m {
-                GuestMessage::OutputRecords { stage: Stage::Run, records } => {
+                GuestMessage::OutputRecords { stage, records } if stage == want => {
                     OutputRecords::parse(&records).unwrap().into_iter().map(|(s, d)| (s, d.to_vec())).collect()
                 }
                 other => panic!("unexpected {other:?}"),
@@ -682,25 +694,34 @@ mod tests {
 
     /// The agent's spare: a thread started long before the stage is known,
     /// configured just before the program runs, relays exactly as a relay
-    /// started for the stage (its stage label, its cap).
+    /// started for the stage (its stage label, its cap). Configured as a
+    /// streamed stage's, it keeps nothing: the frames carry the output, cut
+    /// at the same byte, and `take` gives only the truncation flags.
     #[test]
     fn a_relay_spawned_ahead_and_configured_later_relays_for_its_stage() {
         let (fd, mut w) = channel();
         let relay = Relay::spawn(fd).unwrap();
         std::thread::sleep(Duration::from_millis(20));
         let (tx, rx) = mpsc::channel();
-        relay.configure(Stage::Compile, 5, tx);
+        relay.configure(Stage::Compile, 5, tx, false);
         w.write(Stream::Stdout, b"hello world\n");
         w.write(Stream::Stderr, b"e\n");
         drop(w);
         let [(out, out_cut), (err, err_cut)] = finish(relay);
-        assert_eq!((out.as_slice(), out_cut), (&b"hello"[..], true));
-        assert_eq!((err.as_slice(), err_cut), (&b"e\n"[..], false));
+        assert_eq!((out.as_slice(), out_cut), (&b""[..], true));
+        assert_eq!((err.as_slice(), err_cut), (&b""[..], false));
         let msgs: Vec<GuestMessage> = rx.try_iter().collect();
         assert!(!msgs.is_empty());
         assert!(
             msgs.iter().all(|m| matches!(m, GuestMessage::OutputRecords { stage: Stage::Compile, .. })),
             "every frame is labelled with the configured stage: {msgs:?}"
+        );
+        let (tx, rx) = mpsc::channel();
+        msgs.into_iter().for_each(|m| tx.send(m).unwrap());
+        drop(tx);
+        assert_eq!(
+            records(&frames_labelled(rx, Stage::Compile)),
+            vec![(Stream::Stdout, b"hello".to_vec()), (Stream::Stderr, b"e\n".to_vec())]
         );
     }
 

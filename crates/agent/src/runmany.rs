@@ -47,7 +47,13 @@ pub fn run_all(job: &Job, outbox: &Sender<GuestMessage>) -> Result<(), Error> {
         fresh_workdir(job.workdir_bytes)?;
         let command = Command { argv: test.argv.clone(), env: job.run.env.clone(), limits: job.run.limits };
         let cgroup = format!("test-{index}");
-        let spec = StageSpec { stage: Stage::Run, cgroup: &cgroup, command: &command, stdin: Some(test.stdin.clone()) };
+        let spec = StageSpec {
+            stage: Stage::Run,
+            cgroup: &cgroup,
+            command: &command,
+            stdin: Some(test.stdin.clone()),
+            streamed: false,
+        };
         // stage::run returns only once the test's cgroup is empty: nothing of it is left for the next.
         let result = stage::run(spec, &quiet)?;
         debug!("test {index}: {:?}", result.status);

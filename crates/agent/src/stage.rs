@@ -55,6 +55,10 @@ pub struct StageSpec<'a> {
     pub command: &'a Command,
     /// Standard input; `None` gives the stage `/dev/null`.
     pub stdin: Option<Vec<u8>>,
+    /// Whether the host receives the output as it comes (the outbox reaches
+    /// it): the result then does not repeat it ([`StageResult::streamed`]).
+    /// `false` for tests, whose output streams nowhere.
+    pub streamed: bool,
 }
 
 /// How the stage's main process ended.
@@ -150,7 +154,7 @@ fn supervise(
     // The relay runs before the program does: its thread waits in its read
     // when the program's first write comes (see `relay`).
     let Plumbing { relay, stdout_write, stderr_write } = Plumbing::take_spare().map_or_else(Plumbing::new, Ok)?;
-    relay.configure(spec.stage, limits.output_bytes, outbox.clone());
+    relay.configure(spec.stage, limits.output_bytes, outbox.clone(), !spec.streamed);
     command.stdout(Stdio::from(stdout_write)).stderr(Stdio::from(stderr_write));
     mark(spec.stage, "relay");
 
@@ -304,6 +308,7 @@ fn supervise(
         stderr,
         stdout_truncated,
         stderr_truncated,
+        streamed: spec.streamed,
         wall_ms,
         cpu_ms: cpu_us / 1000,
         peak_memory_bytes: cgroup.memory_peak(),
@@ -497,7 +502,8 @@ fn spawn_failure(spec: &StageSpec<'_>, err: &std::io::Error, outbox: &Sender<Gue
     let code = if err.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
     debug!("{:?} stage: cannot start {:?}: {err}", spec.stage, spec.command.argv[0]);
     let message = format!("tvm-agent: cannot start {:?}: {err}\n", spec.command.argv[0]);
-    let mut capture = Capture::new(spec.command.limits.output_bytes);
+    let cap = spec.command.limits.output_bytes;
+    let mut capture = if spec.streamed { Capture::counting(cap) } else { Capture::new(cap) };
     let kept = capture.push(message.as_bytes());
     if !kept.is_empty() {
         let mut records = OutputRecords::with_capacity(kept.len() + 8);
@@ -513,6 +519,7 @@ fn spawn_failure(spec: &StageSpec<'_>, err: &std::io::Error, outbox: &Sender<Gue
         stderr,
         stdout_truncated: false,
         stderr_truncated,
+        streamed: spec.streamed,
         wall_ms: 0,
         cpu_ms: 0,
         peak_memory_bytes: 0,

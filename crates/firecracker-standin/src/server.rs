@@ -507,8 +507,10 @@ fn start(ctx: &Ctx, st: &mut State) -> Result<(), String> {
     qemu.args([
         "-M",
         "microvm,accel=tcg,acpi=off,x-option-roms=off,isa-serial=on,rtc=on,memory-backend=mem",
+        // TCG's CPU as the QEMU backend gives it (`pyrovm::backend::qemu::TCG_X86_64_CPU`):
+        // without ERMS, whose `rep movsb` TCG runs one iteration per byte.
         "-cpu",
-        "max",
+        "max,-erms",
         "-m",
         &format!("{mem}M"),
         "-smp",

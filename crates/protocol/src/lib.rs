@@ -33,7 +33,9 @@ pub use signal::linux_signal_name;
 /// 4: output travels as binary frames (`codec`), not JSON.
 /// 5: all output is [`GuestMessage::OutputRecords`]; the single-stream
 /// `Output` message is gone (an older host would drop a spawn failure's message).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: a streamed stage's result does not repeat its output
+/// ([`StageResult::streamed`]); an older host would report it empty.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest frame the host accepts from the guest. Output arrives in chunks of
 /// at most [`OUTPUT_CHUNK`] bytes, so anything larger is hostile.

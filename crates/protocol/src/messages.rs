@@ -393,12 +393,22 @@ pub struct StageResult {
     pub exit_code: Option<i32>,
     /// Terminating signal when it was killed.
     pub signal: Option<i32>,
-    /// Captured standard output (at most the cap).
+    /// Captured standard output (at most the cap); from the guest, empty
+    /// when [`StageResult::streamed`].
     #[serde(with = "b64")]
     pub stdout: Vec<u8>,
-    /// Captured standard error (at most the cap).
+    /// Captured standard error (at most the cap); as `stdout`.
     #[serde(with = "b64")]
     pub stderr: Vec<u8>,
+    /// From the guest: the stage's output went to the host as it was
+    /// produced ([`GuestMessage::OutputRecords`] of this stage) and is not
+    /// repeated here; the host fills `stdout` and `stderr` from those
+    /// frames. Keeping a second copy in the guest cost the writing program
+    /// ~10 ns per byte under TCG, a fresh guest page for every 4 KiB
+    /// (docs/performance.md, "Output relay"). `false` for tests, whose
+    /// output streams nowhere and travels in their results.
+    #[serde(default)]
+    pub streamed: bool,
     /// Whether stdout was cut at the cap.
     pub stdout_truncated: bool,
     /// Whether stderr was cut at the cap.
@@ -559,6 +569,7 @@ mod tests {
             stderr: vec![],
             stdout_truncated: false,
             stderr_truncated: false,
+            streamed: false,
             wall_ms: 0,
             cpu_ms: 0,
             peak_memory_bytes: 0,

@@ -909,6 +909,7 @@ mod tests {
             stderr: vec![0xff, b'a'],
             stdout_truncated: false,
             stderr_truncated: true,
+            streamed: true,
             wall_ms: 1,
             cpu_ms: 2,
             peak_memory_bytes: 3,

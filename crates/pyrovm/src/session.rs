@@ -9,7 +9,7 @@ use tvm_protocol::{
     write_frame_async, FrameError, GuestMessage, HostMessage, Job, JobResult, Stage, StageStatus, Stream, STDIN_CHUNK,
 };
 
-use super::{each_record, send_job, vm_gone, RunJobError, SentJob, Vm};
+use super::{each_record, send_job, vm_gone, RunJobError, SentJob, StreamedOutput, Vm};
 
 /// Input for a running interactive job.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,12 +72,14 @@ impl Vm {
             let SentJob { deadline, deadline_ms, cap, mut decoder } = send_job(&mut wr, job, true).await?;
             let mut buf = vec![0u8; 64 << 10];
             let mut received: u64 = 0;
+            let mut streamed = StreamedOutput::new(job);
             let mut open = true;
             loop {
                 while let Some(msg) = decoder.next_frame::<GuestMessage>().map_err(RunJobError::Protocol)? {
                     match msg {
                         GuestMessage::OutputRecords { stage, records } => {
                             each_record(&records, &mut received, cap, |stream, data| {
+                                streamed.push(stage, stream, data);
                                 on_event(SessionEvent::Output { stage, stream, data })
                             })?
                         }
@@ -85,7 +87,10 @@ impl Vm {
                         GuestMessage::StageExited { stage, status, exit_code, signal } => {
                             on_event(SessionEvent::StageExited { stage, status, exit_code, signal })
                         }
-                        GuestMessage::Done(result) => return Ok(result),
+                        GuestMessage::Done(mut result) => {
+                            streamed.fill(&mut result);
+                            return Ok(result);
+                        }
                         GuestMessage::Failed { message } => return Err(RunJobError::AgentFailed(message)),
                         // Sessions never carry tests (pyroshell refuses them).
                         GuestMessage::TestDone { .. } => {

@@ -65,7 +65,9 @@ mod lru;
 /// Bumped when the layout or the meaning of a template changes.
 /// 2: QEMU templates keep the guest's RAM in a file of their own ([`ram`]),
 /// `state` holds device state only (`x-ignore-shared`).
-pub const FORMAT: u32 = 2;
+/// 3: x86_64 guests under TCG run on [`crate::backend::qemu::TCG_X86_64_CPU`]
+/// (a guest booted with ERMS keeps using `rep movsb` after a restore).
+pub const FORMAT: u32 = 3;
 
 /// At most this many bytes of template RAM (non-zero pages) are kept in
 /// sealed memfds by one process ([`Templates::open_ram`]); past it the least

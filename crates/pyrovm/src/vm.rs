@@ -538,11 +538,15 @@ impl Vm {
                 send_job(&mut self.stream, job, job.interactive).await?;
             let mut buf = vec![0u8; 64 << 10];
             let mut received: u64 = 0;
+            let mut streamed = StreamedOutput::new(job);
             loop {
                 while let Some(msg) = decoder.next_frame::<GuestMessage>().map_err(RunJobError::Protocol)? {
                     match msg {
                         GuestMessage::OutputRecords { stage, records } => {
-                            each_record(&records, &mut received, cap, |stream, data| on_output(stage, stream, data))?
+                            each_record(&records, &mut received, cap, |stream, data| {
+                                streamed.push(stage, stream, data);
+                                on_output(stage, stream, data)
+                            })?
                         }
                         GuestMessage::TestDone { index, result } => {
                             if index != next_test || index as usize >= tests {
@@ -553,7 +557,10 @@ impl Vm {
                             next_test += 1;
                             on_test(index, result);
                         }
-                        GuestMessage::Done(result) => return Ok(result),
+                        GuestMessage::Done(mut result) => {
+                            streamed.fill(&mut result);
+                            return Ok(result);
+                        }
                         GuestMessage::Failed { message } => return Err(RunJobError::AgentFailed(message)),
                         // Only interactive jobs report stages; this one is not.
                         GuestMessage::StageStarted { .. } | GuestMessage::StageExited { .. } => {}
@@ -577,6 +584,51 @@ impl Vm {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// The output of a job's stages as its frames carried it, for the results
+/// of streamed stages, which do not repeat it (protocol 6,
+/// [`StageResult::streamed`]). Each stream keeps at most its stage's cap,
+/// whatever a guest sends.
+#[derive(Debug)]
+pub(super) struct StreamedOutput {
+    /// `[compile, run]` × `[stdout, stderr]`.
+    bytes: [[Vec<u8>; 2]; 2],
+    /// Per-stream cap (bytes) of `[compile, run]`.
+    caps: [u64; 2],
+}
+
+impl StreamedOutput {
+    pub(super) fn new(job: &Job) -> Self {
+        let compile = job.compile.as_ref().map_or(0, |c| c.limits.output_bytes);
+        Self { bytes: Default::default(), caps: [compile, job.run.limits.output_bytes] }
+    }
+
+    fn stage_index(stage: Stage) -> usize {
+        match stage {
+            Stage::Compile => 0,
+            Stage::Run => 1,
+        }
+    }
+
+    /// Appends `data` of `stage`'s `stream`, up to the stage's cap.
+    pub(super) fn push(&mut self, stage: Stage, stream: Stream, data: &[u8]) {
+        let i = Self::stage_index(stage);
+        let buf = &mut self.bytes[i][usize::from(stream == Stream::Stderr)];
+        let room = usize::try_from(self.caps[i].saturating_sub(buf.len() as u64)).unwrap_or(usize::MAX);
+        buf.extend_from_slice(&data[..data.len().min(room)]);
+    }
+
+    /// Gives each streamed stage of `result` the output its frames carried.
+    pub(super) fn fill(mut self, result: &mut JobResult) {
+        for (i, stage) in [&mut result.compile, &mut result.run].into_iter().enumerate() {
+            if let Some(stage) = stage.as_mut().filter(|s| s.streamed) {
+                let [stdout, stderr] = std::mem::take(&mut self.bytes[i]);
+                stage.stdout = stdout;
+                stage.stderr = stderr;
+            }
+        }
     }
 }
 
@@ -698,6 +750,76 @@ async fn wait_exit(child: &mut std::process::Child) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stage_result(stdout: &[u8], streamed: bool) -> StageResult {
+        StageResult {
+            status: tvm_protocol::StageStatus::Ok,
+            exit_code: Some(0),
+            signal: None,
+            stdout: stdout.to_vec(),
+            stderr: vec![],
+            stdout_truncated: false,
+            stderr_truncated: false,
+            streamed,
+            wall_ms: 1,
+            cpu_ms: 1,
+            peak_memory_bytes: 1,
+        }
+    }
+
+    /// Protocol 6: a streamed stage's result is what its frames carried,
+    /// each stream at most its stage's cap whatever the guest sends; a stage
+    /// that did not stream (tests) keeps the bytes of its result.
+    #[test]
+    fn streamed_stages_get_their_output_from_the_frames_within_the_caps() {
+        let limits = |output_bytes| tvm_protocol::Limits {
+            wall_ms: 1000,
+            cpu_ms: 1000,
+            memory_bytes: 1 << 20,
+            pids: 8,
+            output_bytes,
+            file_size_bytes: 1 << 20,
+            open_files: 64,
+        };
+        let command =
+            |output_bytes| tvm_protocol::Command { argv: vec!["x".into()], env: vec![], limits: limits(output_bytes) };
+        let job = Job {
+            files: vec![],
+            compile: Some(command(4)),
+            run: command(10),
+            stdin: vec![],
+            workdir_bytes: 1 << 20,
+            uniqueness: None,
+            interactive: false,
+            tests: vec![],
+        };
+        let mut out = StreamedOutput::new(&job);
+        out.push(Stage::Run, Stream::Stdout, b"hello ");
+        out.push(Stage::Compile, Stream::Stderr, b"warning: x\n");
+        out.push(Stage::Run, Stream::Stderr, b"e");
+        out.push(Stage::Run, Stream::Stdout, b"world, and more than the cap");
+        let mut result = JobResult {
+            verdict: tvm_protocol::Verdict::Ok,
+            compile: Some(stage_result(b"", true)),
+            run: Some(stage_result(b"", true)),
+            trace: vec![],
+        };
+        out.fill(&mut result);
+        let (compile, run) = (result.compile.unwrap(), result.run.unwrap());
+        assert_eq!((compile.stdout.as_slice(), compile.stderr.as_slice()), (&b""[..], &b"warn"[..]));
+        assert_eq!((run.stdout.as_slice(), run.stderr.as_slice()), (&b"hello worl"[..], &b"e"[..]));
+
+        let mut tests_job = JobResult {
+            verdict: tvm_protocol::Verdict::Ok,
+            compile: None,
+            run: Some(stage_result(b"from the result", false)),
+            trace: vec![],
+        };
+        let mut out = StreamedOutput::new(&job);
+        out.push(Stage::Run, Stream::Stdout, b"stray frame");
+        out.fill(&mut tests_job);
+        assert_eq!(tests_job.run.unwrap().stdout, b"from the result");
+    }
 
     #[test]
     fn uniqueness_is_fresh_each_time() {
