@@ -20,13 +20,10 @@ impl Capture {
         Self::with(cap, true)
     }
 
-    /// An empty capture that counts up to `cap` bytes without keeping them
-    /// ([`Capture::take`] then gives no bytes, only the truncation flag).
-    pub fn counting(cap: u64) -> Self {
-        Self::with(cap, false)
-    }
-
-    fn with(cap: u64, keep: bool) -> Self {
+    /// An empty capture taking at most `cap` bytes, which it keeps only
+    /// with `keep` (without, [`Capture::take`] gives no bytes, only the
+    /// truncation flag: a streamed stage's).
+    pub fn with(cap: u64, keep: bool) -> Self {
         // A cap beyond the address space is no cap at all.
         let cap = usize::try_from(cap).unwrap_or(usize::MAX);
         Self { cap, len: 0, data: keep.then(Vec::new), truncated: false }
@@ -109,14 +106,14 @@ mod tests {
 
     #[test]
     fn a_counting_capture_cuts_at_the_same_byte_and_keeps_nothing() {
-        let mut c = Capture::counting(8);
+        let mut c = Capture::with(8, false);
         assert_eq!(c.push(b"12345"), b"12345");
         assert!(!c.truncated());
         assert_eq!(c.push(b"67890"), b"678", "the part to stream is the kept one");
         assert!(c.truncated());
         assert_eq!(c.push(b"more"), b"");
         assert_eq!(c.take(), (Vec::new(), true));
-        let mut exact = Capture::counting(3);
+        let mut exact = Capture::with(3, false);
         assert_eq!(exact.push(b"abc"), b"abc");
         assert_eq!(exact.take(), (Vec::new(), false), "exactly the cap is not truncation");
     }

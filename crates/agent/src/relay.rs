@@ -229,8 +229,7 @@ impl Relay {
         let mut batch = lock(&self.shared.batch);
         batch.stage = stage;
         batch.outbox = Some(outbox);
-        let capture = || if keep { Capture::new(cap) } else { Capture::counting(cap) };
-        *lock(&self.shared.captures) = [capture(), capture()];
+        *lock(&self.shared.captures) = [Capture::with(cap, keep), Capture::with(cap, keep)];
     }
 
     /// Called once every process that could write the channel is dead: ends

@@ -502,8 +502,7 @@ fn spawn_failure(spec: &StageSpec<'_>, err: &std::io::Error, outbox: &Sender<Gue
     let code = if err.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
     debug!("{:?} stage: cannot start {:?}: {err}", spec.stage, spec.command.argv[0]);
     let message = format!("tvm-agent: cannot start {:?}: {err}\n", spec.command.argv[0]);
-    let cap = spec.command.limits.output_bytes;
-    let mut capture = if spec.streamed { Capture::counting(cap) } else { Capture::new(cap) };
+    let mut capture = Capture::with(spec.command.limits.output_bytes, !spec.streamed);
     let kept = capture.push(message.as_bytes());
     if !kept.is_empty() {
         let mut records = OutputRecords::with_capacity(kept.len() + 8);
